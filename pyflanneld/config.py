@@ -1,0 +1,273 @@
+"""The network config JSON stored at `<prefix>/config`, parsed and validated like upstream.
+
+Upstream (pkg/subnet/config.go) decodes with Go's encoding/json: keys match case-insensitively,
+unknown keys are ignored, a wrong JSON type is an error. `Backend` absent means `udp`.
+Error texts of `CheckNetworkConfig` are reproduced verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The config is missing or invalid; the message is upstream's text."""
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    network: IPv4Network
+    subnet_len: int
+    subnet_min: IPv4Address
+    subnet_max: IPv4Address
+    backend_type: str
+    backend: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    enable_ipv4: bool = True
+    enable_ipv6: bool = False
+    enable_nftables: bool = False
+    ipv6_network: IPv6Network | None = None
+    ipv6_subnet_len: int = 0
+    ipv6_subnet_min: IPv6Address | None = None
+    ipv6_subnet_max: IPv6Address | None = None
+    raw: str = field(default="", compare=False, hash=False)
+
+    def backend_option(self, name: str, default: Any = None) -> Any:
+        """A `Backend` field, matched case-insensitively like Go's JSON decoder."""
+        for k, v in self.backend.items():
+            if k.lower() == name.lower():
+                return v
+        return default
+
+    def contains_subnet(self, sn: IPv4Network) -> bool:
+        """Is `sn` a subnet this config could have handed out (right length, within min..max)?"""
+        return (
+            sn.prefixlen == self.subnet_len
+            and self.subnet_min <= sn.network_address <= self.subnet_max
+        )
+
+
+_KNOWN = {
+    "network": "Network",
+    "ipv6network": "IPv6Network",
+    "enableipv4": "EnableIPv4",
+    "enableipv6": "EnableIPv6",
+    "enablenftables": "EnableNFTables",
+    "subnetlen": "SubnetLen",
+    "subnetmin": "SubnetMin",
+    "subnetmax": "SubnetMax",
+    "ipv6subnetlen": "IPv6SubnetLen",
+    "ipv6subnetmin": "IPv6SubnetMin",
+    "ipv6subnetmax": "IPv6SubnetMax",
+    "backend": "Backend",
+}
+
+
+def _fold(d: dict[str, Any]) -> dict[str, Any]:
+    """Go's decoder: for each known field, take a case-insensitive match (last one wins)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        canon = _KNOWN.get(k.lower())
+        if canon:
+            out[canon] = v
+    return out
+
+
+def _typed(d: dict[str, Any], key: str, typ: type, tname: str) -> Any:
+    v = d.get(key)
+    if v is None:
+        return None
+    if typ is int:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+            raise ConfigError(f"json: cannot unmarshal {_jtype(v)} into Go struct field Config.{key} of type {tname}")
+        return int(v)
+    if not isinstance(v, typ):
+        raise ConfigError(f"json: cannot unmarshal {_jtype(v)} into Go struct field Config.{key} of type {tname}")
+    return v
+
+
+def _jtype(v: Any) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, (int, float)):
+        return "number"
+    if isinstance(v, str):
+        return "string"
+    if isinstance(v, list):
+        return "array"
+    if isinstance(v, dict):
+        return "object"
+    return "null"
+
+
+def _parse_v4_net(s: str) -> IPv4Network:
+    try:
+        net = IPv4Network(s, strict=False)
+    except ValueError:
+        try:
+            IPv6Network(s, strict=False)
+        except ValueError:
+            raise ConfigError(f"invalid CIDR address: {s}") from None
+        raise ConfigError("invalid IPv4 CIDR format") from None
+    return net
+
+
+def _parse_v4_ip(s: Any) -> IPv4Address:
+    if not isinstance(s, str):
+        raise ConfigError("invalid IP address format")
+    try:
+        return IPv4Address(s)
+    except ValueError:
+        try:
+            IPv6Address(s)
+        except ValueError:
+            raise ConfigError("invalid IP address format") from None
+        raise ConfigError("invalid IPv4 address format") from None
+
+
+def parse_config(raw: str | bytes) -> NetworkConfig:
+    """Parse and validate; raises :class:`ConfigError` with upstream's message."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"invalid JSON: {e}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"json: cannot unmarshal {_jtype(doc)} into Go value of type subnet.Config")
+    d = _fold(doc)
+
+    enable_ipv4 = _typed(d, "EnableIPv4", bool, "bool")
+    enable_ipv4 = True if enable_ipv4 is None else enable_ipv4
+    enable_ipv6 = bool(_typed(d, "EnableIPv6", bool, "bool"))
+    enable_nft = bool(_typed(d, "EnableNFTables", bool, "bool"))
+
+    backend = d.get("Backend")
+    if backend is None:
+        backend_type = "udp"
+        backend = {}
+    else:
+        if not isinstance(backend, dict):
+            raise ConfigError(
+                f"error decoding Backend property of config: json: cannot unmarshal {_jtype(backend)} "
+                "into Go value of type struct { Type string }"
+            )
+        bt = next((v for k, v in backend.items() if k.lower() == "type"), None)
+        if bt is not None and not isinstance(bt, str):
+            raise ConfigError(
+                "error decoding Backend property of config: json: cannot unmarshal "
+                f"{_jtype(bt)} into Go struct field .Type of type string"
+            )
+        backend_type = bt or ""
+        if not backend_type:
+            raise ConfigError("unknown backend type: ")
+
+    if not enable_ipv4 and not enable_ipv6:
+        raise ConfigError("none defined stack: set EnableIPv4 or EnableIPv6 to true")
+    if not enable_ipv4:
+        raise ConfigError("IPv6-only networks are not supported with the etcd subnet manager; set EnableIPv4")
+
+    net_s = _typed(d, "Network", str, "ip.IP4Net")
+    if not net_s:
+        raise ConfigError("please define a correct Network parameter in the flannel config")
+    network = _parse_v4_net(net_s)
+
+    subnet_len = _typed(d, "SubnetLen", int, "uint")
+    if subnet_len:  # Go: zero value means "unset"
+        if subnet_len > 30:
+            raise ConfigError("SubnetLen must be less than /31")
+        if subnet_len < network.prefixlen + 2:
+            raise ConfigError("network must be able to accommodate at least four subnets")
+    else:
+        if network.prefixlen > 28:
+            raise ConfigError("network is too small. Minimum useful network prefix is /28")
+        subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
+
+    size = 1 << (32 - subnet_len)
+    net_start = int(network.network_address)
+    net_end = int(network.broadcast_address)
+
+    smin = d.get("SubnetMin")
+    if smin in (None, ""):
+        subnet_min = IPv4Address(net_start + size)
+    else:
+        subnet_min = _parse_v4_ip(smin)
+        if not network.overlaps(IPv4Network(f"{subnet_min}/32")):
+            raise ConfigError("SubnetMin is not in the range of the Network")
+
+    smax = d.get("SubnetMax")
+    if smax in (None, ""):
+        subnet_max = IPv4Address(net_end + 1 - size)
+    else:
+        subnet_max = _parse_v4_ip(smax)
+        if not network.overlaps(IPv4Network(f"{subnet_max}/32")):
+            raise ConfigError("SubnetMax is not in the range of the Network")
+
+    mask = (0xFFFFFFFF << (32 - subnet_len)) & 0xFFFFFFFF
+    if int(subnet_min) & ~mask & 0xFFFFFFFF:
+        raise ConfigError(f"SubnetMin is not on a SubnetLen boundary: {subnet_min}")
+    if int(subnet_max) & ~mask & 0xFFFFFFFF:
+        raise ConfigError(f"SubnetMax is not on a SubnetLen boundary: {subnet_max}")
+
+    v6 = _parse_v6(d) if enable_ipv6 else (None, 0, None, None)
+
+    return NetworkConfig(
+        network=network,
+        subnet_len=subnet_len,
+        subnet_min=subnet_min,
+        subnet_max=subnet_max,
+        backend_type=backend_type,
+        backend=backend,
+        enable_ipv4=enable_ipv4,
+        enable_ipv6=enable_ipv6,
+        enable_nftables=enable_nft,
+        ipv6_network=v6[0],
+        ipv6_subnet_len=v6[1],
+        ipv6_subnet_min=v6[2],
+        ipv6_subnet_max=v6[3],
+        raw=raw,
+    )
+
+
+def _parse_v6(d: dict[str, Any]):
+    net_s = _typed(d, "IPv6Network", str, "ip.IP6Net")
+    if not net_s:
+        raise ConfigError("please define a correct IPv6Network parameter in the flannel config")
+    try:
+        net = IPv6Network(net_s, strict=False)
+    except ValueError:
+        raise ConfigError("invalid IPv6 CIDR format") from None
+    ln = _typed(d, "IPv6SubnetLen", int, "uint")
+    if ln:
+        if ln > 126:
+            raise ConfigError("SubnetLen must be less than /127")
+        if ln < net.prefixlen + 2:
+            raise ConfigError("network must be able to accommodate at least four subnets")
+    else:
+        if net.prefixlen > 124:
+            raise ConfigError("IPv6Network is too small. Minimum useful network prefix is /124")
+        ln = 64 if net.prefixlen <= 62 else net.prefixlen + 2
+    size = 1 << (128 - ln)
+    start, end = int(net.network_address), int(net.broadcast_address)
+
+    def ip6(key: str, default: int, label: str) -> IPv6Address:
+        v = d.get(key)
+        if v in (None, ""):
+            return IPv6Address(default)
+        try:
+            a = IPv6Address(v)
+        except ValueError:
+            raise ConfigError("invalid IPv6 address format") from None
+        if a not in net:
+            raise ConfigError(f"{label} is not in the range of the IPv6Network")
+        return a
+
+    mn = ip6("IPv6SubnetMin", start + size, "IPv6SubnetMin")
+    mx = ip6("IPv6SubnetMax", end + 1 - size, "IPv6SubnetMax")
+    if int(mn) % size:
+        raise ConfigError(f"IPv6SubnetMin is not on a SubnetLen boundary: {mn}")
+    if int(mx) % size:
+        raise ConfigError(f"IPv6SubnetMax is not on a SubnetLen boundary: {mx}")
+    return net, ln, mn, mx
