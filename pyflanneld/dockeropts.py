@@ -1,0 +1,319 @@
+"""Docker daemon options from flannel's subnet.env — a port of upstream ``dist/mk-docker-opts.sh``.
+
+Usage (same options as the shell script)::
+
+    pyflanneld docker-opts [-f FLANNEL-ENV-FILE] [-d DOCKER-ENV-FILE] [-i] [-c] [-m] [-k COMBINED-KEY]
+
+The output file is byte-identical to what ``mk-docker-opts.sh`` writes, e.g. for
+``FLANNEL_SUBNET=10.1.74.1/24``, ``FLANNEL_MTU=1472``, ``FLANNEL_IPMASQ=false``::
+
+    DOCKER_OPT_BIP="--bip=10.1.74.1/24"
+    DOCKER_OPT_IPMASQ="--ip-masq=true"
+    DOCKER_OPT_MTU="--mtu=1472"
+    DOCKER_OPTS=" --bip=10.1.74.1/24 --ip-masq=true --mtu=1472"
+
+Behaviour kept from the script: values in the env file override the process environment;
+``DOCKER_OPT_*`` variables from the environment or the env file are emitted too (sorted by
+name, like ``set`` lists them); an existing value of the combined key is prepended; ``-h``,
+an unknown option or a missing option argument print the usage to stderr and exit 1; an
+invalid ``FLANNEL_IPMASQ`` exits 1 before anything is written; after writing, a ``via`` route
+for the subnet in ``ip route show`` (of the current network namespace) exits 1 with
+"Your routing table already contains the subnet: ...".
+
+Deliberate differences (all about failing loudly where the script went on silently):
+a missing or unreadable env file is an error (the script wrote an empty ``DOCKER_OPTS=""``);
+a combined key that is not a shell variable name is an error; the output is written
+atomically (temp file + rename; symlinks, devices and FIFOs such as ``/dev/stdout`` are
+written through directly)
+and a write failure is an error; ``DOCKER_OPT_*`` values are taken as given (whitespace
+collapsed like the script's unquoted ``echo``) instead of being re-evaluated by a shell.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+DEFAULT_FLANNEL_ENV = "/run/flannel/subnet.env"
+DEFAULT_DOCKER_ENV = "/run/docker_opts.env"
+DEFAULT_COMBINED_KEY = "DOCKER_OPTS"
+DEFAULT_PROG = "pyflanneld docker-opts"
+
+_OPT_PREFIX = "DOCKER_OPT_"
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SUBNET_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+)$")
+
+# Option letters as in the script's `getopts "f:d:icmk:?h"`.
+_WITH_ARG = {"f", "d", "k"}
+_FLAGS = {"i", "c", "m"}
+_USAGE_LETTERS = {"?", "h"}
+
+
+class UsageError(Exception):
+    """Bad command line: the message (may be empty) is printed before the usage text."""
+
+
+class DockerOptsError(Exception):
+    """A one-line, user-facing error; exit status 1."""
+
+
+@dataclass
+class Options:
+    flannel_env: str = DEFAULT_FLANNEL_ENV
+    docker_env: str = DEFAULT_DOCKER_ENV
+    combined_key: str = DEFAULT_COMBINED_KEY
+    indiv: bool = False
+    combined: bool = False
+    ipmasq: bool = True
+    extra_args: list[str] = field(default_factory=list)
+
+
+def usage_text(prog: str) -> str:
+    return (
+        f"{prog} [-f FLANNEL-ENV-FILE] [-d DOCKER-ENV-FILE] [-i] [-c] [-m] [-k COMBINED-KEY]\n"
+        "\n"
+        "Generate Docker daemon options based on flannel env file\n"
+        "OPTIONS:\n"
+        "\t-f\tPath to flannel env file. Defaults to /run/flannel/subnet.env\n"
+        "\t-d\tPath to Docker env file to write to. Defaults to /run/docker_opts.env\n"
+        "\t-i\tOutput each Docker option as individual var. e.g. DOCKER_OPT_MTU=1500\n"
+        "\t-c\tOutput combined Docker options into DOCKER_OPTS var\n"
+        "\t-k\tSet the combined options key to this value (default DOCKER_OPTS=)\n"
+        "\t-m\tDo not output --ip-masq (useful for older Docker version)\n"
+        "\n"
+    )
+
+
+def parse_args(argv: list[str]) -> Options:
+    """POSIX getopts semantics: clustered flags (-ic), attached or separate arguments
+    (-kKEY / -k KEY), parsing stops at "--", "-" or the first non-option word."""
+    opts = Options()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        j = 1
+        while j < len(arg):
+            letter = arg[j]
+            if letter in _WITH_ARG:
+                if j + 1 < len(arg):
+                    value = arg[j + 1 :]
+                elif i + 1 < len(argv):
+                    i += 1
+                    value = argv[i]
+                else:
+                    raise UsageError(f"No arg for -{letter} option")
+                if letter == "f":
+                    opts.flannel_env = value
+                elif letter == "d":
+                    opts.docker_env = value
+                else:
+                    opts.combined_key = value
+                break
+            if letter in _FLAGS:
+                if letter == "i":
+                    opts.indiv = True
+                elif letter == "c":
+                    opts.combined = True
+                else:
+                    opts.ipmasq = False
+            elif letter in _USAGE_LETTERS:
+                raise UsageError("")
+            else:
+                raise UsageError(f"Illegal option -{letter}")
+            j += 1
+        i += 1
+    opts.extra_args = argv[i:]
+    if not opts.indiv and not opts.combined:
+        opts.indiv = opts.combined = True
+    return opts
+
+
+def parse_env_file(path: str) -> dict[str, str]:
+    """Read the NAME=VALUE assignments of a shell env file such as subnet.env.
+
+    Understands comments, blank lines, ``export NAME=VALUE`` and single/double quotes;
+    anything that is not an assignment is ignored (nothing is executed)."""
+    if not os.path.exists(path):
+        raise DockerOptsError(
+            f"flannel env file {path} does not exist: start pyflanneld first "
+            "or pass its --subnet-file with -f"
+        )
+    if not os.path.isfile(path):
+        raise DockerOptsError(f"flannel env file {path} is not a regular file: pass the subnet.env path with -f")
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+            lines = fh.read().splitlines()
+    except OSError as exc:
+        raise DockerOptsError(f"cannot read flannel env file {path}: {exc.strerror}") from None
+    values: dict[str, str] = {}
+    for lineno, line in enumerate(lines, start=1):
+        try:
+            words = shlex.split(line, comments=True, posix=True)
+        except ValueError as exc:
+            raise DockerOptsError(f"cannot parse {path} line {lineno}: {exc}; fix the file") from None
+        if words and words[0] == "export":
+            words = words[1:]
+        for word in words:
+            name, sep, value = word.partition("=")
+            if sep and _NAME_RE.match(name):
+                values[name] = value
+    return values
+
+
+def _echo_value(value: str) -> str:
+    # The script reads values back through an unquoted `echo $VAR`, which collapses whitespace.
+    return " ".join(value.split())
+
+
+def build_output(opts: Options, variables: dict[str, str]) -> str:
+    """The docker env file content, exactly as mk-docker-opts.sh writes it."""
+    values = dict(variables)
+    subnet = values.get("FLANNEL_SUBNET", "")
+    mtu = values.get("FLANNEL_MTU", "")
+    ipmasq = values.get("FLANNEL_IPMASQ", "")
+    if subnet:
+        values["DOCKER_OPT_BIP"] = f"--bip={subnet}"
+    if mtu:
+        values["DOCKER_OPT_MTU"] = f"--mtu={mtu}"
+    if ipmasq and opts.ipmasq:
+        # flannel masquerades itself when --ip-masq is on, so Docker must not (and vice versa).
+        if ipmasq == "true":
+            values["DOCKER_OPT_IPMASQ"] = "--ip-masq=false"
+        elif ipmasq == "false":
+            values["DOCKER_OPT_IPMASQ"] = "--ip-masq=true"
+        else:
+            raise DockerOptsError(f"Invalid value of FLANNEL_IPMASQ: {ipmasq}")
+
+    if not _NAME_RE.match(opts.combined_key):
+        raise DockerOptsError(
+            f"invalid combined key {opts.combined_key!r} for -k: use a shell variable name such as DOCKER_OPTS"
+        )
+    combined = values.get(opts.combined_key, "")
+    if combined:
+        combined += " "
+
+    lines: list[str] = []
+    for name in sorted(n for n in values if n.startswith(_OPT_PREFIX) and _NAME_RE.match(n)):
+        value = _echo_value(values[name])
+        if opts.indiv:
+            lines.append(f'{name}="{value}"\n')
+        combined += f" {value}"
+    if opts.combined:
+        lines.append(f'{opts.combined_key}="{combined}"\n')
+    return "".join(lines)
+
+
+def write_atomic(path: str, content: str) -> None:
+    """Replace ``path`` with ``content`` via temp file + rename in the same directory.
+
+    Only a missing path or a plain regular file is replaced. Anything else (a symlink such
+    as ``/dev/stdout``, a device, a FIFO) is opened and truncated through the path, as the
+    shell redirection did, so the link itself is never replaced."""
+    data = content.encode("utf-8", errors="surrogateescape")
+    try:
+        st = os.lstat(path)  # never follow: a symlink such as /dev/stdout must survive
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise DockerOptsError(f"cannot write docker env file {path}: {exc.strerror}") from None
+    try:
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            with open(path, "wb") as fh:
+                fh.write(data)
+            return
+        directory = os.path.dirname(os.path.abspath(path))
+        mode = stat.S_IMODE(st.st_mode) if st is not None else 0o644
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fchmod(fh.fileno(), mode)
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise DockerOptsError(
+            f"cannot write docker env file {path}: {reason}; create its directory or choose another path with -d"
+        ) from None
+
+
+def conflicting_routes(subnet: str, route_table: str) -> str:
+    """Lines of ``ip route show`` output that the script's
+    ``grep <net>/<len> | grep via`` would print ('.' in the pattern matches any char)."""
+    m = _SUBNET_RE.match(subnet)
+    if m is None:
+        raise DockerOptsError(f"FLANNEL_SUBNET={subnet} is not an IPv4 address/prefix such as 10.1.74.1/24")
+    a, b, c, d, length = m.groups()
+    pattern = re.compile(".".join((a, b, c, str(int(d) - 1))) + "/" + length)
+    hits = [line for line in route_table.splitlines() if pattern.search(line) and "via" in line]
+    return "\n".join(hits)
+
+
+def check_routes(subnet: str) -> None:
+    """Fail if this network namespace already routes the flannel subnet via a gateway."""
+    try:
+        proc = subprocess.run(["ip", "route", "show"], capture_output=True, text=True, check=False)
+    except OSError as exc:
+        print(
+            f"warning: cannot run 'ip route show' ({exc.strerror}); routing table check skipped "
+            "(install iproute2)",
+            file=sys.stderr,
+        )
+        return
+    if proc.returncode != 0:
+        print(
+            f"warning: 'ip route show' failed: {proc.stderr.strip()}; routing table check may be incomplete",
+            file=sys.stderr,
+        )
+    hits = conflicting_routes(subnet, proc.stdout)
+    if hits:
+        raise DockerOptsError(f"Your routing table already contains the subnet: {hits}")
+
+
+def run(opts: Options, environ: dict[str, str]) -> None:
+    variables = dict(environ)
+    variables.update(parse_env_file(opts.flannel_env))
+    content = build_output(opts, variables)
+    write_atomic(opts.docker_env, content)
+    subnet = variables.get("FLANNEL_SUBNET", "")
+    if subnet:
+        check_routes(subnet)
+
+
+def main(argv: list[str], prog: str = DEFAULT_PROG) -> int:
+    """Entry point; ``argv`` holds the options only (no program name). Returns the exit status."""
+    try:
+        opts = parse_args(argv)
+    except UsageError as exc:
+        if str(exc):
+            sys.stderr.write(f"{exc}\n")
+        sys.stderr.write(usage_text(prog))
+        return 1
+    try:
+        run(opts, dict(os.environ))
+    except DockerOptsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
