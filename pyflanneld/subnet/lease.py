@@ -91,7 +91,9 @@ class LeaseAttrs:
 class Lease:
     subnet: IPv4Network
     attrs: LeaseAttrs
-    expiration: float | None = None  # unix time; None = reservation (no TTL)
+    # Unix time the lease runs out; None when unknown (peers' leases) or never (reservations).
+    expiration: float | None = field(default=None, compare=False)
+    reserved: bool = False  # a key without TTL: an admin's reservation, never given a TTL by us
     subnet6: IPv6Network | None = None
     # Datastore bookkeeping: v3 mod_revision / v2 modifiedIndex of the key.
     revision: int = field(default=0, compare=False)
@@ -99,10 +101,6 @@ class Lease:
     @property
     def key(self) -> str:
         return subnet_key(self.subnet, self.subnet6)
-
-    @property
-    def is_reservation(self) -> bool:
-        return self.expiration is None
 
     def ttl_left(self, now: float | None = None) -> float:
         if self.expiration is None:

@@ -1,0 +1,91 @@
+"""Entry point: `pyflanneld [flags]` (the daemon) and `pyflanneld docker-opts ...`.
+
+Every user-facing failure is one line on stderr and an exit code (2: bad usage, 1: bad value or
+fatal setup error) — never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from ipaddress import IPv4Address
+
+from . import __version__
+from .options import BY_NAME, OptionError, Options, UsageError, parse_args, usage
+
+
+def validate(o: Options) -> None:
+    """Checks upstream makes after parsing, plus ours; raises OptionError (exit 1)."""
+    for name in o.values:
+        f = BY_NAME[name]
+        if f.unsupported and o.values[name] != f.default:
+            raise OptionError(f"-{name}: {f.unsupported}")
+    margin = o.subnet_lease_renew_margin
+    if "subnet-lease-renew-margin" in o.from_cli or margin != BY_NAME["subnet-lease-renew-margin"].default:
+        if margin % 60 == 0 and not (60 <= margin <= 1439 * 60):
+            raise OptionError("Invalid subnet-lease-renew-margin option, out of acceptable range "
+                              "(1..1439 minutes)")
+    if margin <= 0:
+        raise OptionError("Invalid subnet-lease-renew-margin option, out of acceptable range (must be > 0)")
+    ttl = o.subnet_lease_ttl
+    if ttl < 1:
+        raise OptionError(f"--subnet-lease-ttl must be at least 1s (got {ttl}s)")
+    if margin >= ttl:
+        raise OptionError(f"--subnet-lease-renew-margin ({margin:g}s) must be shorter than "
+                          f"--subnet-lease-ttl ({ttl:g}s): lower the margin or raise the TTL")
+    if o.public_ip:
+        try:
+            IPv4Address(o.public_ip)
+        except ValueError:
+            raise OptionError(f"--public-ip {o.public_ip!r} is not an IPv4 address (no prefix length: "
+                              "e.g. --public-ip 192.168.1.10)") from None
+    if not 0 <= o.healthz_port <= 65535:
+        raise OptionError(f"--healthz-port {o.healthz_port} is out of range (0..65535)")
+    if o.iptables_resync < 1:
+        raise OptionError(f"--iptables-resync must be at least 1 second (got {o.iptables_resync})")
+    if o.log_format not in ("auto", "console", "logfmt", "json"):
+        raise OptionError(f"--log-format {o.log_format!r}: use auto, console, logfmt or json")
+    for flag, path in (("--etcd-cafile", o.etcd_cafile), ("--etcd-certfile", o.etcd_certfile),
+                       ("--etcd-keyfile", o.etcd_keyfile)):
+        if path:
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as e:
+                raise OptionError(f"cannot read {flag} {path}: {e.strerror}") from None
+    if bool(o.etcd_certfile) != bool(o.etcd_keyfile):
+        raise OptionError("--etcd-certfile and --etcd-keyfile must be given together")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "docker-opts":
+        from .dockeropts import main as docker_opts
+
+        sys.exit(docker_opts(argv[1:]))
+    try:
+        opts = parse_args(argv)
+    except UsageError as e:
+        print(f"pyflanneld: {e}", file=sys.stderr)
+        print("Run 'pyflanneld -h' for the list of flags.", file=sys.stderr)
+        sys.exit(2)
+    if opts.help:
+        sys.stderr.write(usage())
+        sys.exit(0)
+    if opts.version:
+        print(__version__, file=sys.stderr)
+        sys.exit(0)
+    try:
+        validate(opts)
+    except OptionError as e:
+        print(f"pyflanneld: {e}", file=sys.stderr)
+        sys.exit(1)
+
+    from . import log
+    from .daemon import run
+
+    log.setup(opts.v, opts.log_format)
+    try:
+        code = run(opts)
+    except KeyboardInterrupt:
+        code = 0
+    sys.exit(code)

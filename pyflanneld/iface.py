@@ -1,0 +1,121 @@
+"""Choosing the external interface the way upstream does (pkg/ip/iface.go, main.go LookupExtIface).
+
+Order: each --iface (name or IP), then each --iface-regex (against IPs first, then names), then
+--iface-can-reach (the interface `ip route get` would use), else the default route's interface.
+Runs before the asyncio loop, so it uses pyroute2's synchronous IPRoute.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+
+class InterfaceError(Exception):
+    """No usable interface; the message says which flag to use."""
+
+
+@dataclass(frozen=True)
+class Iface:
+    name: str
+    index: int
+    ip: IPv4Address
+    mtu: int
+
+
+def _addrs(ipr: IPRoute) -> dict[int, list[IPv4Address]]:
+    """IPv4 addresses per ifindex, best first: global before link-local, permanent before dynamic."""
+    out: dict[int, list[tuple[tuple, IPv4Address]]] = {}
+    for a in ipr.get_addr(family=socket.AF_INET):
+        ip = IPv4Address(a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL"))
+        flags = a.get_attr("IFA_FLAGS") or a["flags"]
+        if ip.is_loopback:
+            continue
+        key = (a["scope"] != 0, ip.is_link_local, not (flags & 0x80), bool(flags & 0x20))  # 0x80 PERMANENT, 0x20 DEPRECATED
+        if flags & 0x20:
+            continue
+        out.setdefault(a["index"], []).append((key, ip))
+    return {i: [ip for _k, ip in sorted(v, key=lambda t: t[0])] for i, v in out.items()}
+
+
+def _links(ipr: IPRoute) -> dict[int, tuple[str, int]]:
+    return {ln["index"]: (ln.get_attr("IFLA_IFNAME"), ln.get_attr("IFLA_MTU")) for ln in ipr.get_links()}
+
+
+def _make(links, addrs, index: int, ip: IPv4Address | None = None) -> Iface | None:
+    if index not in links:
+        return None
+    ips = addrs.get(index, [])
+    if ip is None:
+        if not ips:
+            return None
+        ip = ips[0]
+    name, mtu = links[index]
+    return Iface(name=name, index=index, ip=ip, mtu=mtu)
+
+
+def select(ifaces: list[str], regexes: list[str], can_reach: str) -> Iface:
+    with IPRoute() as ipr:
+        links, addrs = _links(ipr), _addrs(ipr)
+        by_name = {name: idx for idx, (name, _m) in links.items()}
+
+        for spec in ifaces:
+            try:
+                ip = IPv4Address(spec)
+            except ValueError:
+                ip = None
+            if ip is not None:
+                for idx, ips in addrs.items():
+                    if ip in ips:
+                        return _make(links, addrs, idx, ip)
+                raise InterfaceError(f"--iface {spec}: no interface has this address; check `ip -4 addr`")
+            if spec not in by_name:
+                raise InterfaceError(f"--iface {spec}: no such interface; check `ip link`")
+            found = _make(links, addrs, by_name[spec])
+            if found is None:
+                raise InterfaceError(f"--iface {spec}: the interface has no IPv4 address; add one or choose another")
+            return found
+
+        for rx in regexes:
+            try:
+                pat = re.compile(rx)
+            except re.error as e:
+                raise InterfaceError(f"--iface-regex {rx!r} is not a valid regular expression: {e}") from None
+            for idx in sorted(addrs):
+                for ip in addrs[idx]:
+                    if pat.search(str(ip)):
+                        return _make(links, addrs, idx, ip)
+            for idx in sorted(links):
+                if pat.search(links[idx][0]) and idx in addrs:
+                    return _make(links, addrs, idx)
+        if regexes:
+            raise InterfaceError(f"no interface matches --iface-regex {', '.join(regexes)}; check `ip -4 addr`")
+
+        if can_reach:
+            try:
+                IPv4Address(can_reach)
+                routes = ipr.route("get", dst=can_reach)
+            except (ValueError, NetlinkError) as e:
+                raise InterfaceError(f"--iface-can-reach {can_reach}: no route ({e})") from None
+            r = routes[0]
+            oif = r.get_attr("RTA_OIF")
+            src = r.get_attr("RTA_PREFSRC")
+            found = _make(links, addrs, oif, IPv4Address(src) if src else None)
+            if found is None:
+                raise InterfaceError(f"--iface-can-reach {can_reach}: the route's interface has no IPv4 address")
+            return found
+
+        for r in ipr.get_default_routes(family=socket.AF_INET):
+            oif = r.get_attr("RTA_OIF")
+            if oif is None:
+                continue
+            found = _make(links, addrs, oif)
+            if found is not None:
+                return found
+        raise InterfaceError("no default route to pick the interface from; pass --iface <name or IP> "
+                             "(or --iface-regex / --iface-can-reach)")

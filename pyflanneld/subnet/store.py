@@ -1,0 +1,70 @@
+"""The small interface both etcd APIs implement, in datastore terms (keys, bytes, revisions).
+
+The manager (manager.py) turns records into leases; stores know nothing of subnets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+
+class StoreError(Exception):
+    """The datastore could not be reached or answered with an error (retry later)."""
+
+
+class CompactedError(StoreError):
+    """The watch's start revision is gone (v3 compaction, v2 "event index cleared"): relist."""
+
+
+class AuthError(StoreError):
+    """Credentials or certificates were refused; the message names what to fix."""
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str  # last path element, e.g. "10.1.15.0-24"
+    value: bytes
+    has_ttl: bool  # False: a key without TTL (reservation)
+    expiration: float | None  # unix time when known
+    revision: int  # v3 mod_revision / v2 modifiedIndex
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    kind: Literal["put", "delete"]
+    record: Record  # for deletes only key and revision are meaningful
+
+
+class Store(Protocol):
+    api: str  # "v3" or "v2"
+
+    async def get_config(self) -> bytes | None: ...
+
+    async def list_subnets(self) -> tuple[list[Record], int]:
+        """All subnet records and the store revision they reflect."""
+        ...
+
+    async def get_subnet(self, key: str) -> Record | None: ...
+
+    async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+        """Create-if-absent in one step; None when the key exists. ttl None: no TTL."""
+        ...
+
+    async def put_subnet(self, key: str, value: bytes, ttl: int | None) -> Record:
+        """Unconditional write (renewal, reuse); ttl None keeps it without TTL."""
+        ...
+
+    async def renew_subnet(self, key: str, value: bytes, ttl: int) -> Record | None:
+        """Write again with a fresh TTL only if the key still holds `value`; None when it does not
+        (expired, deleted, or taken over): the caller must acquire again."""
+        ...
+
+    async def delete_subnet(self, key: str) -> None: ...
+
+    def watch_subnets(self, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Events from start_revision on (inclusive). Raises CompactedError or StoreError."""
+        ...
+
+    async def close(self) -> None: ...
