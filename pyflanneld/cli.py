@@ -88,4 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         code = run(opts)
     except KeyboardInterrupt:
         code = 0
+    except Exception as e:  # noqa: BLE001 - a bug must still end in one line; -v 1 shows the traceback
+        if opts.v >= 1:
+            raise
+        print(f"pyflanneld: internal error: {e!r} (run with -v 1 for the traceback)", file=sys.stderr)
+        code = 1
     sys.exit(code)

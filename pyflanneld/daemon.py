@@ -43,6 +43,7 @@ class _BackendFeeder:
         self.d = daemon
 
     async def snapshot(self, leases: list[Lease]) -> None:
+        log.info("peer leases listed", peers=len(leases))
         await self.d.backend_call("set_peers", leases)
 
     async def added(self, lease: Lease) -> None:
@@ -143,9 +144,10 @@ class Daemon:
                 last, last_at = problem, time.monotonic()
             await asyncio.sleep(1)
 
-    def external_interface(self) -> ExternalInterface:
+    async def external_interface(self) -> ExternalInterface:
         try:
-            found = iface.select(self.o.iface, self.o.iface_regex, self.o.iface_can_reach)
+            # pyroute2's synchronous IPRoute runs its own loop: keep it off ours.
+            found = await asyncio.to_thread(iface.select, self.o.iface, self.o.iface_regex, self.o.iface_can_reach)
         except iface.InterfaceError as e:
             raise FatalError(str(e)) from None
         log.info("using interface", name=found.name, address=str(found.ip), mtu=found.mtu)
@@ -225,7 +227,7 @@ class Daemon:
         settings = self.settings()
         self.store, self.config = await self.get_config(settings)
         cfg = self.config
-        ext = self.external_interface()
+        ext = await self.external_interface()
         if os.geteuid() != 0 and cfg.backend_type.lower() != "alloc":
             raise FatalError("pyflanneld must run as root to program the kernel (devices, routes); "
                              "run it as root or as the systemd service")
