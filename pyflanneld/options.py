@@ -200,7 +200,7 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Option
         return opts  # upstream checks --version before reading the environment
 
     for flag in FLAGS:
-        if flag.name in opts.from_cli:
+        if flag.name in opts.from_cli or flag.name == "version":
             continue
         key = "FLANNELD_" + flag.name.upper().replace("-", "_")
         raw = env.get(key, "")

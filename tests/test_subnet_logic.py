@@ -1,0 +1,95 @@
+"""Pure subnet logic: keys, lease JSON, allocation, subnet.env format."""
+
+import json
+import random
+from ipaddress import IPv4Address, IPv4Network
+
+import pytest
+
+from pyflanneld import subnetenv
+from pyflanneld.config import parse_config
+from pyflanneld.subnet.allocate import MAX_CANDIDATES, Taken, choose_subnet, free_subnets, pool_size
+from pyflanneld.subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
+
+CFG = parse_config('{"Network":"10.1.0.0/16"}')
+
+
+def test_subnet_key_roundtrip():
+    assert subnet_key(IPv4Network("10.1.15.0/24")) == "10.1.15.0-24"
+    assert parse_subnet_key("/coreos.com/network/subnets/10.1.15.0-24") == (IPv4Network("10.1.15.0/24"), None)
+    sn, sn6 = parse_subnet_key("10.5.52.0-24&fc00:0:0:5::-64")
+    assert str(sn) == "10.5.52.0/24" and str(sn6) == "fc00:0:0:5::/64"
+
+
+@pytest.mark.parametrize("bad", ["config", "10.1.15.0", "10.1.15.0-99", "x-24", "10.1.15.1-24junk"])
+def test_bad_subnet_keys(bad):
+    with pytest.raises(LeaseFormatError):
+        parse_subnet_key(bad)
+
+
+def test_lease_json_is_upstreams():
+    a = LeaseAttrs(IPv4Address("192.168.64.3"), "vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"})
+    assert a.to_json() == ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+                           '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+    assert LeaseAttrs(IPv4Address("10.0.0.1")).to_json() == '{"PublicIP":"10.0.0.1","PublicIPv6":null}'
+    back = LeaseAttrs.from_json(a.to_json())
+    assert back == a
+    assert LeaseAttrs.from_json('{"publicip":"1.2.3.4","backendtype":"host-gw"}').backend_type == "host-gw"
+
+
+@pytest.mark.parametrize("bad", [b"not json", b"[]", b'{"PublicIP":"nope"}', b'{"PublicIP":"1.2.3.4","BackendType":5}'])
+def test_bad_lease_values(bad):
+    with pytest.raises(LeaseFormatError):
+        LeaseAttrs.from_json(bad)
+
+
+def test_free_subnets_skip_taken_and_first_subnet():
+    taken = Taken(CFG, [IPv4Network("10.1.1.0/24"), IPv4Network("10.1.3.0/24")])
+    free = free_subnets(CFG, taken, limit=3)
+    assert [str(s) for s in free] == ["10.1.2.0/24", "10.1.4.0/24", "10.1.5.0/24"]
+
+
+def test_taken_detects_overlap_of_other_sizes():
+    taken = Taken(CFG, [IPv4Network("10.1.0.0/22")])  # a lease from an older SubnetLen
+    assert [str(s) for s in free_subnets(CFG, taken, limit=1)] == ["10.1.4.0/24"]
+
+
+def test_choose_is_random_among_first_100():
+    rng = random.Random(1)
+    picks = {choose_subnet(CFG, Taken(CFG, []), rng) for _ in range(500)}
+    first100 = set(free_subnets(CFG, Taken(CFG, []), MAX_CANDIDATES))
+    assert picks <= first100 and len(picks) > 50
+
+
+def test_pool_exhausted():
+    cfg = parse_config('{"Network":"10.1.0.0/16","SubnetMin":"10.1.1.0","SubnetMax":"10.1.2.0"}')
+    assert pool_size(cfg) == 2
+    taken = Taken(cfg, [IPv4Network("10.1.1.0/24"), IPv4Network("10.1.2.0/24")])
+    assert choose_subnet(cfg, taken) is None
+
+
+def test_subnet_env_golden(tmp_path):
+    text = subnetenv.render(IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24"), 1450, False)
+    assert text == "FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+    p = tmp_path / "run" / "flannel" / "subnet.env"
+    subnetenv.write(str(p), text)
+    assert p.read_text() == text
+    assert (p.stat().st_mode & 0o777) == 0o644
+    assert subnetenv.previous(str(p)) == (IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24"))
+    assert [x.name for x in p.parent.iterdir()] == ["subnet.env"]  # no temp file left
+
+
+def test_subnet_env_read_tolerates_godotenv_syntax(tmp_path):
+    p = tmp_path / "s.env"
+    p.write_text('# comment\nexport FLANNEL_NETWORK="10.1.0.0/16"\n\nFLANNEL_SUBNET=10.1.7.1/24\n')
+    assert subnetenv.previous(str(p)) == (IPv4Network("10.1.0.0/16"), IPv4Network("10.1.7.0/24"))
+    assert subnetenv.previous(str(tmp_path / "missing")) == (None, None)
+    p.write_text("FLANNEL_SUBNET=10.1.7.1/24,10.1.8.1/24\n")
+    assert subnetenv.previous(str(p)) == (None, None)
+
+
+def test_lease_json_stable_for_cas():
+    # renewal compares the stored value byte for byte: serialisation must be deterministic
+    a = LeaseAttrs(IPv4Address("10.0.0.1"), "vxlan", {"VtepMAC": "aa:bb:cc:dd:ee:ff", "VNI": 1})
+    assert a.to_json() == a.to_json()
+    assert json.loads(a.to_json())["BackendData"] == {"VtepMAC": "aa:bb:cc:dd:ee:ff", "VNI": 1}
