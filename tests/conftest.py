@@ -64,5 +64,5 @@ def _no_leftover_namespaces():
     netns.close_all_labs()
     left = sorted(set(netns.created_namespaces()) & netns.existing_namespaces())
     if left:
-        netns._destroy(left)
+        netns.purge_namespaces(left)
         raise AssertionError(f"test session left network namespaces behind (now deleted): {left}")

@@ -360,3 +360,17 @@ def test_pyflanneld_argv_and_env_parsing():
     if len(argv) == 1:
         assert Path(argv[0]).parent == Path(sys.executable).parent or os.path.isabs(argv[0])
     assert parse_env_file("# c\nA=1\n\nB=x=y\n") == {"A": "1", "B": "x=y"}
+
+
+def test_start_daemon_runs_real_pyflanneld_and_pods_ping_across_hosts(lab, etcd):
+    """The whole lab path the demo uses: etcd config, two daemons, docker0 from subnet.env, pods."""
+    etcd.put("/coreos.com/network/config", '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}')
+    hosts = [lab.add_host("h1"), lab.add_host("h2")]
+    daemons = [start_daemon(h) for h in hosts]
+    pods = []
+    for h, d in zip(hosts, daemons, strict=True):
+        env = d.wait_subnet_env(timeout=15)
+        h.make_bridge("docker0", env["FLANNEL_SUBNET"], env["FLANNEL_MTU"])
+        pods.append(lab.add_pod(h, "p1"))
+    assert pods[0].wait_ping(pods[1].address, timeout=10), daemons[0].log_text()[-2000:]
+    assert [d.stop() for d in daemons] == [0, 0]

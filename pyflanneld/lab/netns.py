@@ -37,7 +37,8 @@ also kills any other process still inside the lab's namespaces, deletes the name
 temp dir (kept when PYFLANNELD_LAB_KEEP=1). Open labs are also closed by an atexit handler and on
 SIGTERM. Each lab writes an owner file under /run/pyflanneld-lab/; a new Lab reaps labs whose
 owner process is dead (a SIGKILLed run), never those of a live process.
-``created_namespaces()`` lists every namespace made by this process (for leak checks).
+``created_namespaces()`` lists every namespace made by this process (for leak checks);
+``purge_namespaces(names)`` force-deletes leftovers; ``reap_stale_labs()`` is described above.
 """
 
 from __future__ import annotations
@@ -212,6 +213,25 @@ def _destroy(namespaces: Sequence[str], procs: Sequence[LabProcess] = ()) -> Non
             run(["ip", "netns", "del", n], check=False)
 
 
+def _forget_lab(info: dict) -> None:
+    tmp = info.get("tmp")
+    if tmp and Path(tmp).name.startswith(f"pyflanneld-lab-{info.get('id')}-"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    (REGISTRY_DIR / str(info.get("id"))).unlink(missing_ok=True)
+
+
+def purge_namespaces(namespaces: Sequence[str]) -> None:
+    """Last-resort cleanup (leak guard): kill processes in and delete namespaces, and drop the
+    registry entries and temp dirs of the labs they belong to."""
+    _destroy(namespaces)
+    for lab_id in {n.split("-", 1)[0] for n in namespaces}:
+        try:
+            info = json.loads((REGISTRY_DIR / lab_id).read_text())
+        except (OSError, ValueError):
+            continue
+        _forget_lab(info)
+
+
 def reap_stale_labs() -> list[str]:
     """Delete labs whose owner process is dead; return the lab ids reaped. Never touches live labs."""
     reaped = []
@@ -229,9 +249,7 @@ def reap_stale_labs() -> list[str]:
             continue  # owner alive
         nss = [n for n in info.get("namespaces", []) if n.startswith(f"{info.get('id')}-")]
         _destroy(nss)
-        tmp = info.get("tmp")
-        if tmp and Path(tmp).name.startswith(f"pyflanneld-lab-{info.get('id')}-"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        _forget_lab(info)
         f.unlink(missing_ok=True)
         reaped.append(str(info.get("id")))
     return reaped
@@ -273,12 +291,8 @@ class LabProcess:
         return self.popen.wait(timeout=timeout)
 
     def signal(self, sig: int) -> None:
-        """Send sig to the process group (the process and whatever it forked)."""
-        if self.popen.poll() is not None:
-            # The leader is gone; children may still be in the group.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, sig)
-            return
+        """Send sig to the process group (the process and whatever it forked, even once the
+        leader has exited)."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, sig)
 
