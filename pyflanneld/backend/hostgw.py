@@ -1,0 +1,89 @@
+"""host-gw: upstream ``pkg/backend/hostgw`` + ``pkg/backend/route_network.go``, IPv4.
+
+* Refuses to start when the PublicIP differs from the interface IP (NAT), with upstream's message.
+* MTU = interface MTU; lease BackendType "host-gw", no BackendData.
+* Per remote host-gw lease: route ``<subnet> via <PublicIP> dev <ext iface>``; a route to the same
+  destination with another gateway/device is replaced. Removal deletes it.
+* Upstream re-adds missing routes every 10 s ("Route recovered"); here the shared reconciliation
+  (kernelsync) also removes stale routes at start and repairs deletions within ~100 ms.
+"""
+
+from __future__ import annotations
+
+import structlog
+
+from ..netlink import Event, Route
+from ..subnet.lease import Lease
+from .base import BackendContext, BackendError, BackendInfo, register_backend
+from .kernelsync import KernelPeerBackend
+
+log = structlog.get_logger()
+
+NAT_ERROR = ("your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
+             "which is not supported by host-gw backend")
+
+
+@register_backend
+class HostGWBackend(KernelPeerBackend):
+    type_name = "host-gw"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        if ctx.ext.public_ip != ctx.ext.ip:
+            raise BackendError(NAT_ERROR)
+
+    async def register(self) -> BackendInfo:
+        return BackendInfo(mtu=self.ctx.ext.mtu, backend_type="host-gw")
+
+    async def start(self, own_lease: Lease) -> None:
+        await super().start(own_lease)
+        self.start_monitor()
+
+    def route(self, lease: Lease) -> Route | None:
+        if self.skip_other_type(lease):
+            return None
+        return Route(lease.subnet, lease.attrs.public_ip, self.ctx.ext.index)
+
+    # --- the event path -------------------------------------------------------------------------
+    async def ensure_peer(self, lease: Lease) -> None:
+        r = self.route(lease)
+        if r is None:
+            return
+        log.info("subnet added", subnet=str(lease.subnet), via=str(lease.attrs.public_ip))
+        await self.nl.replace_route(r)  # NLM_F_REPLACE: a route to the same dst via another gw is replaced
+
+    async def drop_peer(self, lease: Lease) -> None:
+        if lease.attrs.backend_type != self.type_name:
+            return
+        r = self.route(lease)
+        if r is None:
+            return
+        log.info("subnet removed", subnet=str(lease.subnet))
+        await self.nl.delete_route(r)
+
+    # --- reconciliation -------------------------------------------------------------------------
+    async def sync_entries(self) -> dict[str, int]:
+        changes = {"added": 0, "removed": 0}
+        want = {r.dst: r for r in (self.route(le) for le in list(self.peers.values())) if r is not None}
+        ok = set()
+        for r in await self.nl.routes():
+            if not self.owns_route(r, {self.ctx.ext.index}):
+                continue
+            w = want.get(r.dst)
+            if w is not None and w.key == r.key:
+                ok.add(r.dst)
+            elif await self.attempt("stale route removal", lambda r=r: self.nl.delete_route(r),
+                                    dst=str(r.dst), via=str(r.gateway)):
+                changes["removed"] += 1
+        for dst, r in want.items():
+            if dst not in ok and await self.attempt("route recovery", lambda r=r: self.nl.replace_route(r),
+                                                    dst=str(dst), via=str(r.gateway)):
+                changes["added"] += 1
+                log.debug("route recovered", dst=str(dst), via=str(r.gateway))
+        return changes
+
+    def relevant(self, ev: Event) -> bool:
+        if ev.kind == "overrun":
+            return True
+        return ev.kind == "route" and ev.action == "del" and ev.ifindex == self.ctx.ext.index \
+            and ev.table in (None, 254)

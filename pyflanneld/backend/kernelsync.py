@@ -1,0 +1,195 @@
+"""What the kernel-programming backends (vxlan, host-gw) share beyond upstream: reconciliation.
+
+Upstream applies lease events and (host-gw only) re-adds missing routes every 10 s. Here every
+backend built on :class:`KernelPeerBackend` keeps one desired state — "the entries the current
+peer leases justify" — and one function, :meth:`KernelPeerBackend.sync`, that makes the kernel
+match it. That function runs
+
+* at start, from ``set_peers`` with the first snapshot: stale entries of peers that vanished while
+  the daemon was down are removed (flannel #2554);
+* every ``reconcile_interval`` seconds (the daemon calls ``reconcile()``);
+* ~100 ms after a netlink notification that something of ours was deleted (route, ARP, FDB,
+  the device itself), so hand-deleted entries come back well within the 10 s period.
+
+Single lease events still go the upstream way (``ensure_peer``/``drop_peer``, in upstream's order).
+Everything runs under one lock, so a reconcile never interleaves with an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network
+from typing import Any
+
+import structlog
+
+from ..netlink import MAIN_TABLE, RTPROT_KERNEL, Event, Netlink, NetlinkError, NetlinkMonitor, Route
+from ..subnet.lease import Lease
+from .base import BackendContext, BackendError, PeerSetBackend
+
+log = structlog.get_logger()
+
+RECONCILE_INTERVAL = 10.0
+EVENT_DEBOUNCE = 0.1
+
+
+def backend_options(ctx: BackendContext, spec: dict[str, tuple[type, Any]], label: str) -> dict[str, Any]:
+    """Read typed ``Backend`` options like Go's json.Unmarshal into a struct (case-insensitive keys).
+
+    spec: {"VNI": (int, 1), ...}. A wrong JSON type is upstream's decode error, one line.
+    """
+    out = {}
+    for name, (typ, default) in spec.items():
+        v = ctx.config.backend_option(name, None)
+        if v is None:
+            out[name] = default
+            continue
+        ok = isinstance(v, bool) if typ is bool else (
+            isinstance(v, (int, float)) and not isinstance(v, bool) and int(v) == v)
+        if not ok:
+            jt = "bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else \
+                "string" if isinstance(v, str) else "array" if isinstance(v, list) else "object"
+            raise BackendError(
+                f"error decoding {label} backend config: json: cannot unmarshal {jt} into Go struct "
+                f"field .{name} of type {'bool' if typ is bool else 'int'}"
+            )
+        out[name] = typ(v)
+    return out
+
+
+class KernelPeerBackend(PeerSetBackend):
+    """A PeerSetBackend whose peers become kernel entries, kept in place by reconciliation.
+
+    Subclasses implement ``ensure_peer``/``drop_peer`` (the event path) and ``sync_entries`` (make
+    the kernel equal to the desired state of ``self.peers``), plus ``relevant(event)``.
+    """
+
+    reconcile_interval = RECONCILE_INTERVAL
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self.nl = Netlink()
+        self._lock = asyncio.Lock()
+        self._monitor_task: asyncio.Task | None = None
+        self._repairs: set[asyncio.Task] = set()
+        self._armed = False  # a repair pass is scheduled and has not started yet
+        self._warned: set[IPv4Network] = set()
+        self._closed = False
+
+    # --- the daemon's interface -----------------------------------------------------------------
+    async def set_peers(self, leases: list[Lease]) -> None:
+        async with self._lock:
+            self.peers = {le.subnet: le for le in leases}
+            self._forget_gone()
+            await self._sync("set_peers")
+
+    async def add_peer(self, lease: Lease) -> None:
+        async with self._lock:
+            await super().add_peer(lease)
+
+    async def remove_peer(self, lease: Lease) -> None:
+        async with self._lock:
+            await super().remove_peer(lease)
+            self._forget_gone()
+
+    async def reconcile(self) -> None:
+        async with self._lock:
+            await self._sync("timer")
+
+    async def close(self) -> None:
+        self._closed = True
+        for t in [*self._repairs, self._monitor_task]:
+            if t is not None and not t.done():
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await t
+        await self.nl.close()
+
+    # --- for subclasses -------------------------------------------------------------------------
+    async def sync_entries(self) -> dict[str, int]:
+        """Make the kernel match ``self.peers``; return counters of what changed."""
+        raise NotImplementedError
+
+    def relevant(self, ev: Event) -> bool:
+        """Does this netlink event (possibly) undo something of ours?"""
+        raise NotImplementedError
+
+    def skip_other_type(self, lease: Lease) -> bool:
+        """Upstream ignores leases of another BackendType, with a warning; here once per subnet."""
+        if lease.attrs.backend_type == self.type_name:
+            return False
+        if lease.subnet not in self._warned:
+            self._warned.add(lease.subnet)
+            log.warning(f"ignoring non-{self.type_name} subnet", subnet=str(lease.subnet),
+                        type=lease.attrs.backend_type)
+        return True
+
+    def owns_route(self, r: Route, devices: set[int]) -> bool:
+        """Is this a route of ours: main table, not the kernel's, inside the flannel Network, not the
+        own subnet (that one is on docker0/cni0), and on one of ``devices``? Routes on the external
+        interface count only with a gateway and a destination strictly inside the Network."""
+        if r.table != MAIN_TABLE or r.proto == RTPROT_KERNEL or r.oif not in devices:
+            return False
+        if not r.dst.subnet_of(self.network):
+            return False
+        if self.own_lease is not None and r.dst == self.own_lease.subnet:
+            return False
+        if r.oif == self.ctx.ext.index:
+            return r.gateway is not None and r.dst.prefixlen > self.network.prefixlen
+        return True
+
+    async def attempt(self, what: str, fn: Callable[[], Awaitable[Any]], **ctx: Any) -> bool:
+        """Run one kernel change; log and return False on failure (one bad entry never stops the rest)."""
+        try:
+            await fn()
+            return True
+        except NetlinkError as e:
+            log.warning(f"{what} failed", error=str(e), **ctx)
+            return False
+
+    def start_monitor(self) -> None:
+        if self._monitor_task is None:
+            self._monitor_task = asyncio.create_task(self._watch_kernel(), name=f"{self.type_name}-netlink")
+
+    # --- internals ------------------------------------------------------------------------------
+    def _forget_gone(self) -> None:
+        self._warned &= set(self.peers)
+
+    async def _sync(self, reason: str) -> None:
+        try:
+            changes = await self.sync_entries()
+        except (NetlinkError, BackendError) as e:
+            log.warning("reconcile failed", reason=reason, error=str(e))
+            return
+        if any(changes.values()):
+            log.info("kernel state reconciled", reason=reason, **changes)
+
+    async def _watch_kernel(self) -> None:
+        mon = NetlinkMonitor()
+        try:
+            async for ev in mon.events():
+                if not self._closed and self.relevant(ev):
+                    self._schedule()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - never let the monitor die silently
+            log.error("netlink monitor stopped", error=str(e))
+        finally:
+            mon.close()
+
+    def _schedule(self) -> None:
+        if self._armed:
+            return
+        self._armed = True
+        task = asyncio.create_task(self._delayed_sync(), name=f"{self.type_name}-repair")
+        self._repairs.add(task)
+        task.add_done_callback(self._repairs.discard)
+
+    async def _delayed_sync(self) -> None:
+        await asyncio.sleep(EVENT_DEBOUNCE)
+        self._armed = False  # events arriving from now on schedule another pass
+        async with self._lock:
+            if not self._closed:
+                await self._sync("netlink event")

@@ -1,0 +1,333 @@
+"""vxlan: upstream ``pkg/backend/vxlan`` (device.go, vxlan.go, vxlan_network.go), IPv4.
+
+* Device ``flannel.<VNI>``: type vxlan, id VNI, ``local`` = the external interface's IP, ``dev`` =
+  the external interface, dstport ``Port`` (0 → the kernel default 8472), nolearning unless
+  ``Learning``, ``gbp`` if ``GBP``; MTU = (``MTU`` or interface MTU) − 50; a random locally
+  administered unicast MAC set at creation (#1155/#1795). An existing compatible device is reused
+  with its MAC; an incompatible one is deleted and recreated. ``accept_ra = 0``.
+* Address: own subnet's network address /32; other addresses inside the Network are removed.
+* BackendData ``{"VNI": n, "VtepMAC": "<mac>"}`` (VNI as Go's uint16).
+* Per remote vxlan lease, in this order: ARP ``<subnet addr> lladdr <VtepMAC> PERMANENT``, FDB
+  ``<VtepMAC> dst <PublicIP> self permanent``, route ``<subnet> via <subnet addr> dev flannel.N
+  onlink``; a failure rolls back the earlier ones. Removal deletes ARP, FDB, route.
+* ``DirectRouting``: a peer whose PublicIP ``ip route get`` resolves without a gateway (on the
+  external interface) gets ``<subnet> via <PublicIP> dev <ext>`` instead.
+
+Beyond upstream (see kernelsync): stale entries are removed at start, deleted entries and a deleted
+device (recreated with the same MAC) come back within ~100 ms of the netlink event, or at the next
+10 s reconcile.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+
+import structlog
+
+from ..netlink import VXLAN_DEFAULT_PORT, Event, Link, NetlinkError, Route, write_sysctl
+from ..subnet.lease import Lease
+from .base import BackendContext, BackendError, BackendInfo, register_backend
+from .kernelsync import KernelPeerBackend, backend_options
+
+log = structlog.get_logger()
+
+ENCAP_OVERHEAD = 50
+_MAC_RE = re.compile(r"[0-9a-f]{2}([:-])(?:[0-9a-f]{2}\1){4}[0-9a-f]{2}")
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC (upstream pkg/mac: first byte &0xfe|0x02)."""
+    b = bytearray(os.urandom(6))
+    b[0] = (b[0] & 0xFE) | 0x02
+    return ":".join(f"{x:02x}" for x in b)
+
+
+def parse_vtep_mac(backend_data: object) -> str | None:
+    """The VtepMAC of a lease's BackendData (keys case-insensitive like Go), normalised; or None."""
+    if not isinstance(backend_data, dict):
+        return None
+    mac = next((v for k, v in backend_data.items() if k.lower() == "vtepmac"), None)
+    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
+        return None
+    return mac.lower().replace("-", ":")
+
+
+@dataclass(frozen=True)
+class PeerEntries:
+    """The kernel entries one remote lease justifies."""
+
+    route: Route
+    arp: tuple[IPv4Address, str] | None = None  # subnet network address → VtepMAC
+    fdb: tuple[str, IPv4Address] | None = None  # VtepMAC → PublicIP
+
+
+@register_backend
+class VXLANBackend(KernelPeerBackend):
+    type_name = "vxlan"
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        o = backend_options(ctx, {
+            "VNI": (int, 1), "Port": (int, 0), "GBP": (bool, False), "Learning": (bool, False),
+            "DirectRouting": (bool, False), "MTU": (int, 0),
+        }, "VXLAN")
+        self.vni: int = o["VNI"]
+        self.port: int = o["Port"] or VXLAN_DEFAULT_PORT
+        self.gbp: bool = o["GBP"]
+        self.learning: bool = o["Learning"]
+        self.direct_routing: bool = o["DirectRouting"]
+        self.mtu: int = (o["MTU"] or ctx.ext.mtu) - ENCAP_OVERHEAD
+        self.dev_name = f"flannel.{self.vni}"
+        self.dev: Link | None = None
+        self.mac: str | None = None
+        self._direct: dict[IPv4Address, bool] = {}  # PublicIP → directly reachable (DirectRouting)
+        self._bad_data: set = set()
+        log.info("vxlan config", vni=self.vni, port=o["Port"], gbp=self.gbp, learning=self.learning,
+                 direct_routing=self.direct_routing)
+
+    # --- life cycle -----------------------------------------------------------------------------
+    async def register(self) -> BackendInfo:
+        try:
+            await self._ensure_device()
+        except NetlinkError as e:
+            raise BackendError(str(e)) from None
+        return BackendInfo(mtu=self.mtu, backend_type="vxlan",
+                           backend_data={"VNI": self.vni & 0xFFFF, "VtepMAC": self.mac})
+
+    async def start(self, own_lease: Lease) -> None:
+        await super().start(own_lease)
+        try:
+            await self._configure_device()
+        except NetlinkError as e:
+            raise BackendError(f"failed to configure interface {self.dev_name}: {e}") from None
+        self.start_monitor()
+
+    # --- the device -----------------------------------------------------------------------------
+    def _incompatible(self, link: Link) -> str:
+        """Upstream vxlanLinksIncompat (+ learning): why an existing device can't be reused, or ""."""
+        if link.kind != "vxlan":
+            return f"link type: {link.kind or 'unknown'} vs vxlan"
+        i = link.info
+        checks = [
+            ("vni", i.get("IFLA_VXLAN_ID"), self.vni),
+            ("vtep (external) interface", i.get("IFLA_VXLAN_LINK") or self.ctx.ext.index, self.ctx.ext.index),
+            ("vtep (external) IP", i.get("IFLA_VXLAN_LOCAL") or str(self.ctx.ext.ip), str(self.ctx.ext.ip)),
+            ("l2miss", bool(i.get("IFLA_VXLAN_L2MISS")), False),
+            ("port", i.get("IFLA_VXLAN_PORT") or self.port, self.port),
+            ("gbp", bool(i.get("IFLA_VXLAN_GBP")), self.gbp),
+            ("learning", bool(i.get("IFLA_VXLAN_LEARNING")), self.learning),
+        ]
+        for what, have, want in checks:
+            if have != want:
+                return f"{what}: {have} vs {want}"
+        return ""
+
+    async def _ensure_device(self) -> bool:
+        """Make ``flannel.<VNI>`` exist as configured (MAC and MTU included); True if (re)created."""
+        link = await self.nl.link(name=self.dev_name)
+        if link is not None:
+            why = self._incompatible(link)
+            if why:
+                log.warning("device exists with incompatible configuration; recreating",
+                            device=self.dev_name, reason=why)
+                await self.nl.delete_link(link.index)
+                link = None
+        created = link is None
+        if link is None:
+            mac = self.mac or random_mac()
+            link = await self.nl.create_vxlan(
+                self.dev_name, vni=self.vni, local=self.ctx.ext.ip, dev_index=self.ctx.ext.index,
+                port=self.port, learning=self.learning, gbp=self.gbp, mac=mac, mtu=self.mtu)
+            if link.mac != mac:
+                raise BackendError(f"{self.dev_name}'s mac address wanted: {mac}, but got: {link.mac}")
+            if self.mac is not None:
+                log.warning("vxlan device recreated", device=self.dev_name, mac=mac)
+        else:
+            if self.mac is not None and link.mac != self.mac:  # someone changed our VtepMAC
+                await self.nl.set_link(link.index, address=self.mac)
+            if link.mtu != self.mtu:
+                await self.nl.set_link(link.index, mtu=self.mtu)
+        self.mac = self.mac or link.mac
+        self.dev = link
+        if created:
+            write_sysctl(f"net/ipv6/conf/{self.dev_name}/accept_ra", "0")
+        return created
+
+    async def _configure_device(self) -> None:
+        """Upstream Configure: own subnet address /32 (others of the Network removed), link up."""
+        assert self.dev is not None and self.own_lease is not None
+        want = IPv4Interface(f"{self.own_lease.subnet.network_address}/32")
+        have = await self.nl.addresses(self.dev.index)
+        for a in have:
+            if a != want and a.ip in self.network:
+                log.info("removing stale address", device=self.dev_name, address=str(a))
+                await self.nl.delete_address(self.dev.index, a)
+        if want not in have:
+            await self.nl.add_address(self.dev.index, want)
+        if not self.dev.up:
+            await self.nl.set_link(self.dev.index, state="up")
+            self.dev = await self.nl.link(index=self.dev.index) or self.dev
+
+    # --- desired state --------------------------------------------------------------------------
+    async def entries(self, lease: Lease) -> PeerEntries | None:
+        """What this remote lease justifies in the kernel (None: not a usable vxlan lease)."""
+        if self.skip_other_type(lease):
+            return None
+        mac = parse_vtep_mac(lease.attrs.backend_data)
+        if mac is None:
+            if lease.subnet not in self._bad_data:
+                self._bad_data.add(lease.subnet)
+                log.error("error decoding subnet lease JSON: no valid VtepMAC in BackendData",
+                          subnet=str(lease.subnet), backend_data=lease.attrs.backend_data)
+            return None
+        sn, pub = lease.subnet, lease.attrs.public_ip
+        if self.direct_routing and await self._directly_reachable(pub):
+            return PeerEntries(Route(sn, pub, self.ctx.ext.index))
+        assert self.dev is not None
+        gw = sn.network_address
+        return PeerEntries(Route(sn, gw, self.dev.index, onlink=True), arp=(gw, mac), fdb=(mac, pub))
+
+    async def _directly_reachable(self, ip: IPv4Address) -> bool:
+        """Upstream ip.DirectRouting: ``ip route get IP`` gives one route without gateway (here: and
+        on the external interface). Cached per PublicIP."""
+        known = self._direct.get(ip)
+        if known is None:
+            try:
+                routes = await self.nl.route_get(ip)
+            except NetlinkError as e:
+                log.error("direct routing check failed", public_ip=str(ip), error=str(e))
+                return False
+            known = len(routes) == 1 and routes[0].gateway is None and routes[0].oif == self.ctx.ext.index
+            self._direct[ip] = known
+        return known
+
+    # --- the event path (upstream order) --------------------------------------------------------
+    async def ensure_peer(self, lease: Lease) -> None:
+        e = await self.entries(lease)
+        if e is None:
+            return
+        nl = self.nl
+        if e.arp is None:
+            log.info("adding direct route to subnet", subnet=str(lease.subnet), public_ip=str(e.route.gateway))
+            await nl.replace_route(e.route)
+            return
+        assert e.fdb is not None
+        log.info("adding subnet", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
+                 vtep_mac=e.arp[1])
+        await nl.replace_neighbour(e.route.oif, *e.arp)
+        try:
+            await nl.replace_fdb(e.route.oif, *e.fdb)
+        except NetlinkError:
+            await self.attempt("DelARP", lambda: nl.delete_neighbour(e.route.oif, e.arp[0]))
+            raise
+        try:
+            await nl.replace_route(e.route)
+        except NetlinkError:
+            await self.attempt("DelARP", lambda: nl.delete_neighbour(e.route.oif, e.arp[0]))
+            await self.attempt("DelFDB", lambda: nl.delete_fdb(e.route.oif, *e.fdb))
+            raise
+
+    async def drop_peer(self, lease: Lease) -> None:
+        if lease.attrs.backend_type != self.type_name:
+            return
+        e = await self.entries(lease)
+        if e is None:
+            return
+        ctx = {"subnet": str(lease.subnet)}
+        if e.arp is None:
+            log.info("removing direct route to subnet", subnet=str(lease.subnet),
+                     public_ip=str(e.route.gateway))
+            await self.attempt("route delete", lambda: self.nl.delete_route(e.route), **ctx)
+            return
+        assert e.fdb is not None
+        log.info("removing subnet", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
+                 vtep_mac=e.arp[1])
+        idx = e.route.oif
+        await self.attempt("DelARP", lambda: self.nl.delete_neighbour(idx, e.arp[0]), **ctx)
+        await self.attempt("DelFDB", lambda: self.nl.delete_fdb(idx, *e.fdb), **ctx)
+        await self.attempt("route delete", lambda: self.nl.delete_route(e.route), **ctx)
+
+    # --- reconciliation -------------------------------------------------------------------------
+    def _forget_gone(self) -> None:
+        super()._forget_gone()
+        self._bad_data &= set(self.peers)
+        live = {le.attrs.public_ip for le in self.peers.values()}
+        self._direct = {ip: v for ip, v in self._direct.items() if ip in live}
+
+    async def sync_entries(self) -> dict[str, int]:
+        changes = {"device_recreated": 0, "added": 0, "removed": 0}
+        if await self._ensure_device():
+            changes["device_recreated"] = 1
+        if self.own_lease is None:
+            return changes
+        await self._configure_device()
+        assert self.dev is not None
+        idx = self.dev.index
+        nl = self.nl
+        arp: dict[IPv4Address, str] = {}
+        fdb: set[tuple[str, IPv4Address]] = set()
+        routes: dict = {}
+        for lease in list(self.peers.values()):
+            e = await self.entries(lease)
+            if e is None:
+                continue
+            routes[e.route.dst] = e.route
+            if e.arp is not None and e.fdb is not None:
+                arp[e.arp[0]] = e.arp[1]
+                fdb.add(e.fdb)
+
+        async def change(kind: str, what: str, fn, **ctx) -> None:
+            if await self.attempt(what, fn, **ctx):
+                changes[kind] += 1
+                log.debug(what, **ctx)
+
+        # 1. ARP entries on our device (only permanent ones are ours; the kernel's own come and go)
+        have_arp = {n.ip: n for n in await nl.neighbours(idx)}
+        for ip, n in have_arp.items():
+            if n.permanent and ip not in arp:
+                await change("removed", "stale ARP entry removed", lambda ip=ip: nl.delete_neighbour(idx, ip),
+                             ip=str(ip))
+        for ip, mac in arp.items():
+            n = have_arp.get(ip)
+            if n is None or n.mac != mac or not n.permanent:
+                await change("added", "ARP entry restored", lambda ip=ip, mac=mac: nl.replace_neighbour(idx, ip, mac),
+                             ip=str(ip), mac=mac)
+        # 2. FDB entries (remote VTEPs)
+        have_fdb = {(f.mac, f.dst) for f in await nl.fdb(idx) if f.dst is not None}
+        for mac, dst in have_fdb - fdb:
+            await change("removed", "stale FDB entry removed", lambda m=mac, d=dst: nl.delete_fdb(idx, m, d),
+                         mac=mac, dst=str(dst))
+        for mac, dst in fdb - have_fdb:
+            await change("added", "FDB entry restored", lambda m=mac, d=dst: nl.replace_fdb(idx, m, d),
+                         mac=mac, dst=str(dst))
+        # 3. routes: on our device, or direct routes on the external interface
+        ok = set()
+        for r in await nl.routes():
+            if not self.owns_route(r, {idx, self.ctx.ext.index}):
+                continue
+            want = routes.get(r.dst)
+            if want is not None and want.key == r.key:
+                ok.add(r.dst)
+            else:
+                await change("removed", "stale route removed", lambda r=r: nl.delete_route(r),
+                             dst=str(r.dst), via=str(r.gateway))
+        for dst, r in routes.items():
+            if dst not in ok:
+                await change("added", "route restored", lambda r=r: nl.replace_route(r),
+                             dst=str(dst), via=str(r.gateway))
+        return changes
+
+    def relevant(self, ev: Event) -> bool:
+        if ev.kind == "overrun":
+            return True
+        dev = self.dev.index if self.dev is not None else None
+        if ev.kind == "link":
+            return ev.ifindex == dev or ev.name == self.dev_name
+        if ev.action != "del":
+            return False
+        if ev.kind == "route":
+            return ev.ifindex in (dev, self.ctx.ext.index) and (ev.table in (None, 254))
+        return ev.ifindex == dev  # neigh / fdb

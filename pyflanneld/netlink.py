@@ -1,0 +1,483 @@
+"""A thin asyncio adapter over pyroute2's ``AsyncIPRoute`` for the kernel state backends program.
+
+What it adds to pyroute2, so that backends read as the upstream behaviour they implement:
+
+* **retries** of transient netlink errors (ENOBUFS, EBUSY, EAGAIN, EINTR — upstream flannel #958/#779
+  lost routes to ENOBUFS until it retried), and a fresh socket when pyroute2's socket broke;
+* **idempotent deletes**: deleting something already gone (ESRCH/ENOENT/ENODEV/EADDRNOTAVAIL) is fine;
+* **error translation** into one user-facing line (:class:`NetlinkError`; not root, missing kernel
+  feature), instead of ``NetlinkError(95, 'Operation not supported')``;
+* plain **dataclasses** for links, routes, neighbours and FDB entries, and dumps collected into lists;
+* :class:`NetlinkMonitor`, an async iterator over link/route/neighbour events that survives socket
+  overruns (it reports them as an ``overrun`` event: the caller then reconciles everything).
+
+All calls go through one socket, serialised by a lock: the daemon is one asyncio loop and netlink
+replies must not interleave. Only the namespace of the calling process is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from typing import Any, TypeVar
+
+import structlog
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
+from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
+
+log = structlog.get_logger()
+
+T = TypeVar("T")
+
+MAIN_TABLE = 254
+RTPROT_KERNEL = 2
+RTPROT_BOOT = 3  # what iproute2 and Go's netlink use by default ("ip route" does not show it)
+RTNH_F_ONLINK = 4
+AF_BRIDGE = 7
+VXLAN_DEFAULT_PORT = 8472  # the kernel's default when IFLA_VXLAN_PORT is absent (flannel's "Port": 0)
+
+RETRY_ERRNOS = frozenset({errno.ENOBUFS, errno.EBUSY, errno.EAGAIN, errno.EINTR})
+GONE_ERRNOS = frozenset({errno.ESRCH, errno.ENOENT, errno.ENODEV, errno.EADDRNOTAVAIL})
+RETRIES = 10
+RETRY_BASE_DELAY = 0.02
+RETRY_MAX_DELAY = 1.0
+
+
+class NetlinkError(Exception):
+    """A kernel operation failed for good; ``str()`` is one line naming the cause and the fix."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _hint(code: int, what: str) -> str:
+    if code in (errno.EPERM, errno.EACCES):
+        return f"{what}: operation not permitted: run pyflanneld as root (it needs CAP_NET_ADMIN)"
+    if code == errno.EOPNOTSUPP:
+        return f"{what}: the kernel does not support it (Operation not supported)"
+    return f"{what}: {os.strerror(code) if code > 0 else 'netlink error'} (errno {code})"
+
+
+# --- value types ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: str  # IFLA_INFO_KIND ("vxlan", "veth", ...; "" for none)
+    mac: str
+    mtu: int
+    up: bool
+    info: dict[str, Any] = field(default_factory=dict, compare=False)  # IFLA_INFO_DATA as a dict
+
+
+@dataclass(frozen=True)
+class Route:
+    dst: IPv4Network
+    gateway: IPv4Address | None = None
+    oif: int | None = None
+    onlink: bool = False
+    table: int = MAIN_TABLE
+    proto: int = 0
+
+    @property
+    def key(self) -> tuple:
+        """What makes two routes "the same" for reconciliation (not proto)."""
+        return (self.dst, self.gateway, self.oif, self.onlink)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    ip: IPv4Address
+    mac: str
+    state: int
+
+    @property
+    def permanent(self) -> bool:
+        return bool(self.state & NUD_PERMANENT)
+
+
+@dataclass(frozen=True)
+class FdbEntry:
+    mac: str
+    dst: IPv4Address | None  # remote VTEP (NDA_DST); None for entries without one
+
+
+@dataclass(frozen=True)
+class Event:
+    """A netlink notification, reduced to what reconcilers look at."""
+
+    kind: str  # "link" | "route" | "neigh" | "fdb" | "overrun"
+    action: str  # "new" | "del" | "" (overrun)
+    ifindex: int | None = None
+    name: str | None = None
+    dst: str | None = None
+    table: int | None = None
+
+
+# --- the adapter ----------------------------------------------------------------------------------
+
+
+class Netlink:
+    """Kernel calls for one network namespace (the caller's). Open lazily; ``close()`` when done."""
+
+    def __init__(self, retries: int = RETRIES) -> None:
+        self._ipr: AsyncIPRoute | None = None
+        self._lock = asyncio.Lock()
+        self.retries = retries
+
+    async def __aenter__(self) -> Netlink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        ipr, self._ipr = self._ipr, None
+        if ipr is not None:
+            try:
+                ipr.close()
+            except Exception:  # noqa: BLE001 - closing a broken socket
+                pass
+
+    async def _socket(self) -> AsyncIPRoute:
+        if self._ipr is None:
+            ipr = AsyncIPRoute()
+            await ipr.setup_endpoint()
+            self._ipr = ipr
+        return self._ipr
+
+    async def _call(self, what: str, fn: Callable[[AsyncIPRoute], Awaitable[T]], *,
+                    ok_if_gone: bool = False) -> T | None:
+        """Run ``fn(ipr)``, retrying transient errors; a vanished object is None if ok_if_gone."""
+        delay = RETRY_BASE_DELAY
+        attempt = 0
+        async with self._lock:
+            while True:
+                attempt += 1
+                try:
+                    ipr = await self._socket()
+                    return await fn(ipr)
+                except PyNetlinkError as e:
+                    code = e.code or 0
+                    if ok_if_gone and code in GONE_ERRNOS:
+                        return None
+                    if code not in RETRY_ERRNOS or attempt >= self.retries:
+                        raise NetlinkError(_hint(code, what), code) from None
+                    log.debug("netlink retry", op=what, error=str(e), attempt=attempt)
+                except OSError as e:  # the socket itself failed (e.g. ENOBUFS on receive): reopen
+                    await self.close()
+                    code = e.errno or 0
+                    if attempt >= self.retries:
+                        raise NetlinkError(_hint(code, what), code) from None
+                    log.debug("netlink socket reopened", op=what, error=str(e), attempt=attempt)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+
+    async def _dump(self, what: str, fn: Callable[[AsyncIPRoute], Awaitable[Any]]) -> list:
+        async def collect(ipr: AsyncIPRoute) -> list:
+            return [m async for m in await fn(ipr)]
+
+        return await self._call(what, collect) or []
+
+    # --- links ------------------------------------------------------------------------------------
+    async def link(self, name: str | None = None, index: int | None = None) -> Link | None:
+        """The link by name or index, or None when it does not exist."""
+        kw = {"ifname": name} if name is not None else {"index": index}
+        msgs = await self._call(f"get link {name or index}", lambda i: i.link("get", **kw), ok_if_gone=True)
+        return _link(msgs[0]) if msgs else None
+
+    async def create_vxlan(self, name: str, *, vni: int, local: IPv4Address, dev_index: int, port: int,
+                           learning: bool, gbp: bool, mac: str, mtu: int) -> Link:
+        """``ip link add NAME type vxlan id VNI local IP dev DEV dstport PORT [no]learning [gbp]``
+        with the MAC and MTU set at creation. Raises NetlinkError (EEXIST if it exists)."""
+        kw: dict[str, Any] = dict(
+            ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=str(local), vxlan_link=dev_index,
+            vxlan_port=port, vxlan_learning=1 if learning else 0, address=mac, mtu=mtu,
+        )
+        if gbp:
+            kw["vxlan_gbp"] = True
+        what = f"create vxlan device {name}"
+        try:
+            await self._call(what, lambda i: i.link("add", **kw))
+        except NetlinkError as e:
+            if e.code == errno.EOPNOTSUPP:
+                raise NetlinkError(
+                    f"{what}: the kernel has no vxlan support (Operation not supported): load the vxlan "
+                    "module (modprobe vxlan) or choose another backend (e.g. host-gw, udp)", e.code
+                ) from None
+            raise
+        link = await self.link(name=name)
+        if link is None:
+            raise NetlinkError(f"{what}: the device vanished right after creation", errno.ENODEV)
+        return link
+
+    async def set_link(self, index: int, **attrs: Any) -> None:
+        """``ip link set`` (e.g. ``mtu=1450``, ``address=MAC``, ``state="up"``)."""
+        desc = " ".join(f"{k} {v}" for k, v in attrs.items())
+        await self._call(f"set link {index} {desc}", lambda i: i.link("set", index=index, **attrs))
+
+    async def delete_link(self, index: int) -> None:
+        await self._call(f"delete link {index}", lambda i: i.link("del", index=index), ok_if_gone=True)
+
+    # --- addresses --------------------------------------------------------------------------------
+    async def addresses(self, index: int) -> list[IPv4Interface]:
+        msgs = await self._dump(f"list addresses of link {index}",
+                                lambda i: i.addr("dump", index=index, family=socket.AF_INET))
+        return [IPv4Interface(f"{m.get('address')}/{m['prefixlen']}") for m in msgs
+                if m.get("index") == index and m.get("address")]
+
+    async def add_address(self, index: int, addr: IPv4Interface) -> None:
+        async def add(i: AsyncIPRoute) -> None:
+            try:
+                await i.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
+            except PyNetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+
+        await self._call(f"add address {addr} to link {index}", add)
+
+    async def delete_address(self, index: int, addr: IPv4Interface) -> None:
+        await self._call(f"delete address {addr} from link {index}",
+                         lambda i: i.addr("del", index=index, address=str(addr.ip),
+                                          prefixlen=addr.network.prefixlen),
+                         ok_if_gone=True)
+
+    # --- routes -----------------------------------------------------------------------------------
+    async def routes(self, table: int = MAIN_TABLE) -> list[Route]:
+        """IPv4 routes of a table (main by default); multipath/unusual routes are skipped."""
+        msgs = await self._dump("list routes", lambda i: i.route("dump", family=socket.AF_INET, table=table))
+        out = []
+        for m in msgs:
+            if (m.get("table") or m.get("RTA_TABLE")) != table:
+                continue
+            r = _route(m)
+            if r is not None:
+                out.append(r)
+        return out
+
+    async def route_get(self, dst: IPv4Address) -> list[Route]:
+        """``ip route get DST``: what the kernel would use."""
+        msgs = await self._call(f"route get {dst}", lambda i: i.route("get", dst=str(dst))) or []
+        return [r for r in (_route(m) for m in msgs) if r is not None]
+
+    async def replace_route(self, r: Route) -> None:
+        kw = _route_kw(r)
+        await self._call(f"replace route {_route_str(r)}", lambda i: i.route("replace", **kw))
+
+    async def delete_route(self, r: Route) -> None:
+        kw = _route_kw(r, add=False)
+        await self._call(f"delete route {_route_str(r)}", lambda i: i.route("del", **kw), ok_if_gone=True)
+
+    # --- neighbours (ARP) -------------------------------------------------------------------------
+    async def neighbours(self, index: int) -> list[Neighbour]:
+        msgs = await self._dump(f"list neighbours of link {index}",
+                                lambda i: i.neigh("dump", ifindex=index, family=socket.AF_INET))
+        return [Neighbour(IPv4Address(m.get("dst")), (m.get("lladdr") or "").lower(), m["state"])
+                for m in msgs if m.get("ifindex") == index and m.get("dst")]
+
+    async def replace_neighbour(self, index: int, ip: IPv4Address, mac: str) -> None:
+        """``ip neigh replace IP lladdr MAC dev IDX nud permanent``."""
+        await self._call(f"replace neighbour {ip} lladdr {mac} dev {index}",
+                         lambda i: i.neigh("replace", ifindex=index, dst=str(ip), lladdr=mac,
+                                           state=NUD_PERMANENT))
+
+    async def delete_neighbour(self, index: int, ip: IPv4Address) -> None:
+        await self._call(f"delete neighbour {ip} dev {index}",
+                         lambda i: i.neigh("del", ifindex=index, dst=str(ip)), ok_if_gone=True)
+
+    # --- bridge FDB (vxlan remote VTEPs) ----------------------------------------------------------
+    async def fdb(self, index: int) -> list[FdbEntry]:
+        msgs = await self._dump(f"list fdb of link {index}", lambda i: i.fdb("dump", ifindex=index))
+        out = []
+        for m in msgs:
+            if m.get("ifindex") != index or m.get("family") != AF_BRIDGE:
+                continue
+            dst = m.get("dst")
+            try:
+                dst_ip = IPv4Address(dst) if dst else None
+            except ValueError:  # an IPv6 remote: not ours
+                continue
+            out.append(FdbEntry((m.get("lladdr") or "").lower(), dst_ip))
+        return out
+
+    async def replace_fdb(self, index: int, mac: str, dst: IPv4Address) -> None:
+        """``bridge fdb replace MAC dev IDX dst DST self permanent``."""
+        await self._call(f"replace fdb {mac} dst {dst} dev {index}",
+                         lambda i: i.fdb("replace", ifindex=index, lladdr=mac, dst=str(dst),
+                                         state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF))
+
+    async def delete_fdb(self, index: int, mac: str, dst: IPv4Address | None) -> None:
+        kw: dict[str, Any] = {"ifindex": index, "lladdr": mac}
+        if dst is not None:
+            kw["dst"] = str(dst)
+        await self._call(f"delete fdb {mac} dst {dst} dev {index}", lambda i: i.fdb("del", **kw),
+                         ok_if_gone=True)
+
+
+def write_sysctl(key: str, value: str) -> bool:
+    """Write /proc/sys/<key with '/' separators> in the caller's namespace; False if impossible."""
+    try:
+        with open(f"/proc/sys/{key}", "w") as f:
+            f.write(value)
+        return True
+    except OSError as e:
+        log.debug("sysctl not written", key=key, error=str(e))
+        return False
+
+
+# --- events ---------------------------------------------------------------------------------------
+
+
+class NetlinkMonitor:
+    """Link, IPv4 route and neighbour (incl. FDB) notifications of the caller's namespace.
+
+    ``async for ev in NetlinkMonitor().events(): ...`` — runs until cancelled. When the socket
+    fails (typically ENOBUFS: the kernel dropped notifications) it reopens and yields an
+    ``Event("overrun", "")`` first, meaning "something may have been missed: reconcile all".
+    """
+
+    GROUPS = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH
+
+    def __init__(self, rcvbuf: int = 8 * 1024 * 1024) -> None:
+        self.rcvbuf = rcvbuf
+        self._sock: AsyncIPRoute | None = None
+
+    async def _open(self) -> AsyncIPRoute:
+        sock = AsyncIPRoute(rcvbuf=self.rcvbuf)
+        await sock.bind(groups=self.GROUPS)
+        return sock
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            try:
+                sock.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+    async def events(self) -> AsyncIterator[Event]:
+        delay = 0.05
+        failed = False
+        try:
+            while True:
+                try:
+                    if self._sock is None:
+                        self._sock = await self._open()
+                        if failed:
+                            yield Event("overrun", "")
+                    async for msg in self._sock.get():
+                        ev = _event(msg)
+                        if ev is not None:
+                            yield ev
+                    delay = 0.05
+                except (OSError, PyNetlinkError) as e:
+                    log.warning("netlink monitor restarted", error=str(e))
+                    self.close()
+                    failed = True
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+        finally:
+            self.close()
+
+
+# --- pyroute2 message decoding --------------------------------------------------------------------
+
+
+def _link(m: Any) -> Link:
+    linkinfo = m.get("IFLA_LINKINFO")
+    kind, info = "", {}
+    if linkinfo is not None:
+        kind = linkinfo.get("IFLA_INFO_KIND") or ""
+        data = linkinfo.get("IFLA_INFO_DATA")
+        if data is not None and hasattr(data, "get"):
+            info = {a[0]: a[1] for a in data.get("attrs", []) if a[0] != "UNKNOWN"}
+    return Link(
+        index=m["index"],
+        name=m.get("IFLA_IFNAME"),
+        kind=kind,
+        mac=(m.get("IFLA_ADDRESS") or "").lower(),
+        mtu=m.get("IFLA_MTU") or 0,
+        up=bool(m["flags"] & 1),
+        info=info,
+    )
+
+
+def _route(m: Any) -> Route | None:
+    if m.get("family") != socket.AF_INET or m.get("RTA_MULTIPATH") is not None:
+        return None
+    dst = m.get("RTA_DST") or "0.0.0.0"
+    gw = m.get("RTA_GATEWAY")
+    try:
+        net = IPv4Network(f"{dst}/{m['dst_len']}", strict=False)
+        gw_ip = IPv4Address(gw) if gw else None
+    except ValueError:
+        return None
+    return Route(
+        dst=net,
+        gateway=gw_ip,
+        oif=m.get("RTA_OIF"),
+        onlink=bool(m.get("flags", 0) & RTNH_F_ONLINK),
+        table=m.get("RTA_TABLE") or m.get("table") or 0,
+        proto=m.get("proto", 0),
+    )
+
+
+def _route_kw(r: Route, add: bool = True) -> dict[str, Any]:
+    kw: dict[str, Any] = {"dst": str(r.dst), "table": r.table}
+    if add:
+        kw["proto"] = RTPROT_BOOT  # on delete, no proto: it would have to match
+    if r.gateway is not None:
+        kw["gateway"] = str(r.gateway)
+    if r.oif is not None:
+        kw["oif"] = r.oif
+    if r.onlink:
+        kw["flags"] = ["onlink"]
+    return kw
+
+
+def _route_str(r: Route) -> str:
+    s = str(r.dst)
+    if r.gateway is not None:
+        s += f" via {r.gateway}"
+    if r.oif is not None:
+        s += f" dev {r.oif}"
+    if r.onlink:
+        s += " onlink"
+    return s
+
+
+_EVENTS = {
+    "RTM_NEWLINK": ("link", "new"), "RTM_DELLINK": ("link", "del"),
+    "RTM_NEWROUTE": ("route", "new"), "RTM_DELROUTE": ("route", "del"),
+    "RTM_NEWNEIGH": ("neigh", "new"), "RTM_DELNEIGH": ("neigh", "del"),
+}
+
+
+def _event(m: Any) -> Event | None:
+    kind_action = _EVENTS.get(m.get("event"))
+    if kind_action is None:
+        return None
+    kind, action = kind_action
+    if kind == "link":
+        return Event(kind, action, ifindex=m.get("index"), name=m.get("IFLA_IFNAME"))
+    if kind == "route":
+        if m.get("family") != socket.AF_INET:
+            return None
+        return Event(kind, action, ifindex=m.get("RTA_OIF"), dst=m.get("RTA_DST"),
+                     table=m.get("RTA_TABLE") or m.get("table"))
+    family = m.get("family")
+    if family == AF_BRIDGE:
+        kind = "fdb"
+    elif family != socket.AF_INET:
+        return None
+    return Event(kind, action, ifindex=m.get("ifindex"), dst=m.get("NDA_DST"))
