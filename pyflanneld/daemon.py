@@ -87,6 +87,12 @@ class Daemon:
             return False, f"datastore unreachable: {self.manager.store_error}"
         return True, ""
 
+    def peers(self) -> list[dict]:
+        known = getattr(self.backend, "peers", {}) or {}
+        return [{"subnet": str(le.subnet), "PublicIP": str(le.attrs.public_ip),
+                 "BackendType": le.attrs.backend_type, "BackendData": le.attrs.backend_data}
+                for le in sorted(known.values(), key=lambda le: le.subnet)]
+
     async def backend_call(self, method: str, *args) -> None:
         async with self._lock:
             try:
@@ -281,7 +287,7 @@ class Daemon:
         code = 0
         try:
             if self.o.healthz_port:
-                health = HealthServer(self.o.healthz_ip, self.o.healthz_port, self.readiness)
+                health = HealthServer(self.o.healthz_ip, self.o.healthz_port, self.readiness, self.peers)
                 try:
                     await health.start()
                 except OSError as e:

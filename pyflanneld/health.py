@@ -1,8 +1,12 @@
-"""/healthz and /readyz on --healthz-ip:--healthz-port (a tiny asyncio HTTP/1.0 server)."""
+"""/healthz, /readyz and /peers on --healthz-ip:--healthz-port (a tiny asyncio HTTP server).
+
+/peers (pyflanneld only) lists the remote leases this host has programmed, as JSON.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import structlog
@@ -11,8 +15,9 @@ log = structlog.get_logger()
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, readiness: Callable[[], tuple[bool, str]]) -> None:
-        self.host, self.port, self.readiness = host, port, readiness
+    def __init__(self, host: str, port: int, readiness: Callable[[], tuple[bool, str]],
+                 peers: Callable[[], list[dict]] | None = None) -> None:
+        self.host, self.port, self.readiness, self.peers = host, port, readiness, peers
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -31,10 +36,12 @@ class HealthServer:
             elif path == "/readyz":
                 ok, why = self.readiness()
                 code, body = (200, "flanneld is ready") if ok else (503, f"flanneld is not ready yet: {why}")
+            elif path == "/peers" and self.peers is not None:
+                code, body = 200, json.dumps(self.peers(), indent=1)
             else:
                 code, body = 404, "not found"
             reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[code]
-            data = body.encode() + b"\n"
+            data = body.encode()
             writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                          f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
             await writer.drain()

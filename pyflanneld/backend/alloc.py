@@ -1,11 +1,20 @@
-"""alloc: lease a subnet, program nothing (upstream `pkg/backend/alloc`)."""
+"""alloc: lease a subnet, program nothing (upstream `pkg/backend/alloc`).
 
-from .base import Backend, BackendInfo, register_backend
+It still tracks the peer set, so /peers on the health server shows what this host knows.
+"""
+
+from .base import BackendInfo, PeerSetBackend, register_backend
 
 
 @register_backend
-class AllocBackend(Backend):
+class AllocBackend(PeerSetBackend):
     type_name = "alloc"
 
     async def register(self) -> BackendInfo:
         return BackendInfo(mtu=self.ctx.ext.mtu, backend_type="")
+
+    async def ensure_peer(self, lease) -> None:
+        pass
+
+    async def drop_peer(self, lease) -> None:
+        pass
