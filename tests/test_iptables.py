@@ -1,0 +1,153 @@
+"""TrafficRules against real iptables (nf_tables) inside a lab host namespace."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from backend_harness import PYTHON, wait_for
+from test_iptables_rules import GOLDEN_FWD, GOLDEN_MASQ
+
+pytestmark = pytest.mark.lab
+
+# Runs inside the namespace: TrafficRules(**args).setup(), then run() when resync > 0.
+DRIVER = """
+import asyncio, json, sys
+from ipaddress import IPv4Network as N
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+from pyflanneld.iptables import TrafficRules
+a = json.loads(sys.argv[1])
+for k in ("network", "own_subnet", "prev_network", "prev_subnet"):
+    if a.get(k):
+        a[k] = N(a[k])
+loop = a.pop("loop", False)
+async def main():
+    t = TrafficRules(**a)
+    await t.setup()
+    print("SETUP-DONE", flush=True)
+    if loop:
+        await t.run()
+asyncio.run(main())
+"""
+
+
+def ours(host, table: str) -> list[str]:
+    """`iptables -t TABLE -S` lines that are flannel's (jump rules + our chains), kernel order."""
+    out = host.run("iptables", "-w", "-t", table, "-S").stdout.splitlines()
+    return [ln for ln in out if "FLANNEL-" in ln and ln.startswith("-A")]
+
+
+def setup_rules(host, **args):
+    base = {"network": "10.5.0.0/16", "own_subnet": "10.5.1.0/24", "ip_masq": True, "resync": 0}
+    base.update(args)
+    return host.run(PYTHON, "-c", DRIVER, json.dumps(base))
+
+
+def resync_loop(host, **args):
+    base = {"network": "10.5.0.0/16", "own_subnet": "10.5.1.0/24", "ip_masq": True, "resync": 0.5, "loop": True}
+    base.update(args)
+    p = host.popen(PYTHON, "-c", DRIVER, json.dumps(base), name="rules")
+    assert wait_for(lambda: "SETUP-DONE" in p.log_text(), timeout=10), p.log_text()
+    return p
+
+
+def test_rules_equal_upstream_golden_list(lab):
+    h = lab.add_host("h1")
+    setup_rules(h)
+    assert ours(h, "nat") == GOLDEN_MASQ
+    assert ours(h, "filter") == GOLDEN_FWD
+    # idempotent: a second setup (daemon restart) changes nothing
+    setup_rules(h)
+    assert ours(h, "nat") == GOLDEN_MASQ
+    assert ours(h, "filter") == GOLDEN_FWD
+
+
+def test_options_fully_random_off_and_no_forward_rules(lab):
+    h = lab.add_host("h1")
+    setup_rules(h, fully_random=False, forward_rules=False)
+    assert ours(h, "nat") == [r.removesuffix(" --random-fully") for r in GOLDEN_MASQ]
+    assert ours(h, "filter") == []
+    h2 = lab.add_host("h2")
+    setup_rules(h2, ip_masq=False)
+    assert ours(h2, "nat") == [] and ours(h2, "filter") == GOLDEN_FWD
+
+
+def test_flushed_chain_restored_within_resync_period(lab):
+    h = lab.add_host("h1")
+    p = resync_loop(h)
+    assert ours(h, "nat") == GOLDEN_MASQ
+    h.run("iptables", "-w", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+    t0 = time.monotonic()
+    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ, timeout=3), ours(h, "nat")
+    assert time.monotonic() - t0 < 2
+    # forward chain and jump deleted entirely
+    h.run("iptables", "-w", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD")
+    h.run("iptables", "-w", "-F", "FLANNEL-FWD")
+    h.run("iptables", "-w", "-X", "FLANNEL-FWD")
+    assert wait_for(lambda: ours(h, "filter") == GOLDEN_FWD, timeout=3), ours(h, "filter")
+    assert "restoring" in p.log_text()
+
+
+def test_order_and_duplicates_repaired(lab):
+    h = lab.add_host("h1")
+    resync_loop(h)
+    # move the kube-proxy mark rule to the end: every rule is still present (-C would pass)
+    h.run("iptables", "-w", "-t", "nat", "-D", "FLANNEL-POSTRTG", "1")
+    h.run("iptables", "-w", "-t", "nat", "-A", "FLANNEL-POSTRTG", "-m", "mark", "--mark", "0x4000/0x4000",
+          "-m", "comment", "--comment", "flanneld masq", "-j", "RETURN")
+    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ, timeout=3), ours(h, "nat")
+    # a duplicate jump and a duplicate rule
+    h.run("iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq",
+          "-j", "FLANNEL-POSTRTG")
+    h.run("iptables", "-w", "-I", "FLANNEL-FWD", "-s", "10.5.0.0/16", "-m", "comment", "--comment",
+          "flanneld forward", "-j", "ACCEPT")
+    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ and ours(h, "filter") == GOLDEN_FWD, timeout=3), \
+        (ours(h, "nat"), ours(h, "filter"))
+    # other rules in POSTROUTING/FORWARD are not ours and stay
+    h.run("iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", "172.16.0.0/24", "-j", "MASQUERADE")
+    time.sleep(1.2)
+    assert "-A POSTROUTING -s 172.16.0.0/24 -j MASQUERADE" in h.run("iptables", "-t", "nat", "-S").stdout
+
+
+def test_chain_never_empty_while_repairing(lab):
+    """Upstream #2237: ClearChain then refill left a window with an empty FLANNEL-POSTRTG."""
+    h = lab.add_host("h1")
+    resync_loop(h, resync=0.05)
+    script = (
+        "for i in $(seq 150); do "
+        "iptables -w -t nat -A FLANNEL-POSTRTG -j RETURN; "  # a stray rule: forces a rewrite
+        "n=$(iptables -w -t nat -S FLANNEL-POSTRTG | grep -c 'flanneld masq'); "
+        "[ \"$n\" -ge 6 ] || { echo EMPTY-WINDOW $n; exit 1; }; done; echo OK"
+    )
+    cp = h.sh(script, check=False, timeout=120)
+    assert cp.stdout.strip().endswith("OK"), cp.stdout + cp.stderr
+    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ, timeout=3)
+
+
+def test_previous_network_rules_removed(lab):
+    h = lab.add_host("h1")
+    setup_rules(h, network="10.9.0.0/16", own_subnet="10.9.3.0/24")
+    old = ours(h, "nat")
+    assert any("10.9.3.0/24" in r for r in old)
+    cp = setup_rules(h, prev_network="10.9.0.0/16", prev_subnet="10.9.3.0/24")
+    assert ours(h, "nat") == GOLDEN_MASQ
+    assert ours(h, "filter") == GOLDEN_FWD
+    assert "recycling old iptables rules" in cp.stderr
+
+
+def test_previous_masq_rules_removed_when_ip_masq_now_off(lab):
+    h = lab.add_host("h1")
+    setup_rules(h)
+    setup_rules(h, ip_masq=False, prev_network="10.5.0.0/16", prev_subnet="10.5.1.0/24")
+    assert [r for r in ours(h, "nat") if r.startswith("-A FLANNEL-POSTRTG")] == []
+
+
+def test_missing_iptables_is_one_clear_line(lab):
+    h = lab.add_host("h1")
+    cp = setup_rules(h, iptables="iptables-not-installed", iptables_restore="iptables-restore-not-installed")
+    err = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "iptables not found: install the iptables package" in err[0], cp.stderr
+    assert "Traceback" not in cp.stderr
+    assert ours(h, "nat") == []
