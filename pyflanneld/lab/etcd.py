@@ -24,7 +24,8 @@ Public API::
 
     cluster = EtcdCluster(lab, size=3, ns=None, enable_v2=True, tls=None)   # members etcd0..2
     cluster.start(timeout=15); cluster.members; cluster.endpoints ("a,b,c"); cluster.endpoint_list
-    cluster.wait_healthy(); cluster.stop()
+    cluster.wait_healthy(); cluster.stop(); cluster[i] -> EtcdServer
+    cluster.leader() -> EtcdServer | None; cluster.wait_leader(timeout=10) -> EtcdServer
 
     tls = make_tls_certs(dir, ips=("192.168.100.254", "127.0.0.1"), client_cn="client")
     tls.ca, tls.server_cert, tls.server_key, tls.client_cert, tls.client_key (Paths)
@@ -419,6 +420,35 @@ class EtcdCluster:
         for m in self.members:
             if m.alive:
                 m.wait_healthy(max(0.1, deadline - time.monotonic()))
+
+    def leader(self) -> EtcdServer | None:
+        """The live member that the live members agree is leader, else None."""
+        ids: dict[int, EtcdServer] = {}
+        leaders = set()
+        for m in self.members:
+            if not m.alive:
+                continue
+            try:
+                st = json.loads(m.etcdctl("endpoint", "status", "-w", "json", "--command-timeout=1s"))[0]
+            except (LabError, subprocess.CalledProcessError, ValueError, IndexError):
+                return None
+            ids[int(st["Status"]["header"]["member_id"])] = m
+            leaders.add(int(st["Status"].get("leader", 0)))  # 0 (omitted in JSON): no leader
+        if len(leaders) == 1 and 0 not in leaders:
+            return ids.get(leaders.pop())
+        return None
+
+    def wait_leader(self, timeout: float = 10) -> EtcdServer:
+        """Wait until the live members agree on a live leader (e.g. after killing the old one).
+        Note: a write that was forwarded to a dead leader is lost and times out on the client."""
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leader()
+            if leader is not None:
+                return leader
+            if time.monotonic() >= deadline:
+                raise LabError(f"etcd cluster has no agreed live leader after {timeout}s")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         for m in self.members:
