@@ -27,8 +27,12 @@ Public API::
             -> Pod (a Host): ns "<id>-h1p1", .address ("10.5.1.2"), .gateway ("10.5.1.1"), .host
         pod.ping("10.5.2.2") -> bool
         p = lab.spawn(ns, argv, env=None, log_path=None, name=None) -> LabProcess
-        p.pid, p.alive, p.log_path, p.log_text(), p.wait(timeout), p.stop(timeout=2) -> rc, p.kill()
+        p.pid, p.alive, p.returncode, p.log_path, p.log_text(), p.wait(timeout),
+        p.stop(timeout=2) -> rc, p.kill() -> rc, p.signal(sig)      # signals go to the process group
         lab.read_log(path_or_name) -> str           # relative names are under lab.tmp
+        lab.start_etcd(**EtcdServer kwargs, wait=True, timeout=10) -> EtcdServer (healthy)
+        lab.etcd          # the first EtcdServer/EtcdCluster made in this lab (default for daemons)
+        lab.hosts (name -> Host), lab.pods (ns -> Pod), lab.processes, lab.mtu
         lab.namespaces -> list[str]                 # this lab's namespaces that exist
         lab.close()                                 # idempotent
 
