@@ -1,0 +1,256 @@
+"""The daemon's side of the forwarder: hold the TUN device, run the worker processes, push routes.
+
+:class:`Forwarder` never forks the (grpc-laden) daemon: workers are fresh interpreters started with
+``subprocess`` (``python -m pyflanneld.udpfwd.worker``), each opening its own TUN queue and
+SO_REUSEPORT socket. The daemon keeps one *detached* queue of the multi-queue TUN open, so the
+device lives exactly as long as the daemon (upstream: the TUN disappears with flanneld) and
+survives a worker restart; a detached queue gets no packets.
+
+Route updates are small SEQPACKET messages to every worker (:mod:`.control`); a worker applies them
+between two packet batches (< 1 ms). All methods are quick and non-blocking except :meth:`sync`,
+:meth:`wait_ready` and :meth:`stop`, which wait for the workers (bounded by a timeout).
+
+Spawn workers from the thread that will outlive them (the daemon's main thread): the kernel sends
+``PR_SET_PDEATHSIG`` when the *thread* that forked a child exits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import structlog
+
+from . import control, tun
+from .control import Route
+
+log = structlog.get_logger()
+
+_PKG_ROOT = str(Path(__file__).resolve().parent.parent.parent)
+
+
+def default_workers() -> int:
+    env = os.environ.get("PYFLANNELD_UDP_WORKERS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            log.warning("ignoring PYFLANNELD_UDP_WORKERS: not a number", value=env)
+    return max(1, os.cpu_count() or 1)
+
+
+def default_offload() -> bool:
+    return os.environ.get("PYFLANNELD_UDP_OFFLOAD", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class _WorkerProc:
+    index: int
+    proc: subprocess.Popen
+    ctl: socket.socket
+    started: float = field(default_factory=time.monotonic)
+
+
+class ForwarderError(Exception):
+    """The forwarder could not start; one line naming the cause."""
+
+
+class Forwarder:
+    def __init__(self, *, tun_name: str, bind_ip: IPv4Address | str, port: int, tun_ip: IPv4Address | str,
+                 mtu: int, workers: int | None = None, offload: bool | None = None, batch: int = 64,
+                 python: str = sys.executable) -> None:
+        self.tun_name = tun_name
+        self.bind_ip = str(bind_ip)
+        self.port = port
+        self.tun_ip = str(tun_ip)
+        self.mtu = mtu
+        self.nworkers = workers if workers is not None else default_workers()
+        self.offload = default_offload() if offload is None else offload
+        self.batch = batch
+        self.python = python
+        self.routes: dict[IPv4Network, Route] = {}
+        self.workers: list[_WorkerProc] = []
+        self.holder_fd: int | None = None
+        self._tokens = itertools.count(1)
+
+    # --- device ------------------------------------------------------------------------------
+
+    def open_device(self) -> None:
+        """Create (or attach to) the TUN device and keep one detached queue open."""
+        if self.holder_fd is not None:
+            return
+        fd = tun.open_queue(self.tun_name, tun.tun_flags(multi_queue=True, vnet_hdr=self.offload))
+        try:
+            if self.offload:
+                tun.set_offload(fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO_ECN)
+            tun.set_queue_enabled(fd, False)
+        except OSError:
+            os.close(fd)
+            raise
+        self.holder_fd = fd
+
+    # --- workers -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.open_device()
+        for i in range(self.nworkers):
+            self.workers.append(self._spawn(i))
+        log.info("udp forwarder started", device=self.tun_name, workers=self.nworkers,
+                 bind=f"{self.bind_ip}:{self.port}", offload=self.offload)
+
+    def _spawn(self, index: int) -> _WorkerProc:
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        for s in (parent, child):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, control.MAX_MSG)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, control.MAX_MSG)
+        argv = [self.python, "-m", "pyflanneld.udpfwd.worker", "--tun", self.tun_name, "--bind", self.bind_ip,
+                "--port", str(self.port), "--tun-ip", self.tun_ip, "--mtu", str(self.mtu),
+                "--ctl-fd", str(child.fileno()), "--parent", str(os.getpid()), "--index", str(index),
+                "--batch", str(self.batch)]
+        if self.offload:
+            argv.append("--offload")
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        try:
+            proc = subprocess.Popen(argv, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        parent.setblocking(False)
+        wp = _WorkerProc(index, proc, parent)
+        self._send(wp, control.encode_routes(control.REPLACE, self.routes.values()))
+        return wp
+
+    def _send(self, wp: _WorkerProc, msg: bytes) -> None:
+        try:
+            wp.ctl.send(msg)
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError, OSError) as e:
+            log.warning("udp worker did not take a route update; restarting it", worker=wp.index,
+                        pid=wp.proc.pid, error=str(e))
+            self._kill(wp)
+
+    def _broadcast(self, msg: bytes) -> None:
+        for wp in list(self.workers):
+            self._send(wp, msg)
+
+    def check(self) -> int:
+        """Restart workers that died; returns how many were restarted."""
+        restarted = 0
+        for i, wp in enumerate(self.workers):
+            if wp.proc.poll() is not None:
+                log.warning("udp worker exited; restarting it", worker=wp.index, pid=wp.proc.pid,
+                            rc=wp.proc.returncode)
+                wp.ctl.close()
+                self.workers[i] = self._spawn(wp.index)
+                restarted += 1
+        return restarted
+
+    def _kill(self, wp: _WorkerProc) -> None:
+        if wp.proc.poll() is None:
+            wp.proc.kill()
+
+    # --- routes ------------------------------------------------------------------------------
+
+    def set_routes(self, routes: Iterable[Route]) -> None:
+        """Make the table exactly ``routes`` (one atomic message per worker)."""
+        self.routes = {r.dst: r for r in routes}
+        self._broadcast(control.encode_routes(control.REPLACE, self.routes.values()))
+
+    def add_route(self, route: Route) -> None:
+        if self.routes.get(route.dst) == route:
+            return
+        self.routes[route.dst] = route
+        self._broadcast(control.encode_routes(control.SET, [route]))
+
+    def del_route(self, dst: IPv4Network) -> None:
+        if self.routes.pop(dst, None) is None:
+            return
+        self._broadcast(control.encode_delete([dst]))
+
+    # --- synchronisation ---------------------------------------------------------------------
+
+    def sync(self, timeout: float = 5.0) -> list[dict]:
+        """Ping every worker and wait for the answers: all earlier route updates are applied.
+
+        Returns each worker's counters (plus ``routes`` and ``pid``); raises TimeoutError.
+        """
+        token = next(self._tokens)
+        pending = {wp.ctl.fileno(): wp for wp in self.workers}
+        for wp in self.workers:
+            self._send(wp, control.encode_ping(token))
+        out: dict[int, dict] = {}
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"udp workers did not answer: {[wp.index for wp in pending.values()]}")
+            ready, _, _ = select.select(list(pending), [], [], left)
+            for fd in ready:
+                wp = pending[fd]
+                try:
+                    msg = wp.ctl.recv(control.MAX_MSG)
+                except BlockingIOError:
+                    continue
+                if not msg:
+                    raise TimeoutError(f"udp worker {wp.index} exited (rc={wp.proc.poll()})")
+                if msg[:1] == control.PING:
+                    tok, stats = control.decode_pong(msg)
+                    if tok == token:
+                        out[wp.index] = stats
+                        del pending[fd]
+        return [out[i] for i in sorted(out)]
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        self.sync(timeout)
+
+    def stats(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for st in self.sync():
+            for k, v in st.items():
+                if k != "pid":
+                    total[k] = total.get(k, 0) + v
+        return total
+
+    @property
+    def pids(self) -> list[int]:
+        return [wp.proc.pid for wp in self.workers]
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    def stop(self, timeout: float = 2.0, close_device: bool = True) -> None:
+        """Stop the workers (STOP message, then SIGTERM, then SIGKILL); close the device holder."""
+        for wp in self.workers:
+            try:
+                wp.ctl.send(control.STOP)
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for wp in self.workers:
+                left = max(0.0, deadline - time.monotonic())
+                try:
+                    wp.proc.wait(left)
+                except subprocess.TimeoutExpired:
+                    wp.proc.send_signal(sig)
+            deadline = time.monotonic() + timeout
+        for wp in self.workers:
+            try:
+                wp.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+            wp.ctl.close()
+        if self.workers:
+            log.info("udp forwarder stopped", device=self.tun_name, workers=len(self.workers))
+        self.workers = []
+        if close_device and self.holder_fd is not None:
+            os.close(self.holder_fd)
+            self.holder_fd = None

@@ -1,0 +1,339 @@
+"""One forwarder worker process: ``python -m pyflanneld.udpfwd.worker --tun flannel0 ...``.
+
+Each worker opens its own queue of the multi-queue TUN device and its own ``SO_REUSEPORT`` UDP
+socket, so N workers forward in parallel without sharing a GIL. It never runs on the daemon's
+asyncio loop and never forks the daemon: the daemon starts it with ``subprocess`` and talks to it
+over a SOCK_SEQPACKET fd (``--ctl-fd``, see :mod:`.control`).
+
+Packet paths (upstream ``proxy_amd64.c`` semantics):
+
+* TUN → UDP: route lookup on the destination; no route → ICMP net unreachable written back into
+  the TUN; TTL − 1 (drop at 0); the raw IPv4 packet is the UDP payload, sent to next_hop:port.
+* UDP → TUN: TTL − 1 (drop at 0), write to the TUN.
+
+Reads are batched: up to ``--batch`` packets per readiness event, sent with one ``sendmmsg``;
+UDP is received with ``recvmmsg``. With ``--offload`` the TUN uses virtio-net headers and the
+socket UDP GSO/GRO, see :mod:`.offload`.
+
+The worker dies with its parent (``PR_SET_PDEATHSIG``) and stops cleanly on SIGTERM/SIGINT or a
+STOP message; it removes nothing (the TUN queue just closes with the process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from ipaddress import IPv4Address
+
+import structlog
+
+from . import control, tun
+from .mmsg import MsgBatch, make_sockaddr
+from .packet import RouteTable, net_unreachable
+
+log = structlog.get_logger()
+
+PR_SET_PDEATHSIG = 1
+SO_REUSEPORT = 15
+DEFAULT_BATCH = 64
+SOCK_BUF = 4 << 20
+
+_U32 = struct.Struct("!I").unpack_from
+
+
+def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            s.setsockopt(socket.SOL_SOCKET, opt, SOCK_BUF)
+        except OSError:
+            pass
+    s.bind((bind_ip, port))
+    return s
+
+
+class Stats:
+    __slots__ = ("tun_rx", "udp_tx", "udp_rx", "tun_tx", "no_route", "ttl_drop", "bad", "ctl")
+
+    def __init__(self) -> None:
+        for k in self.__slots__:
+            setattr(self, k, 0)
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class Worker:
+    def __init__(self, *, tun_fd: int, sock: socket.socket, ctl_fd: int, tun_ip: int,
+                 mtu: int, batch: int = DEFAULT_BATCH, index: int = 0) -> None:
+        self.tun = tun_fd
+        self.sock = sock
+        self.sock_fd = sock.fileno()
+        self.ctl = ctl_fd
+        self.tun_ip = tun_ip
+        self.mtu = mtu
+        self.batch = batch
+        self.index = index
+        self.routes: RouteTable[int] = RouteTable()
+        self._sockaddrs: dict[tuple[int, int], object] = {}  # keeps the ctypes sockaddrs alive
+        self.stats = Stats()
+        self.running = True
+        slot = max(2048, mtu + 64)
+        self.tx = MsgBatch(batch, slot)  # TUN → UDP
+        self.rx = MsgBatch(batch, slot)  # UDP → TUN
+        self._tx_lists = [[s] for s in self.tx.slots]
+
+    # --- control ----------------------------------------------------------------------------
+
+    def _sockaddr(self, ip: int, port: int) -> int:
+        key = (ip, port)
+        sa = self._sockaddrs.get(key)
+        if sa is None:
+            sa = self._sockaddrs[key] = make_sockaddr(str(IPv4Address(ip)), port)
+        return ctypes.addressof(sa)
+
+    def handle_control(self) -> None:
+        while True:
+            try:
+                msg = self._ctl_sock.recv(control.MAX_MSG)
+            except BlockingIOError:
+                return
+            if not msg:  # the daemon closed its end: it is gone
+                self.running = False
+                return
+            self.stats.ctl += 1
+            kind, body = msg[:1], msg[1:]
+            if kind in (control.SET, control.REPLACE):
+                if kind == control.REPLACE:
+                    self.routes.clear()
+                for dst, plen, nh, port in control.decode_routes(body):
+                    self.routes.set(dst, plen, self._sockaddr(nh, port))
+            elif kind == control.DEL:
+                for dst, plen in control.decode_delete(body):
+                    self.routes.delete(dst, plen)
+            elif kind == control.PING:
+                token = struct.unpack_from("!I", body)[0]
+                st = self.stats.as_dict()
+                st["routes"] = len(self.routes)
+                st["pid"] = os.getpid()
+                self._ctl_sock.send(control.encode_pong(token, st))
+            elif kind == control.STOP:
+                self.running = False
+                return
+
+    # --- packet paths (hot) ------------------------------------------------------------------
+
+    def tun_to_udp(self) -> None:
+        tx = self.tx
+        slots = tx.slots
+        lists = self._tx_lists
+        iov_q = tx.iov_q
+        hdr_q = tx.hdr_q
+        readv = os.readv
+        fd = self.tun
+        tables = self.routes.tables
+        batch = self.batch
+        n = 0
+        reads = 0
+        while n < batch and reads < batch:
+            try:
+                ln = readv(fd, lists[n])
+            except BlockingIOError:
+                break
+            reads += 1
+            p = slots[n]
+            if ln < 20 or p[0] >> 4 != 4:
+                self.stats.bad += 1
+                continue
+            dst = _U32(p, 16)[0]
+            nh = None
+            for mask, tbl in tables:
+                nh = tbl.get(dst & mask)
+                if nh is not None:
+                    break
+            if nh is None:
+                self.no_route(p[:ln])
+                continue
+            ttl = p[8]
+            if ttl <= 1:
+                self.stats.ttl_drop += 1
+                continue
+            p[8] = ttl - 1
+            c = (p[10] << 8 | p[11]) + 0x100
+            if c >= 0xFFFF:
+                c = (c + 1) & 0xFFFF
+            p[10] = c >> 8
+            p[11] = c & 0xFF
+            iov_q[2 * n + 1] = ln
+            hdr_q[n * 8] = nh
+            n += 1
+        self.stats.tun_rx += reads
+        if n:
+            self.stats.udp_tx += tx.send(self.sock_fd, n)
+
+    def udp_to_tun(self) -> None:
+        rx = self.rx
+        n = rx.recv(self.sock_fd)
+        if not n:
+            return
+        self.stats.udp_rx += n
+        slots = rx.slots
+        hdr_i = rx.hdr_i
+        write = os.write
+        fd = self.tun
+        sent = 0
+        for i in range(n):
+            ln = hdr_i[i * 16 + 14]
+            p = slots[i]
+            if ln < 20 or ln > rx.slot_size or p[0] >> 4 != 4:
+                self.stats.bad += 1
+                continue
+            ttl = p[8]
+            if ttl <= 1:
+                self.stats.ttl_drop += 1
+                continue
+            p[8] = ttl - 1
+            c = (p[10] << 8 | p[11]) + 0x100
+            if c >= 0xFFFF:
+                c = (c + 1) & 0xFFFF
+            p[10] = c >> 8
+            p[11] = c & 0xFF
+            try:
+                write(fd, p[:ln])
+                sent += 1
+            except BlockingIOError:
+                pass
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EIO):
+                    raise
+                self.stats.bad += 1
+        self.stats.tun_tx += sent
+
+    def no_route(self, pkt: memoryview) -> None:
+        self.stats.no_route += 1
+        icmp = net_unreachable(pkt, self.tun_ip)
+        if icmp is not None:
+            try:
+                os.write(self.tun, icmp)
+            except OSError:
+                pass
+
+    # --- loop -------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        self._ctl_sock = socket.socket(fileno=self.ctl)
+        self._ctl_sock.setblocking(False)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+
+        def _stop(signum, frame):
+            self.running = False
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        ep = select.epoll()
+        ep.register(self.ctl, select.EPOLLIN)
+        ep.register(wake_r, select.EPOLLIN)
+        ep.register(self.tun, select.EPOLLIN)
+        ep.register(self.sock_fd, select.EPOLLIN)
+        tun_fd, sock_fd, ctl_fd = self.tun, self.sock_fd, self.ctl
+        tun_to_udp, udp_to_tun = self.tun_to_udp, self.udp_to_tun
+        while self.running:
+            try:
+                events = ep.poll(5.0)
+            except InterruptedError:
+                continue
+            for fd, _ev in events:
+                if fd == tun_fd:
+                    tun_to_udp()
+                elif fd == sock_fd:
+                    udp_to_tun()
+                elif fd == ctl_fd:
+                    self.handle_control()
+                else:
+                    try:
+                        os.read(wake_r, 64)
+                    except BlockingIOError:
+                        pass
+        ep.close()
+
+
+def _setup_logging() -> None:
+    try:
+        from ..log import setup
+    except ImportError:  # pragma: no cover
+        return
+    setup(int(os.environ.get("PYFLANNELD_UDP_DEBUG", "0")))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m pyflanneld.udpfwd.worker", description=__doc__.split("\n")[0])
+    ap.add_argument("--tun", required=True, help="TUN device name (flannel0)")
+    ap.add_argument("--bind", required=True, help="local IP to bind the UDP socket to")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tun-ip", required=True, help="the TUN's address (source of ICMP errors)")
+    ap.add_argument("--mtu", type=int, required=True)
+    ap.add_argument("--ctl-fd", type=int, required=True)
+    ap.add_argument("--parent", type=int, default=0, help="exit if this pid is not our parent")
+    ap.add_argument("--index", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    ap.add_argument("--offload", action="store_true", help="virtio-net headers on the TUN, UDP GSO/GRO")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    set_pdeathsig(signal.SIGTERM)
+    if args.parent and os.getppid() != args.parent:
+        return 1  # the daemon died before we set PDEATHSIG
+    _setup_logging()
+    blog = log.bind(worker=args.index, pid=os.getpid())
+    try:
+        tun_fd = tun.open_queue(args.tun, tun.tun_flags(multi_queue=True, vnet_hdr=args.offload))
+        sock = open_udp_socket(args.bind, args.port)
+    except OSError as e:
+        blog.error("udp worker cannot start", error=str(e))
+        return 2
+    if args.offload:
+        from .offload import OffloadWorker as cls
+    else:
+        cls = Worker
+    w = cls(tun_fd=tun_fd, sock=sock, ctl_fd=args.ctl_fd, tun_ip=int(IPv4Address(args.tun_ip)),
+            mtu=args.mtu, batch=args.batch, index=args.index)
+    blog.debug("udp worker started", tun=args.tun, bind=f"{args.bind}:{args.port}", offload=args.offload)
+    t0 = time.monotonic()
+    prof_path = os.environ.get("PYFLANNELD_UDP_PROFILE")
+    try:
+        if prof_path:  # debugging aid: cProfile stats per worker
+            import cProfile
+
+            cProfile.runctx("w.run()", globals(), {"w": w}, f"{prof_path}.{args.index}.{os.getpid()}")
+        else:
+            w.run()
+    finally:
+        os.close(tun_fd)
+        sock.close()
+    blog.debug("udp worker stopped", uptime=round(time.monotonic() - t0, 1),
+               stats=json.dumps(w.stats.as_dict(), separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
