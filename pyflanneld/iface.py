@@ -59,57 +59,72 @@ def _make(links, addrs, index: int, ip: IPv4Address | None = None) -> Iface | No
     return Iface(name=name, index=index, ip=ip, mtu=mtu)
 
 
+def _by_spec(links, addrs, by_name, spec: str) -> Iface:
+    try:
+        ip = IPv4Address(spec)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        for idx, ips in addrs.items():
+            if ip in ips:
+                return _make(links, addrs, idx, ip)
+        raise InterfaceError(f"--iface {spec}: no interface has this address")
+    if spec not in by_name:
+        raise InterfaceError(f"--iface {spec}: no such interface")
+    found = _make(links, addrs, by_name[spec])
+    if found is None:
+        raise InterfaceError(f"--iface {spec}: the interface has no IPv4 address")
+    return found
+
+
+def _by_regex(links, addrs, rx: str) -> Iface:
+    try:
+        pat = re.compile(rx)
+    except re.error as e:
+        raise InterfaceError(f"--iface-regex {rx!r} is not a valid regular expression: {e}") from None
+    for idx in sorted(addrs):
+        for ip in addrs[idx]:
+            if pat.search(str(ip)):
+                return _make(links, addrs, idx, ip)
+    for idx in sorted(links):
+        if pat.search(links[idx][0]) and idx in addrs:
+            return _make(links, addrs, idx)
+    raise InterfaceError(f"no interface matches --iface-regex {rx}")
+
+
+def _by_route(ipr, links, addrs, target: str) -> Iface:
+    try:
+        IPv4Address(target)
+        routes = ipr.route("get", dst=target)
+    except (ValueError, NetlinkError) as e:
+        raise InterfaceError(f"--iface-can-reach {target}: no route ({e})") from None
+    r = routes[0]
+    src = r.get_attr("RTA_PREFSRC")
+    found = _make(links, addrs, r.get_attr("RTA_OIF"), IPv4Address(src) if src else None)
+    if found is None:
+        raise InterfaceError(f"--iface-can-reach {target}: the route's interface has no IPv4 address")
+    return found
+
+
 def select(ifaces: list[str], regexes: list[str], can_reach: str) -> Iface:
+    """Upstream's order; with any of the three flags given, the first that matches wins and a
+    non-matching one is only noted; none matching is an error listing why each failed."""
     with IPRoute() as ipr:
         links, addrs = _links(ipr), _addrs(ipr)
         by_name = {name: idx for idx, (name, _m) in links.items()}
-
-        for spec in ifaces:
-            try:
-                ip = IPv4Address(spec)
-            except ValueError:
-                ip = None
-            if ip is not None:
-                for idx, ips in addrs.items():
-                    if ip in ips:
-                        return _make(links, addrs, idx, ip)
-                raise InterfaceError(f"--iface {spec}: no interface has this address; check `ip -4 addr`")
-            if spec not in by_name:
-                raise InterfaceError(f"--iface {spec}: no such interface; check `ip link`")
-            found = _make(links, addrs, by_name[spec])
-            if found is None:
-                raise InterfaceError(f"--iface {spec}: the interface has no IPv4 address; add one or choose another")
-            return found
-
-        for rx in regexes:
-            try:
-                pat = re.compile(rx)
-            except re.error as e:
-                raise InterfaceError(f"--iface-regex {rx!r} is not a valid regular expression: {e}") from None
-            for idx in sorted(addrs):
-                for ip in addrs[idx]:
-                    if pat.search(str(ip)):
-                        return _make(links, addrs, idx, ip)
-            for idx in sorted(links):
-                if pat.search(links[idx][0]) and idx in addrs:
-                    return _make(links, addrs, idx)
-        if regexes:
-            raise InterfaceError(f"no interface matches --iface-regex {', '.join(regexes)}; check `ip -4 addr`")
-
-        if can_reach:
-            try:
-                IPv4Address(can_reach)
-                routes = ipr.route("get", dst=can_reach)
-            except (ValueError, NetlinkError) as e:
-                raise InterfaceError(f"--iface-can-reach {can_reach}: no route ({e})") from None
-            r = routes[0]
-            oif = r.get_attr("RTA_OIF")
-            src = r.get_attr("RTA_PREFSRC")
-            found = _make(links, addrs, oif, IPv4Address(src) if src else None)
-            if found is None:
-                raise InterfaceError(f"--iface-can-reach {can_reach}: the route's interface has no IPv4 address")
-            return found
-
+        if ifaces or regexes or can_reach:
+            reasons = []
+            attempts = [lambda s=s: _by_spec(links, addrs, by_name, s) for s in ifaces]
+            attempts += [lambda r=r: _by_regex(links, addrs, r) for r in regexes]
+            if can_reach:
+                attempts.append(lambda: _by_route(ipr, links, addrs, can_reach))
+            for attempt in attempts:
+                try:
+                    return attempt()
+                except InterfaceError as e:
+                    reasons.append(str(e))
+            raise InterfaceError("failed to find an interface that matches the interfaces and/or regexes "
+                                 f"provided ({'; '.join(reasons)}); check `ip -4 addr`")
         for r in ipr.get_default_routes(family=socket.AF_INET):
             oif = r.get_attr("RTA_OIF")
             if oif is None:

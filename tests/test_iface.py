@@ -1,0 +1,59 @@
+"""Interface selection as upstream: --iface (name or IP, first match wins), --iface-regex (IPs, then
+names), --iface-can-reach, else the default route's interface; --public-ip overrides the address."""
+
+import json
+
+import pytest
+
+from pyflanneld.lab.cluster import start_daemon
+
+PREFIX = "/coreos.com/network"
+
+
+@pytest.fixture
+def host(lab, etcd):
+    etcd.put(f"{PREFIX}/config", '{"Network":"10.1.0.0/16","Backend":{"Type":"alloc"}}')
+    h = lab.add_host("h1")
+    # a second interface inside the host namespace (a veth pair with both ends in it)
+    h.ip("link", "add", "data0", "type", "veth", "peer", "name", "data1")
+    h.ip("addr", "add", "10.99.0.1/24", "dev", "data0")
+    h.ip("link", "set", "data0", "mtu", "1400", "up")
+    h.ip("link", "set", "data1", "up")
+    return h
+
+
+def lease_attrs(etcd):
+    vals = list(etcd.get_prefix(f"{PREFIX}/subnets/").values())
+    assert len(vals) == 1
+    return json.loads(vals[0])
+
+
+@pytest.mark.parametrize("args,public_ip,mtu", [
+    ([], "192.168.100.1", "1500"),                                   # default route's interface
+    (["--iface", "data0"], "10.99.0.1", "1400"),                       # by name
+    (["--iface", "10.99.0.1"], "10.99.0.1", "1400"),                   # by IP
+    (["--iface", "nope0", "--iface", "data0"], "10.99.0.1", "1400"),  # first that matches wins
+    (["--iface", "nope0"], None, None),                                 # none matches: exit 1
+    (["--iface-regex", r"^10\.99\."], "10.99.0.1", "1400"),            # regex on IPs
+    (["--iface-regex", "^data"], "10.99.0.1", "1400"),                 # regex on names
+    (["--iface-can-reach", "10.99.0.77"], "10.99.0.1", "1400"),       # route lookup
+    (["--iface", "data0", "--public-ip", "203.0.113.9"], "203.0.113.9", "1400"),
+])
+def test_interface_selection(host, etcd, args, public_ip, mtu):
+    d = start_daemon(host, *args)
+    if public_ip is None:
+        assert d.wait_exit(timeout=10) == 1
+        assert "--iface nope0: no such interface" in d.log_text()
+        assert "Traceback" not in d.log_text()
+        return
+    env = d.wait_subnet_env()
+    assert env["FLANNEL_MTU"] == mtu
+    assert lease_attrs(etcd)["PublicIP"] == public_ip
+
+
+def test_regex_without_match_is_a_clear_exit(host):
+    d = start_daemon(host, "--iface-regex", "^zzz")
+    assert d.wait_exit(timeout=10) == 1
+    text = d.log_text()
+    assert "failed to find an interface" in text and "no interface matches --iface-regex ^zzz" in text
+    assert "Traceback" not in text
