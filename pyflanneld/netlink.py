@@ -381,7 +381,8 @@ class NetlinkMonitor:
                             yield ev
                     delay = 0.05
                 except (OSError, PyNetlinkError) as e:
-                    log.warning("netlink monitor restarted", error=str(e))
+                    code = getattr(e, "errno", None) or getattr(e, "code", None) or 0
+                    log.warning("netlink monitor restarted; reconciling", error=os.strerror(code) if code else str(e))
                     self.close()
                     failed = True
                     await asyncio.sleep(delay)

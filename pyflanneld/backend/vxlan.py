@@ -293,7 +293,7 @@ class VXLANBackend(KernelPeerBackend):
         for ip, mac in arp.items():
             n = have_arp.get(ip)
             if n is None or n.mac != mac or not n.permanent:
-                await change("added", "ARP entry restored", lambda ip=ip, mac=mac: nl.replace_neighbour(idx, ip, mac),
+                await change("added", "ARP entry set", lambda ip=ip, mac=mac: nl.replace_neighbour(idx, ip, mac),
                              ip=str(ip), mac=mac)
         # 2. FDB entries (remote VTEPs)
         have_fdb = {(f.mac, f.dst) for f in await nl.fdb(idx) if f.dst is not None}
@@ -301,7 +301,7 @@ class VXLANBackend(KernelPeerBackend):
             await change("removed", "stale FDB entry removed", lambda m=mac, d=dst: nl.delete_fdb(idx, m, d),
                          mac=mac, dst=str(dst))
         for mac, dst in fdb - have_fdb:
-            await change("added", "FDB entry restored", lambda m=mac, d=dst: nl.replace_fdb(idx, m, d),
+            await change("added", "FDB entry set", lambda m=mac, d=dst: nl.replace_fdb(idx, m, d),
                          mac=mac, dst=str(dst))
         # 3. routes: on our device, or direct routes on the external interface
         ok = set()
@@ -316,7 +316,7 @@ class VXLANBackend(KernelPeerBackend):
                              dst=str(r.dst), via=str(r.gateway))
         for dst, r in routes.items():
             if dst not in ok:
-                await change("added", "route restored", lambda r=r: nl.replace_route(r),
+                await change("added", "route set", lambda r=r: nl.replace_route(r),
                              dst=str(dst), via=str(r.gateway))
         return changes
 

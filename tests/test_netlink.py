@@ -1,0 +1,144 @@
+"""The netlink adapter: retries, idempotent deletes, error lines, monitor overruns."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+
+import pytest
+from backend_harness import PYTHON
+from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
+
+from pyflanneld import netlink
+from pyflanneld.netlink import Netlink, NetlinkError
+
+
+class _NoSocket(Netlink):
+    """Retry logic only: no socket is ever opened (the fake operations never use it)."""
+
+    async def _socket(self):
+        return None
+
+
+def _flaky(codes: list[int], result="ok"):
+    calls = []
+
+    async def fn(_ipr):
+        calls.append(1)
+        if len(calls) <= len(codes):
+            raise PyNetlinkError(codes[len(calls) - 1])
+        return result
+
+    return fn, calls
+
+
+def test_transient_errors_are_retried(monkeypatch):
+    monkeypatch.setattr(netlink, "RETRY_BASE_DELAY", 0.001)
+    nl = _NoSocket()
+    fn, calls = _flaky([errno.ENOBUFS, errno.EBUSY, errno.EAGAIN])
+    assert asyncio.run(nl._call("replace fdb", fn)) == "ok"
+    assert len(calls) == 4
+
+
+def test_retries_give_up_with_one_line(monkeypatch):
+    monkeypatch.setattr(netlink, "RETRY_BASE_DELAY", 0.001)
+    nl = _NoSocket(retries=3)
+    fn, calls = _flaky([errno.ENOBUFS] * 10)
+    with pytest.raises(NetlinkError) as ei:
+        asyncio.run(nl._call("replace route 10.5.2.0/24", fn))
+    assert len(calls) == 3
+    assert str(ei.value) == "replace route 10.5.2.0/24: No buffer space available (errno 105)"
+    assert ei.value.code == errno.ENOBUFS
+
+
+def test_permanent_errors_are_not_retried_and_translated():
+    nl = _NoSocket()
+    fn, calls = _flaky([errno.EPERM])
+    with pytest.raises(NetlinkError) as ei:
+        asyncio.run(nl._call("create vxlan device flannel.1", fn))
+    assert len(calls) == 1
+    assert str(ei.value) == ("create vxlan device flannel.1: operation not permitted: run pyflanneld as root "
+                             "(it needs CAP_NET_ADMIN)")
+
+
+def test_gone_is_fine_for_deletes_only():
+    nl = _NoSocket()
+    for code in (errno.ESRCH, errno.ENOENT, errno.ENODEV, errno.EADDRNOTAVAIL):
+        fn, _ = _flaky([code])
+        assert asyncio.run(nl._call("delete", fn, ok_if_gone=True)) is None
+    fn, _ = _flaky([errno.ESRCH])
+    with pytest.raises(NetlinkError):
+        asyncio.run(nl._call("replace", fn))
+
+
+IDEMPOTENT = """
+import asyncio
+from ipaddress import IPv4Address as A, IPv4Interface as I, IPv4Network as N
+from pyflanneld.netlink import Netlink, Route
+async def main():
+    async with Netlink() as nl:
+        lo = (await nl.link(name="lo")).index
+        assert await nl.link(name="nope0") is None
+        await nl.delete_route(Route(N("10.99.0.0/24"), A("10.99.0.0"), lo, onlink=True))
+        await nl.delete_neighbour(lo, A("10.99.0.1"))
+        await nl.delete_address(lo, I("10.99.0.1/32"))
+        await nl.delete_link(4242)
+        br = await nl.link(name="br9")
+        await nl.delete_fdb(br.index, "02:00:00:00:00:01", A("10.99.0.2"))
+        await nl.replace_route(Route(N("10.99.1.0/24"), None, lo))
+        await nl.replace_route(Route(N("10.99.1.0/24"), None, lo))
+        assert [r.dst for r in await nl.routes() if str(r.dst).startswith("10.99.")] == [N("10.99.1.0/24")]
+        await nl.delete_route(Route(N("10.99.1.0/24"), None, lo))
+        await nl.delete_route(Route(N("10.99.1.0/24"), None, lo))
+    print("OK")
+asyncio.run(main())
+"""
+
+
+@pytest.mark.lab
+def test_deletes_of_missing_objects_are_idempotent(lab):
+    h = lab.add_host("h1")
+    h.ip("link", "add", "br9", "type", "bridge")
+    cp = h.run(PYTHON, "-c", IDEMPOTENT, check=False)
+    assert cp.stdout.strip() == "OK", cp.stderr
+
+
+OVERRUN = """
+import asyncio, subprocess, sys, time
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+from pyflanneld.netlink import NetlinkMonitor
+async def main():
+    it = NetlinkMonitor(rcvbuf=4096).events().__aiter__()
+    first = asyncio.ensure_future(it.__anext__())
+    await asyncio.sleep(0.3)
+    subprocess.run(["ip", "link", "add", "x0", "type", "bridge"], check=True)
+    await asyncio.wait_for(first, 5)
+    subprocess.run(["ip", "-batch", "-"], input="".join(f"route add 10.77.{i}.0/24 dev lo\\n" for i in range(255)),
+                   text=True, check=True)
+    time.sleep(0.5)  # the loop is blocked: the kernel's queue for our socket overflows
+    kinds = []
+    while True:
+        try:
+            ev = await asyncio.wait_for(it.__anext__(), 2)
+        except asyncio.TimeoutError:
+            break
+        kinds.append(ev.kind)
+        if ev.kind == "overrun":
+            break
+    # after the overrun the monitor works again
+    subprocess.run(["ip", "link", "del", "x0"], check=True)
+    ev = await asyncio.wait_for(it.__anext__(), 5)
+    print("overrun" in kinds, ev.kind)
+    await it.aclose()
+asyncio.run(main())
+"""
+
+
+@pytest.mark.lab
+def test_monitor_reports_overrun_and_recovers(lab):
+    h = lab.add_host("h1")
+    cp = h.run(PYTHON, "-c", OVERRUN, check=False, timeout=60)
+    overrun, next_kind = cp.stdout.split()
+    assert overrun == "True" and next_kind in {"link", "fdb", "neigh", "route"}, cp.stdout + cp.stderr
+    assert "netlink monitor restarted; reconciling" in cp.stderr
