@@ -319,7 +319,7 @@ class Daemon:
         """A background task that dies unexpectedly is logged and restarted after a pause."""
         while True:
             await asyncio.sleep(1)
-            for i, t in enumerate(list(self._tasks)):
+            for t in list(self._tasks):
                 if t.done() and not t.cancelled() and t.exception() is not None:
                     log.error("background task failed; restarting it", task=t.get_name(), error=repr(t.exception()))
                     self._tasks.remove(t)

@@ -45,7 +45,7 @@ class HealthServer:
             writer.write(f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/plain; charset=utf-8\r\n"
                          f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
             await writer.drain()
-        except (asyncio.TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError):
             pass
         finally:
             writer.close()
@@ -55,5 +55,5 @@ class HealthServer:
             self._server.close()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 3)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass

@@ -4,14 +4,11 @@ alloc backend. What is asserted is what an operator would check: subnet.env, etc
 from __future__ import annotations
 
 import json
-import os
 import socket
 import tempfile
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
-
-import pytest
 
 from pyflanneld.lab.cluster import start_daemon
 

@@ -43,14 +43,14 @@ def run_backend(name: str, backend: dict) -> bool:
         ready_s = time.monotonic() - t0
 
         pods = []
-        for h, env in zip(hosts, envs):
+        for h, env in zip(hosts, envs, strict=True):
             # what docker does with mk-docker-opts' --bip/--mtu
             h.make_bridge("docker0", env["FLANNEL_SUBNET"], mtu=env["FLANNEL_MTU"])
             pods += [lab.add_pod(h, f"p{i}") for i in range(1, PODS_PER_HOST + 1)]
 
         leases = etcd.get_prefix("/coreos.com/network/subnets/")
         rows = []
-        for h, env in zip(hosts, envs):
+        for h, env in zip(hosts, envs, strict=True):
             key = next((k.rsplit("/", 1)[-1] for k, v in leases.items() if json.loads(v)["PublicIP"] == h.address), "-")
             rows.append([h.name, h.address, env["FLANNEL_SUBNET"], key, name, env["FLANNEL_MTU"]])
         print(_table(rows, ["host", "public IP", "subnet.env FLANNEL_SUBNET", "lease in etcd", "backend", "MTU"]))
@@ -66,7 +66,7 @@ def run_backend(name: str, backend: dict) -> bool:
 
         pairs = [(a, b) for a in pods for b in pods if a is not b]
         with ThreadPoolExecutor(max_workers=8) as ex:
-            results = dict(zip(pairs, ex.map(lambda p: reach(*p), pairs)))
+            results = dict(zip(pairs, ex.map(lambda p: reach(*p), pairs), strict=True))
         header = ["from \\ to"] + [f"{p.host.name}/{p.name} {p.address}" for p in pods]
         matrix = []
         for a in pods:

@@ -154,8 +154,7 @@ class EtcdV3Store:
                     await self._drop_client(rotate=False)
                     raise AuthError(f"etcd {ep.url} refused the credentials ({e}); check --etcd-username/--etcd-password") from None
                 raise StoreError(f"etcd {ep.url}: {e}") from None
-            except (aex.ConnectionFailedError, aex.ConnectionTimeoutError, aex.InternalError,
-                    asyncio.TimeoutError, aex.WatchTimeoutError) as e:
+            except (TimeoutError, aex.ConnectionFailedError, aex.ConnectionTimeoutError, aex.InternalError, aex.WatchTimeoutError) as e:
                 last = _describe(e, ep, self.s)
                 await self._drop_client(rotate=True)
             except aex.ClientError as e:
@@ -270,7 +269,7 @@ class EtcdV3Store:
         except aex.UnauthenticatedError as e:
             await self._drop_client(rotate=False)
             raise AuthError(f"etcd {ep.url} refused the credentials ({e})") from None
-        except (aex.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aex.ClientError) as e:
             await self._drop_client(rotate=True)
             raise StoreError(_describe(e, ep, self.s)) from None
         try:

@@ -211,7 +211,7 @@ class SubnetManager:
         try:
             await asyncio.wait_for(self._lost.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     # -- watch ---------------------------------------------------------------------------------
