@@ -197,8 +197,11 @@ def test_previous_subnet_from_subnet_env_is_reused_when_free(lab, etcd):
     sf = lab.tmp / "prev.env"
     sf.write_text("FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.200.1/24\nFLANNEL_MTU=1500\nFLANNEL_IPMASQ=false\n")
     d = start_daemon(h1, "--subnet-file", str(sf))
+    # the file exists already: wait for the daemon's own word, then for the lease in etcd
+    d.wait_log(r"flannel is ready", timeout=30)
+    assert 'reason="previous subnet"' in d.log_text()
     assert subnet_of(d.wait_subnet_env()) == IPv4Network("10.1.200.0/24")
-    d.wait_log(r"reason=\"?previous subnet", timeout=5)
+    assert json.loads(etcd.get(key_of(IPv4Network("10.1.200.0/24"))))["PublicIP"] == h1.address
 
 
 def test_reservation_is_honoured_and_stays_without_ttl(lab, etcd):
