@@ -103,8 +103,10 @@ def test_other_backend_type_skipped_once(lab, trio):
 
 def test_nat_refused_with_upstream_message(lab):
     h = lab.add_host("h1")
+    p = BackendProc(h, NET, public_ip="203.0.113.7", log_dir=lab.tmp)
     with pytest.raises(DriverError) as ei:
-        BackendProc(h, NET, public_ip="203.0.113.7", log_dir=lab.tmp)
+        p.call("register")
+    p.close()
     assert str(ei.value) == ("your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
                              "which is not supported by host-gw backend")
     assert ei.value.type == "BackendError"

@@ -180,6 +180,9 @@ def test_stale_entries_removed_at_start_foreign_kept(lab):
     info = a2.call("register")
     assert info["backend_data"]["VtepMAC"] == mac  # the existing compatible device is reused
     a2.call("start", lease=a.lease)
+    # a timer pass before the first lease snapshot must not treat every old entry as stale
+    a2.call("reconcile")
+    assert has_entries(a.host, b) and has_entries(a.host, c)
     a2.call("set_peers", leases=[b.lease])
     assert has_entries(a.host, b)
     assert has_none_of(a.host, c)
@@ -285,8 +288,11 @@ def test_options_port_gbp_learning_mtu(lab):
 
 def test_bad_option_type_is_one_line_error(lab):
     h = lab.add_host("h1")
+    p = BackendProc(h, json.dumps(cfg(VNI="1")), log_dir=lab.tmp)
     with pytest.raises(DriverError) as ei:
-        BackendProc(h, json.dumps(cfg(VNI="1")), log_dir=lab.tmp)
+        p.call("register")
+    p.close()
+    assert ei.value.type == "BackendError" and not h.link_exists("flannel.1")
     assert str(ei.value) == ("error decoding VXLAN backend config: json: cannot unmarshal string into "
                              "Go struct field .VNI of type int")
 

@@ -14,7 +14,7 @@ import structlog
 
 from ..netlink import Event, Route
 from ..subnet.lease import Lease
-from .base import BackendContext, BackendError, BackendInfo, register_backend
+from .base import BackendError, BackendInfo, register_backend
 from .kernelsync import KernelPeerBackend
 
 log = structlog.get_logger()
@@ -27,12 +27,9 @@ NAT_ERROR = ("your PublicIP differs from interface IP, meaning that probably you
 class HostGWBackend(KernelPeerBackend):
     type_name = "host-gw"
 
-    def __init__(self, ctx: BackendContext) -> None:
-        super().__init__(ctx)
-        if ctx.ext.public_ip != ctx.ext.ip:
-            raise BackendError(NAT_ERROR)
-
     async def register(self) -> BackendInfo:
+        if self.ctx.ext.public_ip != self.ctx.ext.ip:  # upstream checks this in New()
+            raise BackendError(NAT_ERROR)
         return BackendInfo(mtu=self.ctx.ext.mtu, backend_type="host-gw")
 
     async def start(self, own_lease: Lease) -> None:

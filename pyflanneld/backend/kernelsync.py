@@ -77,10 +77,14 @@ class KernelPeerBackend(PeerSetBackend):
         self._armed = False  # a repair pass is scheduled and has not started yet
         self._warned: set[IPv4Network] = set()
         self._closed = False
+        # Until the first snapshot (set_peers) we do not know which entries are stale: a timer or
+        # event pass before it would remove every peer's entries of the previous run.
+        self._have_snapshot = False
 
     # --- the daemon's interface -----------------------------------------------------------------
     async def set_peers(self, leases: list[Lease]) -> None:
         async with self._lock:
+            self._have_snapshot = True
             self.peers = {le.subnet: le for le in leases}
             self._forget_gone()
             await self._sync("set_peers")
@@ -158,6 +162,9 @@ class KernelPeerBackend(PeerSetBackend):
         self._warned &= set(self.peers)
 
     async def _sync(self, reason: str) -> None:
+        if not self._have_snapshot:
+            log.debug("reconcile skipped: no lease snapshot yet", reason=reason)
+            return
         try:
             changes = await self.sync_entries()
         except (NetlinkError, BackendError) as e:

@@ -70,26 +70,33 @@ class VXLANBackend(KernelPeerBackend):
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
-        o = backend_options(ctx, {
-            "VNI": (int, 1), "Port": (int, 0), "GBP": (bool, False), "Learning": (bool, False),
-            "DirectRouting": (bool, False), "MTU": (int, 0),
-        }, "VXLAN")
-        self.vni: int = o["VNI"]
-        self.port: int = o["Port"] or VXLAN_DEFAULT_PORT
-        self.gbp: bool = o["GBP"]
-        self.learning: bool = o["Learning"]
-        self.direct_routing: bool = o["DirectRouting"]
-        self.mtu: int = (o["MTU"] or ctx.ext.mtu) - ENCAP_OVERHEAD
-        self.dev_name = f"flannel.{self.vni}"
+        self.vni = 1
+        self.port = VXLAN_DEFAULT_PORT
+        self.gbp = self.learning = self.direct_routing = False
+        self.mtu = ctx.ext.mtu - ENCAP_OVERHEAD
+        self.dev_name = "flannel.1"
         self.dev: Link | None = None
         self.mac: str | None = None
         self._direct: dict[IPv4Address, bool] = {}  # PublicIP → directly reachable (DirectRouting)
         self._bad_data: set = set()
+
+    def _read_config(self) -> None:
+        """Upstream RegisterNetwork's config struct; a wrong JSON type is a BackendError."""
+        o = backend_options(self.ctx, {
+            "VNI": (int, 1), "Port": (int, 0), "GBP": (bool, False), "Learning": (bool, False),
+            "DirectRouting": (bool, False), "MTU": (int, 0),
+        }, "VXLAN")
+        self.vni = o["VNI"]
+        self.port = o["Port"] or VXLAN_DEFAULT_PORT
+        self.gbp, self.learning, self.direct_routing = o["GBP"], o["Learning"], o["DirectRouting"]
+        self.mtu = (o["MTU"] or self.ctx.ext.mtu) - ENCAP_OVERHEAD
+        self.dev_name = f"flannel.{self.vni}"
         log.info("vxlan config", vni=self.vni, port=o["Port"], gbp=self.gbp, learning=self.learning,
                  direct_routing=self.direct_routing)
 
     # --- life cycle -----------------------------------------------------------------------------
     async def register(self) -> BackendInfo:
+        self._read_config()
         try:
             await self._ensure_device()
         except NetlinkError as e:
