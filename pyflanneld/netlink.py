@@ -110,6 +110,12 @@ class Neighbour:
 class FdbEntry:
     mac: str
     dst: IPv4Address | None  # remote VTEP (NDA_DST); None for entries without one
+    state: int = NUD_PERMANENT
+
+    @property
+    def permanent(self) -> bool:
+        """Static entries (ours); learned ones (``Learning: true``) are the kernel's."""
+        return bool(self.state & NUD_PERMANENT)
 
 
 @dataclass(frozen=True)
@@ -307,7 +313,7 @@ class Netlink:
                 dst_ip = IPv4Address(dst) if dst else None
             except ValueError:  # an IPv6 remote: not ours
                 continue
-            out.append(FdbEntry((m.get("lladdr") or "").lower(), dst_ip))
+            out.append(FdbEntry((m.get("lladdr") or "").lower(), dst_ip, m.get("state", 0)))
         return out
 
     async def replace_fdb(self, index: int, mac: str, dst: IPv4Address) -> None:

@@ -284,6 +284,12 @@ def test_options_port_gbp_learning_mtu(lab):
     assert " nolearning " not in link and " gbp" in link
     assert "10.5.2.0/24 via 10.5.2.0 dev flannel.42 onlink" in lines(a.host.ip("route"))
     assert a.pod.ping(b.pod.address, count=2)
+    # with Learning, entries the kernel learned (not permanent) are not ours to remove
+    a.host.bridge("fdb", "add", "02:00:00:00:00:77", "dev", "flannel.42", "dst", "192.168.100.77", "dynamic")
+    a.proc.call("reconcile")
+    fdb = a.host.bridge("fdb", "show", "dev", "flannel.42")
+    assert "02:00:00:00:00:77 dst 192.168.100.77" in fdb
+    assert f"{mac_of(b)} dst {b.host.address} self permanent" in fdb
 
 
 def test_bad_option_type_is_one_line_error(lab):

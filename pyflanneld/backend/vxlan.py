@@ -303,7 +303,8 @@ class VXLANBackend(KernelPeerBackend):
                 await change("added", "ARP entry set", lambda ip=ip, mac=mac: nl.replace_neighbour(idx, ip, mac),
                              ip=str(ip), mac=mac)
         # 2. FDB entries (remote VTEPs)
-        have_fdb = {(f.mac, f.dst) for f in await nl.fdb(idx) if f.dst is not None}
+        entries = [f for f in await nl.fdb(idx) if f.dst is not None]
+        have_fdb = {(f.mac, f.dst) for f in entries if f.permanent}
         for mac, dst in have_fdb - fdb:
             await change("removed", "stale FDB entry removed", lambda m=mac, d=dst: nl.delete_fdb(idx, m, d),
                          mac=mac, dst=str(dst))
