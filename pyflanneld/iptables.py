@@ -216,7 +216,7 @@ class TrafficRules:
         ok = True
         for rs in self.rulesets:
             try:
-                state = chain_state(await self._save(rs.table), rs)
+                state = chain_state(await self._listing(rs), rs)
                 if state.matches(rs):
                     continue
                 if not initial:
@@ -232,7 +232,7 @@ class TrafficRules:
     async def check(self) -> bool:
         """True when all our chains are exactly as expected (no change made)."""
         for rs in self.rulesets:
-            if not chain_state(await self._save(rs.table), rs).matches(rs):
+            if not chain_state(await self._listing(rs), rs).matches(rs):
                 return False
         return True
 
@@ -252,14 +252,27 @@ class TrafficRules:
         return (self.prev_network is not None and self.prev_network != self.network) or \
             (self.prev_subnet is not None and self.prev_subnet != self.own_subnet)
 
-    async def _save(self, table: str) -> str:
-        return await _run([self.iptables, "-w", "-t", table, "-S"])
+    async def _save(self, table: str, chain: str | None = None) -> str:
+        return await _run([self.iptables, "-w", "-t", table, "-S", *([chain] if chain else [])])
+
+    async def _listing(self, rs: RuleSet) -> str:
+        """``-S PARENT`` + ``-S CHAIN`` (not the whole table: kube-proxy's nat table can be huge).
+        A failing chain listing means the chain is missing (the messages differ per backend)."""
+        parent = await self._save(rs.table, rs.parent)
+        try:
+            chain = await self._save(rs.table, rs.chain)
+        except IptablesError:
+            chain = ""
+        return parent + chain
 
     async def _remove_previous_masq(self) -> None:
         """--ip-masq is off now: delete the masquerade rules a previous run installed."""
         assert self.prev_network is not None and self.prev_subnet is not None
         try:
-            save = await self._save("nat")
+            try:
+                save = await self._save("nat", POSTRTG)
+            except IptablesError:
+                return  # no chain, nothing to remove
             present = set(save.splitlines())
             candidates = [r for rf in (True, False)
                           for r in masq_rules(self.prev_network, self.prev_subnet, rf).rules]
