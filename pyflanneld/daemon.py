@@ -29,7 +29,19 @@ from .subnet.store import Store, StoreError
 
 log = structlog.get_logger()
 
-CONFIG_RECHECK = 30.0  # seconds between runtime checks of <prefix>/config (upstream never re-reads)
+
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from the environment (tuning/tests), else default."""
+    try:
+        value = float(os.environ.get(name, ""))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+# Seconds between runtime checks of <prefix>/config (upstream never re-reads it);
+# PYFLANNELD_CONFIG_RECHECK overrides it (the fault tests use 1 s).
+CONFIG_RECHECK = _env_seconds("PYFLANNELD_CONFIG_RECHECK", 30.0)
 
 
 class FatalError(Exception):
