@@ -210,9 +210,12 @@ def test_incompatible_device_recreated(lab):
     a.proc.close()
     # a compatible one (another MAC, another MTU) is reused, its MAC kept, MTU corrected
     h.ip("link", "set", "flannel.1", "mtu", "1300")
+    h.sh("echo 1 > /proc/sys/net/ipv6/conf/flannel.1/accept_ra")
+    assert h.run("cat", "/proc/sys/net/ipv6/conf/flannel.1/accept_ra").stdout.strip() == "1"
     a2 = BackendProc(h, NET, log_dir=lab.tmp, name="again")
     assert a2.call("register")["backend_data"]["VtepMAC"] == mac_of(a)
     assert h.ip_json("link", "show", "flannel.1")[0]["mtu"] == 1450
+    assert h.run("cat", "/proc/sys/net/ipv6/conf/flannel.1/accept_ra").stdout.strip() == "0"
     a2.close()
 
 

@@ -98,7 +98,8 @@ class VXLANBackend(KernelPeerBackend):
     async def register(self) -> BackendInfo:
         self._read_config()
         try:
-            await self._ensure_device()
+            if not await self._ensure_device():  # a reused device: accept_ra too (a new one has it)
+                write_sysctl(f"net/ipv6/conf/{self.dev_name}/accept_ra", "0")
         except NetlinkError as e:
             raise BackendError(str(e)) from None
         return BackendInfo(mtu=self.mtu, backend_type="vxlan",
