@@ -219,6 +219,23 @@ class Daemon:
             await asyncio.sleep(interval)
             await self.backend_call("reconcile")
 
+    async def _blackhole_loop(self) -> None:
+        """--ip-blackhole-route: keep `blackhole <own subnet>` in place (checked every resync period)."""
+        from .netlink import Netlink, NetlinkError
+
+        nl = Netlink()
+        try:
+            while True:
+                sn = self.manager.lease.subnet
+                try:
+                    if await nl.ensure_blackhole(sn):
+                        log.info("blackhole route added", subnet=str(sn))
+                except NetlinkError as e:
+                    log.warning("cannot add blackhole route", subnet=str(sn), error=str(e))
+                await asyncio.sleep(self.o.iptables_resync)
+        finally:
+            await nl.close()
+
     async def _config_recheck_loop(self) -> None:
         assert self.store is not None and self.config is not None
         warned = self.config.raw
@@ -288,6 +305,8 @@ class Daemon:
         if self.rules is not None:
             self._spawn(self.rules.run(), "iptables-resync")
         self._spawn(self._config_recheck_loop(), "config-recheck")
+        if self.o.ip_blackhole_route:
+            self._spawn(self._blackhole_loop(), "blackhole")
         log.info("running backend", backend=cfg.backend_type)
 
     async def run(self) -> int:
@@ -342,6 +361,7 @@ class Daemon:
                         "reconcile": lambda: self._reconcile_loop(self.backend.reconcile_interval),
                         "iptables-resync": lambda: self.rules.run(),
                         "config-recheck": self._config_recheck_loop,
+                        "blackhole": self._blackhole_loop,
                     }.get(t.get_name())
                     if factory:
                         self._spawn(factory(), t.get_name())

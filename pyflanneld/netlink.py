@@ -40,6 +40,7 @@ MAIN_TABLE = 254
 RTPROT_KERNEL = 2
 RTPROT_BOOT = 3  # what iproute2 and Go's netlink use by default ("ip route" does not show it)
 RTNH_F_ONLINK = 4
+RTN_BLACKHOLE = 6
 AF_BRIDGE = 7
 VXLAN_DEFAULT_PORT = 8472  # the kernel's default when IFLA_VXLAN_PORT is absent (flannel's "Port": 0)
 
@@ -283,6 +284,17 @@ class Netlink:
     async def delete_route(self, r: Route) -> None:
         kw = _route_kw(r, add=False)
         await self._call(f"delete route {_route_str(r)}", lambda i: i.route("del", **kw), ok_if_gone=True)
+
+    async def ensure_blackhole(self, dst: IPv4Network) -> bool:
+        """``ip route replace blackhole DST`` unless it is there; True when it was (re)added."""
+        msgs = await self._dump("list routes", lambda i: i.route("dump", family=socket.AF_INET, table=MAIN_TABLE))
+        for m in msgs:
+            if m.get("type") == RTN_BLACKHOLE and m.get("dst_len") == dst.prefixlen and \
+                    m.get("RTA_DST") == str(dst.network_address):
+                return False
+        await self._call(f"add blackhole route {dst}", lambda i: i.route(
+            "replace", dst=str(dst), type=RTN_BLACKHOLE, table=MAIN_TABLE, proto=RTPROT_BOOT))
+        return True
 
     # --- neighbours (ARP) -------------------------------------------------------------------------
     async def neighbours(self, index: int) -> list[Neighbour]:

@@ -364,3 +364,15 @@ def test_json_log_format(lab, etcd):
     events = [json.loads(ln) for ln in lines]
     ready = [e for e in events if e["event"] == "flannel is ready"]
     assert ready and ready[0]["subnet"].startswith("10.1.")
+
+
+def test_ip_blackhole_route_kept_in_place(lab, etcd):
+    h1 = lab.add_host("h1")
+    etcd.put(f"{PREFIX}/config", ALLOC)
+    d = start_daemon(h1, "--ip-blackhole-route", "--iptables-resync", "1")
+    sn = subnet_of(d.wait_subnet_env())
+    line = f"blackhole {sn}"
+    wait_for(lambda: line in h1.ip("route", "show"), 5, what="blackhole route")
+    h1.ip("route", "del", "blackhole", str(sn))
+    assert line not in h1.ip("route", "show")
+    wait_for(lambda: line in h1.ip("route", "show"), 3, what="blackhole route restored")
