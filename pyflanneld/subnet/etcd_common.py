@@ -41,6 +41,17 @@ class EtcdSettings:
         """TLS when an endpoint says https, or a client certificate is configured (as upstream)."""
         return any(e.scheme == "https" for e in self.endpoints) or bool(self.certfile and self.keyfile)
 
+    def tls_advice(self) -> str:
+        """What to check after a failed TLS handshake: the files given, or the client cert flags."""
+        files = ", ".join(f"{flag} {path}" for flag, path in (("--etcd-cafile", self.cafile),
+                                                               ("--etcd-certfile", self.certfile),
+                                                               ("--etcd-keyfile", self.keyfile)) if path)
+        advice = f"check {files or 'the TLS flags (none given)'}"
+        if not (self.certfile and self.keyfile):
+            advice += ("; if etcd requires client certificates (--client-cert-auth), set --etcd-certfile "
+                       "and --etcd-keyfile")
+        return advice
+
     def read_tls_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(ca, key, cert) bytes; a missing/unreadable file is a StoreError naming the flag and file."""
         out = []

@@ -57,6 +57,11 @@ class EtcdV2Store:
                                            timeout=httpx.Timeout(self.s.timeout))
         return self._http
 
+    async def _reset_client(self) -> None:
+        http, self._http = self._http, None
+        if http is not None:
+            await http.aclose()
+
     def _url(self, path: str) -> str:
         ep = self.s.endpoints[self._idx % len(self.s.endpoints)]
         return f"{ep.url}/v2/keys{self._prefix}/{path}"
@@ -73,8 +78,8 @@ class EtcdV2Store:
             except (httpx.TransportError, ssl.SSLError) as e:
                 text = str(e) or type(e).__name__
                 if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
-                    last = (f"TLS handshake with etcd {url} failed ({text}); check --etcd-cafile "
-                            f"{self.s.cafile or '(none)'}, --etcd-certfile {self.s.certfile or '(none)'}")
+                    last = f"TLS handshake with etcd {url.split('/v2/')[0]} failed ({text}); {self.s.tls_advice()}"
+                    await self._reset_client()  # re-read the TLS files next time (fixed or rotated on disk)
                 else:
                     last = f"etcd {url.split('/v2/')[0]} unreachable: {text}"
                 if len(self.s.endpoints) > 1:
@@ -193,6 +198,4 @@ class EtcdV2Store:
                 yield WatchEvent("delete", self._record(node))
 
     async def close(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        await self._reset_client()

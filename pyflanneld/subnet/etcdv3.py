@@ -81,11 +81,9 @@ class _Client(aetcd.Client):
 def _describe(e: BaseException, ep: Endpoint, settings: EtcdSettings) -> str:
     text = str(e) or type(e).__name__
     low = text.lower()
-    if "certificate" in low or "ssl" in low or "handshake" in low:
-        files = ", ".join(f"{n} {p}" for n, p in (("--etcd-cafile", settings.cafile),
-                                                   ("--etcd-certfile", settings.certfile),
-                                                   ("--etcd-keyfile", settings.keyfile)) if p) or "no TLS files given"
-        return f"TLS handshake with etcd {ep.url} failed ({text}); check {files}"
+    # "TSI_DATA_CORRUPTED" (Unwrap failed): the server dropped the session, e.g. no client certificate
+    if any(w in low for w in ("certificate", "ssl", "handshake", "tsi_")):
+        return f"TLS handshake with etcd {ep.url} failed ({text}); {settings.tls_advice()}"
     return f"etcd {ep.url} unreachable: {text}"
 
 
