@@ -1,0 +1,290 @@
+"""An EC2 API for tests: moto's server, plus two AWS behaviours moto leaves out, and a driver.
+
+Server (run inside a lab namespace; hosts reach it at http://192.168.100.254:PORT)::
+
+    python -m pyflanneld.lab.fakeec2 serve --host 0.0.0.0 --port PORT [--route-limit 50]
+
+It is moto's own server (``moto.server``: werkzeug, AWS's query protocol and error XML) with:
+
+* **Route limit**: ``CreateRoute`` into a table that already holds ``--route-limit`` non-local
+  routes fails with ``RouteLimitExceeded`` (HTTP 400, EC2's ``<Response><Errors>`` XML), as AWS
+  does at its default quota "Routes per route table" = 50. moto enforces no limit.
+* **Blackhole routes**: a route whose target ENI was deleted (or whose target instance is
+  terminated) reports ``State: blackhole``, as AWS does; moto reports every route "active".
+* **EC2's denial code**: with IAM enforced, an EC2 action the caller's policies do not allow
+  fails with ``UnauthorizedOperation`` (HTTP 403) as on AWS; moto says ``AccessDenied``.
+
+Everything else is moto unchanged. Enforce IAM by POSTing ``0`` to ``/moto-api/reset-auth`` (moto).
+
+Driver (the test's hands on the API, run in the same namespace; boto3 over 127.0.0.1)::
+
+    python -m pyflanneld.lab.fakeec2 driver --endpoint http://127.0.0.1:PORT --region eu-west-1
+
+reads one JSON request per stdin line and answers one JSON line on stdout:
+``{"op": "create_vpc", "args": {...}, "service": "ec2"}`` → ``{"ok": <boto3 result>}`` or
+``{"error": {"code": ..., "message": ...}}``. Special ops: ``credentials`` (args ``key``,
+``secret``: sign later calls with them), ``reset_auth`` (args ``count``: moto's IAM switch).
+
+Lab API (from the test process)::
+
+    srv = Ec2Server(lab.switch, region="eu-west-1", route_limit=50).start()
+    srv.endpoint                      # "http://192.168.100.254:PORT" as the hosts see it
+    srv.call("describe_route_tables", RouteTableIds=[rtb])   # via the driver; raises Ec2Error
+    srv.block() / srv.unblock()       # outage: REJECT new connections to the port (iptables in
+                                      # the server's namespace) / allow them again
+    srv.close()
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from .netns import Host, LabError, LabProcess
+
+DEFAULT_ROUTE_LIMIT = 50
+ROUTE_LIMIT_MESSAGE = "You've reached the limit on the number of routes that you can add to a route table."
+
+
+# --- the server ---------------------------------------------------------------------------------
+def install_aws_behaviours(route_limit: int) -> None:
+    """Teach moto's EC2 model the route limit and blackhole routes (see the module docstring)."""
+    from moto.core.exceptions import AccessDeniedError
+    from moto.ec2.exceptions import EC2ClientError
+    from moto.ec2.models.route_tables import Route, RouteBackend
+    from moto.iam.access_control import IAMRequest
+
+    original_create = RouteBackend.create_route
+
+    def create_route(self, route_table_id, destination_cidr_block, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if not kwargs.get("local"):
+            table = self.get_route_table(route_table_id)
+            used = sum(1 for r in table._routes.values() if not r.local)
+            if used >= route_limit:
+                raise EC2ClientError("RouteLimitExceeded", ROUTE_LIMIT_MESSAGE)
+        return original_create(self, route_table_id, destination_cidr_block, *args, **kwargs)
+
+    def state(self) -> str:  # type: ignore[no-untyped-def]
+        backend = self.route_table.ec2_backend
+        if self.interface is not None and self.interface.id not in backend.enis:
+            return "blackhole"
+        if self.instance is not None and getattr(self.instance, "state", "") in ("terminated", "shutting-down"):
+            return "blackhole"
+        return "active"
+
+    class UnauthorizedOperation(AccessDeniedError):
+        def __init__(self, user_arn: str, action: str):
+            super(AccessDeniedError, self).__init__(
+                "UnauthorizedOperation",
+                f"You are not authorized to perform this operation. User: {user_arn} is not authorized to "
+                f"perform: {action} because no identity-based policy allows the {action} action")
+
+    original_denied = IAMRequest._raise_access_denied
+
+    def raise_access_denied(self) -> None:  # type: ignore[no-untyped-def]
+        if self._service == "ec2":
+            raise UnauthorizedOperation(self._access_key.arn, self._action)
+        original_denied(self)
+
+    IAMRequest._raise_access_denied = raise_access_denied  # type: ignore[method-assign]
+    RouteBackend.create_route = create_route  # type: ignore[method-assign]
+    Route.state = property(state)  # type: ignore[assignment,method-assign]
+
+
+def serve(host: str, port: int, route_limit: int) -> None:
+    from moto import server
+
+    install_aws_behaviours(route_limit)
+    print(f"fakeec2: route limit {route_limit}, listening on {host}:{port}", flush=True)
+    server.main(["--host", host, "--port", str(port)])
+
+
+# --- the driver ---------------------------------------------------------------------------------
+def drive(endpoint: str, region: str) -> None:
+    import boto3
+    import botocore.config
+    import botocore.exceptions
+    import httpx
+
+    cfg = botocore.config.Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=30)
+    creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    clients: dict[str, Any] = {}
+
+    def client(service: str):  # type: ignore[no-untyped-def]
+        if service not in clients:
+            clients[service] = boto3.client(service, endpoint_url=endpoint, region_name=region, config=cfg,
+                                            **creds)
+        return clients[service]
+
+    deadline = time.monotonic() + 30
+    while True:  # wait for the server
+        try:
+            httpx.get(f"{endpoint}/moto-api/", timeout=1, trust_env=False)
+            break
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                print(json.dumps({"error": {"code": "NotReady", "message": f"{endpoint} not answering"}}),
+                      flush=True)
+                return
+            time.sleep(0.05)
+    print(json.dumps({"ok": "ready"}), flush=True)
+
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = json.loads(line)
+        op, args = req["op"], req.get("args") or {}
+        try:
+            if op == "credentials":
+                creds = {"aws_access_key_id": args["key"], "aws_secret_access_key": args["secret"]}
+                clients.clear()
+                result: Any = None
+            elif op == "reset_auth":
+                r = httpx.post(f"{endpoint}/moto-api/reset-auth", content=str(args["count"]).encode(),
+                               trust_env=False)
+                result = r.json()
+            else:
+                result = getattr(client(req.get("service", "ec2")), op)(**args)
+                if isinstance(result, dict):
+                    result.pop("ResponseMetadata", None)
+            out: dict[str, Any] = {"ok": result}
+        except botocore.exceptions.ClientError as e:
+            err = e.response.get("Error", {})
+            out = {"error": {"code": err.get("Code", ""), "message": err.get("Message", "")}}
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            out = {"error": {"code": type(e).__name__, "message": str(e)}}
+        print(json.dumps(out, default=str), flush=True)
+
+
+# --- the lab side -------------------------------------------------------------------------------
+class Ec2Error(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class Ec2Server:
+    """The EC2 server and its driver in one lab namespace (normally the switch)."""
+
+    def __init__(self, host: Host, region: str = "eu-west-1", route_limit: int = DEFAULT_ROUTE_LIMIT,
+                 port: int | None = None):
+        self.host = host
+        self.region = region
+        self.route_limit = route_limit
+        self.port = port or random.randint(20000, 40000)
+        self.process: LabProcess | None = None
+        self._driver: subprocess.Popen | None = None
+        self._lock = threading.Lock()
+        self.blocked = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host.address}:{self.port}"
+
+    def start(self, timeout: float = 30) -> Ec2Server:
+        for _ in range(5):
+            self.process = self.host.popen(
+                sys.executable, "-m", "pyflanneld.lab.fakeec2", "serve", "--host", "0.0.0.0",
+                "--port", str(self.port), "--route-limit", str(self.route_limit), name=f"fakeec2-{self.port}")
+            self._driver = subprocess.Popen(
+                self.host.exec_argv(sys.executable, "-m", "pyflanneld.lab.fakeec2", "driver", "--endpoint",
+                                    f"http://127.0.0.1:{self.port}", "--region", self.region),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                start_new_session=True)
+            ready = self._read(timeout, watch=self.process)
+            if "ok" in ready:
+                return self
+            self._stop_driver()
+            self.process.stop()
+            if "already in use" not in self.process.log_text():
+                raise LabError(f"fakeec2 did not start: {ready}; log:\n{self.process.log_text()[-2000:]}")
+            self.port = random.randint(20000, 40000)
+        raise LabError("fakeec2: no free port after 5 tries")
+
+    def _read(self, timeout: float, watch: LabProcess | None = None) -> dict:
+        """One answer line from the driver; {"error": ...} when `watch` (the server) dies first."""
+        assert self._driver is not None and self._driver.stdout is not None
+        box: list[str] = []
+        t = threading.Thread(target=lambda: box.append(self._driver.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        t.start()
+        deadline = time.monotonic() + timeout
+        while t.is_alive() and time.monotonic() < deadline:
+            if watch is not None and not watch.alive:
+                return {"error": {"code": "ServerExited", "message": f"exit {watch.returncode}"}}
+            t.join(0.05)
+        if not box or not box[0]:
+            raise LabError(f"fakeec2 driver gave no answer within {timeout}s")
+        return json.loads(box[0])
+
+    def call(self, op: str, service: str = "ec2", **args: Any) -> Any:
+        """A boto3 call (snake_case op name, boto3 keyword args); raises Ec2Error on an API error."""
+        with self._lock:
+            assert self._driver is not None and self._driver.stdin is not None
+            self._driver.stdin.write(json.dumps({"op": op, "service": service, "args": args}) + "\n")
+            self._driver.stdin.flush()
+            out = self._read(60)
+        if "error" in out:
+            raise Ec2Error(out["error"]["code"], out["error"]["message"])
+        return out["ok"]
+
+    def _iptables(self, action: str) -> None:
+        self.host.run("iptables", "-w", action, "INPUT", "-p", "tcp", "--dport", str(self.port),
+                      "!", "-s", "127.0.0.1", "-j", "REJECT", "--reject-with", "tcp-reset")
+
+    def block(self) -> None:
+        """API outage as the hosts see it: connections to the port are refused."""
+        if not self.blocked:
+            self._iptables("-I")
+            self.blocked = True
+
+    def unblock(self) -> None:
+        if self.blocked:
+            self._iptables("-D")
+            self.blocked = False
+
+    def _stop_driver(self) -> None:
+        if self._driver is not None:
+            with contextlib.suppress(Exception):
+                self._driver.stdin.close()  # type: ignore[union-attr]
+            try:
+                self._driver.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self._driver.kill()
+                self._driver.wait(timeout=2)
+            self._driver = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.unblock()
+        self._stop_driver()
+        if self.process is not None:
+            self.process.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pyflanneld.lab.fakeec2")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--route-limit", type=int, default=DEFAULT_ROUTE_LIMIT)
+    d = sub.add_parser("driver")
+    d.add_argument("--endpoint", required=True)
+    d.add_argument("--region", default="eu-west-1")
+    a = p.parse_args(argv)
+    if a.cmd == "serve":
+        serve(a.host, a.port, a.route_limit)
+    else:
+        drive(a.endpoint, a.region)
+
+
+if __name__ == "__main__":
+    main()

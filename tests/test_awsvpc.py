@@ -1,0 +1,375 @@
+"""aws-vpc end to end: pyflanneld daemons in lab hosts, each with its own EC2 instance metadata
+service at 169.254.169.254, against moto's EC2 server (pyflanneld.lab.fakeec2: moto plus AWS's
+route limit, blackhole routes and UnauthorizedOperation) running in the lab's switch namespace.
+
+What is asserted is what an operator would check: the VPC route table, the ENI attributes,
+subnet.env, the lease in etcd, and the daemon's log (one clear line per error, no traceback).
+
+One lab, etcd and EC2 server per module (per xdist worker); every test has its own VPC, hosts
+and etcd prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+
+import pytest
+
+from pyflanneld.backend import BackendContext, BackendError, ExternalInterface
+from pyflanneld.backend.awsvpc import AwsVpcBackend, parse_route_tables
+from pyflanneld.config import parse_config
+from pyflanneld.lab import netns
+from pyflanneld.lab.cluster import Daemon, start_daemon
+from pyflanneld.lab.fakeec2 import Ec2Error, Ec2Server
+from pyflanneld.lab.fakemeta import start_metadata_server
+
+REGION = "eu-west-1"
+NETWORK = "10.1.0.0/16"
+CONFIG = {"Network": NETWORK, "Backend": {"Type": "aws-vpc"}}
+NO_FILES = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+
+
+def wait_for(pred, timeout=15.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+# --- the module's cloud -------------------------------------------------------------------------
+class Cloud:
+    """The lab, its etcd and EC2 server, and helpers to build VPCs and instances."""
+
+    def __init__(self) -> None:
+        self.lab = netns.Lab()
+        try:
+            self.etcd = self.lab.start_etcd(enable_v2=False)
+            self.ec2 = Ec2Server(self.lab.switch, region=REGION).start()
+        except BaseException:
+            self.lab.close()
+            raise
+        self.daemons: list[Daemon] = []
+        self.n = 0
+
+    def call(self, op: str, **kw):
+        return self.ec2.call(op, **kw)
+
+    def vpc(self, associate_table: bool = False) -> dict:
+        """A VPC 192.168.0.0/16 with the lab's underlay as subnet; optionally its own route table."""
+        vpc = self.call("create_vpc", CidrBlock="192.168.0.0/16")["Vpc"]["VpcId"]
+        subnet = self.call("create_subnet", VpcId=vpc, CidrBlock="192.168.100.0/24")["Subnet"]["SubnetId"]
+        main = self.tables(Filters=[{"Name": "vpc-id", "Values": [vpc]},
+                                    {"Name": "association.main", "Values": ["true"]}])[0]["RouteTableId"]
+        igw = self.call("create_internet_gateway")["InternetGateway"]["InternetGatewayId"]
+        self.call("attach_internet_gateway", InternetGatewayId=igw, VpcId=vpc)
+        out = {"vpc": vpc, "subnet": subnet, "main": main, "igw": igw, "table": main}
+        if associate_table:
+            rt = self.call("create_route_table", VpcId=vpc)["RouteTable"]["RouteTableId"]
+            self.call("associate_route_table", RouteTableId=rt, SubnetId=subnet)
+            out["table"] = rt
+        return out
+
+    def tables(self, **kw) -> list[dict]:
+        return self.call("describe_route_tables", **kw)["RouteTables"]
+
+    def routes(self, table: str) -> dict[str, dict]:
+        """destination → route of one table."""
+        t = self.tables(RouteTableIds=[table])[0]
+        return {r["DestinationCidrBlock"]: r for r in t["Routes"] if "DestinationCidrBlock" in r}
+
+    def host(self, vpc: dict, mtu: int | None = None, imds: str = "optional", role: tuple[str, str] | None = None):
+        """A lab host, its EC2 instance (primary ENI = the host's address) and its metadata server."""
+        self.n += 1
+        h = self.lab.add_host(f"a{self.n}", mtu=mtu)
+        inst = self.call("run_instances", ImageId="ami-12c6146b", MinCount=1, MaxCount=1, SubnetId=vpc["subnet"],
+                         PrivateIpAddress=h.address)["Instances"][0]
+        h.instance_id = inst["InstanceId"]
+        h.eni = inst["NetworkInterfaces"][0]["NetworkInterfaceId"]
+        argv = [sys.executable, "-m", "pyflanneld.lab.fakemeta", "--instance-id", h.instance_id, "--region", REGION,
+                "--local-ipv4", h.address, "--mode", imds]
+        if role:
+            argv += ["--role", "flannel-node", "--access-key", role[0], "--secret-key", role[1]]
+        h.metadata = start_metadata_server(h, argv)
+        return h
+
+    def daemon(self, host, prefix: str, env: dict | None = None, *args: str) -> Daemon:
+        full_env = {**NO_FILES, "PYFLANNELD_AWS_ENDPOINT": self.ec2.endpoint, **(env if env is not None else KEYS)}
+        d = start_daemon(host, "--iface", "eth0", "--etcd-prefix", prefix, *args, env=full_env, etcd=self.etcd)
+        self.daemons.append(d)
+        return d
+
+    def config(self, cfg: dict) -> str:
+        prefix = f"/aws{secrets.token_hex(3)}/network"
+        self.etcd.put(f"{prefix}/config", json.dumps(cfg))
+        return prefix
+
+    def eni(self, eni_id: str) -> dict:
+        return self.call("describe_network_interfaces", NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
+
+    def stop_daemons(self) -> None:
+        for d in self.daemons:
+            if d.alive:
+                d.stop()
+        self.daemons.clear()
+
+    def close(self) -> None:
+        self.stop_daemons()
+        self.ec2.close()
+        self.lab.close()
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    c = Cloud()
+    try:
+        yield c
+    finally:
+        c.close()
+    assert not set(c.lab._namespaces) & netns.existing_namespaces()
+
+
+@pytest.fixture
+def aws(cloud, request):
+    yield cloud
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for d in cloud.daemons:
+            print(f"----- {d.host.name} daemon log -----\n{d.log_text()[-4000:]}")
+    cloud.stop_daemons()
+
+
+def subnet_of(env: dict) -> IPv4Network:
+    return IPv4Network(env["FLANNEL_SUBNET"], strict=False)
+
+
+def assert_clean(d: Daemon) -> None:
+    text = d.log_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert d.alive, text[-3000:]
+
+
+# --- unit: settings -----------------------------------------------------------------------------
+def test_route_table_id_forms():
+    assert parse_route_tables(None) == []
+    assert parse_route_tables("rtb-1") == ["rtb-1"]
+    assert parse_route_tables(["rtb-1", "rtb-2"]) == ["rtb-1", "rtb-2"]
+    for bad in (5, [], ["rtb-1", 3], {"a": 1}):
+        with pytest.raises(BackendError, match="RouteTableID"):
+            parse_route_tables(bad)
+
+
+def test_endpoints_from_env_then_config(monkeypatch):
+    cfg = parse_config(json.dumps({"Network": NETWORK, "Backend": {
+        "Type": "aws-vpc", "Endpoint": "http://ec2.example:1", "MetadataEndpoint": "http://md.example/"}}).encode())
+    ext = ExternalInterface("eth0", 2, *[__import__("ipaddress").IPv4Address("192.168.100.1")] * 2, mtu=9001)
+    monkeypatch.delenv("PYFLANNELD_AWS_ENDPOINT", raising=False)
+    monkeypatch.delenv("PYFLANNELD_AWS_METADATA_URL", raising=False)
+    b = AwsVpcBackend(BackendContext(cfg, cfg.backend, ext, None))
+    b.check_dependencies()
+    assert (b.endpoint, b.metadata_url) == ("http://ec2.example:1", "http://md.example")
+    monkeypatch.setenv("PYFLANNELD_AWS_ENDPOINT", "http://other:2")
+    b.check_dependencies()
+    assert b.endpoint == "http://other:2"
+
+
+# --- the daemon against the EC2 API ---------------------------------------------------------------
+def test_two_daemons_route_their_subnets_to_their_enis(aws):
+    """Two instances in one VPC (main table found by auto-detection): one route each, to the right
+    ENI; source/dest check off on both; subnet.env carries the interface MTU; IMDSv2 used. The
+    second host has no keys in its environment: its credentials come from the instance role."""
+    vpc = aws.vpc()
+    h1 = aws.host(vpc, mtu=9001)
+    h2 = aws.host(vpc, role=("AKIAROLEKEY", "rolesecret"))
+    prefix = aws.config(CONFIG)
+    d1 = aws.daemon(h1, prefix)
+    d2 = aws.daemon(h2, prefix, env={})
+    e1, e2 = d1.wait_subnet_env(30), d2.wait_subnet_env(30)
+    assert e1["FLANNEL_MTU"] == "9001" and e2["FLANNEL_MTU"] == str(h2.mtu)
+    s1, s2 = subnet_of(e1), subnet_of(e2)
+    routes = wait_for(lambda: (r := aws.routes(vpc["main"])) and str(s1) in r and str(s2) in r and r,
+                      what="both routes")
+    assert routes[str(s1)]["NetworkInterfaceId"] == h1.eni and routes[str(s1)]["State"] == "active"
+    assert routes[str(s2)]["NetworkInterfaceId"] == h2.eni
+    assert set(routes) == {"192.168.0.0/16", str(s1), str(s2)}
+    assert aws.eni(h1.eni)["SourceDestCheck"] is False and aws.eni(h2.eni)["SourceDestCheck"] is False
+    lease = json.loads(aws.etcd.get(f"{prefix}/subnets/{s1.network_address}-24"))
+    assert lease == {"PublicIP": h1.address, "PublicIPv6": None, "BackendType": "aws-vpc"}
+    for d in (d1, d2):
+        d.wait_log(r"route created", 5)
+        assert_clean(d)
+    assert "GET /latest/meta-data/instance-id v2" in h1.metadata.log_text()
+    assert "v1" not in h1.metadata.log_text()
+    # no kernel programming: no flannel device, no route for the pod network
+    assert "10.1." not in h1.ip("route", "show")
+
+
+def test_subnet_table_blackholes_restart_and_shutdown(aws):
+    """The table associated with the ENI's subnet is chosen (main table untouched); blackhole
+    routes inside the Network are removed, others kept; the route stays on shutdown; a restart
+    finds it in place (no second route, no write). IMDSv1-only metadata works."""
+    vpc = aws.vpc(associate_table=True)
+    table = vpc["table"]
+    h = aws.host(vpc, imds="v1")
+    gone = aws.call("create_network_interface", SubnetId=vpc["subnet"])["NetworkInterface"]["NetworkInterfaceId"]
+    aws.call("create_route", RouteTableId=table, DestinationCidrBlock="10.1.99.0/24", NetworkInterfaceId=gone)
+    aws.call("create_route", RouteTableId=table, DestinationCidrBlock="172.31.5.0/24", NetworkInterfaceId=gone)
+    aws.call("delete_network_interface", NetworkInterfaceId=gone)
+    assert aws.routes(table)["10.1.99.0/24"]["State"] == "blackhole"
+    prefix = aws.config(CONFIG)
+    d = aws.daemon(h, prefix)
+    sn = str(subnet_of(d.wait_subnet_env(30)))
+    wait_for(lambda: sn in aws.routes(table), what="route in the subnet's table")
+    routes = aws.routes(table)
+    assert routes[sn]["NetworkInterfaceId"] == h.eni
+    assert "10.1.99.0/24" not in routes  # blackhole inside the Network: removed
+    assert routes["172.31.5.0/24"]["State"] == "blackhole"  # outside the Network: not ours, kept
+    assert set(aws.routes(vpc["main"])) == {"192.168.0.0/16"}
+    d.wait_log(r"removed blackhole route.*10\.1\.99\.0/24", 5)
+    assert "GET /latest/meta-data/instance-id v1" in h.metadata.log_text()
+    assert d.stop() == 0
+    assert aws.routes(table)[sn]["NetworkInterfaceId"] == h.eni  # kept on shutdown
+    before = aws.routes(table)
+    d.restart()
+    d.wait_log(r"route already in place", 15)
+    assert aws.routes(table) == before
+    assert d.log_text().count("route created") == 1
+    assert_clean(d)
+
+
+def test_route_table_list_and_stale_route_replaced(aws):
+    """RouteTableID as a list: the route goes into each; a route for our subnet that points at
+    another instance's ENI is taken over (ReplaceRoute)."""
+    vpc = aws.vpc()
+    t2 = aws.call("create_route_table", VpcId=vpc["vpc"])["RouteTable"]["RouteTableId"]
+    h = aws.host(vpc)
+    other = aws.call("create_network_interface", SubnetId=vpc["subnet"])["NetworkInterface"]["NetworkInterfaceId"]
+    aws.call("create_route", RouteTableId=vpc["main"], DestinationCidrBlock="10.1.7.0/24", NetworkInterfaceId=other)
+    prefix = aws.config({"Network": NETWORK, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0",
+                         "Backend": {"Type": "aws-vpc", "RouteTableID": [vpc["main"], t2]}})
+    d = aws.daemon(h, prefix)
+    assert d.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
+    wait_for(lambda: "10.1.7.0/24" in aws.routes(t2), what="route in the second table")
+    assert aws.routes(vpc["main"])["10.1.7.0/24"]["NetworkInterfaceId"] == h.eni
+    assert aws.routes(t2)["10.1.7.0/24"]["NetworkInterfaceId"] == h.eni
+    d.wait_log(rf"route replaced.*previous={other}", 5)
+    assert_clean(d)
+
+
+def test_full_route_table_is_one_clear_error_then_recovers(aws):
+    """50 routes in the table: CreateRoute fails with RouteLimitExceeded → one error line naming
+    the table, the quota and the fixes; lease kept, daemon up. A freed slot is used on the retry."""
+    vpc = aws.vpc()
+    table = vpc["main"]
+    for i in range(50):
+        aws.call("create_route", RouteTableId=table, DestinationCidrBlock=f"172.16.{i}.0/24", GatewayId=vpc["igw"])
+    with pytest.raises(Ec2Error, match="RouteLimitExceeded"):  # the limit is real
+        aws.call("create_route", RouteTableId=table, DestinationCidrBlock="172.17.0.0/24", GatewayId=vpc["igw"])
+    h = aws.host(vpc)
+    prefix = aws.config(CONFIG)
+    d = aws.daemon(h, prefix, {**KEYS, "PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"})
+    sn = subnet_of(d.wait_subnet_env(30))
+    line = d.wait_log(r".*RouteLimitExceeded.*", 10).group(0)
+    assert f"route table {table} is full (RouteLimitExceeded)" in line
+    assert "50 routes per table" in line and "quota" in line and "level=error" in line
+    assert aws.etcd.get(f"{prefix}/subnets/{sn.network_address}-24") is not None
+    assert_clean(d)
+    aws.call("delete_route", RouteTableId=table, DestinationCidrBlock="172.16.0.0/24")
+    wait_for(lambda: str(sn) in aws.routes(table), 10, what="route after a slot was freed")
+    d.wait_log(r"cloud route in place after retrying", 5)
+    assert_clean(d)
+
+
+def test_permission_denied_names_the_iam_action(aws):
+    """IAM enforced, the node's policy lacks ec2:CreateRoute: one error line naming the action and
+    the fix; the daemon stays up; once the permission is granted the route appears."""
+    vpc = aws.vpc()
+    h = aws.host(vpc)
+    iam = {"service": "iam"}
+    allow = ["ec2:DescribeInstances", "ec2:DescribeRouteTables", "ec2:ModifyNetworkInterfaceAttribute"]
+    user = f"node{secrets.token_hex(3)}"
+
+    def policy(actions):
+        return json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]})
+
+    aws.call("create_user", **iam, UserName=user)
+    aws.call("put_user_policy", **iam, UserName=user, PolicyName="flannel", PolicyDocument=policy(allow))
+    key = aws.call("create_access_key", **iam, UserName=user)["AccessKey"]
+    admin = f"admin{secrets.token_hex(3)}"
+    aws.call("create_user", **iam, UserName=admin)
+    aws.call("put_user_policy", **iam, UserName=admin, PolicyName="all", PolicyDocument=policy("*"))
+    akey = aws.call("create_access_key", **iam, UserName=admin)["AccessKey"]
+    prefix = aws.config(CONFIG)
+    aws.call("reset_auth", count=0)
+    try:
+        aws.call("credentials", key=akey["AccessKeyId"], secret=akey["SecretAccessKey"])
+        d = aws.daemon(h, prefix, {"AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                                   "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+                                   "PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"})
+        sn = subnet_of(d.wait_subnet_env(30))
+        line = d.wait_log(r".*denied.*", 10).group(0)
+        assert ("ec2:CreateRoute denied (UnauthorizedOperation): grant it to the instance role" in line
+                and "level=error" in line), line
+        assert aws.eni(h.eni)["SourceDestCheck"] is False  # what was allowed happened
+        assert_clean(d)
+        aws.call("put_user_policy", **iam, UserName=user, PolicyName="flannel",
+                 PolicyDocument=policy([*allow, "ec2:CreateRoute"]))
+        wait_for(lambda: str(sn) in aws.routes(vpc["main"]), 10, what="route once permitted")
+        assert_clean(d)
+    finally:
+        aws.call("reset_auth", count="inf")
+        aws.call("credentials", key="testing", secret="testing")
+
+
+def test_no_credentials_is_one_clear_line(aws):
+    vpc = aws.vpc()
+    h = aws.host(vpc)  # its metadata service has no instance role
+    d = aws.daemon(h, aws.config(CONFIG), env={})
+    d.wait_subnet_env(30)
+    line = d.wait_log(r".*no AWS credentials found.*", 10).group(0)
+    assert "instance profile" in line and "AWS_ACCESS_KEY_ID" in line
+    assert_clean(d)
+
+
+def test_api_outage_is_retried_and_the_route_appears_after(aws):
+    """EC2 API refusing connections at start: warnings with the endpoint, lease and subnet.env
+    anyway, daemon up; when the API is back the route appears (backoff, no restart)."""
+    vpc = aws.vpc()
+    h = aws.host(vpc)
+    prefix = aws.config(CONFIG)
+    aws.ec2.block()
+    try:
+        d = aws.daemon(h, prefix)
+        sn = subnet_of(d.wait_subnet_env(30))
+        line = d.wait_log(r".*retrying.*unreachable.*", 15).group(0)
+        assert aws.ec2.endpoint in line and "level=warning" in line
+        time.sleep(1.5)
+        assert_clean(d)
+    finally:
+        aws.ec2.unblock()
+    wait_for(lambda: str(sn) in aws.routes(vpc["main"]), 20, what="route after the outage")
+    assert aws.routes(vpc["main"])[str(sn)]["NetworkInterfaceId"] == h.eni
+    d.wait_log(r"cloud route in place after retrying", 5)
+    assert_clean(d)
+
+
+def test_missing_boto3_is_one_line_and_exit_1(aws, tmp_path: Path):
+    """Without the cloud extra the daemon ends at start with one line naming the install command."""
+    fake = tmp_path / "boto3"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named boto3')\n")
+    h = aws.lab.add_host(f"m{secrets.token_hex(2)}")
+    d = aws.daemon(h, aws.config(CONFIG), {**KEYS, "PYTHONPATH": str(tmp_path)})
+    assert d.wait_exit(15) == 1
+    text = d.log_text()
+    assert "needs the Python package boto3" in text and "pip install 'pyflanneld[cloud]'" in text
+    assert "Traceback" not in text
