@@ -376,3 +376,17 @@ def test_ip_blackhole_route_kept_in_place(lab, etcd):
     h1.ip("route", "del", "blackhole", str(sn))
     assert line not in h1.ip("route", "show")
     wait_for(lambda: line in h1.ip("route", "show"), 3, what="blackhole route restored")
+
+
+def test_not_root_is_one_clear_line(lab, etcd):
+    h1 = lab.add_host("h1")
+    etcd.put(f"{PREFIX}/config", '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}')
+    from pyflanneld.lab.cluster import pyflanneld_argv
+
+    p = h1.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *pyflanneld_argv(),
+               "--etcd-endpoints", etcd.endpoint, "--subnet-file", "/tmp/pyflanneld-nonroot.env",
+               check=False, timeout=30)
+    assert p.returncode == 1
+    assert "must run as root" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert etcd.get_prefix(f"{PREFIX}/subnets/") == {}  # nothing leased by a daemon that cannot work
