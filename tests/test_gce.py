@@ -1,0 +1,285 @@
+"""gce end to end: pyflanneld daemons in lab hosts, each with its own GCE metadata server at
+169.254.169.254, against the test Compute API (pyflanneld.lab.fakegce: Google's JSON shapes,
+error format, global operations, scopes and ROUTES quota) in the lab's switch namespace.
+
+One lab, etcd and Compute API per module (per xdist worker); every test has its own project,
+hosts and etcd prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+import time
+from ipaddress import IPv4Network
+
+import pytest
+
+from pyflanneld.backend.gce import route_name, same_resource
+from pyflanneld.lab import netns
+from pyflanneld.lab.cluster import Daemon, start_daemon
+from pyflanneld.lab.fakegce import SCOPE_RO, SCOPE_RW, GceServer
+from pyflanneld.lab.fakemeta import start_metadata_server
+
+ZONE = "europe-west1-b"
+NETWORK = "10.1.0.0/16"
+CONFIG = {"Network": NETWORK, "Backend": {"Type": "gce"}}
+LINK = "https://www.googleapis.com/compute/v1/projects"
+
+
+def wait_for(pred, timeout=15.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Cloud:
+    def __init__(self) -> None:
+        self.lab = netns.Lab()
+        try:
+            self.etcd = self.lab.start_etcd(enable_v2=False)
+            self.api = GceServer(self.lab.switch).start()
+        except BaseException:
+            self.lab.close()
+            raise
+        self.daemons: list[Daemon] = []
+        self.n = 0
+
+    def project(self, **settings) -> str:
+        name = f"proj-{secrets.token_hex(3)}"
+        self.api.update(project=name, networks=["default"], **settings)
+        return name
+
+    def host(self, project: str, can_ip_forward: bool = True, scopes: tuple[str, ...] = (SCOPE_RW,),
+             mtu: int | None = 1460):
+        """A lab host, its instance in the Compute API and its metadata server with a token."""
+        self.n += 1
+        h = self.lab.add_host(f"g{self.n}", mtu=mtu)
+        h.instance = f"node-{self.n}"
+        h.token = f"ya29.{secrets.token_urlsafe(16)}"
+        self.api.update(project=project, tokens={h.token: list(scopes)}, instances=[{
+            "name": h.instance, "zone": ZONE, "canIpForward": can_ip_forward, "network": "default",
+            "networkIP": h.address}])
+        h.self_link = f"{LINK}/{project}/zones/{ZONE}/instances/{h.instance}"
+        h.metadata = start_metadata_server(h, [
+            sys.executable, "-m", "pyflanneld.lab.fakegce", "metadata", "--project", project, "--zone", ZONE,
+            "--instance", h.instance, "--network", "default", "--ip", h.address, "--token", h.token,
+            "--scopes", ",".join(scopes)])
+        return h
+
+    def admin_token(self) -> str:
+        t = f"ya29.admin{secrets.token_hex(4)}"
+        self.api.update(tokens={t: [SCOPE_RW]})
+        return t
+
+    def routes(self, project: str) -> dict[str, dict]:
+        code, body = self.api.get(f"/compute/v1/projects/{project}/global/routes", self.admin_token())
+        assert code == 200, body
+        return {r["name"]: r for r in body.get("items", [])}
+
+    def config(self, cfg: dict) -> str:
+        prefix = f"/gce{secrets.token_hex(3)}/network"
+        self.etcd.put(f"{prefix}/config", json.dumps(cfg))
+        return prefix
+
+    def daemon(self, host, prefix: str, env: dict | None = None) -> Daemon:
+        full_env = {"PYFLANNELD_GCE_API_ENDPOINT": self.api.endpoint, **(env or {})}
+        d = start_daemon(host, "--iface", "eth0", "--etcd-prefix", prefix, env=full_env, etcd=self.etcd)
+        self.daemons.append(d)
+        return d
+
+    def stop_daemons(self) -> None:
+        for d in self.daemons:
+            if d.alive:
+                d.stop()
+        self.daemons.clear()
+
+    def close(self) -> None:
+        self.stop_daemons()
+        self.api.close()
+        self.lab.close()
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    c = Cloud()
+    try:
+        yield c
+    finally:
+        c.close()
+    assert not set(c.lab._namespaces) & netns.existing_namespaces()
+
+
+@pytest.fixture
+def gce(cloud, request):
+    yield cloud
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for d in cloud.daemons:
+            print(f"----- {d.host.name} daemon log -----\n{d.log_text()[-4000:]}")
+        print(f"----- compute API log -----\n{cloud.api.process.log_text()[-3000:]}")
+    cloud.stop_daemons()
+
+
+def subnet_of(env: dict) -> IPv4Network:
+    return IPv4Network(env["FLANNEL_SUBNET"], strict=False)
+
+
+def assert_clean(d: Daemon) -> None:
+    text = d.log_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert d.alive, text[-3000:]
+
+
+def test_route_names_and_links():
+    assert route_name(IPv4Network("10.1.5.0/24")) == "flannel-10-1-5-0-24"
+    assert route_name(IPv4Network("172.16.128.0/20")) == "flannel-172-16-128-0-20"
+    assert same_resource("https://www.googleapis.com/compute/v1/projects/p/zones/z/instances/i",
+                         "https://compute.googleapis.com/compute/v1/projects/p/zones/z/instances/i")
+    assert not same_resource("https://x/compute/v1/projects/p/zones/z/instances/i", None)
+
+
+def test_route_inserted_kept_on_shutdown_and_not_rewritten_on_restart(gce):
+    """Route flannel-<subnet> → this instance, in the instance's network, priority 1000, after
+    waiting for its operation; subnet.env has the interface MTU; a restart finds it in place."""
+    project = gce.project()
+    h1, h2 = gce.host(project), gce.host(project, mtu=None)
+    prefix = gce.config(CONFIG)
+    d1, d2 = gce.daemon(h1, prefix), gce.daemon(h2, prefix)
+    e1, e2 = d1.wait_subnet_env(30), d2.wait_subnet_env(30)
+    assert e1["FLANNEL_MTU"] == "1460" and e2["FLANNEL_MTU"] == str(gce.lab.mtu)
+    s1, s2 = subnet_of(e1), subnet_of(e2)
+    n1, n2 = route_name(s1), route_name(s2)
+    routes = wait_for(lambda: (r := gce.routes(project)) and n1 in r and n2 in r and r, what="both routes")
+    r1 = routes[n1]
+    assert r1["destRange"] == str(s1) and r1["nextHopInstance"] == h1.self_link and r1["priority"] == 1000
+    assert r1["network"] == f"{LINK}/{project}/global/networks/default"
+    assert routes[n2]["nextHopInstance"] == h2.self_link
+    assert "warnings" not in r1
+    lease = json.loads(gce.etcd.get(f"{prefix}/subnets/{s1.network_address}-24"))
+    assert lease == {"PublicIP": h1.address, "PublicIPv6": None, "BackendType": "gce"}
+    d1.wait_log(r"route created", 5)
+    assert "10.1." not in h1.ip("route", "show")  # no kernel programming
+    assert d1.stop() == 0
+    assert n1 in gce.routes(project)  # kept on shutdown
+    inserts = [x for x in gce.api.log() if x == f"POST /compute/v1/projects/{project}/global/routes"]
+    assert len(inserts) == 2
+    d1.restart()
+    d1.wait_log(r"route already in place", 20)
+    assert [x for x in gce.api.log() if x == f"POST /compute/v1/projects/{project}/global/routes"] == inserts
+    assert not [x for x in gce.api.log() if x.startswith("DELETE") and project in x]
+    for d in (d1, d2):
+        assert_clean(d)
+    assert "GET /computeMetadata/v1/instance/service-accounts/default/token" in h1.metadata.log_text()
+
+
+def test_stale_route_to_another_instance_is_replaced(gce):
+    project = gce.project()
+    other = gce.host(project)
+    h = gce.host(project)
+    admin = gce.admin_token()
+    code, op = gce.api.post(f"/compute/v1/projects/{project}/global/routes", {
+        "name": "flannel-10-1-7-0-24", "destRange": "10.1.7.0/24", "priority": 1000,
+        "network": f"projects/{project}/global/networks/default", "nextHopInstance": other.self_link}, admin)
+    assert code == 200 and op["kind"] == "compute#operation", op
+    wait_for(lambda: "flannel-10-1-7-0-24" in gce.routes(project), what="the stale route")
+    prefix = gce.config({**CONFIG, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0"})
+    d = gce.daemon(h, prefix)
+    assert d.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
+    wait_for(lambda: gce.routes(project).get("flannel-10-1-7-0-24", {}).get("nextHopInstance") == h.self_link,
+             20, what="route taken over")
+    d.wait_log(rf"deleting conflicting route.*previous={other.self_link}", 5)
+    log = [x for x in gce.api.log() if project in x and "routes/flannel-10-1-7-0-24" in x]
+    assert "DELETE" in " ".join(log)
+    assert_clean(d)
+
+
+@pytest.mark.parametrize("style", ["operation", "request"])
+def test_route_quota_is_one_clear_error_then_recovers(gce, style):
+    """A project at its ROUTES quota: QUOTA_EXCEEDED in the operation (or 403 quotaExceeded on
+    the request) → one error line naming the quota and the fix; lease kept, daemon up; a higher
+    quota is used on the next retry."""
+    project = gce.project(route_quota=3, quota_error=style, routes=[
+        {"name": f"other-{i}", "destRange": f"172.16.{i}.0/24", "network": f"{LINK}/p/global/networks/default",
+         "nextHopGateway": "default-internet-gateway"} for i in range(3)])
+    h = gce.host(project)
+    prefix = gce.config(CONFIG)
+    d = gce.daemon(h, prefix, {"PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"})
+    sn = subnet_of(d.wait_subnet_env(30))
+    line = d.wait_log(r".*route quota exceeded.*", 15).group(0)
+    code = "QUOTA_EXCEEDED" if style == "operation" else "quotaExceeded"
+    assert f"({code}: Quota 'ROUTES' exceeded.  Limit: 3.0 globally.)" in line, line
+    assert "ask for a higher ROUTES quota" in line and "level=error" in line
+    assert gce.etcd.get(f"{prefix}/subnets/{sn.network_address}-24") is not None
+    assert route_name(sn) not in gce.routes(project)
+    assert_clean(d)
+    gce.api.update(project=project, route_quota=100)
+    wait_for(lambda: route_name(sn) in gce.routes(project), 15, what="route after the quota was raised")
+    d.wait_log(r"cloud route in place after retrying", 5)
+    assert_clean(d)
+
+
+def test_missing_compute_scope_names_the_scope(gce):
+    project = gce.project()
+    h = gce.host(project, scopes=(SCOPE_RO,))
+    d = gce.daemon(h, gce.config(CONFIG))
+    d.wait_subnet_env(30)
+    line = d.wait_log(r".*insufficientPermissions.*", 15).group(0)
+    assert "compute.routes.insert forbidden (403 insufficientPermissions" in line, line
+    assert "compute-rw" in line and "level=error" in line
+    assert d.log_text().count("insufficientPermissions") == 1  # one line, no library chatter
+    assert gce.routes(project) == {}
+    assert_clean(d)
+
+
+def test_instance_without_ip_forwarding_gets_route_and_one_clear_error(gce):
+    project = gce.project()
+    h = gce.host(project, can_ip_forward=False)
+    d = gce.daemon(h, gce.config(CONFIG))
+    sn = subnet_of(d.wait_subnet_env(30))
+    line = d.wait_log(r".*cannot forward IP packets.*", 15).group(0)
+    assert "enable --can-ip-forward" in line and "level=error" in line
+    route = gce.routes(project)[route_name(sn)]
+    assert route["nextHopInstance"] == h.self_link
+    assert route["warnings"][0]["code"] == "NEXT_HOP_CANNOT_IP_FORWARD"
+    d.wait_log(r"GCE operation warning|route created", 5)
+    assert_clean(d)
+
+
+def test_api_outage_is_retried_and_the_route_appears_after(gce):
+    project = gce.project()
+    h = gce.host(project)
+    prefix = gce.config(CONFIG)
+    gce.api.block()
+    try:
+        d = gce.daemon(h, prefix)
+        sn = subnet_of(d.wait_subnet_env(30))
+        line = d.wait_log(r".*retrying.*unreachable.*", 20).group(0)
+        assert gce.api.endpoint in line and "level=warning" in line
+        assert_clean(d)
+    finally:
+        gce.api.unblock()
+    wait_for(lambda: route_name(sn) in gce.routes(project), 20, what="route after the outage")
+    d.wait_log(r"cloud route in place after retrying", 5)
+    assert_clean(d)
+
+
+def test_no_metadata_server_is_retried_with_a_clear_line(gce):
+    """Not on GCE (no metadata server answers): a retried warning naming the address and the
+    setting; the daemon is up; once the metadata server appears the route follows."""
+    project = gce.project()
+    h = gce.host(project)
+    h.metadata.stop()
+    d = gce.daemon(h, gce.config(CONFIG))
+    sn = subnet_of(d.wait_subnet_env(30))
+    line = d.wait_log(r".*GCE metadata server unreachable.*", 15).group(0)
+    assert "http://169.254.169.254" in line and "PYFLANNELD_GCE_METADATA_URL" in line
+    h.metadata = start_metadata_server(h, h.metadata.argv)
+    wait_for(lambda: route_name(sn) in gce.routes(project), 20, what="route once metadata answers")
+    assert_clean(d)
