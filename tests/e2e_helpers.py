@@ -208,6 +208,15 @@ class Pinger:
         assert m, f"no ping summary:\n{text[-2000:]}"
         return int(m[1]), int(m[2])
 
+    def lost(self) -> list[int]:
+        """After stop(): icmp_seq numbers that never got a reply, except the last one sent (it may
+        still have been in flight when SIGINT ended ping)."""
+        text = self.proc.log_text()
+        m = re.search(r"(\d+) packets transmitted", text)
+        assert m, f"no ping summary:\n{text[-2000:]}"
+        got = {int(x) for x in re.findall(r"bytes from .*icmp_seq=(\d+) ", text)}
+        return [seq for seq in range(1, int(m[1])) if seq not in got]
+
     def first_reply(self) -> float | None:
         """Wall-clock time (``ping -D``) of the first echo reply, or None."""
         m = re.search(r"^\[(\d+\.\d+)\] \d+ bytes from ", self.proc.log_text(), re.M)

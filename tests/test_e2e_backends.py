@@ -224,17 +224,17 @@ def test_restart_keeps_subnet_mac_and_traffic(lab, etcd):
     lease_before = etcd.get(key_of(n1.subnet))
     mac_before = link_mac(n1.host)
     states_before = [vxlan_state(n) for n in nodes]
-    # ~5 s of pings at 20/s, ending by themselves (no packet in flight is cut off by a signal)
-    pingers = [Pinger(n2.pod, n3.pod.address, count=100), Pinger(n3.pod, n2.pod.address, count=100),
-               Pinger(n1.pod, n2.pod.address, count=100)]
+    # pings at 20/s across the whole restart, both ways between h2 and h3, and from h1's own pod
+    pingers = [Pinger(n2.pod, n3.pod.address), Pinger(n3.pod, n2.pod.address), Pinger(n1.pod, n2.pod.address)]
     time.sleep(0.3)
     assert n1.daemon.stop() == 0
     time.sleep(0.3)
     n1.daemon.restart()
-    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 2, 10, "restarted daemon ready")
-    assert all(p.proc.alive for p in pingers), "restart took longer than the ping window"
-    counts = [p.stop(wait=10) for p in pingers]
-    assert counts == [(100, 100)] * 3, counts  # not one packet lost, also to/from the restarted host
+    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 2, 20, "restarted daemon ready")
+    time.sleep(0.3)
+    counts = [p.stop() for p in pingers]
+    assert all(tx >= 20 for tx, _ in counts), counts  # they really ran across the restart
+    assert [p.lost() for p in pingers] == [[], [], []], counts  # not one packet lost
     assert n1.daemon.subnet_env() == n1.env
     assert etcd.get(key_of(n1.subnet)) == lease_before
     assert link_mac(n1.host) == mac_before == n1.vtep_mac(etcd)
