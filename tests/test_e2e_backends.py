@@ -144,6 +144,13 @@ def test_vxlan_direct_routing(lab, etcd):
     assert tx_packets(n1.host) == before
     assert n1.pod.ping(n3.pod.address, count=3, interval=0.05)
     assert tx_packets(n1.host) >= before + 3
+    # h2 leaves: its direct route goes from h1, its vxlan entries from h3
+    mac2 = n2.vtep_mac(etcd)
+    assert n2.daemon.stop() == 0
+    assert etcd.delete(key_of(n2.subnet)) == 1
+    wait_for(lambda: not mentions(n1, n2, mac2) and not mentions(n3, n2, mac2), 2, "h2's entries removed")
+    assert_vxlan_converged([n1, n3], etcd, timeout=0)
+    assert ping_all([n1.pod, n3.pod]) == []
 
 
 def test_hostgw_three_hosts(lab, etcd):
@@ -218,7 +225,7 @@ def test_join_reachable_within_1s_and_deleted_lease_removed_within_2s(lab, etcd,
 
 def test_restart_keeps_subnet_mac_and_traffic(lab, etcd):
     etcd.put(f"{PREFIX}/config", config(VXLAN))
-    nodes = start_nodes(lab, [lab.add_host(h) for h in ("h1", "h2", "h3")])
+    nodes = start_nodes(lab, [lab.add_host(h) for h in ("h1", "h2", "h3")], "--ip-masq")
     n1, n2, n3 = nodes
     assert_vxlan_converged(nodes, etcd)
     lease_before = etcd.get(key_of(n1.subnet))
@@ -240,6 +247,22 @@ def test_restart_keeps_subnet_mac_and_traffic(lab, etcd):
     assert link_mac(n1.host) == mac_before == n1.vtep_mac(etcd)
     assert [vxlan_state(n) for n in nodes] == states_before
     assert len(etcd.get_prefix(f"{PREFIX}/subnets/")) == 3
+    # the rules were re-applied, not duplicated (upstream #1337)
+    assert iptables_s(n1.host, "nat", "FLANNEL-POSTRTG") == golden_postrtg(NETWORK, str(n1.subnet))
+    assert iptables_s(n1.host, "nat", "POSTROUTING") == GOLDEN_POSTROUTING
+    assert iptables_s(n1.host, "filter", "FORWARD") == GOLDEN_FORWARD
+
+    # a reboot loses the device: same subnet (subnet.env), new VtepMAC, and every peer follows
+    assert n1.daemon.stop() == 0
+    n1.host.ip("link", "del", "flannel.1")
+    n1.daemon.restart()
+    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 3, 20, "rebooted daemon ready")
+    assert n1.daemon.subnet_env() == n1.env
+    new_mac = n1.vtep_mac(etcd)
+    assert new_mac != mac_before and link_mac(n1.host) == new_mac
+    assert_vxlan_converged(nodes, etcd, timeout=2)  # h2/h3: old MAC's FDB entry gone, new one in
+    assert_vxlan_device(n1, etcd)
+    assert ping_all([n.pod for n in nodes]) == []
     assert "Traceback" not in n1.daemon.log_text()
 
 
@@ -257,10 +280,15 @@ def test_vxlan_drift_repaired(lab, etcd):
         "arp": lambda: h.ip("neigh", "del", n2.gw, "dev", "flannel.1"),
         "fdb": lambda: h.bridge("fdb", "del", mac2, "dev", "flannel.1", "dst", n2.ip, "self"),
         "device": lambda: h.ip("link", "del", "flannel.1"),
+        "device down": lambda: h.ip("link", "set", "flannel.1", "down"),  # the kernel drops routes+ARP
     }
+
+    def repaired() -> bool:
+        return h.link_exists("flannel.1") and ",UP," in link_line(h) and vxlan_state(n1) == want
+
     for what, breakit in breakages.items():
         breakit()  # check=True: the entry was there
-        took = wait_for(lambda: h.link_exists("flannel.1") and vxlan_state(n1) == want, 10, f"{what} repaired")
+        took = wait_for(repaired, 10, f"{what} repaired")
         record(f"vxlan {what} repair", took)
         assert n1.pod.wait_ping(n2.pod.address, timeout=2), what
         assert n2.pod.wait_ping(n1.pod.address, timeout=2), what
