@@ -254,3 +254,165 @@ def test_control_messages_round_trip():
     assert control.decode_routes(control.encode_routes(control.REPLACE, [])[1:]) == []
     tok, stats = control.decode_pong(control.encode_pong(7, {"udp_tx": 3}))
     assert tok == 7 and stats == {"udp_tx": 3}
+
+
+# --- userspace TSO / GRO (offload worker) -----------------------------------------------------
+
+from pyflanneld.udpfwd import gso  # noqa: E402
+
+TS_OPT = b"\x01\x01\x08\x0a" + struct.pack("!II", 12345, 678)  # NOP NOP timestamps
+
+
+def tcp_packet(payload: bytes, *, seq=1000, flags=gso.TCP_ACK | gso.TCP_PSH, ident=0x100, ttl=64,
+               options=TS_OPT, ip_options=b"", src="10.5.1.0", dst="10.5.2.0", sport=40000, dport=5201,
+               partial=False) -> bytearray:
+    doff = 20 + len(options)
+    tcp = bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq, 777, (doff // 4) << 4, flags, 501, 0, 0)
+                    + options)
+    ip = ip_header(src=src, dst=dst, ttl=ttl, proto=IPPROTO_TCP, ident=ident,
+                   total=20 + len(ip_options) + doff + len(payload), options=ip_options)
+    pseudo = IPv4Address(src).packed + IPv4Address(dst).packed + struct.pack("!BBH", 0, 6, doff + len(payload))
+    if partial:  # CHECKSUM_PARTIAL as the kernel hands TSO packets to the TUN
+        ck = ~slow_checksum(pseudo) & 0xFFFF
+    else:
+        ck = slow_checksum(pseudo + bytes(tcp) + payload)
+    struct.pack_into("!H", tcp, 16, ck)
+    return ip + tcp + payload
+
+
+def reference_segments(sp: bytes, mss: int) -> list[bytes]:
+    """What the kernel's tcp_gso_segment produces (checksums recomputed from scratch)."""
+    ihl = (sp[0] & 15) * 4
+    doff = (sp[ihl + 12] >> 4) * 4
+    hlen = ihl + doff
+    pay = sp[hlen:]
+    n = -(-len(pay) // mss)
+    ident = struct.unpack_from("!H", sp, 4)[0]
+    seq = struct.unpack_from("!I", sp, ihl + 4)[0]
+    fl = sp[ihl + 13]
+    out = []
+    for i in range(n):
+        chunk = pay[i * mss:(i + 1) * mss]
+        f = fl
+        if i < n - 1:
+            f &= ~(gso.TCP_FIN | gso.TCP_PSH) & 0xFF
+        if i > 0:
+            f &= ~gso.TCP_CWR & 0xFF
+        h = bytearray(sp[:hlen])
+        struct.pack_into("!HH", h, 2, hlen + len(chunk), (ident + i) & 0xFFFF)
+        h[10:12] = b"\0\0"
+        struct.pack_into("!H", h, 10, slow_checksum(bytes(h[:ihl])))
+        struct.pack_into("!I", h, ihl + 4, (seq + i * mss) & 0xFFFFFFFF)
+        h[ihl + 13] = f
+        h[ihl + 16:ihl + 18] = b"\0\0"
+        pseudo = bytes(h[12:20]) + struct.pack("!BBH", 0, 6, doff + len(chunk))
+        struct.pack_into("!H", h, ihl + 16, slow_checksum(pseudo + bytes(h[ihl:]) + chunk))
+        out.append(bytes(h) + chunk)
+    return out
+
+
+def run_segment(sp: bytes, mss: int, pkt_off: int = 12) -> list[bytes]:
+    buf = bytearray(pkt_off + len(sp) + 8)
+    buf[pkt_off:pkt_off + len(sp)] = sp
+    out = bytearray(len(sp) + 200 * 64)
+    total, seg_len = gso.segment(buf, pkt_off, len(sp), mss, out)
+    assert total
+    segs = []
+    pos = 0
+    while pos < total:
+        segs.append(bytes(out[pos:pos + seg_len]))
+        pos += seg_len
+    segs[-1] = segs[-1][:total - (len(segs) - 1) * seg_len]
+    return segs
+
+
+@pytest.mark.parametrize("mss,paylen", [(1420, 1420 * 44), (1420, 1420 * 30 + 77), (1448, 5000),
+                                        (1400, 1401), (1420, 100), (1418, 9000), (1419, 9000), (536, 20000)])
+def test_segment_matches_kernel_semantics(mss, paylen):
+    rng = random.Random(mss * 7 + paylen)
+    payload = bytes(rng.randrange(256) for _ in range(paylen))
+    for seq, ident, flags in [(1000, 0x100, gso.TCP_ACK | gso.TCP_PSH), (0xFFFFF000, 0xFFF0, gso.TCP_ACK),
+                              (5, 7, gso.TCP_ACK | gso.TCP_PSH | gso.TCP_FIN | gso.TCP_CWR)]:
+        sp = tcp_packet(payload, seq=seq, ident=ident, flags=flags, partial=True)
+        got = run_segment(bytes(sp), mss)
+        want = reference_segments(bytes(sp), mss)
+        assert len(got) == len(want) == -(-paylen // mss)
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert g == w, f"segment {i}: {g[:60].hex()} != {w[:60].hex()}"
+
+
+def test_segment_unaligned_and_ip_options():
+    payload = bytes(range(256)) * 30
+    sp = tcp_packet(payload, ip_options=b"\x01\x01\x01\x00", options=b"", partial=True)
+    for off in (12, 13, 14):
+        assert run_segment(bytes(sp), 1000, pkt_off=off) == reference_segments(bytes(sp), 1000)
+
+
+def test_segment_refuses_non_tcp():
+    sp = packet(b"x" * 3000, proto=IPPROTO_UDP)
+    assert gso.segment(bytearray(sp), 0, len(sp), 1000, bytearray(8000)) == (0, 0)
+
+
+def gro_buffer(segs: list[bytes], off: int = 12) -> tuple[bytearray, int, int]:
+    data = b"".join(segs)
+    buf = bytearray(off + len(data))
+    buf[off:] = data
+    return buf, len(data), len(segs[0])
+
+
+def test_coalesce_inverts_segment():
+    payload = bytes(random.Random(3).randrange(256) for _ in range(1420 * 20 + 300))
+    sp = tcp_packet(payload, flags=gso.TCP_ACK | gso.TCP_PSH, partial=True)
+    segs = reference_segments(bytes(sp), 1420)
+    buf, ln, g = gro_buffer(segs)
+    out = bytearray(70000)
+    n = gso.coalesce(buf, 12, ln, g, out)
+    assert n == 10 + len(sp)
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_off = gso.VNET.unpack_from(out, 0)
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_off) == (
+        gso.VIRTIO_NET_HDR_F_NEEDS_CSUM, gso.VIRTIO_NET_HDR_GSO_TCPV4, 52, 1420, 20, 16)
+    merged = bytes(out[10:n])
+    assert merged[52:] == payload
+    assert header_checksum_ok(merged)
+    # header = first segment's, with the total length, the last segment's PSH, a partial checksum
+    assert merged[:20][:2] == sp[:2] and merged[2:4] == struct.pack("!H", len(sp))
+    assert merged[4:6] == segs[0][4:6] and merged[12:20] == sp[12:20]
+    assert merged[20:52][:16] == sp[20:52][:16] and merged[20 + 18:52] == sp[20 + 18:52]
+    pseudo = sp[12:20] + struct.pack("!BBH", 0, 6, len(sp) - 20)
+    assert merged[36:38] == struct.pack("!H", ~slow_checksum(pseudo) & 0xFFFF)
+
+
+def test_coalesce_exact_multiple_keeps_last_psh():
+    payload = bytes(1420 * 4)
+    segs = reference_segments(bytes(tcp_packet(payload, partial=True)), 1420)
+    buf, ln, g = gro_buffer(segs)
+    out = bytearray(70000)
+    n = gso.coalesce(buf, 12, ln, g, out)
+    assert n and out[10 + 33] == gso.TCP_ACK | gso.TCP_PSH
+
+
+@pytest.mark.parametrize("breakage", ["seq gap", "other flow", "other timestamp", "syn", "psh in middle",
+                                      "udp", "fragment"])
+def test_coalesce_refuses(breakage):
+    payload = bytes(1420 * 6)
+    sp = tcp_packet(payload, flags=gso.TCP_ACK, partial=True)
+    segs = [bytearray(s) for s in reference_segments(bytes(sp), 1420)]
+    s = segs[3]
+    if breakage == "seq gap":
+        struct.pack_into("!I", s, 24, struct.unpack_from("!I", s, 24)[0] + 1)
+    elif breakage == "other flow":
+        struct.pack_into("!H", s, 20, 40001)
+    elif breakage == "other timestamp":
+        s[20 + 24] ^= 1
+    elif breakage == "syn":
+        segs[0][33] |= gso.TCP_SYN
+    elif breakage == "psh in middle":
+        s[33] |= gso.TCP_PSH
+    elif breakage == "udp":
+        for x in segs:
+            x[9] = IPPROTO_UDP
+    elif breakage == "fragment":
+        for x in segs:
+            x[6] |= 0x20
+    buf, ln, g = gro_buffer([bytes(x) for x in segs])
+    assert gso.coalesce(buf, 12, ln, g, bytearray(70000)) == 0

@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     mtu=args.mtu, workers=args.workers or default_workers(), offload=args.offload,
                     batch=args.batch)
     fwd.open_device()
-    asyncio.run(configure_tun(args.tun, args.subnet.network_address, args.mtu, args.network))
+    asyncio.run(configure_tun(args.tun, args.subnet.network_address, args.mtu, args.network, offload=fwd.offload))
     fwd.set_routes(_route(r, args.port) for r in args.route)
     fwd.start()
     fwd.wait_ready(15)

@@ -11,16 +11,46 @@ from __future__ import annotations
 import errno
 from ipaddress import IPv4Address, IPv4Network
 
+import structlog
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+log = structlog.get_logger()
+
+
+def _accept_local(name: str) -> None:
+    """``accept_local=1`` on the TUN, so that the ICMP net-unreachable the forwarder writes back
+    (source = the TUN's own address, as upstream) is not dropped as a martian by the kernel.
+    Upstream does not set it, so there its ICMP never reaches the sender."""
+    try:
+        with open(f"/proc/sys/net/ipv4/conf/{name}/accept_local", "w") as f:
+            f.write("1")
+    except OSError as e:
+        log.warning("cannot set accept_local on the TUN; ICMP net unreachable will be dropped",
+                    device=name, error=str(e))
 
 
 class DeviceError(Exception):
     """The TUN device could not be configured; one line naming the step and the cause."""
 
 
-async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4Network) -> int:
-    """Configure TUN ``name``; idempotent (a restart finds it configured). Returns its ifindex."""
+MAX_UDP_PAYLOAD = 65507
+MAX_TCPIP_HEADER = 60  # segments with longer headers are sent in more than one UDP GSO call
+
+
+def gso_limits(mtu: int) -> tuple[int, int]:
+    """(gso_max_segs, gso_max_size) so that one TCP super-packet fits one UDP GSO send (≤ 65507 B)."""
+    segs = max(1, min(64, MAX_UDP_PAYLOAD // mtu))
+    return segs, MAX_TCPIP_HEADER + segs * (mtu - MAX_TCPIP_HEADER)
+
+
+async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4Network,
+                        offload: bool = False) -> int:
+    """Configure TUN ``name``; idempotent (a restart finds it configured). Returns its ifindex.
+
+    With ``offload`` the TCP super-packets the kernel hands the TUN are capped (gso_max_size/segs)
+    so that each one leaves in a single UDP GSO send.
+    """
     ipr = AsyncIPRoute()
     try:
         idx = await ipr.link_lookup(ifname=name)
@@ -31,9 +61,15 @@ async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4
             (f"failed to add IP address {address}/32 to {name}",
              lambda: ipr.addr("add", index=index, address=str(address), prefixlen=32)),
             (f"failed to set MTU for {name}", lambda: ipr.link("set", index=index, mtu=mtu)),
+        ]
+        if offload:
+            segs, size = gso_limits(mtu)
+            steps.append((f"failed to set gso_max_size for {name}",
+                          lambda: ipr.link("set", index=index, gso_max_segs=segs, gso_max_size=size)))
+        steps += [
             (f"failed to set interface {name} to UP state", lambda: ipr.link("set", index=index, state="up")),
             (f"failed to add route ({network} -> {name})",
-             lambda: ipr.route("add", dst=str(network), oif=index, scope=0)),
+             lambda: ipr.route("add", dst=str(network), oif=index, scope=0, proto=3)),  # proto boot, as netlink.RouteAdd
         ]
         for what, call in steps:
             try:
@@ -41,6 +77,7 @@ async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4
             except NetlinkError as e:
                 if e.code != errno.EEXIST:
                     raise DeviceError(f"{what}: {e.args[1] if len(e.args) > 1 else e}") from None
+        _accept_local(name)
         return index
     finally:
         ipr.close()

@@ -78,9 +78,11 @@ def make_sockaddr(ip: str, port: int) -> sockaddr_in:
 class MsgBatch:
     """``count`` preallocated message slots for ``recvmmsg``/``sendmmsg``."""
 
-    def __init__(self, count: int, slot_size: int, control_size: int = 0) -> None:
+    def __init__(self, count: int, slot_size: int, control_size: int = 0, offset: int = 0) -> None:
+        """Slot ``i`` is ``slots[i]``; its datagram lives at ``slots[i][offset:]`` (room for a header)."""
         self.count = count
         self.slot_size = slot_size
+        self.offset = offset
         self.buf = (ctypes.c_ubyte * (count * slot_size))()
         mv = memoryview(self.buf).cast("B")
         self.slots = [mv[i * slot_size:(i + 1) * slot_size] for i in range(count)]
@@ -91,8 +93,8 @@ class MsgBatch:
         self.control_size = control_size
         base = ctypes.addressof(self.buf)
         for i in range(count):
-            self.iov[i].iov_base = base + i * slot_size
-            self.iov[i].iov_len = slot_size
+            self.iov[i].iov_base = base + i * slot_size + offset
+            self.iov[i].iov_len = slot_size - offset
             h = self.hdrs[i].msg_hdr
             h.msg_iov = ctypes.addressof(self.iov[i])
             h.msg_iovlen = 1

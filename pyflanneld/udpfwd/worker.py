@@ -70,7 +70,7 @@ def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
 
 
 class Stats:
-    __slots__ = ("tun_rx", "udp_tx", "udp_rx", "tun_tx", "no_route", "ttl_drop", "bad", "ctl")
+    __slots__ = ("tun_rx", "udp_tx", "udp_rx", "tun_tx", "no_route", "ttl_drop", "bad", "ctl", "gso", "split")
 
     def __init__(self) -> None:
         for k in self.__slots__:
@@ -91,7 +91,8 @@ class Worker:
         self.mtu = mtu
         self.batch = batch
         self.index = index
-        self.routes: RouteTable[int] = RouteTable()
+        # next hop value: (address of its ctypes sockaddr_in, (ip, port))
+        self.routes: RouteTable[tuple[int, tuple[str, int]]] = RouteTable()
         self._sockaddrs: dict[tuple[int, int], object] = {}  # keeps the ctypes sockaddrs alive
         self.stats = Stats()
         self.running = True
@@ -102,12 +103,12 @@ class Worker:
 
     # --- control ----------------------------------------------------------------------------
 
-    def _sockaddr(self, ip: int, port: int) -> int:
+    def _next_hop(self, ip: int, port: int) -> tuple[int, tuple[str, int]]:
         key = (ip, port)
         sa = self._sockaddrs.get(key)
         if sa is None:
             sa = self._sockaddrs[key] = make_sockaddr(str(IPv4Address(ip)), port)
-        return ctypes.addressof(sa)
+        return ctypes.addressof(sa), (str(IPv4Address(ip)), port)
 
     def handle_control(self) -> None:
         while True:
@@ -124,7 +125,7 @@ class Worker:
                 if kind == control.REPLACE:
                     self.routes.clear()
                 for dst, plen, nh, port in control.decode_routes(body):
-                    self.routes.set(dst, plen, self._sockaddr(nh, port))
+                    self.routes.set(dst, plen, self._next_hop(nh, port))
             elif kind == control.DEL:
                 for dst, plen in control.decode_delete(body):
                     self.routes.delete(dst, plen)
@@ -182,7 +183,7 @@ class Worker:
             p[10] = c >> 8
             p[11] = c & 0xFF
             iov_q[2 * n + 1] = ln
-            hdr_q[n * 8] = nh
+            hdr_q[n * 8] = nh[0]
             n += 1
         self.stats.tun_rx += reads
         if n:
