@@ -87,7 +87,8 @@ class Cloud:
         t = self.tables(RouteTableIds=[table])[0]
         return {r["DestinationCidrBlock"]: r for r in t["Routes"] if "DestinationCidrBlock" in r}
 
-    def host(self, vpc: dict, mtu: int | None = None, imds: str = "optional", role: tuple[str, str] | None = None):
+    def host(self, vpc: dict, mtu: int | None = None, imds: str = "optional", role: tuple[str, str] | None = None,
+             meta_at: tuple[str, int] = ("169.254.169.254", 80)):
         """A lab host, its EC2 instance (primary ENI = the host's address) and its metadata server."""
         self.n += 1
         h = self.lab.add_host(f"a{self.n}", mtu=mtu)
@@ -96,10 +97,10 @@ class Cloud:
         h.instance_id = inst["InstanceId"]
         h.eni = inst["NetworkInterfaces"][0]["NetworkInterfaceId"]
         argv = [sys.executable, "-m", "pyflanneld.lab.fakemeta", "--instance-id", h.instance_id, "--region", REGION,
-                "--local-ipv4", h.address, "--mode", imds]
+                "--local-ipv4", h.address, "--mode", imds, "--address", meta_at[0], "--port", str(meta_at[1])]
         if role:
             argv += ["--role", "flannel-node", "--access-key", role[0], "--secret-key", role[1]]
-        h.metadata = start_metadata_server(h, argv)
+        h.metadata = start_metadata_server(h, argv, address=meta_at[0])
         return h
 
     def daemon(self, host, prefix: str, env: dict | None = None, *args: str) -> Daemon:
@@ -248,20 +249,22 @@ def test_subnet_table_blackholes_restart_and_shutdown(aws):
 
 def test_route_table_list_and_stale_route_replaced(aws):
     """RouteTableID as a list: the route goes into each; a route for our subnet that points at
-    another instance's ENI is taken over (ReplaceRoute)."""
+    another instance's ENI is taken over (ReplaceRoute). The metadata service is elsewhere
+    (PYFLANNELD_AWS_METADATA_URL) and hands out the instance-role credentials from there."""
     vpc = aws.vpc()
     t2 = aws.call("create_route_table", VpcId=vpc["vpc"])["RouteTable"]["RouteTableId"]
-    h = aws.host(vpc)
+    h = aws.host(vpc, role=("AKIAROLEKEY", "rolesecret"), meta_at=("127.0.0.1", 8080))
     other = aws.call("create_network_interface", SubnetId=vpc["subnet"])["NetworkInterface"]["NetworkInterfaceId"]
     aws.call("create_route", RouteTableId=vpc["main"], DestinationCidrBlock="10.1.7.0/24", NetworkInterfaceId=other)
     prefix = aws.config({"Network": NETWORK, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0",
                          "Backend": {"Type": "aws-vpc", "RouteTableID": [vpc["main"], t2]}})
-    d = aws.daemon(h, prefix)
+    d = aws.daemon(h, prefix, env={"PYFLANNELD_AWS_METADATA_URL": "http://127.0.0.1:8080"})
     assert d.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
     wait_for(lambda: "10.1.7.0/24" in aws.routes(t2), what="route in the second table")
     assert aws.routes(vpc["main"])["10.1.7.0/24"]["NetworkInterfaceId"] == h.eni
     assert aws.routes(t2)["10.1.7.0/24"]["NetworkInterfaceId"] == h.eni
     d.wait_log(rf"route replaced.*previous={other}", 5)
+    assert "GET /latest/meta-data/iam/security-credentials/flannel-node v2" in h.metadata.log_text()
     assert_clean(d)
 
 
@@ -373,3 +376,25 @@ def test_missing_boto3_is_one_line_and_exit_1(aws, tmp_path: Path):
     text = d.log_text()
     assert "needs the Python package boto3" in text and "pip install 'pyflanneld[cloud]'" in text
     assert "Traceback" not in text
+
+
+def test_black_holed_api_holds_readiness_5s_at_most_and_never_the_exit(aws):
+    """An EC2 API that never answers (packets dropped): subnet.env comes after the start wait
+    (5 s), not after the SDK's timeouts; SIGTERM ends the daemon promptly with a call in flight."""
+    vpc = aws.vpc()
+    h = aws.host(vpc)
+    prefix = aws.config(CONFIG)
+    aws.ec2.block(drop=True)
+    try:
+        d = aws.daemon(h, prefix)
+        d.wait_log(r"AWS instance identity", 30)
+        t0 = time.monotonic()
+        d.wait_subnet_env(15)
+        assert 4 < time.monotonic() - t0 < 8
+        d.wait_log(r"AWS API slow to answer; going on", 2)
+        t1 = time.monotonic()
+        assert d.stop() == 0
+        assert time.monotonic() - t1 < 3
+        assert "Traceback" not in d.log_text()
+    finally:
+        aws.ec2.unblock()

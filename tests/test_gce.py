@@ -90,6 +90,7 @@ class Cloud:
 
     def daemon(self, host, prefix: str, env: dict | None = None) -> Daemon:
         full_env = {"PYFLANNELD_GCE_API_ENDPOINT": self.api.endpoint, **(env or {})}
+        full_env = {k: v for k, v in full_env.items() if v is not None}
         d = start_daemon(host, "--iface", "eth0", "--etcd-prefix", prefix, env=full_env, etcd=self.etcd)
         self.daemons.append(d)
         return d
@@ -180,6 +181,8 @@ def test_route_inserted_kept_on_shutdown_and_not_rewritten_on_restart(gce):
 
 
 def test_stale_route_to_another_instance_is_replaced(gce):
+    """A flannel-<subnet> route to another instance is deleted (operation waited for) and ours
+    inserted. The API endpoint comes from the config's Backend.Endpoint here."""
     project = gce.project()
     other = gce.host(project)
     h = gce.host(project)
@@ -189,8 +192,9 @@ def test_stale_route_to_another_instance_is_replaced(gce):
         "network": f"projects/{project}/global/networks/default", "nextHopInstance": other.self_link}, admin)
     assert code == 200 and op["kind"] == "compute#operation", op
     wait_for(lambda: "flannel-10-1-7-0-24" in gce.routes(project), what="the stale route")
-    prefix = gce.config({**CONFIG, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0"})
-    d = gce.daemon(h, prefix)
+    prefix = gce.config({"Network": NETWORK, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0",
+                         "Backend": {"Type": "gce", "Endpoint": gce.api.endpoint + "/"}})
+    d = gce.daemon(h, prefix, {"PYFLANNELD_GCE_API_ENDPOINT": None})
     assert d.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
     wait_for(lambda: gce.routes(project).get("flannel-10-1-7-0-24", {}).get("nextHopInstance") == h.self_link,
              20, what="route taken over")

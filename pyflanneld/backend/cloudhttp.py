@@ -6,20 +6,25 @@ Life cycle of a cloud backend (see :class:`CloudRouteBackend`):
 * ``register()`` checks that the cloud SDK is installed (a missing package is fatal: one line
   naming ``pip install 'pyflanneld[cloud]'``) and returns MTU = interface MTU, no BackendData.
 * ``start(lease)`` makes one attempt to put the route for the lease's subnet in the cloud's
-  route table (``ensure_route``). If it fails, the failure is logged as one line and a background
-  task retries: with exponential backoff (1 s, 2 s, … 30 s) for errors that fix themselves (API
+  route table (``ensure_route``) and waits for it up to START_WAIT seconds (a slow cloud does not
+  hold back subnet.env and readiness longer than that; the attempt carries on in the background).
+  If it fails, the failure is logged as one line and a background task retries: with exponential backoff (1 s, 2 s, … 30 s) for errors that fix themselves (API
   unreachable, throttling, 5xx), every ``PYFLANNELD_CLOUD_RETRY_INTERVAL`` seconds (default 60)
   for errors a human must fix (permission, quota, configuration). The lease is kept and the daemon
   stays up either way. A later ``start`` (lease changed) cancels the old task and starts over.
 * Peer leases need nothing (the cloud routes traffic); the peer set is tracked for ``/peers``.
 * ``close()`` stops the retry task; the cloud route stays, as upstream.
+* Blocking SDK calls run in daemon threads (:meth:`CloudRouteBackend.in_thread`): a call stuck on
+  a black-holed API never delays the daemon's exit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import os
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -37,6 +42,7 @@ DEFAULT_RETRY_INTERVAL = 60.0
 BACKOFF_START = 1.0
 BACKOFF_MAX = 30.0
 METADATA_TIMEOUT = 2.0
+START_WAIT = 5.0
 
 
 class CloudError(Exception):
@@ -138,9 +144,12 @@ class CloudRouteBackend(PeerSetBackend):
         await super().start(own_lease)
         await self._stop_task()
         self.route_ready = False
-        error = await self._attempt(own_lease, first=True)
-        if error is not None:
-            self._task = asyncio.create_task(self._retry(own_lease, error), name=f"{self.type_name}-retry")
+        first: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._task = asyncio.create_task(self._run(own_lease, first), name=f"{self.type_name}-route")
+        await asyncio.wait({first}, timeout=START_WAIT)
+        if not first.done():
+            log.info(f"{self.cloud_name} API slow to answer; going on, the route follows in the background",
+                     backend=self.type_name, subnet=str(own_lease.subnet), waited=START_WAIT)
 
     async def ensure_peer(self, lease: Lease) -> None:
         pass  # the cloud route table carries every subnet; nothing to do per peer
@@ -177,6 +186,15 @@ class CloudRouteBackend(PeerSetBackend):
             log.error(f"{self.cloud_name} route not programmed", backend=self.type_name, subnet=str(lease.subnet),
                       error=str(error), retry_in=round(wait, 1))
 
+    async def _run(self, lease: Lease, first: asyncio.Future) -> None:
+        try:
+            error = await self._attempt(lease, first=True)
+        finally:
+            if not first.done():
+                first.set_result(None)
+        if error is not None:
+            await self._retry(lease, error)
+
     async def _retry(self, lease: Lease, error: CloudError) -> None:
         backoff = BACKOFF_START
         while True:
@@ -205,5 +223,27 @@ class CloudRouteBackend(PeerSetBackend):
                 pass
 
     async def in_thread(self, fn: Any, *args: Any) -> Any:
-        """Run a blocking SDK call off the event loop."""
-        return await asyncio.to_thread(fn, *args)
+        """Run a blocking SDK call in a daemon thread (not the loop's executor, whose threads the
+        interpreter waits for at exit) and await its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+
+        def deliver(result: Any, error: BaseException | None) -> None:
+            if fut.done():
+                return  # the caller was cancelled meanwhile
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(result)
+
+        def work() -> None:
+            result, error = None, None
+            try:
+                result = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                error = e
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+                loop.call_soon_threadsafe(deliver, result, error)
+
+        threading.Thread(target=work, name=f"{self.type_name}-api", daemon=True).start()
+        return await fut

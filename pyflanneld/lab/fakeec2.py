@@ -30,7 +30,7 @@ Lab API (from the test process)::
     srv = Ec2Server(lab.switch, region="eu-west-1", route_limit=50).start()
     srv.endpoint                      # "http://192.168.100.254:PORT" as the hosts see it
     srv.call("describe_route_tables", RouteTableIds=[rtb])   # via the driver; raises Ec2Error
-    srv.block() / srv.unblock()       # outage: REJECT new connections to the port (iptables in
+    srv.block(drop=False) / srv.unblock()  # outage: REJECT (or DROP) new connections (iptables in
                                       # the server's namespace) / allow them again
     srv.close()
 """
@@ -183,7 +183,7 @@ class Ec2Server:
         self.process: LabProcess | None = None
         self._driver: subprocess.Popen | None = None
         self._lock = threading.Lock()
-        self.blocked = False
+        self.blocked = ""  # "", "reject" or "drop"
 
     @property
     def endpoint(self) -> str:
@@ -236,19 +236,21 @@ class Ec2Server:
         return out["ok"]
 
     def _iptables(self, action: str) -> None:
+        target = ["DROP"] if self.blocked == "drop" else ["REJECT", "--reject-with", "tcp-reset"]
         self.host.run("iptables", "-w", action, "INPUT", "-p", "tcp", "--dport", str(self.port),
-                      "!", "-s", "127.0.0.1", "-j", "REJECT", "--reject-with", "tcp-reset")
+                      "!", "-s", "127.0.0.1", "-j", *target)
 
-    def block(self) -> None:
-        """API outage as the hosts see it: connections to the port are refused."""
+    def block(self, drop: bool = False) -> None:
+        """API outage as the hosts see it: connections to the port are refused (or, with drop,
+        go unanswered: a black hole, clients wait for their timeouts)."""
         if not self.blocked:
+            self.blocked = "drop" if drop else "reject"
             self._iptables("-I")
-            self.blocked = True
 
     def unblock(self) -> None:
         if self.blocked:
             self._iptables("-D")
-            self.blocked = False
+            self.blocked = ""
 
     def _stop_driver(self) -> None:
         if self._driver is not None:

@@ -422,7 +422,7 @@ class GceServer:
         self.host = host
         self.port = port or random.randint(20000, 40000)
         self.process: LabProcess | None = None
-        self.blocked = False
+        self.blocked = ""  # "", "reject" or "drop"
 
     @property
     def endpoint(self) -> str:
@@ -467,18 +467,20 @@ class GceServer:
         return self._curl("POST", path, body, token=token)
 
     def _iptables(self, action: str) -> None:
+        target = ["DROP"] if self.blocked == "drop" else ["REJECT", "--reject-with", "tcp-reset"]
         self.host.run("iptables", "-w", action, "INPUT", "-p", "tcp", "--dport", str(self.port),
-                      "!", "-s", "127.0.0.1", "-j", "REJECT", "--reject-with", "tcp-reset")
+                      "!", "-s", "127.0.0.1", "-j", *target)
 
-    def block(self) -> None:
+    def block(self, drop: bool = False) -> None:
+        """API outage: connections refused (or, with drop, unanswered)."""
         if not self.blocked:
+            self.blocked = "drop" if drop else "reject"
             self._iptables("-I")
-            self.blocked = True
 
     def unblock(self) -> None:
         if self.blocked:
             self._iptables("-D")
-            self.blocked = False
+            self.blocked = ""
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
