@@ -1,0 +1,167 @@
+"""udp backend end to end: real pyflanneld daemons on lab hosts, real etcd, pods behind docker0.
+
+What is asserted is what an operator sees (flannel-upstream-facts.md §5 "udp"): subnet.env MTU =
+iface MTU − 28, the lease without BackendType, ``flannel0`` with the lease subnet IP /32 and one
+route for the whole Network, pods reaching each other, and the forwarder following lease
+events without restarting its workers.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from e2e_helpers import (
+    NETWORK,
+    PREFIX,
+    Node,
+    attach_pod,
+    config,
+    key_of,
+    ping_all,
+    ping_df,
+    start_nodes,
+    wait_for,
+)
+
+from pyflanneld.lab import start_daemon
+
+pytestmark = pytest.mark.lab
+
+UDP = {"Type": "udp"}
+
+
+def worker_pids(daemon_pid: int) -> list[int]:
+    """The forwarder workers: children of the daemon running pyflanneld.udpfwd.worker."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == daemon_pid and b"pyflanneld.udpfwd.worker" in cmd:
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def iperf(src_pod, dst_pod, amount: str = "10M") -> dict:
+    srv = dst_pod.popen("iperf3", "-s", "-1", "--forceflush", "-B", dst_pod.address, name=f"iperf-s-{dst_pod.ns}")
+    try:
+        deadline = time.monotonic() + 10
+        while "listening" not in srv.log_text().lower():
+            assert time.monotonic() < deadline, srv.log_text()
+            time.sleep(0.05)
+        cp = src_pod.run("iperf3", "-c", dst_pod.address, "-n", amount, "-J", timeout=120)
+        return json.loads(cp.stdout)["end"]
+    finally:
+        srv.stop()
+
+
+def test_udp_three_hosts(lab, etcd):
+    etcd.put(f"{PREFIX}/config", config(UDP))
+    h1, h2, h3 = (lab.add_host(n) for n in ("h1", "h2", "h3"))
+    nodes = start_nodes(lab, [h1, h2, h3])
+    for n in nodes:
+        assert n.env["FLANNEL_NETWORK"] == NETWORK
+        assert n.env["FLANNEL_MTU"] == "1472"  # 1500 − 28
+        # the lease carries no BackendType (upstream: udp leases have none)
+        assert json.loads(etcd.get(key_of(n.subnet))) == {"PublicIP": n.ip, "PublicIPv6": None}
+        link = n.host.ip_json("-d", "link", "show", "flannel0")[0]
+        assert link["mtu"] == 1472 and link["linkinfo"]["info_kind"] == "tun"
+        assert "UP" in link["flags"]
+        addrs = n.host.ip_json("-4", "addr", "show", "flannel0")[0]["addr_info"]
+        assert [(a["local"], a["prefixlen"]) for a in addrs] == [(n.gw, 32)]
+        assert n.host.ip("route", "show", "dev", "flannel0").strip() == NETWORK  # proto boot, scope global
+        assert len(worker_pids(n.daemon.pid)) >= 1
+    assert ping_all([n.pod for n in nodes], timeout=5) == []
+    # the full MTU passes with DF set (1472 − 28 bytes of ICMP payload), one more byte does not
+    assert ping_df(nodes[0].pod, nodes[1].pod.address, 1472 - 28)
+    assert not ping_df(nodes[0].pod, nodes[1].pod.address, 1472 - 27)
+    end = iperf(nodes[0].pod, nodes[2].pod, "20M")
+    assert end["sum_sent"]["bytes"] >= 20 * 1024 * 1024
+    assert end["sum_received"]["bytes"] >= 15 * 1024 * 1024
+
+
+def test_udp_join_and_leave_update_forwarding_without_restart(lab, etcd):
+    etcd.put(f"{PREFIX}/config", config(UDP))
+    n1, n2 = start_nodes(lab, [lab.add_host("h1"), lab.add_host("h2")])
+    pids = {n.host.name: worker_pids(n.daemon.pid) for n in (n1, n2)}
+    assert all(pids.values())
+    assert ping_all([n1.pod, n2.pod]) == []
+
+    h3 = lab.add_host("h3")
+    d3 = start_daemon(h3, "--iface", "eth0")
+    env3 = d3.wait_subnet_env(timeout=20)
+    n3 = Node(h3, d3, env3, attach_pod(lab, h3, env3))
+    took = wait_for(lambda: n1.pod.ping(n3.pod.address, timeout=0.5), 5, "h1's pod reaching h3's pod")
+    assert took < 3
+    assert ping_all([n1.pod, n2.pod, n3.pod]) == []
+
+    # leave: stop h3 and delete its lease; h1 and h2 stop forwarding to it
+    assert d3.stop() == 0
+    assert etcd.delete(key_of(n3.subnet)) == 1
+    probe = f"""
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_IP, 11, 1)  # IP_RECVERR
+for _ in range(60):
+    s.sendto(b"x", ({n3.pod.address!r}, 9))
+    time.sleep(0.05)
+    try:
+        s.recvmsg(64, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
+        print("unreachable"); break
+    except BlockingIOError:
+        pass
+"""
+    # no route any more → the forwarder answers ICMP net unreachable (it reaches the pod)
+    out = n1.pod.run("python3", "-c", probe, timeout=20).stdout
+    assert "unreachable" in out
+    assert ping_all([n1.pod, n2.pod]) == []
+    for n in (n1, n2):
+        assert worker_pids(n.daemon.pid) == pids[n.host.name], "workers were restarted"
+
+
+def test_udp_sigterm_keeps_lease_and_restart_resumes(lab, etcd):
+    etcd.put(f"{PREFIX}/config", config(UDP))
+    n1, n2 = start_nodes(lab, [lab.add_host("h1"), lab.add_host("h2")])
+    assert ping_all([n1.pod, n2.pod]) == []
+    pids = worker_pids(n1.daemon.pid)
+    lease = etcd.get(key_of(n1.subnet))
+    assert n1.daemon.stop() == 0
+    wait_for(lambda: not any(alive(p) for p in pids), 5, "workers gone after SIGTERM")
+    assert etcd.get(key_of(n1.subnet)) == lease  # SIGTERM removes nothing a restart needs
+    assert not n1.host.link_exists("flannel0")  # the TUN goes with the process, as upstream's
+
+    d = n1.daemon.restart()
+    env = d.wait_subnet_env(timeout=20)
+    assert env["FLANNEL_SUBNET"] == n1.env["FLANNEL_SUBNET"]
+    wait_for(lambda: n1.pod.ping(n2.pod.address, timeout=0.5), 10, "traffic after restart")
+    assert worker_pids(d.pid)
+
+
+def test_udp_offload_mode_end_to_end(lab, etcd):
+    """PYFLANNELD_UDP_OFFLOAD=1: the same forwarding with TCP segmentation/coalescing."""
+    etcd.put(f"{PREFIX}/config", config(UDP))
+    hosts = [lab.add_host("h1"), lab.add_host("h2")]
+    daemons = [start_daemon(h, "--iface", "eth0", env={"PYFLANNELD_UDP_OFFLOAD": "1"}) for h in hosts]
+    nodes = []
+    for h, d in zip(hosts, daemons, strict=True):
+        env = d.wait_subnet_env(timeout=20)
+        nodes.append(Node(h, d, env, attach_pod(lab, h, env)))
+    assert ping_all([n.pod for n in nodes], timeout=5) == []
+    end = iperf(nodes[0].pod, nodes[1].pod, "20M")
+    assert end["sum_received"]["bytes"] >= 15 * 1024 * 1024
+    assert "offload=True" in nodes[0].daemon.log_text() or "offload=true" in nodes[0].daemon.log_text()
