@@ -15,7 +15,7 @@ import json
 import secrets
 import sys
 import time
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -172,7 +172,8 @@ def test_route_table_id_forms():
 def test_endpoints_from_env_then_config(monkeypatch):
     cfg = parse_config(json.dumps({"Network": NETWORK, "Backend": {
         "Type": "aws-vpc", "Endpoint": "http://ec2.example:1", "MetadataEndpoint": "http://md.example/"}}).encode())
-    ext = ExternalInterface("eth0", 2, *[__import__("ipaddress").IPv4Address("192.168.100.1")] * 2, mtu=9001)
+    ip = IPv4Address("192.168.100.1")
+    ext = ExternalInterface("eth0", 2, ip, ip, mtu=9001)
     monkeypatch.delenv("PYFLANNELD_AWS_ENDPOINT", raising=False)
     monkeypatch.delenv("PYFLANNELD_AWS_METADATA_URL", raising=False)
     b = AwsVpcBackend(BackendContext(cfg, cfg.backend, ext, None))
