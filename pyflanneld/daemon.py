@@ -79,7 +79,8 @@ class Daemon:
         self.rules = None
         self.config: NetworkConfig | None = None
         self._lock = asyncio.Lock()
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: dict[str, asyncio.Task] = {}
+        self._factories: dict[str, object] = {}
         self.started = time.monotonic()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -206,12 +207,17 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await self.rules.close()
             await self._setup_rules(lease, prev_net, prev_sn)
-            self._spawn(self.rules.run(), "iptables-resync")
+            self._spawn("iptables-resync", self.rules.run)
         await self._write_subnet_env(lease)
 
-    def _spawn(self, coro, name: str) -> asyncio.Task:
-        t = asyncio.create_task(coro, name=name)
-        self._tasks.append(t)
+    def _spawn(self, name: str, factory) -> asyncio.Task:
+        """Run a restartable background loop; `factory()` makes a fresh coroutine (see _watch_tasks)."""
+        old = self._tasks.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._factories[name] = factory
+        t = asyncio.create_task(factory(), name=name)
+        self._tasks[name] = t
         return t
 
     async def _reconcile_loop(self, interval: float) -> None:
@@ -298,15 +304,16 @@ class Daemon:
         with contextlib.suppress(OSError):
             sdnotify.notify("READY=1")
 
-        self._spawn(self.manager.watch(_BackendFeeder(self)), "watch")
-        self._spawn(self.manager.keep_lease(self._on_lease_changed), "lease")
+        feeder = _BackendFeeder(self)
+        self._spawn("watch", lambda: self.manager.watch(feeder))
+        self._spawn("lease", lambda: self.manager.keep_lease(self._on_lease_changed))
         if self.backend.reconcile_interval:
-            self._spawn(self._reconcile_loop(self.backend.reconcile_interval), "reconcile")
+            self._spawn("reconcile", lambda: self._reconcile_loop(self.backend.reconcile_interval))
         if self.rules is not None:
-            self._spawn(self.rules.run(), "iptables-resync")
-        self._spawn(self._config_recheck_loop(), "config-recheck")
+            self._spawn("iptables-resync", self.rules.run)
+        self._spawn("config-recheck", self._config_recheck_loop)
         if self.o.ip_blackhole_route:
-            self._spawn(self._blackhole_loop(), "blackhole")
+            self._spawn("blackhole", self._blackhole_loop)
         log.info("running backend", backend=cfg.backend_type)
 
     async def run(self) -> int:
@@ -347,29 +354,18 @@ class Daemon:
         return code
 
     async def _watch_tasks(self) -> None:
-        """A background task that dies unexpectedly is logged and restarted after a pause."""
+        """A background loop that dies of an unexpected error is logged and started again."""
         while True:
             await asyncio.sleep(1)
-            for t in list(self._tasks):
+            for name, t in list(self._tasks.items()):
                 if t.done() and not t.cancelled() and t.exception() is not None:
-                    log.error("background task failed; restarting it", task=t.get_name(), error=repr(t.exception()))
-                    self._tasks.remove(t)
-                    # The coroutines are restartable loops; map names back to their factories.
-                    factory = {
-                        "watch": lambda: self.manager.watch(_BackendFeeder(self)),
-                        "lease": lambda: self.manager.keep_lease(self._on_lease_changed),
-                        "reconcile": lambda: self._reconcile_loop(self.backend.reconcile_interval),
-                        "iptables-resync": lambda: self.rules.run(),
-                        "config-recheck": self._config_recheck_loop,
-                        "blackhole": self._blackhole_loop,
-                    }.get(t.get_name())
-                    if factory:
-                        self._spawn(factory(), t.get_name())
+                    log.error("background task failed; restarting it", task=name, error=repr(t.exception()))
+                    self._spawn(name, self._factories[name])
 
     async def shutdown(self, health: HealthServer | None) -> None:
-        for t in self._tasks:
+        for t in self._tasks.values():
             t.cancel()
-        for t in self._tasks:
+        for t in self._tasks.values():
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await asyncio.wait_for(t, 1)
         if self.backend is not None:
