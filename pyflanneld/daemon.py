@@ -98,7 +98,7 @@ class Daemon:
             return False, self.not_ready_reason
         if self.manager and not self.manager.store_ok:
             return False, f"datastore unreachable: {self.manager.store_error}"
-        return True, ""
+        return self.backend.readiness()
 
     def peers(self) -> list[dict]:
         known = getattr(self.backend, "peers", {}) or {}
@@ -273,8 +273,8 @@ class Daemon:
             raise FatalError("pyflanneld must run as root to program the kernel (devices, routes); "
                              "run it as root or as the systemd service")
         cls = backend_class(cfg.backend_type)
-        self.backend = cls(BackendContext(config=cfg, backend_config=cfg.backend, ext=ext, options=self.o))
         try:
+            self.backend = cls(BackendContext(config=cfg, backend_config=cfg.backend, ext=ext, options=self.o))
             info = await self.backend.register()
         except BackendError as e:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None

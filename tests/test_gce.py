@@ -88,10 +88,10 @@ class Cloud:
         self.etcd.put(f"{prefix}/config", json.dumps(cfg))
         return prefix
 
-    def daemon(self, host, prefix: str, env: dict | None = None) -> Daemon:
+    def daemon(self, host, prefix: str, env: dict | None = None, args: tuple = ()) -> Daemon:
         full_env = {"PYFLANNELD_GCE_API_ENDPOINT": self.api.endpoint, **(env or {})}
         full_env = {k: v for k, v in full_env.items() if v is not None}
-        d = start_daemon(host, "--iface", "eth0", "--etcd-prefix", prefix, env=full_env, etcd=self.etcd)
+        d = start_daemon(host, "--iface", "eth0", "--etcd-prefix", prefix, *args, env=full_env, etcd=self.etcd)
         self.daemons.append(d)
         return d
 
@@ -214,9 +214,11 @@ def test_route_quota_is_one_clear_error_then_recovers(gce, style):
          "nextHopGateway": "default-internet-gateway"} for i in range(3)])
     h = gce.host(project)
     prefix = gce.config(CONFIG)
-    d = gce.daemon(h, prefix, {"PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"})
+    d = gce.daemon(h, prefix, {"PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"}, args=("--healthz-port", "8481"))
     sn = subnet_of(d.wait_subnet_env(30))
     line = d.wait_log(r".*route quota exceeded.*", 15).group(0)
+    code_body = h.run("curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:8481/readyz", check=False).stdout
+    assert code_body.endswith(" 503") and "gce route for our subnet not in place" in code_body, code_body
     code = "QUOTA_EXCEEDED" if style == "operation" else "quotaExceeded"
     assert f"({code}: Quota 'ROUTES' exceeded.  Limit: 3.0 globally.)" in line, line
     assert "ask for a higher ROUTES quota" in line and "level=error" in line
@@ -226,6 +228,7 @@ def test_route_quota_is_one_clear_error_then_recovers(gce, style):
     gce.api.update(project=project, route_quota=100)
     wait_for(lambda: route_name(sn) in gce.routes(project), 15, what="route after the quota was raised")
     d.wait_log(r"cloud route in place after retrying", 5)
+    assert h.run("curl", "-s", "http://127.0.0.1:8481/readyz", check=False).stdout == "flanneld is ready"
     assert_clean(d)
 
 

@@ -9,7 +9,8 @@ Life cycle (driven by the daemon, all on its asyncio loop):
 4. ``await set_peers(leases)`` with the full snapshot of remote leases (never our own), then
    ``await add_peer(lease)`` / ``await remove_peer(lease)`` per event. After a watch resync the
    daemon calls ``set_peers`` again with the new snapshot; backends must make the kernel match it.
-5. ``await reconcile()`` every ``reconcile_interval`` seconds (0 = never).
+5. ``await reconcile()`` every ``reconcile_interval`` seconds (0 = never); ``readiness()`` feeds
+   /readyz at any time.
 6. ``await close()`` on shutdown: stop background work; kernel state and leases stay.
 
 Backends that only need "make the kernel match this set of peers" can subclass
@@ -87,6 +88,10 @@ class Backend:
 
     async def reconcile(self) -> None:
         pass
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not) for /readyz, beyond the lease: e.g. a cloud route not yet in place."""
+        return True, ""
 
     async def close(self) -> None:
         pass

@@ -127,6 +127,12 @@ class CloudRouteBackend(PeerSetBackend):
         self.route_ready = False  # the cloud route for our subnet is known to be in place
         self.route_error = ""  # the last failure, "" when none
 
+    def readiness(self) -> tuple[bool, str]:
+        if self.route_ready:
+            return True, ""
+        return False, f"{self.type_name} route for our subnet not in place" + (
+            f": {self.route_error}" if self.route_error else " yet")
+
     # --- what a cloud implements ---------------------------------------------------------------
     def check_dependencies(self) -> None:
         """Import the cloud SDK (raise BackendError with the install hint when missing)."""
