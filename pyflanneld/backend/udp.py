@@ -10,9 +10,9 @@
 * reconcile(): restarts a worker that died. close(): stops the workers; the lease stays, and the
   TUN (with its route) goes away with the process, as upstream's.
 
-Environment: ``PYFLANNELD_UDP_WORKERS`` (default: number of CPUs), ``PYFLANNELD_UDP_OFFLOAD=1``
-(TCP segmentation/coalescing with virtio-net headers and UDP GSO/GRO, see
-:mod:`pyflanneld.udpfwd.offload`).
+Environment: ``PYFLANNELD_UDP_WORKERS`` (default: number of CPUs); ``PYFLANNELD_UDP_OFFLOAD=0``
+turns off the TCP segmentation/coalescing (virtio-net TUN headers, UDP GSO/GRO, see
+:mod:`pyflanneld.udpfwd.offload`) that is on by default — the wire format is the same either way.
 """
 
 from __future__ import annotations

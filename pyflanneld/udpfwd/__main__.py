@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--port", type=int, default=8285)
     ap.add_argument("--mtu", type=int, default=1472)
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--offload", action="store_true", default=None)
+    ap.add_argument("--offload", action=argparse.BooleanOptionalAction, default=None,
+                    help="TCP segmentation/coalescing (default: on unless PYFLANNELD_UDP_OFFLOAD=0)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--route", action="append", default=[], help="SUBNET=NEXT_HOP_IP")
     ap.add_argument("--commands", action="store_true", help="read commands from stdin")

@@ -34,22 +34,12 @@ class DeviceError(Exception):
     """The TUN device could not be configured; one line naming the step and the cause."""
 
 
-MAX_UDP_PAYLOAD = 65507
-MAX_TCPIP_HEADER = 60  # segments with longer headers are sent in more than one UDP GSO call
-
-
-def gso_limits(mtu: int) -> tuple[int, int]:
-    """(gso_max_segs, gso_max_size) so that one TCP super-packet fits one UDP GSO send (≤ 65507 B)."""
-    segs = max(1, min(64, MAX_UDP_PAYLOAD // mtu))
-    return segs, MAX_TCPIP_HEADER + segs * (mtu - MAX_TCPIP_HEADER)
-
-
 async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4Network,
                         offload: bool = False) -> int:
     """Configure TUN ``name``; idempotent (a restart finds it configured). Returns its ifindex.
 
-    With ``offload`` the TCP super-packets the kernel hands the TUN are capped (gso_max_size/segs)
-    so that each one leaves in a single UDP GSO send.
+    (``offload`` is accepted for symmetry; the device's GSO limits are left at the kernel's 64 KB:
+    a smaller gso_max_size would make the kernel cut pods' forwarded super-packets in software.)
     """
     ipr = AsyncIPRoute()
     try:
@@ -62,10 +52,6 @@ async def configure_tun(name: str, address: IPv4Address, mtu: int, network: IPv4
              lambda: ipr.addr("add", index=index, address=str(address), prefixlen=32)),
             (f"failed to set MTU for {name}", lambda: ipr.link("set", index=index, mtu=mtu)),
         ]
-        if offload:
-            segs, size = gso_limits(mtu)
-            steps.append((f"failed to set gso_max_size for {name}",
-                          lambda: ipr.link("set", index=index, gso_max_segs=segs, gso_max_size=size)))
         steps += [
             (f"failed to set interface {name} to UP state", lambda: ipr.link("set", index=index, state="up")),
             (f"failed to add route ({network} -> {name})",

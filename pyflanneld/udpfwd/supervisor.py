@@ -16,6 +16,8 @@ Spawn workers from the thread that will outlive them (the daemon's main thread):
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import itertools
 import os
 import select
@@ -50,7 +52,8 @@ def default_workers() -> int:
 
 
 def default_offload() -> bool:
-    return os.environ.get("PYFLANNELD_UDP_OFFLOAD", "0").strip().lower() in ("1", "true", "yes", "on")
+    """TCP segmentation/coalescing offload (:mod:`.offload`): on unless PYFLANNELD_UDP_OFFLOAD=0."""
+    return os.environ.get("PYFLANNELD_UDP_OFFLOAD", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 @dataclass
@@ -86,18 +89,36 @@ class Forwarder:
     # --- device ------------------------------------------------------------------------------
 
     def open_device(self) -> None:
-        """Create (or attach to) the TUN device and keep one detached queue open."""
+        """Create (or attach to) the TUN device and keep one detached queue open.
+
+        Offload needs numpy and a kernel that takes TUNSETOFFLOAD; without them the per-packet
+        forwarder is used (logged once).
+        """
         if self.holder_fd is not None:
             return
-        fd = tun.open_queue(self.tun_name, tun.tun_flags(multi_queue=True, vnet_hdr=self.offload))
+        if self.offload and importlib.util.find_spec("numpy") is None:
+            log.warning("udp offload off: numpy is not installed (pip install numpy)")
+            self.offload = False
+        if self.offload:
+            try:
+                self.holder_fd = self._open_holder(vnet_hdr=True)
+                return
+            except OSError as e:
+                if isinstance(e, tun.TunError) and e.errno != errno.EINVAL:
+                    raise
+                log.warning("udp offload off: the TUN does not take virtio-net offloads", error=str(e))
+                self.offload = False
+        self.holder_fd = self._open_holder(vnet_hdr=False)
+
+    def _open_holder(self, vnet_hdr: bool) -> int:
+        fd = tun.open_queue(self.tun_name, tun.tun_flags(multi_queue=True, vnet_hdr=vnet_hdr))
         try:
-            if self.offload:
-                tun.set_offload(fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO_ECN)
+            tun.set_offload(fd, tun.TUN_F_CSUM | tun.TUN_F_TSO4 | tun.TUN_F_TSO_ECN if vnet_hdr else 0)
             tun.set_queue_enabled(fd, False)
         except OSError:
             os.close(fd)
             raise
-        self.holder_fd = fd
+        return fd
 
     # --- workers -----------------------------------------------------------------------------
 
@@ -121,6 +142,8 @@ class Forwarder:
             argv.append("--offload")
         env = dict(os.environ)
         env["PYTHONPATH"] = _PKG_ROOT + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")  # numpy's BLAS thread pool is of no use to a worker
         try:
             proc = subprocess.Popen(argv, pass_fds=(child.fileno(),), env=env, stdin=subprocess.DEVNULL)
         finally:
