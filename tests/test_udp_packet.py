@@ -416,3 +416,31 @@ def test_coalesce_refuses(breakage):
             x[6] |= 0x20
     buf, ln, g = gro_buffer([bytes(x) for x in segs])
     assert gso.coalesce(buf, 12, ln, g, bytearray(70000)) == 0
+
+
+def test_coalesce_two_gso_sends_of_one_super_packet():
+    """A 64 KB super-packet leaves in two UDP GSO sends (65507-byte limit); both halves merge."""
+    payload = bytes(random.Random(5).randrange(256) for _ in range(1420 * 44 + 700))
+    sp = tcp_packet(payload, partial=True)
+    segs = reference_segments(bytes(sp), 1420)
+    first, second = b"".join(segs[:40]), b"".join(segs[40:])
+    buf = bytearray(200000)
+    buf[12:12 + len(first)] = first
+    b2 = 100012
+    buf[b2:b2 + len(second)] = second
+    out = bytearray(70000)
+    n = gso.coalesce(buf, 12, len(first), 1472, out, b2, len(second))
+    assert n == 10 + len(sp)
+    assert bytes(out[10 + 52:n]) == payload
+    assert header_checksum_ok(bytes(out[10:n]))
+    # a gap between the halves (a lost datagram) is not merged
+    buf[b2:b2 + len(second) - 1472] = b"".join(segs[41:])
+    assert gso.coalesce(buf, 12, len(first), 1472, out, b2, len(second) - 1472) == 0
+    # too big for one IPv4 packet: not merged
+    a = reference_segments(bytes(tcp_packet(bytes(1420 * 40), flags=gso.TCP_ACK, partial=True)), 1420)
+    b = reference_segments(bytes(tcp_packet(bytes(1420 * 7), seq=1000 + 1420 * 40, ident=0x100 + 40,
+                                            partial=True)), 1420)
+    buf[12:12 + 1472 * 40] = b"".join(a)
+    buf[b2:b2 + 1472 * 7] = b"".join(b)
+    assert gso.coalesce(buf, 12, 1472 * 40, 1472, out, b2, 1472 * 6) != 0  # 46 segments fit
+    assert gso.coalesce(buf, 12, 1472 * 40, 1472, out, b2, 1472 * 7) == 0  # 47 do not

@@ -30,7 +30,6 @@ U16 = struct.Struct("!H")
 U32 = struct.Struct("!I")
 TCP_FIN, TCP_SYN, TCP_RST, TCP_PSH, TCP_ACK, TCP_URG, TCP_ECE, TCP_CWR = 1, 2, 4, 8, 16, 32, 64, 128
 _AR64 = np.arange(2048, dtype=np.uint64)
-_COLS: dict[tuple[int, int], np.ndarray] = {}
 
 
 def fold(s: int) -> int:
@@ -144,30 +143,46 @@ def segment(buf, pkt_off: int, ln: int, mss: int, out) -> tuple[int, int]:
     return pos, seg_len
 
 
-def _cols_for(ihl: int, hlen: int) -> np.ndarray:
-    """Header bytes that must be equal in every segment of a coalescable run."""
-    key = (ihl, hlen)
-    cols = _COLS.get(key)
-    if cols is None:
-        idx = [0, 1, 6, 7, 8, 9] + list(range(12, ihl))  # ver/ihl, tos, frag, ttl, proto, addrs, options
-        idx += [ihl + k for k in (0, 1, 2, 3, 8, 9, 10, 11, 12, 14, 15, 18, 19)]  # ports, ack, doff, win, urg
-        idx += list(range(ihl + 20, hlen))  # TCP options (timestamps must match, as for kernel GRO)
-        cols = _COLS[key] = np.array(idx, dtype=np.intp)
-    return cols
+_MASKS: dict[tuple[int, int, bool], np.ndarray] = {}
 
 
-def coalesce(buf, base: int, ln: int, g: int, out) -> int:
+def _mask_for(ihl: int, hlen: int, tail: bool = False) -> np.ndarray:
+    """Header bytes (0xFF) or bits that must be equal in every segment of a coalescable run
+    (``tail``: for a shorter last segment, whose total length differs)."""
+    key = (ihl, hlen, tail)
+    m = _MASKS.get(key)
+    if m is None:
+        m = np.full(hlen, 0xFF, dtype=np.uint8)
+        m[[4, 5, 10, 11]] = 0  # IP ID, header checksum
+        m[ihl + 4:ihl + 8] = 0  # seq (checked to be consecutive)
+        m[ihl + 13] = 0xFF & ~(TCP_PSH | TCP_FIN)  # PSH/FIN: only the last may have them
+        m[[ihl + 16, ihl + 17]] = 0  # TCP checksum
+        if tail:
+            m[[2, 3]] = 0  # total length
+        m = _MASKS[key] = m
+    return m
+
+
+def coalesce(buf, base: int, ln: int, g: int, out, base2: int = -1, ln2: int = 0) -> int:
     """Merge the ``g``-byte segments at ``buf[base:base+ln]`` (the last may be shorter) into ``out``.
 
+    With ``base2``/``ln2`` a second buffer of the same segment size follows the first (which must
+    then end on a full segment): one TCP super-packet the sender had to send in two UDP GSO calls.
     Returns the number of bytes of ``out`` to write to the TUN (virtio-net header + packet, TTL not
     yet decremented), or 0 when the segments are not consecutive data of one TCP flow with equal
-    headers (then the caller forwards them one by one).
+    headers or would exceed 64 KB (then the caller forwards them otherwise).
     """
     mv = memoryview(buf).cast("B")
     p = mv[base:base + ln]
-    n_full = ln // g
-    rem = ln - n_full * g
-    if n_full < 1 or p[0] >> 4 != 4 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
+    if base2 >= 0:
+        if ln % g or ln2 < g:
+            return 0
+        tail_base, tail_ln = base2, ln2
+    else:
+        tail_base, tail_ln = base, ln
+    n_tail_full = tail_ln // g
+    rem = tail_ln - n_tail_full * g
+    if ln < g or p[0] >> 4 != 4 or p[9] != 6 or (p[6] & 0x3F) or p[7]:
         return 0
     ihl = (p[0] & 0x0F) * 4
     if g < ihl + 20:
@@ -179,43 +194,52 @@ def coalesce(buf, base: int, ln: int, g: int, out) -> int:
     if (doff < 20 or paylen <= 0 or (rem and rem <= hlen) or U16.unpack_from(p, 2)[0] != g
             or f0 & (TCP_SYN | TCP_RST | TCP_URG | TCP_FIN | TCP_PSH) or not f0 & TCP_ACK):
         return 0
-    cols = _cols_for(ihl, hlen)
-    arr = np.frombuffer(buf, dtype=np.uint8, count=ln, offset=base)
-    rows = arr[:n_full * g].reshape(n_full, g)
-    last_fl = f0
-    if n_full > 1:
-        k = rows[:, cols]
-        if not (k == k[0]).all():
-            return 0
-        fl = rows[:, ihl + 13]
-        last_fl = int(fl[-1])
-        if not (fl[:-1] == f0).all() or (last_fl | TCP_PSH | TCP_FIN) != (f0 | TCP_PSH | TCP_FIN):
-            return 0
-        if last_fl & TCP_FIN or (rem and last_fl & TCP_PSH):
-            return 0
-        tot = np.ndarray((n_full,), dtype=">u2", buffer=buf, offset=base + 2, strides=(g,))
-        seqs = np.ndarray((n_full,), dtype=">u4", buffer=buf, offset=base + ihl + 4, strides=(g,))
-        if not (tot == g).all() or not (np.diff(seqs.astype(np.uint32)) == paylen).all():
-            return 0
-    if rem:
-        t = n_full * g
-        last = arr[t:t + rem]
-        lf = int(last[ihl + 13])
-        if (not (last[cols] == rows[0, cols]).all() or U16.unpack_from(p, t + 2)[0] != rem
-                or (lf | TCP_PSH | TCP_FIN) != (f0 | TCP_PSH | TCP_FIN)
-                or U32.unpack_from(p, t + ihl + 4)[0] != (U32.unpack_from(p, ihl + 4)[0] + n_full * paylen) & 0xFFFFFFFF):
-            return 0
-        last_fl = lf
+    mask = _mask_for(ihl, hlen)
+    tail_arr = np.frombuffer(buf, dtype=np.uint8, count=tail_ln, offset=tail_base)
+    if base2 >= 0:
+        first = np.frombuffer(buf, dtype=np.uint8, count=ln, offset=base).reshape(ln // g, g)
+        rows = np.concatenate((first, tail_arr[:n_tail_full * g].reshape(n_tail_full, g)))
+    else:
+        rows = tail_arr[:n_tail_full * g].reshape(n_tail_full, g)
+    n_full = len(rows)
+    if n_full < 1:
+        return 0
     total_pay = n_full * paylen + (rem - hlen if rem else 0)
     total = hlen + total_pay
     if total > 65535:
         return 0
+    seq0 = U32.unpack_from(p, ihl + 4)[0]
+    last_fl = f0
+    if n_full > 1:
+        hdr = rows[:, :hlen]
+        # every header byte equal to the first segment's, except IP ID/checksum, seq, PSH/FIN, TCP checksum
+        if ((hdr ^ hdr[0]) & mask).any():
+            return 0
+        fl = rows[:, ihl + 13]
+        last_fl = int(fl[-1])
+        if (fl[:-1] & (TCP_PSH | TCP_FIN)).any() or (last_fl & TCP_FIN and rem) or (rem and last_fl & TCP_PSH):
+            return 0
+        want = ((_AR64[:n_full] * paylen + seq0) & 0xFFFFFFFF).astype(">u4").view(np.uint8).reshape(n_full, 4)
+        if not (rows[:, ihl + 4:ihl + 8] == want).all():
+            return 0
+    elif last_fl & TCP_FIN and rem:
+        return 0
+    if rem:
+        t = n_tail_full * g
+        last = tail_arr[t:t + rem]
+        lf = int(last[ihl + 13])
+        tp = mv[tail_base + t:tail_base + t + rem]
+        if (((last[:hlen] ^ rows[0, :hlen]) & _mask_for(ihl, hlen, tail=True)).any()
+                or U16.unpack_from(tp, 2)[0] != rem
+                or U32.unpack_from(tp, ihl + 4)[0] != (seq0 + n_full * paylen) & 0xFFFFFFFF):
+            return 0
+        last_fl = lf
     H = VNET_HDR_LEN
     o = np.frombuffer(out, dtype=np.uint8, count=H + total)
     o[H:H + hlen] = rows[0, :hlen]
     o[H + hlen:H + hlen + n_full * paylen].reshape(n_full, paylen)[:] = rows[:, hlen:]
     if rem:
-        o[H + hlen + n_full * paylen:H + total] = arr[n_full * g + hlen:ln]
+        o[H + hlen + n_full * paylen:H + total] = tail_arr[n_tail_full * g + hlen:tail_ln]
     omv = memoryview(out).cast("B")
     h = omv[H:H + hlen]
     h[ihl + 13] = f0 | (last_fl & (TCP_PSH | TCP_FIN))

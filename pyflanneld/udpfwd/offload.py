@@ -169,16 +169,26 @@ class OffloadWorker(Worker):
             return
         self.stats.udp_rx += n
         hdr_i = rx.hdr_i
-        for i in range(n):
+        i = 0
+        while i < n:
             ln = hdr_i[i * 16 + 14]
             if ln < 20 or rx.truncated(i):
                 self.stats.bad += 1
+                i += 1
                 continue
             g = rx.gro_size(i)
-            if g and ln > g:
-                self.coalesce(i, ln, g)
+            if g and ln >= g:
+                # a super-packet the sender split over two GSO sends: try to merge both buffers
+                if i + 1 < n and ln % g == 0 and rx.gro_size(i + 1) == g and self.coalesce(i, ln, g, i + 1):
+                    i += 2
+                    continue
+                if ln > g:
+                    self.coalesce(i, ln, g)
+                else:
+                    self._write_one(rx.slots[i], PKT, ln)
             else:
                 self._write_one(rx.slots[i], PKT, ln)
+            i += 1
 
     def _write_one(self, s: memoryview, off: int, ln: int) -> None:
         """Write the packet at ``s[off:off+ln]`` to the TUN (virtio header in the 10 bytes before it)."""
@@ -207,18 +217,28 @@ class OffloadWorker(Worker):
                 raise
             self.stats.bad += 1
 
-    def coalesce(self, i: int, ln: int, g: int) -> None:
-        """A UDP_GRO buffer of ``g``-byte segments: one TSO write if they are one TCP flow in order."""
-        n = gso.coalesce(self.rx.buf, i * SLOT + PKT, ln, g, self.coal)
-        if not n:
-            self.stats.split += 1
-            self._write_segments(self.rx.slots[i], ln, g)
-            return
+    def coalesce(self, i: int, ln: int, g: int, j: int = -1) -> bool:
+        """UDP_GRO buffer(s) of ``g``-byte segments: one TSO write if they are one TCP flow in order.
+
+        With ``j``: also slot ``j`` (the second half of the same super-packet); returns False and
+        writes nothing when the two do not merge. Without: falls back to segment by segment.
+        """
+        if j >= 0:
+            n = gso.coalesce(self.rx.buf, i * SLOT + PKT, ln, g, self.coal, j * SLOT + PKT,
+                             self.rx.hdr_i[j * 16 + 14])
+            if not n:
+                return False
+        else:
+            n = gso.coalesce(self.rx.buf, i * SLOT + PKT, ln, g, self.coal)
+            if not n:
+                self.stats.split += 1
+                self._write_segments(self.rx.slots[i], ln, g)
+                return True
         cm = self.coal_mv
         ttl = cm[VNET_HDR_LEN + 8]
         if ttl <= 1:
             self.stats.ttl_drop += 1
-            return
+            return True
         cm[VNET_HDR_LEN + 8] = ttl - 1
         c = (cm[VNET_HDR_LEN + 10] << 8 | cm[VNET_HDR_LEN + 11]) + 0x100
         if c >= 0xFFFF:
@@ -233,6 +253,7 @@ class OffloadWorker(Worker):
             if e.errno not in (errno.EINVAL, errno.EIO, errno.EAGAIN):
                 raise
             self.stats.bad += 1
+        return True
 
     def _write_segments(self, s: memoryview, ln: int, g: int) -> None:
         """Fallback: each segment of a GRO buffer on its own (copied behind a fresh virtio header)."""
