@@ -56,6 +56,7 @@ class HostGWBackend(KernelPeerBackend):
         if r is None:
             return
         log.info("subnet removed", subnet=str(lease.subnet))
+        self.expect_deleted("route", r.dst.network_address)
         await self.nl.delete_route(r)
 
     # --- reconciliation -------------------------------------------------------------------------

@@ -76,6 +76,10 @@ class KernelPeerBackend(PeerSetBackend):
         self._repairs: set[asyncio.Task] = set()
         self._armed = False  # a repair pass is scheduled and has not started yet
         self._warned: set[IPv4Network] = set()
+        # (kind, dst) of entries we are deleting ourselves: their notifications are not drift. Without
+        # this every peer removal set off a full repair pass (3 dumps), and removing thousands of
+        # peers took hours.
+        self._own_deletes: set[tuple[str, str]] = set()
         self._closed = False
         # Until the first snapshot (set_peers) we do not know which entries are stale: a timer or
         # event pass before it would remove every peer's entries of the previous run.
@@ -96,7 +100,7 @@ class KernelPeerBackend(PeerSetBackend):
     async def remove_peer(self, lease: Lease) -> None:
         async with self._lock:
             await super().remove_peer(lease)
-            self._forget_gone()
+            self._forget(lease.subnet)  # O(1): a burst of removals must not be quadratic
 
     async def reconcile(self) -> None:
         async with self._lock:
@@ -130,6 +134,10 @@ class KernelPeerBackend(PeerSetBackend):
                         type=lease.attrs.backend_type)
         return True
 
+    def expect_deleted(self, kind: str, dst: object) -> None:
+        """Call before deleting an entry of ours (kind "route"/"neigh"/"fdb", dst as in Event.dst)."""
+        self._own_deletes.add((kind, str(dst)))
+
     def owns_route(self, r: Route, devices: set[int]) -> bool:
         """Is this a route of ours: main table, not the kernel's, inside the flannel Network, not the
         own subnet (that one is on docker0/cni0), and on one of ``devices``? Routes on the external
@@ -161,10 +169,16 @@ class KernelPeerBackend(PeerSetBackend):
     def _forget_gone(self) -> None:
         self._warned &= set(self.peers)
 
+    def _forget(self, subnet: IPv4Network) -> None:
+        """What _forget_gone does, for one removed peer (the full pass runs with every reconcile)."""
+        self._warned.discard(subnet)
+
     async def _sync(self, reason: str) -> None:
         if not self._have_snapshot:
             log.debug("reconcile skipped: no lease snapshot yet", reason=reason)
             return
+        self._own_deletes.clear()  # a full pass settles everything; stale expectations must not linger
+        self._forget_gone()
         try:
             changes = await self.sync_entries()
         except (NetlinkError, BackendError) as e:
@@ -177,6 +191,9 @@ class KernelPeerBackend(PeerSetBackend):
         mon = NetlinkMonitor()
         try:
             async for ev in mon.events():
+                if ev.action == "del" and (ev.kind, ev.dst) in self._own_deletes:
+                    self._own_deletes.discard((ev.kind, ev.dst))
+                    continue
                 if not self._closed and self.relevant(ev):
                     self._schedule()
         except asyncio.CancelledError:

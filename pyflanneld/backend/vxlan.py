@@ -248,17 +248,25 @@ class VXLANBackend(KernelPeerBackend):
         if e.arp is None:
             log.info("removing direct route to subnet", subnet=str(lease.subnet),
                      public_ip=str(e.route.gateway))
+            self.expect_deleted("route", e.route.dst.network_address)
             await self.attempt("route delete", lambda: self.nl.delete_route(e.route), **ctx)
             return
         assert e.fdb is not None
         log.info("removing subnet", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
                  vtep_mac=e.arp[1])
         idx = e.route.oif
+        self.expect_deleted("neigh", e.arp[0])
+        self.expect_deleted("fdb", e.fdb[1])
+        self.expect_deleted("route", e.route.dst.network_address)
         await self.attempt("DelARP", lambda: self.nl.delete_neighbour(idx, e.arp[0]), **ctx)
         await self.attempt("DelFDB", lambda: self.nl.delete_fdb(idx, *e.fdb), **ctx)
         await self.attempt("route delete", lambda: self.nl.delete_route(e.route), **ctx)
 
     # --- reconciliation -------------------------------------------------------------------------
+    def _forget(self, subnet) -> None:
+        super()._forget(subnet)
+        self._bad_data.discard(subnet)
+
     def _forget_gone(self) -> None:
         super()._forget_gone()
         self._bad_data &= set(self.peers)
