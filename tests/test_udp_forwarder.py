@@ -305,11 +305,18 @@ def test_routes_follow_updates_without_restarting_workers(lab, fwds):
     assert h1.ping(tun_ip(h2))
     assert not h1.ping(tun_ip(h3), timeout=0.5)
 
-    t0 = time.monotonic()
+    # time from sending an update to every worker having applied it (sync answers after it)
+    took = []
+    for _ in range(5):
+        for line in (f"add {subnet_of(h3)} {h3.address}", f"del {subnet_of(h3)}"):
+            t0 = time.monotonic()
+            f1.cmd(line)
+            f1.sync()
+            took.append(time.monotonic() - t0)
+    took.sort()
+    assert took[len(took) // 2] < 0.1, f"route updates took {[round(t * 1000) for t in took]} ms"
     f1.cmd(f"add {subnet_of(h3)} {h3.address}")
     f1.sync()
-    applied = time.monotonic() - t0
-    assert applied < 0.1, f"route update took {applied * 1000:.0f} ms to reach every worker"
     assert h1.wait_ping(tun_ip(h3), timeout=3)
 
     f1.cmd(f"del {subnet_of(h3)}")
