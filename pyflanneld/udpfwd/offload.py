@@ -46,8 +46,6 @@ class OffloadWorker(Worker):
         self.tx = MsgBatch(batch, SLOT, offset=PKT)
         self._tx_lists = [[s[HEAD:]] for s in self.tx.slots]
         self.rx = MsgBatch(max(8, batch // 4), SLOT, control_size=32, offset=PKT)
-        self.rx_base = ctypes.addressof(self.rx.buf)
-        self.tx_base = ctypes.addressof(self.tx.buf)
         # segmentation output: up to 64 KB payload + 64 headers of ≤ 120 bytes
         self.out = (ctypes.c_ubyte * (2 * SLOT))()
         self.out_mv = memoryview(self.out).cast("B")
