@@ -1,0 +1,78 @@
+"""A small etcd v3 client the benchmarks run inside lab namespaces (aetcd, like the daemon).
+
+    python etcd_probe.py HOST:PORT watch PREFIX                 # one line per event: "<unix time> PUT|DELETE <key>"
+    python etcd_probe.py HOST:PORT joins PREFIX FIRST N GAP     # put N leases GAP s apart: "<t_sent> <t_acked> <key>"
+    python etcd_probe.py HOST:PORT load PREFIX FIRST N          # put N leases as fast as etcd takes them
+    python etcd_probe.py HOST:PORT unload PREFIX FIRST N        # delete them again
+
+Lease i is subnet 10.<i // 256>.<i % 256>.0/24 with a vxlan BackendData (a MAC derived from i) and a
+PublicIP in 172.16.0.0/12, so each one is three kernel entries on a vxlan host. Printing goes to
+stdout, flushed per line ("ready" first, once connected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import aetcd
+
+CONCURRENCY = 64
+
+
+def subnet_key(prefix: str, i: int) -> str:
+    return f"{prefix}/subnets/10.{i // 256}.{i % 256}.0-24"
+
+
+def lease_value(i: int) -> str:
+    mac = "02:%02x:%02x:%02x:%02x:%02x" % (0xBE, (i >> 24) & 255, (i >> 16) & 255, (i >> 8) & 255, i & 255)
+    public_ip = f"172.{16 + (i >> 16) % 16}.{(i >> 8) & 255}.{i & 255}"
+    return json.dumps({"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "vxlan",
+                       "BackendData": {"VNI": 1, "VtepMAC": mac}}, separators=(",", ":"))
+
+
+def say(*parts: object) -> None:
+    print(*parts, flush=True)
+
+
+async def main(argv: list[str]) -> None:
+    hostport, mode, prefix, *rest = argv
+    host, port = hostport.rsplit(":", 1)
+    async with aetcd.Client(host=host, port=int(port), timeout=30) as c:
+        await c.get(b"/probe")  # connect now, not on the first timed call
+        if mode == "watch":
+            it = await c.watch_prefix(f"{prefix}/subnets/".encode())
+            say("ready")
+            async for ev in it:
+                say(f"{time.time():.6f}", ev.kind, ev.kv.key.decode())
+            return
+        first, n = int(rest[0]), int(rest[1])
+        say("ready")
+        if mode == "joins":
+            gap = float(rest[2])
+            for i in range(first, first + n):
+                key = subnet_key(prefix, i)
+                t0 = time.time()
+                await c.put(key.encode(), lease_value(i).encode())
+                say(f"{t0:.6f} {time.time():.6f} {key}")
+                await asyncio.sleep(gap)
+            return
+        sem = asyncio.Semaphore(CONCURRENCY)
+
+        async def one(i: int) -> None:
+            async with sem:
+                key = subnet_key(prefix, i).encode()
+                if mode == "load":
+                    await c.put(key, lease_value(i).encode())
+                else:
+                    await c.delete(key)
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(first, first + n)))
+        say(f"done {n} {time.monotonic() - t0:.3f}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1:]))
