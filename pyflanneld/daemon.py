@@ -21,7 +21,6 @@ from .config import ConfigError, NetworkConfig
 from .health import HealthServer
 from .options import Options
 from .subnet.etcd_common import EtcdSettings, parse_endpoints
-from .subnet.etcdv2 import EtcdV2Store
 from .subnet.etcdv3 import EtcdV3Store
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import HOW_TO_SET, SubnetManager, read_config
@@ -120,11 +119,22 @@ class Daemon:
         if api not in ("auto", "v3", "v2"):
             raise FatalError(f"--etcd-api {self.o.etcd_api!r}: use auto, v3 or v2")
         v3 = EtcdV3Store(settings) if api in ("auto", "v3") else None
-        v2 = EtcdV2Store(settings) if api in ("auto", "v2") else None
+        v2 = None
+
+        def stores():
+            nonlocal v2
+            if v3 is not None:
+                yield v3
+            if api in ("auto", "v2"):
+                if v2 is None:  # imported on demand: httpx costs memory a v3 cluster never needs
+                    from .subnet.etcdv2 import EtcdV2Store
+                    v2 = EtcdV2Store(settings)
+                yield v2
+
         last, last_at = "", 0.0
         while True:
             problem = ""
-            for store in (s for s in (v3, v2) if s is not None):
+            for store in stores():
                 try:
                     cfg = await read_config(store)
                 except ConfigError as e:
