@@ -15,10 +15,11 @@ import json
 import secrets
 import sys
 import time
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from helpers import subnet_of
 
 from pyflanneld.backend import BackendContext, BackendError, ExternalInterface
 from pyflanneld.backend.awsvpc import AwsVpcBackend, parse_route_tables
@@ -147,10 +148,6 @@ def aws(cloud, request):
         for d in cloud.daemons:
             print(f"----- {d.host.name} daemon log -----\n{d.log_text()[-4000:]}")
     cloud.stop_daemons()
-
-
-def subnet_of(env: dict) -> IPv4Network:
-    return IPv4Network(env["FLANNEL_SUBNET"], strict=False)
 
 
 def assert_clean(d: Daemon) -> None:

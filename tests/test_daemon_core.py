@@ -10,28 +10,11 @@ import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
+from helpers import PREFIX, http_get, key_of, subnet_of, wait_for
+
 from pyflanneld.lab.cluster import start_daemon
 
-PREFIX = "/coreos.com/network"
 ALLOC = '{"Network":"10.1.0.0/16","Backend":{"Type":"alloc"}}'
-
-
-def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def subnet_of(env: dict) -> IPv4Network:
-    return IPv4Network(env["FLANNEL_SUBNET"], strict=False)
-
-
-def key_of(sn: IPv4Network) -> str:
-    return f"{PREFIX}/subnets/{sn.network_address}-{sn.prefixlen}"
 
 
 def v3_lease_id(etcd, key: str) -> int:
@@ -39,13 +22,6 @@ def v3_lease_id(etcd, key: str) -> int:
     kvs = out.get("kvs") or []
     assert kvs, f"{key} not in etcd"
     return int(kvs[0].get("lease", 0))
-
-
-def http_get(host, port, path):
-    p = host.run("curl", "-s", "-o", "/dev/stdout", "-w", "\n%{http_code}", f"http://127.0.0.1:{port}{path}",
-                 check=False)
-    body, _, code = p.stdout.rpartition("\n")
-    return int(code or 0), body
 
 
 def test_seed_workflow_v2_curl_and_flanneld_env_only(lab, etcd):

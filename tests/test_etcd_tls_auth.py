@@ -12,6 +12,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+from helpers import key_of, subnet_of, wait_for
 
 from pyflanneld.lab.cluster import start_daemon
 from pyflanneld.lab.etcd import EtcdServer, make_tls_certs
@@ -21,25 +22,6 @@ pytestmark = pytest.mark.lab
 PREFIX = "/coreos.com/network"
 ALLOC = '{"Network":"10.1.0.0/16","Backend":{"Type":"alloc"}}'
 HZ = 8490
-
-
-def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def subnet_of(env: dict) -> IPv4Network:
-    return IPv4Network(env["FLANNEL_SUBNET"], strict=False)
-
-
-def key_of(sn: IPv4Network) -> str:
-    return f"{PREFIX}/subnets/{sn.network_address}-{sn.prefixlen}"
 
 
 def peers_of(host) -> set[str]:

@@ -14,6 +14,7 @@ from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
+from helpers import key_of, subnet_of, wait_for
 
 from pyflanneld.lab.cluster import pyflanneld_argv, start_daemon
 from pyflanneld.lab.etcd import EtcdCluster
@@ -27,26 +28,6 @@ HZ = 8480  # --healthz-port; every host is its own namespace, so one port serves
 
 
 # -- helpers ----------------------------------------------------------------------------------------
-def wait_for(pred, timeout=10.0, interval=0.05, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def subnet_of(env: dict) -> IPv4Network:
-    return IPv4Network(env["FLANNEL_SUBNET"], strict=False)
-
-
-def key_of(sn: IPv4Network | str) -> str:
-    sn = IPv4Network(sn)
-    return f"{PREFIX}/subnets/{sn.network_address}-{sn.prefixlen}"
-
-
 def http_get(host, path, port=HZ):
     p = host.run("curl", "-s", "--max-time", "3", "-o", "/dev/stdout", "-w", "\n%{http_code}",
                  f"http://127.0.0.1:{port}{path}", check=False)

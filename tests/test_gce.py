@@ -15,6 +15,7 @@ import time
 from ipaddress import IPv4Network
 
 import pytest
+from helpers import subnet_of
 
 from pyflanneld.backend.gce import route_name, same_resource
 from pyflanneld.lab import netns
@@ -126,10 +127,6 @@ def gce(cloud, request):
             print(f"----- {d.host.name} daemon log -----\n{d.log_text()[-4000:]}")
         print(f"----- compute API log -----\n{cloud.api.process.log_text()[-3000:]}")
     cloud.stop_daemons()
-
-
-def subnet_of(env: dict) -> IPv4Network:
-    return IPv4Network(env["FLANNEL_SUBNET"], strict=False)
 
 
 def assert_clean(d: Daemon) -> None:
