@@ -56,6 +56,9 @@ class UdpBackend(Backend):
 
     async def start(self, own_lease: Lease) -> None:
         await super().start(own_lease)
+        if self.fwd is not None:  # a new subnet after a lost lease: new TUN address, new workers
+            self.fwd.stop()
+            self.fwd = None
         fwd = Forwarder(tun_name=TUN_NAME, bind_ip=self.ctx.ext.ip, port=self.port,
                         tun_ip=own_lease.subnet.network_address, mtu=self.mtu)
         try:

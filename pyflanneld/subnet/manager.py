@@ -170,7 +170,8 @@ class SubnetManager:
 
     # -- renewal -------------------------------------------------------------------------------
     async def keep_lease(self, on_changed: Callable[[Lease], Awaitable[None]]) -> None:
-        """Renew before expiry; if the lease is lost, acquire again (same subnet if still free)."""
+        """Renew before expiry; if the lease is lost, acquire again (same subnet if still free).
+        `on_changed` is called only when the re-acquired subnet differs."""
         assert self.lease is not None and self.attrs is not None
         while True:
             lease = self.lease
@@ -202,9 +203,11 @@ class SubnetManager:
             log.warning("own lease lost (expired or deleted); acquiring again", subnet=str(lease.subnet))
             self.prev_subnet = lease.subnet
             new = await self.acquire(self.attrs)
-            if new.subnet != lease.subnet:
-                log.warning("subnet changed after re-acquiring the lease", old=str(lease.subnet),
-                            new=str(new.subnet))
+            if new.subnet == lease.subnet:
+                log.info("lease re-acquired, same subnet", subnet=str(new.subnet))
+                continue  # the kernel, the rules and subnet.env are all still right
+            log.warning("subnet changed after re-acquiring the lease; restart docker/CNI to move pods",
+                        old=str(lease.subnet), new=str(new.subnet))
             await on_changed(new)
 
     async def _wait_lost(self, timeout: float | None) -> bool:
