@@ -366,3 +366,16 @@ def test_not_root_is_one_clear_line(lab, etcd):
     assert "must run as root" in p.stderr
     assert "Traceback" not in p.stderr
     assert etcd.get_prefix(f"{PREFIX}/subnets/") == {}  # nothing leased by a daemon that cannot work
+
+
+def test_own_subnet_taken_over_moves_to_a_new_subnet(lab, etcd):
+    h1 = lab.add_host("h1")
+    etcd.put(f"{PREFIX}/config", ALLOC)
+    d = start_daemon(h1)
+    sn = subnet_of(d.wait_subnet_env())
+    etcd.put(key_of(sn), '{"PublicIP":"192.168.100.77","PublicIPv6":null}')  # an admin gives it away
+    new = wait_for(lambda: (e := d.subnet_env()) and subnet_of(e) != sn and subnet_of(e), 10,
+                   what="subnet.env rewritten with a new subnet")
+    assert json.loads(etcd.get(key_of(new)))["PublicIP"] == h1.address
+    assert json.loads(etcd.get(key_of(sn)))["PublicIP"] == "192.168.100.77"  # not taken back
+    assert "subnet changed after re-acquiring" in d.log_text() and d.alive
