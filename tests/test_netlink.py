@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 
 import pytest
 from backend_harness import PYTHON
@@ -142,3 +143,66 @@ def test_monitor_reports_overrun_and_recovers(lab):
     overrun, next_kind = cp.stdout.split()
     assert overrun == "True" and next_kind in {"link", "fdb", "neigh", "route"}, cp.stdout + cp.stderr
     assert "netlink monitor restarted; reconciling" in cp.stderr
+
+
+BATCH = """
+import asyncio, json
+from ipaddress import IPv4Address as A, IPv4Network as N
+from pyflanneld.netlink import BatchOp, Netlink, Route
+def peer(i):
+    sn = N(f"10.{i // 256}.{i % 256}.0/24")
+    return sn, "02:be:00:00:%02x:%02x" % (i >> 8, i & 255), A(f"172.16.{i >> 8}.{i & 255}")
+def ops(idx, peers, delete=False):
+    out = []
+    for sn, mac, pub in peers:
+        r = Route(sn, sn.network_address, idx, onlink=True)
+        if delete:
+            out += [BatchOp.delete_neighbour(idx, sn.network_address), BatchOp.delete_fdb(idx, mac, pub),
+                    BatchOp.delete_route(r)]
+        else:
+            out += [BatchOp.replace_neighbour(idx, sn.network_address, mac), BatchOp.replace_fdb(idx, mac, pub),
+                    BatchOp.replace_route(r)]
+    return out
+async def main():
+    async with Netlink() as nl:
+        idx = (await nl.link(name="flannel.1")).index
+        # one peer through the single calls: the batch must make the very same entries
+        sn, mac, pub = peer(1000)
+        await nl.replace_neighbour(idx, sn.network_address, mac)
+        await nl.replace_fdb(idx, mac, pub)
+        await nl.replace_route(Route(sn, sn.network_address, idx, onlink=True))
+        todo = ops(idx, [peer(i) for i in range(1, 301)])
+        todo.insert(400, BatchOp.replace_route(Route(N("10.250.0.0/24"), A("10.250.0.0"), 9999, onlink=True)))
+        todo.append(BatchOp.delete_route(Route(N("10.251.0.0/24"), A("10.251.0.0"), idx, onlink=True)))
+        todo.append(BatchOp.delete_neighbour(idx, A("10.251.0.0")))
+        res = await nl.batch(todo)
+        print(json.dumps([[i, e.code, str(e)] for i, e in enumerate(res) if e is not None]))
+        res = await nl.batch(ops(idx, [peer(i) for i in range(1, 151)], delete=True) * 2)  # twice: gone is fine
+        print(json.dumps([str(e) for e in res if e is not None]))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.lab
+def test_batch_programs_exact_entries_and_reports_failures(lab):
+    h = lab.add_host("h1")
+    h.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", h.address, "dev", "eth0",
+         "dstport", "8472", "nolearning")
+    h.ip("link", "set", "flannel.1", "up")
+    cp = h.run(PYTHON, "-c", BATCH, check=False, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    failed, failed_del = (json.loads(x) for x in cp.stdout.splitlines())
+    assert failed == [[400, errno.ENODEV, "replace route 10.250.0.0/24 via 10.250.0.0 dev 9999 onlink: "
+                                          "No such device (errno 19)"]]
+    assert failed_del == []
+
+    def peer(i):
+        return f"10.{i // 256}.{i % 256}.0", "02:be:00:00:%02x:%02x" % (i >> 8, i & 255), f"172.16.{i >> 8}.{i & 255}"
+
+    left = [peer(i) for i in (*range(151, 301), 1000)]
+    routes = [ln.strip() for ln in h.ip("-d", "route", "show", "dev", "flannel.1").splitlines()]
+    assert sorted(routes) == sorted(f"unicast {n}/24 via {n} proto boot scope global onlink" for n, _, _ in left)
+    neigh = [ln.strip() for ln in h.ip("neigh", "show", "dev", "flannel.1").splitlines()]
+    assert sorted(neigh) == sorted(f"{n} lladdr {m} PERMANENT" for n, m, _ in left)
+    fdb = [ln.strip() for ln in h.bridge("fdb", "show", "dev", "flannel.1").splitlines() if " dst " in ln]
+    assert sorted(fdb) == sorted(f"{m} dst {p} self permanent" for _, m, p in left)

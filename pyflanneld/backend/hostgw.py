@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import structlog
 
-from ..netlink import Event, Route
+from ..netlink import BatchOp, Event, Route
 from ..subnet.lease import Lease
 from .base import BackendError, BackendInfo, register_backend
 from .kernelsync import KernelPeerBackend
@@ -64,20 +64,19 @@ class HostGWBackend(KernelPeerBackend):
         changes = {"added": 0, "removed": 0}
         want = {r.dst: r for r in (self.route(le) for le in list(self.peers.values())) if r is not None}
         ok = set()
+        stale = []
         for r in await self.nl.routes():
             if not self.owns_route(r, {self.ctx.ext.index}):
                 continue
             w = want.get(r.dst)
             if w is not None and w.key == r.key:
                 ok.add(r.dst)
-            elif await self.attempt("stale route removal", lambda r=r: self.nl.delete_route(r),
-                                    dst=str(r.dst), via=str(r.gateway)):
-                changes["removed"] += 1
-        for dst, r in want.items():
-            if dst not in ok and await self.attempt("route recovery", lambda r=r: self.nl.replace_route(r),
-                                                    dst=str(dst), via=str(r.gateway)):
-                changes["added"] += 1
-                log.debug("route recovered", dst=str(dst), via=str(r.gateway))
+            else:
+                stale.append((BatchOp.delete_route(r), "stale route removal", {"dst": str(r.dst), "via": str(r.gateway)}))
+        await self.apply(changes, "removed", stale)
+        await self.apply(changes, "added", [
+            (BatchOp.replace_route(r), "route recovery", {"dst": str(dst), "via": str(r.gateway)})
+            for dst, r in want.items() if dst not in ok])
         return changes
 
     def relevant(self, ev: Event) -> bool:

@@ -27,7 +27,7 @@ from ipaddress import IPv4Address, IPv4Interface
 
 import structlog
 
-from ..netlink import VXLAN_DEFAULT_PORT, Event, Link, NetlinkError, Route, write_sysctl
+from ..netlink import VXLAN_DEFAULT_PORT, BatchOp, Event, Link, NetlinkError, Route, write_sysctl
 from ..subnet.lease import Lease
 from .base import BackendContext, BackendError, BackendInfo, register_backend
 from .kernelsync import KernelPeerBackend, backend_options
@@ -295,33 +295,29 @@ class VXLANBackend(KernelPeerBackend):
                 arp[e.arp[0]] = e.arp[1]
                 fdb.add(e.fdb)
 
-        async def change(kind: str, what: str, fn, **ctx) -> None:
-            if await self.attempt(what, fn, **ctx):
-                changes[kind] += 1
-                log.debug(what, **ctx)
-
         # 1. ARP entries on our device (only permanent ones are ours; the kernel's own come and go)
         have_arp = {n.ip: n for n in await nl.neighbours(idx)}
-        for ip, n in have_arp.items():
-            if n.permanent and ip not in arp:
-                await change("removed", "stale ARP entry removed", lambda ip=ip: nl.delete_neighbour(idx, ip),
-                             ip=str(ip))
+        await self.apply(changes, "removed", [
+            (BatchOp.delete_neighbour(idx, ip), "stale ARP entry removed", {"ip": str(ip)})
+            for ip, n in have_arp.items() if n.permanent and ip not in arp])
+        ops = []
         for ip, mac in arp.items():
             n = have_arp.get(ip)
             if n is None or n.mac != mac or not n.permanent:
-                await change("added", "ARP entry set", lambda ip=ip, mac=mac: nl.replace_neighbour(idx, ip, mac),
-                             ip=str(ip), mac=mac)
+                ops.append((BatchOp.replace_neighbour(idx, ip, mac), "ARP entry set", {"ip": str(ip), "mac": mac}))
+        await self.apply(changes, "added", ops)
         # 2. FDB entries (remote VTEPs)
         entries = [f for f in await nl.fdb(idx) if f.dst is not None]
         have_fdb = {(f.mac, f.dst) for f in entries if f.permanent}
-        for mac, dst in have_fdb - fdb:
-            await change("removed", "stale FDB entry removed", lambda m=mac, d=dst: nl.delete_fdb(idx, m, d),
-                         mac=mac, dst=str(dst))
-        for mac, dst in fdb - have_fdb:
-            await change("added", "FDB entry set", lambda m=mac, d=dst: nl.replace_fdb(idx, m, d),
-                         mac=mac, dst=str(dst))
+        await self.apply(changes, "removed", [
+            (BatchOp.delete_fdb(idx, mac, dst), "stale FDB entry removed", {"mac": mac, "dst": str(dst)})
+            for mac, dst in have_fdb - fdb])
+        await self.apply(changes, "added", [
+            (BatchOp.replace_fdb(idx, mac, dst), "FDB entry set", {"mac": mac, "dst": str(dst)})
+            for mac, dst in fdb - have_fdb])
         # 3. routes: on our device, or direct routes on the external interface
         ok = set()
+        stale = []
         for r in await nl.routes():
             if not self.owns_route(r, {idx, self.ctx.ext.index}):
                 continue
@@ -329,12 +325,11 @@ class VXLANBackend(KernelPeerBackend):
             if want is not None and want.key == r.key:
                 ok.add(r.dst)
             else:
-                await change("removed", "stale route removed", lambda r=r: nl.delete_route(r),
-                             dst=str(r.dst), via=str(r.gateway))
-        for dst, r in routes.items():
-            if dst not in ok:
-                await change("added", "route set", lambda r=r: nl.replace_route(r),
-                             dst=str(dst), via=str(r.gateway))
+                stale.append((BatchOp.delete_route(r), "stale route removed", {"dst": str(r.dst), "via": str(r.gateway)}))
+        await self.apply(changes, "removed", stale)
+        await self.apply(changes, "added", [
+            (BatchOp.replace_route(r), "route set", {"dst": str(dst), "via": str(r.gateway)})
+            for dst, r in routes.items() if dst not in ok])
         return changes
 
     def relevant(self, ev: Event) -> bool:
