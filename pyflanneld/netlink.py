@@ -11,8 +11,8 @@ What it adds to pyroute2, so that backends read as the upstream behaviour they i
 * :meth:`Netlink.batch`, many neighbour/FDB/route changes at once: :class:`BatchOp` messages built
   with ``struct`` (the same bytes pyroute2 sends for the single calls), 256 per ``sendmsg`` on a
   raw socket of its own, acks matched by sequence number, per-op errors (~7× cheaper per entry);
-* :class:`NetlinkMonitor`, an async iterator over link/route/neighbour events that survives socket
-  overruns (it reports them as an ``overrun`` event: the caller then reconciles everything).
+* :class:`NetlinkMonitor`, an async iterator over link/route/neighbour events (raw socket, decoded
+  with ``struct``) that survives socket overruns (it reports them as an ``overrun`` event: the caller then reconciles everything).
 
 All single calls go through one socket, serialised by a lock: the daemon is one asyncio loop and netlink
 replies must not interleave. Only the namespace of the calling process is touched.
@@ -552,44 +552,68 @@ class NetlinkMonitor:
     ``async for ev in NetlinkMonitor().events(): ...`` — runs until cancelled. When the socket
     fails (typically ENOBUFS: the kernel dropped notifications) it reopens and yields an
     ``Event("overrun", "")`` first, meaning "something may have been missed: reconcile all".
+
+    A raw socket: messages are decoded with ``struct`` and only as far as :class:`Event` needs.
+    ``skip_new_entries=True`` drops RTM_NEWROUTE/RTM_NEWNEIGH after reading their 16-byte header
+    (reconcilers only care about deletions and link changes; a sync of thousands of peers causes
+    as many "new" notifications of its own).
     """
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH
 
-    def __init__(self, rcvbuf: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, rcvbuf: int = 8 * 1024 * 1024, skip_new_entries: bool = False) -> None:
         self.rcvbuf = rcvbuf
-        self._sock: AsyncIPRoute | None = None
+        self.skip = frozenset({RTM_NEWROUTE, RTM_NEWNEIGH}) if skip_new_entries else frozenset()
+        self._sock: socket.socket | None = None
 
-    async def _open(self) -> AsyncIPRoute:
-        sock = AsyncIPRoute(rcvbuf=self.rcvbuf)
-        await sock.bind(groups=self.GROUPS)
-        return sock
+    def _open(self) -> socket.socket:
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            try:  # as root beyond net.core.rmem_max, so that bursts do not overrun the queue
+                s.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf)  # SO_RCVBUFFORCE
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            s.bind((0, self.GROUPS))
+            s.setblocking(False)
+        except BaseException:
+            s.close()
+            raise
+        return s
 
     def close(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
-            try:
-                sock.close()
-            except Exception:  # noqa: BLE001
-                pass
+            sock.close()
 
     async def events(self) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
         delay = 0.05
         failed = False
         try:
             while True:
                 try:
                     if self._sock is None:
-                        self._sock = await self._open()
+                        self._sock = self._open()
                         if failed:
                             yield Event("overrun", "")
-                    async for msg in self._sock.get():
-                        ev = _event(msg)
-                        if ev is not None:
+                    sock = self._sock
+                    drained = 0
+                    while True:
+                        try:
+                            data = sock.recv(65536)
+                        except BlockingIOError:
+                            data = await loop.sock_recv(sock, 65536)
+                            drained = 0
+                        else:
+                            drained += 1
+                            if drained >= 256:  # a flood must not starve the loop
+                                drained = 0
+                                await asyncio.sleep(0)
+                        for ev in _raw_events(data, self.skip):
                             yield ev
-                    delay = 0.05
-                except (OSError, PyNetlinkError) as e:
-                    code = getattr(e, "errno", None) or getattr(e, "code", None) or 0
+                        delay = 0.05
+                except OSError as e:
+                    code = e.errno or 0
                     log.warning("netlink monitor restarted; reconciling", error=os.strerror(code) if code else str(e))
                     self.close()
                     failed = True
@@ -598,6 +622,75 @@ class NetlinkMonitor:
         finally:
             self.close()
 
+
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+IFLA_IFNAME = 3
+_RAW_EVENTS = {
+    RTM_NEWLINK: ("link", "new"), RTM_DELLINK: ("link", "del"),
+    RTM_NEWROUTE: ("route", "new"), RTM_DELROUTE: ("route", "del"),
+    RTM_NEWNEIGH: ("neigh", "new"), RTM_DELNEIGH: ("neigh", "del"),
+}
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    out = {}
+    while off + 4 <= end:
+        n, kind = struct.unpack_from("=HH", data, off)
+        if n < 4:
+            break
+        out[kind & 0x3FFF] = data[off + 4:off + n]
+        off += (n + 3) & ~3
+    return out
+
+
+def _ip_str(b: bytes | None) -> str | None:
+    if b is None:
+        return None
+    if len(b) == 4:
+        return socket.inet_ntop(socket.AF_INET, b)
+    if len(b) == 16:
+        return socket.inet_ntop(socket.AF_INET6, b)
+    return None
+
+
+def _raw_events(data: bytes, skip: frozenset[int] = frozenset()) -> list[Event]:
+    """The Events in one datagram of rtnetlink notifications (others and ``skip`` types dropped)."""
+    out = []
+    off = 0
+    while off + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, off)
+        if length < 16 or off + length > len(data):
+            break
+        end = off + length
+        body = off + 16
+        ka = _RAW_EVENTS.get(kind)
+        off += (length + 3) & ~3
+        if ka is None or kind in skip:
+            continue
+        what, action = ka
+        if what == "link" and end >= body + 16:
+            index = struct.unpack_from("=i", data, body + 4)[0]
+            name = _attrs(data, body + 16, end).get(IFLA_IFNAME)
+            out.append(Event(what, action, ifindex=index,
+                             name=name.split(b"\0", 1)[0].decode(errors="replace") if name is not None else None))
+        elif what == "route" and end >= body + 12:
+            family, table = data[body], data[body + 4]
+            if family != socket.AF_INET:
+                continue
+            a = _attrs(data, body + 12, end)
+            oif = struct.unpack("=i", a[RTA_OIF])[0] if len(a.get(RTA_OIF, b"")) == 4 else None
+            if len(a.get(RTA_TABLE, b"")) == 4:
+                table = struct.unpack("=I", a[RTA_TABLE])[0] or table
+            out.append(Event(what, action, ifindex=oif, dst=_ip_str(a.get(RTA_DST)), table=table))
+        elif what == "neigh" and end >= body + 12:
+            family = data[body]
+            index = struct.unpack_from("=i", data, body + 4)[0]
+            if family == AF_BRIDGE:
+                what = "fdb"
+            elif family != socket.AF_INET:
+                continue
+            out.append(Event(what, action, ifindex=index, dst=_ip_str(_attrs(data, body + 12, end).get(NDA_DST))))
+    return out
 
 # --- pyroute2 message decoding --------------------------------------------------------------------
 
@@ -663,30 +756,3 @@ def _route_str(r: Route) -> str:
     if r.onlink:
         s += " onlink"
     return s
-
-
-_EVENTS = {
-    "RTM_NEWLINK": ("link", "new"), "RTM_DELLINK": ("link", "del"),
-    "RTM_NEWROUTE": ("route", "new"), "RTM_DELROUTE": ("route", "del"),
-    "RTM_NEWNEIGH": ("neigh", "new"), "RTM_DELNEIGH": ("neigh", "del"),
-}
-
-
-def _event(m: Any) -> Event | None:
-    kind_action = _EVENTS.get(m.get("event"))
-    if kind_action is None:
-        return None
-    kind, action = kind_action
-    if kind == "link":
-        return Event(kind, action, ifindex=m.get("index"), name=m.get("IFLA_IFNAME"))
-    if kind == "route":
-        if m.get("family") != socket.AF_INET:
-            return None
-        return Event(kind, action, ifindex=m.get("RTA_OIF"), dst=m.get("RTA_DST"),
-                     table=m.get("RTA_TABLE") or m.get("table"))
-    family = m.get("family")
-    if family == AF_BRIDGE:
-        kind = "fdb"
-    elif family != socket.AF_INET:
-        return None
-    return Event(kind, action, ifindex=m.get("ifindex"), dst=m.get("NDA_DST"))

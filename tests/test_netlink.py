@@ -206,3 +206,44 @@ def test_batch_programs_exact_entries_and_reports_failures(lab):
     assert sorted(neigh) == sorted(f"{n} lladdr {m} PERMANENT" for n, m, _ in left)
     fdb = [ln.strip() for ln in h.bridge("fdb", "show", "dev", "flannel.1").splitlines() if " dst " in ln]
     assert sorted(fdb) == sorted(f"{m} dst {p} self permanent" for _, m, p in left)
+
+
+MONITOR = """
+import asyncio, socket, subprocess
+from pyflanneld.netlink import NetlinkMonitor
+async def main():
+    for skip in (False, True):
+        idx = socket.if_nametoindex("x0")
+        it = NetlinkMonitor(skip_new_entries=skip).events().__aiter__()
+        first = asyncio.ensure_future(it.__anext__())
+        await asyncio.sleep(0.2)
+        for cmd in ("route add 10.77.1.0/24 via 10.77.1.0 dev x0 onlink", "neigh add 10.77.1.9 lladdr 02:00:00:00:00:09 dev x0",
+                    "route del 10.77.1.0/24", "neigh del 10.77.1.9 dev x0", "link del x0"):
+            subprocess.run(["ip", *cmd.split()], check=True)
+        evs = [await asyncio.wait_for(first, 5)]
+        while (evs[-1].kind, evs[-1].action) != ("link", "del"):
+            evs.append(await asyncio.wait_for(it.__anext__(), 5))
+        print(skip, [(e.kind, e.action, e.ifindex == idx, e.dst, e.table, e.name) for e in evs])
+        await it.aclose()
+        subprocess.run(["ip", "link", "add", "x0", "type", "bridge"], check=True)
+        subprocess.run(["ip", "link", "set", "x0", "up"], check=True)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.lab
+def test_monitor_decodes_events_and_can_skip_new_entries(lab):
+    h = lab.add_host("h1")
+    h.ip("link", "add", "x0", "type", "bridge")
+    h.ip("link", "set", "x0", "up")
+    cp = h.run(PYTHON, "-c", MONITOR, check=False, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    full, skipped = cp.stdout.splitlines()
+    ours = [("route", "new", True, "10.77.1.0", 254, None), ("neigh", "new", True, "10.77.1.9", None, None),
+            ("route", "del", True, "10.77.1.0", 254, None), ("neigh", "del", True, "10.77.1.9", None, None)]
+    for ev in ours:
+        assert repr(ev) in full, full
+    assert "('link', 'del', True, None, None, 'x0')" in full, full
+    assert skipped.startswith("True ")
+    assert "('route', 'new'" not in skipped and "('neigh', 'new'" not in skipped, skipped
+    assert repr(ours[2]) in skipped and repr(ours[3]) in skipped, skipped

@@ -205,7 +205,7 @@ class KernelPeerBackend(PeerSetBackend):
             log.info("kernel state reconciled", reason=reason, **changes)
 
     async def _watch_kernel(self) -> None:
-        mon = NetlinkMonitor()
+        mon = NetlinkMonitor(skip_new_entries=True)  # only deletions and link changes undo ours
         try:
             async for ev in mon.events():
                 if ev.action == "del" and (ev.kind, ev.dst) in self._own_deletes:
