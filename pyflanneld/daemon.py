@@ -329,8 +329,12 @@ class Daemon:
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        def on_signal(sig: signal.Signals) -> None:
+            log.info("signal received, shutting down", signal=sig.name)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         health = None
         code = 0
         try:
@@ -373,22 +377,21 @@ class Daemon:
                     self._spawn(name, self._factories[name])
 
     async def shutdown(self, health: HealthServer | None) -> None:
-        for t in self._tasks.values():
+        """Stop everything at once, bounded to ~1 s; leases, kernel state and rules are kept."""
+        t0 = time.monotonic()
+        tasks = list(self._tasks.values())
+        for t in tasks:
             t.cancel()
-        for t in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(t, 1)
-        if self.backend is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.backend.close(), 1)
-        if self.rules is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.rules.close(), 0.5)
-        if self.store is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.store.close(), 0.5)
-        if health is not None:
-            await health.close()
+        if tasks:
+            await asyncio.wait(tasks, timeout=1)
+
+        async def bounded(coro, timeout: float) -> None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(coro, timeout)
+
+        closing = [bounded(x.close(), 1) for x in (self.backend, self.rules, self.store, health) if x is not None]
+        await asyncio.gather(*closing)
+        log.debug("shut down", seconds=round(time.monotonic() - t0, 3))
 
 
 def run(opts: Options) -> int:

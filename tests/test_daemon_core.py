@@ -94,8 +94,11 @@ def test_readyz_and_sd_notify(lab, etcd):
         d = start_daemon(h1, "--healthz-port", "8471", "--healthz-ip", "127.0.0.1",
                          env={"NOTIFY_SOCKET": str(sock_path)})
         wait_for(lambda: http_get(h1, 8471, "/healthz")[0] == 200, 10, what="/healthz")
-        code, body = http_get(h1, 8471, "/readyz")
-        assert code == 503 and "not found" in body  # no config yet: not ready, and says why
+        # no config yet: not ready, and it says why (once the first look into etcd is done)
+        wait_for(lambda: http_get(h1, 8471, "/readyz") == (503, "flanneld is not ready yet: network config "
+                 f"not found at {PREFIX}/config (v3 or v2 API); create it with " +
+                 f"etcdctl put {PREFIX}/config '{{\"Network\":\"10.5.0.0/16\",\"Backend\":{{\"Type\":\"vxlan\"}}}}'"
+                 f" (v3) or curl -X PUT -d value=... <etcd>/v2/keys{PREFIX}/config (v2)"), 10, what="/readyz says why")
         assert d.alive
         etcd.put(f"{PREFIX}/config", ALLOC)
         msg = srv.recv(4096).decode()
