@@ -6,6 +6,7 @@ fatal setup error) — never a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 from ipaddress import IPv4Address
 
@@ -93,4 +94,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(f"pyflanneld: internal error: {e!r} (run with -v 1 for the traceback)", file=sys.stderr)
         code = 1
-    sys.exit(code)
+    # The daemon has shut down and keeps nothing that needs tearing down (leases, kernel state and
+    # rules stay by design). Leave now: a worker thread still blocked in a cloud SDK or an
+    # executor call would otherwise hold the interpreter's exit until its own timeout.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
