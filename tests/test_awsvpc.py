@@ -19,7 +19,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from helpers import subnet_of
+from helpers import subnet_of, wait_for
 
 from pyflanneld.backend import BackendContext, BackendError, ExternalInterface
 from pyflanneld.backend.awsvpc import AwsVpcBackend, parse_route_tables
@@ -34,17 +34,6 @@ NETWORK = "10.1.0.0/16"
 CONFIG = {"Network": NETWORK, "Backend": {"Type": "aws-vpc"}}
 NO_FILES = {"AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-
-
-def wait_for(pred, timeout=15.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- the module's cloud -------------------------------------------------------------------------
@@ -196,7 +185,7 @@ def test_two_daemons_route_their_subnets_to_their_enis(aws):
     assert e1["FLANNEL_MTU"] == "9001" and e2["FLANNEL_MTU"] == str(h2.mtu)
     s1, s2 = subnet_of(e1), subnet_of(e2)
     routes = wait_for(lambda: (r := aws.routes(vpc["main"])) and str(s1) in r and str(s2) in r and r,
-                      what="both routes")
+                      timeout=15, what="both routes")
     assert routes[str(s1)]["NetworkInterfaceId"] == h1.eni and routes[str(s1)]["State"] == "active"
     assert routes[str(s2)]["NetworkInterfaceId"] == h2.eni
     assert set(routes) == {"192.168.0.0/16", str(s1), str(s2)}
@@ -227,7 +216,7 @@ def test_subnet_table_blackholes_restart_and_shutdown(aws):
     prefix = aws.config(CONFIG)
     d = aws.daemon(h, prefix)
     sn = str(subnet_of(d.wait_subnet_env(30)))
-    wait_for(lambda: sn in aws.routes(table), what="route in the subnet's table")
+    wait_for(lambda: sn in aws.routes(table), timeout=15, what="route in the subnet's table")
     routes = aws.routes(table)
     assert routes[sn]["NetworkInterfaceId"] == h.eni
     assert "10.1.99.0/24" not in routes  # blackhole inside the Network: removed
@@ -258,7 +247,7 @@ def test_route_table_list_and_stale_route_replaced(aws):
                          "Backend": {"Type": "aws-vpc", "RouteTableID": [vpc["main"], t2]}})
     d = aws.daemon(h, prefix, env={"PYFLANNELD_AWS_METADATA_URL": "http://127.0.0.1:8080"})
     assert d.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
-    wait_for(lambda: "10.1.7.0/24" in aws.routes(t2), what="route in the second table")
+    wait_for(lambda: "10.1.7.0/24" in aws.routes(t2), timeout=15, what="route in the second table")
     assert aws.routes(vpc["main"])["10.1.7.0/24"]["NetworkInterfaceId"] == h.eni
     assert aws.routes(t2)["10.1.7.0/24"]["NetworkInterfaceId"] == h.eni
     d.wait_log(rf"route replaced.*previous={other}", 5)

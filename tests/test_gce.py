@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import secrets
 import sys
-import time
 from ipaddress import IPv4Network
 
 import pytest
-from helpers import subnet_of
+from helpers import subnet_of, wait_for
 
 from pyflanneld.backend.gce import route_name, same_resource
 from pyflanneld.lab import netns
@@ -27,17 +26,6 @@ ZONE = "europe-west1-b"
 NETWORK = "10.1.0.0/16"
 CONFIG = {"Network": NETWORK, "Backend": {"Type": "gce"}}
 LINK = "https://www.googleapis.com/compute/v1/projects"
-
-
-def wait_for(pred, timeout=15.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class Cloud:
@@ -154,7 +142,7 @@ def test_route_inserted_kept_on_shutdown_and_not_rewritten_on_restart(gce):
     assert e1["FLANNEL_MTU"] == "1460" and e2["FLANNEL_MTU"] == str(gce.lab.mtu)
     s1, s2 = subnet_of(e1), subnet_of(e2)
     n1, n2 = route_name(s1), route_name(s2)
-    routes = wait_for(lambda: (r := gce.routes(project)) and n1 in r and n2 in r and r, what="both routes")
+    routes = wait_for(lambda: (r := gce.routes(project)) and n1 in r and n2 in r and r, timeout=15, what="both routes")
     r1 = routes[n1]
     assert r1["destRange"] == str(s1) and r1["nextHopInstance"] == h1.self_link and r1["priority"] == 1000
     assert r1["network"] == f"{LINK}/{project}/global/networks/default"
@@ -188,7 +176,7 @@ def test_stale_route_to_another_instance_is_replaced(gce):
         "name": "flannel-10-1-7-0-24", "destRange": "10.1.7.0/24", "priority": 1000,
         "network": f"projects/{project}/global/networks/default", "nextHopInstance": other.self_link}, admin)
     assert code == 200 and op["kind"] == "compute#operation", op
-    wait_for(lambda: "flannel-10-1-7-0-24" in gce.routes(project), what="the stale route")
+    wait_for(lambda: "flannel-10-1-7-0-24" in gce.routes(project), timeout=15, what="the stale route")
     prefix = gce.config({"Network": NETWORK, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0",
                          "Backend": {"Type": "gce", "Endpoint": gce.api.endpoint + "/"}})
     d = gce.daemon(h, prefix, {"PYFLANNELD_GCE_API_ENDPOINT": None})
