@@ -162,6 +162,9 @@ class Daemon:
                         await other.close()
                 log.info("found network config", backend_type=cfg.backend_type, network=str(cfg.network),
                          etcd_api=store.api, subnet_len=cfg.subnet_len)
+                if cfg.enable_nftables:
+                    log.warning("EnableNFTables is not supported by pyflanneld; installing the iptables "
+                                "rules (FLANNEL-POSTRTG, FLANNEL-FWD) instead")
                 return store, cfg
             if not problem:
                 apis = "v3 or v2 API" if api == "auto" else f"{api} API"
