@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from pyflanneld.lab import Lab, start_daemon
+from pyflanneld.lab.cluster import udp_worker_pids
 
 from .table import Table, percentile
 
@@ -35,21 +36,6 @@ PLANES = [
     ("udp per-packet", {"Type": "udp"}, {"PYFLANNELD_UDP_OFFLOAD": "0"}),
     ("udp offload", {"Type": "udp"}, {}),  # the default
 ]
-
-
-def _worker_pids(daemon_pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == daemon_pid and b"pyflanneld.udpfwd.worker" in cmd:
-            out.append(int(d.name))
-    return out
 
 
 def _cpu_ticks(pids: list[int]) -> int:
@@ -106,7 +92,7 @@ def bench_plane(name: str, backend: dict, env: dict) -> dict:
             pods.append(lab.add_pod(h, "p1"))
         if not pods[0].wait_ping(pods[1].address, timeout=10):
             raise RuntimeError(f"{name}: pods cannot reach each other")
-        workers = [p for d in daemons for p in _worker_pids(d.pid)]
+        workers = [p for d in daemons for p in udp_worker_pids(d.pid)]
         res = {"plane": name, "workers": len(workers) // 2 if workers else 0,
                "mtu": senv["FLANNEL_MTU"]}
         res["p50"], res["p99"], res["lost"] = _ping(pods[0], pods[1])

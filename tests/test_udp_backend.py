@@ -28,27 +28,11 @@ from e2e_helpers import (
 )
 
 from pyflanneld.lab import start_daemon
+from pyflanneld.lab.cluster import udp_worker_pids as worker_pids
 
 pytestmark = pytest.mark.lab
 
 UDP = {"Type": "udp"}
-
-
-def worker_pids(daemon_pid: int) -> list[int]:
-    """The forwarder workers: children of the daemon running pyflanneld.udpfwd.worker."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            cmd = (d / "cmdline").read_bytes()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == daemon_pid and b"pyflanneld.udpfwd.worker" in cmd:
-            out.append(int(d.name))
-    return sorted(out)
 
 
 def alive(pid: int) -> bool:

@@ -17,6 +17,7 @@ Public API::
     d.restart() -> Daemon      # same argv/env/subnet file, new process (appends to the same log)
 
     pyflanneld_argv() -> list[str]   # the pyflanneld console script next to sys.executable
+    udp_worker_pids(daemon_pid) -> list[int]   # the udp backend's forwarder worker processes
     parse_env_file(text) -> dict[str, str]
 """
 
@@ -41,6 +42,23 @@ def pyflanneld_argv() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "pyflanneld"]
+
+
+def udp_worker_pids(daemon_pid: int) -> list[int]:
+    """The udp backend's forwarder workers: children of the daemon running pyflanneld.udpfwd.worker."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == daemon_pid and b"pyflanneld.udpfwd.worker" in cmd:
+            out.append(int(d.name))
+    return sorted(out)
 
 
 def parse_env_file(text: str) -> dict[str, str]:
