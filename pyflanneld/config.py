@@ -81,14 +81,15 @@ def _typed(d: dict[str, Any], key: str, typ: type, tname: str) -> Any:
         return None
     if typ is int:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-            raise ConfigError(f"json: cannot unmarshal {_jtype(v)} into Go struct field Config.{key} of type {tname}")
+            raise ConfigError(f"json: cannot unmarshal {json_type(v)} into Go struct field Config.{key} of type {tname}")
         return int(v)
     if not isinstance(v, typ):
-        raise ConfigError(f"json: cannot unmarshal {_jtype(v)} into Go struct field Config.{key} of type {tname}")
+        raise ConfigError(f"json: cannot unmarshal {json_type(v)} into Go struct field Config.{key} of type {tname}")
     return v
 
 
-def _jtype(v: Any) -> str:
+def json_type(v: Any) -> str:
+    """The JSON type name Go's decoder errors use for a decoded value."""
     if isinstance(v, bool):
         return "bool"
     if isinstance(v, (int, float)):
@@ -136,7 +137,7 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
     except ValueError as e:
         raise ConfigError(f"invalid JSON: {e}") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"json: cannot unmarshal {_jtype(doc)} into Go value of type subnet.Config")
+        raise ConfigError(f"json: cannot unmarshal {json_type(doc)} into Go value of type subnet.Config")
     d = _fold(doc)
 
     enable_ipv4 = _typed(d, "EnableIPv4", bool, "bool")
@@ -151,14 +152,14 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
     else:
         if not isinstance(backend, dict):
             raise ConfigError(
-                f"error decoding Backend property of config: json: cannot unmarshal {_jtype(backend)} "
+                f"error decoding Backend property of config: json: cannot unmarshal {json_type(backend)} "
                 "into Go value of type struct { Type string }"
             )
         bt = next((v for k, v in backend.items() if k.lower() == "type"), None)
         if bt is not None and not isinstance(bt, str):
             raise ConfigError(
                 "error decoding Backend property of config: json: cannot unmarshal "
-                f"{_jtype(bt)} into Go struct field .Type of type string"
+                f"{json_type(bt)} into Go struct field .Type of type string"
             )
         backend_type = bt or ""
         if not backend_type:

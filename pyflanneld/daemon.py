@@ -17,7 +17,7 @@ import structlog
 
 from . import __version__, iface, sdnotify, subnetenv
 from .backend import BackendContext, BackendError, ExternalInterface, backend_class
-from .config import ConfigError, NetworkConfig
+from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
 from .options import Options
 from .subnet.etcd_common import EtcdSettings, parse_endpoints
@@ -271,7 +271,6 @@ class Daemon:
             try:
                 if raw is None:
                     raise ConfigError("the key was deleted")
-                from .config import parse_config
                 parse_config(raw)
                 log.warning("network config changed in etcd; restart pyflanneld to apply it (keeping the running config)")
             except ConfigError as e:

@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from ..config import json_type
 from ..netlink import MAIN_TABLE, RTPROT_KERNEL, BatchOp, Event, Netlink, NetlinkError, NetlinkMonitor, Route
 from ..subnet.lease import Lease
 from .base import BackendContext, BackendError, PeerSetBackend
@@ -51,10 +52,8 @@ def backend_options(ctx: BackendContext, spec: dict[str, tuple[type, Any]], labe
         ok = isinstance(v, bool) if typ is bool else (
             isinstance(v, (int, float)) and not isinstance(v, bool) and int(v) == v)
         if not ok:
-            jt = "bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else \
-                "string" if isinstance(v, str) else "array" if isinstance(v, list) else "object"
             raise BackendError(
-                f"error decoding {label} backend config: json: cannot unmarshal {jt} into Go struct "
+                f"error decoding {label} backend config: json: cannot unmarshal {json_type(v)} into Go struct "
                 f"field .{name} of type {'bool' if typ is bool else 'int'}"
             )
         out[name] = typ(v)
