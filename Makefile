@@ -33,13 +33,13 @@ unit: setup
 	$(PY) -m pytest -m "not lab" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m pyflanneld.lab.demo
+	$(PY) -m lab.demo
 
 bench: setup
 	$(PY) -m bench
 
 lint: setup
-	$(VENV)/bin/ruff check pyflanneld tests bench
+	$(VENV)/bin/ruff check pyflanneld lab tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -25,8 +25,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from pyflanneld.lab import Lab, start_daemon
-from pyflanneld.lab.cluster import pyflanneld_argv
+from lab import Lab, start_daemon
+from lab.cluster import pyflanneld_argv
 
 from .table import Table, median, ms, percentile, verdict
 

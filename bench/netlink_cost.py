@@ -146,7 +146,7 @@ def worker(mode: str, n: int) -> None:
 
 # -- the benchmark ----------------------------------------------------------------------------------
 def run() -> str:
-    from pyflanneld.lab import Lab
+    from lab import Lab
 
     from .table import Table
 

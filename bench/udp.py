@@ -23,8 +23,8 @@ import re
 import time
 from pathlib import Path
 
-from pyflanneld.lab import Lab, start_daemon
-from pyflanneld.lab.cluster import udp_worker_pids
+from lab import Lab, start_daemon
+from lab.cluster import udp_worker_pids
 
 from .table import Table, percentile
 

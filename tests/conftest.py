@@ -1,7 +1,7 @@
 """Shared pytest setup: the `lab` marker, lab/etcd fixtures and a namespace-leak guard.
 
 Fixtures:
-    lab   -- a fresh pyflanneld.lab.netns.Lab (switch namespace with br0 192.168.100.254/24),
+    lab   -- a fresh lab.netns.Lab (switch namespace with br0 192.168.100.254/24),
              closed after the test; logs of a failed test are printed at teardown.
     etcd  -- an EtcdServer (v2 enabled) in the lab's switch namespace, healthy, = lab.etcd.
 Tests using either fixture are marked `lab` automatically (run only them: -m lab).
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyflanneld.lab import netns
+from lab import netns
 
 
 def pytest_configure(config: pytest.Config) -> None:

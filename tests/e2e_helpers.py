@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network
 from typing import Any
 
-from pyflanneld.lab import Daemon, Host, Lab, Pod, start_daemon
+from lab import Daemon, Host, Lab, Pod, start_daemon
 
 PREFIX = "/coreos.com/network"
 NETWORK = "10.5.0.0/16"

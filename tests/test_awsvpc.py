@@ -1,5 +1,5 @@
 """aws-vpc end to end: pyflanneld daemons in lab hosts, each with its own EC2 instance metadata
-service at 169.254.169.254, against moto's EC2 server (pyflanneld.lab.fakeec2: moto plus AWS's
+service at 169.254.169.254, against moto's EC2 server (lab.fakeec2: moto plus AWS's
 route limit, blackhole routes and UnauthorizedOperation) running in the lab's switch namespace.
 
 What is asserted is what an operator would check: the VPC route table, the ENI attributes,
@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from helpers import subnet_of, wait_for
 
+from lab import netns
+from lab.cluster import Daemon, start_daemon
+from lab.fakeec2 import Ec2Error, Ec2Server
+from lab.fakemeta import start_metadata_server
 from pyflanneld.backend import BackendContext, BackendError, ExternalInterface
 from pyflanneld.backend.awsvpc import AwsVpcBackend, parse_route_tables
 from pyflanneld.config import parse_config
-from pyflanneld.lab import netns
-from pyflanneld.lab.cluster import Daemon, start_daemon
-from pyflanneld.lab.fakeec2 import Ec2Error, Ec2Server
-from pyflanneld.lab.fakemeta import start_metadata_server
 
 REGION = "eu-west-1"
 NETWORK = "10.1.0.0/16"
@@ -86,7 +86,7 @@ class Cloud:
                          PrivateIpAddress=h.address)["Instances"][0]
         h.instance_id = inst["InstanceId"]
         h.eni = inst["NetworkInterfaces"][0]["NetworkInterfaceId"]
-        argv = [sys.executable, "-m", "pyflanneld.lab.fakemeta", "--instance-id", h.instance_id, "--region", REGION,
+        argv = [sys.executable, "-m", "lab.fakemeta", "--instance-id", h.instance_id, "--region", REGION,
                 "--local-ipv4", h.address, "--mode", imds, "--address", meta_at[0], "--port", str(meta_at[1])]
         if role:
             argv += ["--role", "flannel-node", "--access-key", role[0], "--secret-key", role[1]]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers import PREFIX, http_get, key_of, subnet_of, wait_for
 
-from pyflanneld.lab.cluster import start_daemon
+from lab.cluster import start_daemon
 
 ALLOC = '{"Network":"10.1.0.0/16","Backend":{"Type":"alloc"}}'
 
@@ -56,7 +56,7 @@ def test_env_only_daemon_without_flags(lab, etcd):
     sf = lab.tmp / "envonly.env"
     env = {"FLANNELD_IFACE": "eth0", "FLANNELD_ETCD_ENDPOINTS": etcd.endpoint, "FLANNELD_SUBNET_FILE": str(sf),
            "FLANNELD_IP_MASQ": "true"}
-    p = lab.spawn(h1.ns, [*__import__("pyflanneld.lab.cluster", fromlist=["x"]).pyflanneld_argv()], env=env,
+    p = lab.spawn(h1.ns, [*__import__("lab.cluster", fromlist=["x"]).pyflanneld_argv()], env=env,
                   name="envonly")
     wait_for(lambda: sf.exists(), 10, what="subnet.env")
     text = sf.read_text()
@@ -360,7 +360,7 @@ def test_ip_blackhole_route_kept_in_place(lab, etcd):
 def test_not_root_is_one_clear_line(lab, etcd):
     h1 = lab.add_host("h1")
     etcd.put(f"{PREFIX}/config", '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}')
-    from pyflanneld.lab.cluster import pyflanneld_argv
+    from lab.cluster import pyflanneld_argv
 
     p = h1.run("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *pyflanneld_argv(),
                "--etcd-endpoints", etcd.endpoint, "--subnet-file", "/tmp/pyflanneld-nonroot.env",

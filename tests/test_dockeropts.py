@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from lab import netns
 from pyflanneld import dockeropts
-from pyflanneld.lab import netns
 
 SAMPLE_ENV = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.74.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
 

@@ -43,7 +43,7 @@ from e2e_helpers import (
     wait_for,
 )
 
-from pyflanneld.lab import start_daemon
+from lab import start_daemon
 
 pytestmark = pytest.mark.lab
 

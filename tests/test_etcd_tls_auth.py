@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from helpers import key_of, subnet_of, wait_for
 
-from pyflanneld.lab.cluster import start_daemon
-from pyflanneld.lab.etcd import EtcdServer, make_tls_certs
+from lab.cluster import start_daemon
+from lab.etcd import EtcdServer, make_tls_certs
 
 pytestmark = pytest.mark.lab
 

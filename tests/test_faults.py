@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from helpers import key_of, subnet_of, wait_for
 
-from pyflanneld.lab.cluster import pyflanneld_argv, start_daemon
-from pyflanneld.lab.etcd import EtcdCluster
+from lab.cluster import pyflanneld_argv, start_daemon
+from lab.etcd import EtcdCluster
 
 pytestmark = pytest.mark.lab
 

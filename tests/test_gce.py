@@ -1,5 +1,5 @@
 """gce end to end: pyflanneld daemons in lab hosts, each with its own GCE metadata server at
-169.254.169.254, against the test Compute API (pyflanneld.lab.fakegce: Google's JSON shapes,
+169.254.169.254, against the test Compute API (lab.fakegce: Google's JSON shapes,
 error format, global operations, scopes and ROUTES quota) in the lab's switch namespace.
 
 One lab, etcd and Compute API per module (per xdist worker); every test has its own project,
@@ -16,11 +16,11 @@ from ipaddress import IPv4Network
 import pytest
 from helpers import subnet_of, wait_for
 
+from lab import netns
+from lab.cluster import Daemon, start_daemon
+from lab.fakegce import SCOPE_RO, SCOPE_RW, GceServer
+from lab.fakemeta import start_metadata_server
 from pyflanneld.backend.gce import route_name, same_resource
-from pyflanneld.lab import netns
-from pyflanneld.lab.cluster import Daemon, start_daemon
-from pyflanneld.lab.fakegce import SCOPE_RO, SCOPE_RW, GceServer
-from pyflanneld.lab.fakemeta import start_metadata_server
 
 ZONE = "europe-west1-b"
 NETWORK = "10.1.0.0/16"
@@ -57,7 +57,7 @@ class Cloud:
             "networkIP": h.address}])
         h.self_link = f"{LINK}/{project}/zones/{ZONE}/instances/{h.instance}"
         h.metadata = start_metadata_server(h, [
-            sys.executable, "-m", "pyflanneld.lab.fakegce", "metadata", "--project", project, "--zone", ZONE,
+            sys.executable, "-m", "lab.fakegce", "metadata", "--project", project, "--zone", ZONE,
             "--instance", h.instance, "--network", "default", "--ip", h.address, "--token", h.token,
             "--scopes", ",".join(scopes)])
         return h

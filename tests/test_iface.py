@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pyflanneld.lab.cluster import start_daemon
+from lab.cluster import start_daemon
 
 PREFIX = "/coreos.com/network"
 

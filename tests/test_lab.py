@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pyflanneld.lab import netns
-from pyflanneld.lab.cluster import parse_env_file, pyflanneld_argv, start_daemon
-from pyflanneld.lab.etcd import EtcdCluster, EtcdServer, make_tls_certs
-from pyflanneld.lab.netns import Lab, LabError
+from lab import netns
+from lab.cluster import parse_env_file, pyflanneld_argv, start_daemon
+from lab.etcd import EtcdCluster, EtcdServer, make_tls_certs
+from lab.netns import Lab, LabError
 
 pytestmark = pytest.mark.lab
 
@@ -194,7 +194,7 @@ def _child(code: str) -> subprocess.Popen:
 def test_sigterm_to_the_owner_cleans_up():
     child = _child("""
         import time
-        from pyflanneld.lab.netns import Lab
+        from lab.netns import Lab
         lab = Lab()
         lab.add_host("h1")
         lab.switch.popen("sleep", "300")
@@ -213,7 +213,7 @@ def test_sigterm_to_the_owner_cleans_up():
 def test_a_killed_owner_is_reaped_by_the_next_lab():
     child = _child("""
         import os
-        from pyflanneld.lab.netns import Lab
+        from lab.netns import Lab
         lab = Lab()
         lab.add_host("h1")
         print(lab.id, flush=True)

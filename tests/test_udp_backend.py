@@ -27,8 +27,8 @@ from e2e_helpers import (
     wait_for,
 )
 
-from pyflanneld.lab import start_daemon
-from pyflanneld.lab.cluster import udp_worker_pids as worker_pids
+from lab import start_daemon
+from lab.cluster import udp_worker_pids as worker_pids
 
 pytestmark = pytest.mark.lab
 

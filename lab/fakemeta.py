@@ -3,7 +3,7 @@
 
 Server (inside a host namespace)::
 
-    python -m pyflanneld.lab.fakemeta --instance-id i-0abc --region eu-west-1 \\
+    python -m lab.fakemeta --instance-id i-0abc --region eu-west-1 \\
         [--az eu-west-1a] [--local-ipv4 192.168.100.1] [--mode optional|required|v1] \\
         [--role NAME --access-key AK --secret-key SK] [--address 169.254.169.254] [--port 80]
 
@@ -22,7 +22,7 @@ the client used.
 
 Lab API::
 
-    p = start_metadata_server(host, [sys.executable, "-m", "pyflanneld.lab.fakemeta", ...])
+    p = start_metadata_server(host, [sys.executable, "-m", "lab.fakemeta", ...])
         # adds 169.254.169.254/32 to the host's lo (inside the host namespace) and waits until
         # the server answers; returns the LabProcess (stopped with the lab)
 """
@@ -172,7 +172,7 @@ class ImdsServer(QuickHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pyflanneld.lab.fakemeta")
+    p = argparse.ArgumentParser(prog="python -m lab.fakemeta")
     p.add_argument("--instance-id", required=True)
     p.add_argument("--region", required=True)
     p.add_argument("--az", default="")

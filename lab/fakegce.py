@@ -2,7 +2,7 @@
 
 Compute API (one process, e.g. in the lab's switch namespace)::
 
-    python -m pyflanneld.lab.fakegce api --port PORT
+    python -m lab.fakegce api --port PORT
 
 Google's shapes and error format, under ``/compute/v1/projects/{project}/``:
 
@@ -29,7 +29,7 @@ the real API does. Test-only endpoints: ``POST /_fake/update`` (JSON: ``project`
 
 Metadata server (inside a host namespace, at 169.254.169.254:80, see fakemeta.start_metadata_server)::
 
-    python -m pyflanneld.lab.fakegce metadata --project P --project-number N --zone Z \\
+    python -m lab.fakegce metadata --project P --project-number N --zone Z \\
         --instance NAME --network default --ip 192.168.100.1 --token TOKEN \\
         [--scopes https://www.googleapis.com/auth/compute,...] [--no-service-account]
 
@@ -430,7 +430,7 @@ class GceServer:
 
     def start(self, timeout: float = 15) -> GceServer:
         for _ in range(5):
-            self.process = self.host.popen(sys.executable, "-m", "pyflanneld.lab.fakegce", "api", "--port",
+            self.process = self.host.popen(sys.executable, "-m", "lab.fakegce", "api", "--port",
                                            str(self.port), name=f"fakegce-{self.port}")
             deadline = time.monotonic() + timeout
             while "listening" not in self.process.log_text() and self.process.alive:
@@ -490,7 +490,7 @@ class GceServer:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pyflanneld.lab.fakegce")
+    p = argparse.ArgumentParser(prog="python -m lab.fakegce")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("api")
     s.add_argument("--address", default="0.0.0.0")

@@ -2,7 +2,7 @@
 
 Server (run inside a lab namespace; hosts reach it at http://192.168.100.254:PORT)::
 
-    python -m pyflanneld.lab.fakeec2 serve --host 0.0.0.0 --port PORT [--route-limit 50]
+    python -m lab.fakeec2 serve --host 0.0.0.0 --port PORT [--route-limit 50]
 
 It is moto's own server (``moto.server``: werkzeug, AWS's query protocol and error XML) with:
 
@@ -18,7 +18,7 @@ Everything else is moto unchanged. Enforce IAM by POSTing ``0`` to ``/moto-api/r
 
 Driver (the test's hands on the API, run in the same namespace; boto3 over 127.0.0.1)::
 
-    python -m pyflanneld.lab.fakeec2 driver --endpoint http://127.0.0.1:PORT --region eu-west-1
+    python -m lab.fakeec2 driver --endpoint http://127.0.0.1:PORT --region eu-west-1
 
 reads one JSON request per stdin line and answers one JSON line on stdout:
 ``{"op": "create_vpc", "args": {...}, "service": "ec2"}`` → ``{"ok": <boto3 result>}`` or
@@ -192,10 +192,10 @@ class Ec2Server:
     def start(self, timeout: float = 30) -> Ec2Server:
         for _ in range(5):
             self.process = self.host.popen(
-                sys.executable, "-m", "pyflanneld.lab.fakeec2", "serve", "--host", "0.0.0.0",
+                sys.executable, "-m", "lab.fakeec2", "serve", "--host", "0.0.0.0",
                 "--port", str(self.port), "--route-limit", str(self.route_limit), name=f"fakeec2-{self.port}")
             self._driver = subprocess.Popen(
-                self.host.exec_argv(sys.executable, "-m", "pyflanneld.lab.fakeec2", "driver", "--endpoint",
+                self.host.exec_argv(sys.executable, "-m", "lab.fakeec2", "driver", "--endpoint",
                                     f"http://127.0.0.1:{self.port}", "--region", self.region),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                 start_new_session=True)
@@ -272,7 +272,7 @@ class Ec2Server:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pyflanneld.lab.fakeec2")
+    p = argparse.ArgumentParser(prog="python -m lab.fakeec2")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--host", default="0.0.0.0")
