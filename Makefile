@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
-APT_PKGS := etcd-server etcd-client iproute2 iptables iperf3 tcpdump openssl curl procps iputils-ping \
+APT_PKGS := etcd-server etcd-client iproute2 iptables nftables iperf3 tcpdump openssl curl procps iputils-ping \
             python3 python3-venv systemd
 
 .PHONY: setup apt venv test unit demo bench lint clean

@@ -25,6 +25,7 @@ from .subnet.etcdv3 import EtcdV3Store
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import HOW_TO_SET, SubnetManager, read_config
 from .subnet.store import Store, StoreError
+from .trafficmngr import RulesError, traffic_manager
 
 log = structlog.get_logger()
 
@@ -162,9 +163,6 @@ class Daemon:
                         await other.close()
                 log.info("found network config", backend_type=cfg.backend_type, network=str(cfg.network),
                          etcd_api=store.api, subnet_len=cfg.subnet_len)
-                if cfg.enable_nftables:
-                    log.warning("EnableNFTables is not supported by pyflanneld; installing the iptables "
-                                "rules (FLANNEL-POSTRTG, FLANNEL-FWD) instead")
                 return store, cfg
             if not problem:
                 apis = "v3 or v2 API" if api == "auto" else f"{api} API"
@@ -200,17 +198,9 @@ class Daemon:
             log.warning("failed to write subnet file", path=self.o.subnet_file, error=str(e))
 
     async def _setup_rules(self, lease: Lease, prev_net: IPv4Network | None, prev_sn: IPv4Network | None) -> None:
-        try:
-            from .iptables import TrafficRules
-        except ImportError:
-            return
+        """iptables or nftables rules (EnableNFTables), installed; RulesError if that mode cannot work."""
         assert self.config is not None
-        self.rules = TrafficRules(
-            network=self.config.network, own_subnet=lease.subnet, ip_masq=self.o.ip_masq,
-            fully_random=not self.o.ip_masq_fully_random_disable,
-            forward_rules=self.o.iptables_forward_rules, resync=self.o.iptables_resync,
-            prev_network=prev_net, prev_subnet=prev_sn,
-        )
+        self.rules = traffic_manager(self.config, self.o, lease.subnet, prev_net, prev_sn)
         await self.rules.setup()
 
     async def _on_lease_changed(self, lease: Lease) -> None:
@@ -219,7 +209,10 @@ class Daemon:
         if self.rules is not None:
             with contextlib.suppress(Exception):
                 await self.rules.close()
-            await self._setup_rules(lease, prev_net, prev_sn)
+            try:
+                await self._setup_rules(lease, prev_net, prev_sn)
+            except RulesError as e:
+                log.error("cannot install the rules for the new subnet", error=str(e))
             self._spawn("iptables-resync", self.rules.run)
         await self._write_subnet_env(lease)
 
@@ -307,7 +300,10 @@ class Daemon:
             await self.backend.start(lease)
         except BackendError as e:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None
-        await self._setup_rules(lease, prev_net, prev_sn)
+        try:
+            await self._setup_rules(lease, prev_net, prev_sn)
+        except RulesError as e:
+            raise FatalError(str(e)) from None
         await self._write_subnet_env(lease)
         self.ready = True
         elapsed = time.monotonic() - self.started

@@ -26,10 +26,13 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Network
 
 import structlog
+
+from .rulecmd import RulesError, run_command
 
 log = structlog.get_logger()
 
@@ -38,7 +41,6 @@ MASQ_COMMENT = '-m comment --comment "flanneld masq"'
 FWD_COMMENT = '-m comment --comment "flanneld forward"'
 POSTRTG = "FLANNEL-POSTRTG"
 FWD = "FLANNEL-FWD"
-CMD_TIMEOUT = 30.0
 MISSING_IPTABLES = ("iptables not found: install the iptables package (apt-get install iptables), "
                     "or run without --ip-masq and with --iptables-forward-rules=false")
 
@@ -129,43 +131,20 @@ def supports_random_fully(version_output: str) -> bool:
     return bool(m) and tuple(int(x) for x in m.groups()) >= (1, 6, 2)
 
 
-class IptablesError(Exception):
-    """An iptables command failed; the message is one line with its stderr."""
-
-
-async def _run(argv: list[str], stdin: str | None = None, timeout: float = CMD_TIMEOUT) -> str:
-    proc = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(stdin.encode() if stdin is not None else None),
-                                          timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise IptablesError(f"{argv[0]} timed out after {timeout:.0f}s") from None
-    except asyncio.CancelledError:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        raise
-    if proc.returncode != 0:
-        msg = " ".join(err.decode(errors="replace").split()) or f"exit status {proc.returncode}"
-        raise IptablesError(f"{' '.join(argv[:4])}: {msg}")
-    return out.decode(errors="replace")
-
-
 class TrafficRules:
-    """Install flannel's iptables rules and keep them exactly in place.
+    """Install flannel's iptables rules and keep them exactly in place (a :class:`~pyflanneld.trafficmngr.TrafficManager`).
 
     ``await setup()`` once (after the lease, before subnet.env), then ``await run()`` as a task
     (the resync loop, every ``resync`` seconds); ``await close()`` on shutdown (rules stay).
+    ``cleanup``, when given, runs at the end of ``setup()``: the daemon passes the removal of the
+    nftables mode's tables (:func:`pyflanneld.nftables.remove_tables`).
     """
 
     def __init__(self, network: IPv4Network, own_subnet: IPv4Network, ip_masq: bool,
                  fully_random: bool = True, forward_rules: bool = True, resync: float = 5,
                  prev_network: IPv4Network | None = None, prev_subnet: IPv4Network | None = None,
-                 iptables: str = "iptables", iptables_restore: str = "iptables-restore") -> None:
+                 iptables: str = "iptables", iptables_restore: str = "iptables-restore",
+                 cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
         self.network = network
         self.own_subnet = own_subnet
         self.ip_masq = ip_masq
@@ -176,13 +155,20 @@ class TrafficRules:
         self.prev_subnet = prev_subnet
         self.iptables = iptables
         self.iptables_restore = iptables_restore
+        self.cleanup = cleanup
         self.rulesets: list[RuleSet] = []
         self.available = True
         self._closed = False
 
     # --- public ---------------------------------------------------------------------------------
     async def setup(self) -> None:
-        """Compute the rule sets and apply them (one transaction per table)."""
+        """Compute the rule sets and apply them (one transaction per table); then ``cleanup()``
+        removes what the other rules mode left behind (the nftables tables)."""
+        await self._install()
+        if self.cleanup is not None:
+            await self.cleanup()
+
+    async def _install(self) -> None:
         if shutil.which(self.iptables) is None or shutil.which(self.iptables_restore) is None:
             if self.ip_masq or self.forward:
                 log.error(MISSING_IPTABLES)
@@ -193,8 +179,8 @@ class TrafficRules:
             random_fully = False
             if self.fully_random:
                 try:
-                    random_fully = supports_random_fully(await _run([self.iptables, "--version"]))
-                except IptablesError as e:
+                    random_fully = supports_random_fully(await run_command([self.iptables, "--version"]))
+                except RulesError as e:
                     log.warning("could not read the iptables version", error=str(e))
             if self._network_changed():
                 log.info("network or subnet changed; recycling old iptables rules",
@@ -223,8 +209,8 @@ class TrafficRules:
                     log.warning("iptables rules differ from the expected ones; restoring", table=rs.table,
                                 chain=rs.chain, found=len(state.rules), expected=len(rs.rules),
                                 jumps=state.jumps)
-                await _run([self.iptables_restore, "--noflush", "-w"], stdin=restore_payload(rs, state))
-            except IptablesError as e:
+                await run_command([self.iptables_restore, "--noflush", "-w"], stdin=restore_payload(rs, state))
+            except RulesError as e:
                 ok = False
                 log.error("failed to ensure iptables rules", table=rs.table, chain=rs.chain, error=str(e))
         return ok
@@ -253,7 +239,7 @@ class TrafficRules:
             (self.prev_subnet is not None and self.prev_subnet != self.own_subnet)
 
     async def _save(self, table: str, chain: str | None = None) -> str:
-        return await _run([self.iptables, "-w", "-t", table, "-S", *([chain] if chain else [])])
+        return await run_command([self.iptables, "-w", "-t", table, "-S", *([chain] if chain else [])])
 
     async def _listing(self, rs: RuleSet) -> str:
         """``-S PARENT`` + ``-S CHAIN`` (not the whole table: kube-proxy's nat table can be huge).
@@ -261,7 +247,7 @@ class TrafficRules:
         parent = await self._save(rs.table, rs.parent)
         try:
             chain = await self._save(rs.table, rs.chain)
-        except IptablesError:
+        except RulesError:
             chain = ""
         return parent + chain
 
@@ -271,7 +257,7 @@ class TrafficRules:
         try:
             try:
                 save = await self._save("nat", POSTRTG)
-            except IptablesError:
+            except RulesError:
                 return  # no chain, nothing to remove
             present = set(save.splitlines())
             candidates = [r for rf in (True, False)
@@ -279,6 +265,40 @@ class TrafficRules:
             old = [r for r in dict.fromkeys(candidates) if r in present]
             if old:
                 log.info("removing previous masquerade rules", count=len(old), prev_network=str(self.prev_network))
-                await _run([self.iptables_restore, "--noflush", "-w"], stdin=delete_payload("nat", old))
-        except IptablesError as e:
+                await run_command([self.iptables_restore, "--noflush", "-w"], stdin=delete_payload("nat", old))
+        except RulesError as e:
             log.error("failed to remove previous masquerade rules", error=str(e))
+
+
+async def remove_chains(iptables: str = "iptables", iptables_restore: str = "iptables-restore") -> None:
+    """Delete everything flannel keeps in iptables: the rules in ``POSTROUTING``/``FORWARD`` that
+    carry flannel's comments (our jumps, and the rules upstream ≤ v0.17 put there directly) and the
+    ``FLANNEL-POSTRTG``/``FLANNEL-FWD`` chains, one restore transaction per table.
+
+    Used in nftables mode, where upstream (≥ v0.27) clears the iptables manager at start. Nothing
+    to do when the iptables tools are absent; failures are logged, never raised. The binaries are
+    parameters so that ip6tables can be cleaned the same way.
+    """
+    if shutil.which(iptables) is None or shutil.which(iptables_restore) is None:
+        return
+    for table, parent, chain, comment in (("nat", "POSTROUTING", POSTRTG, MASQ_COMMENT),
+                                          ("filter", "FORWARD", FWD, FWD_COMMENT)):
+        try:
+            listing = (await run_command([iptables, "-w", "-t", table, "-S", parent])).splitlines()
+            ours = [ln for ln in listing if ln.startswith(f"-A {parent} ") and comment in ln]
+            try:
+                await run_command([iptables, "-w", "-t", table, "-S", chain])
+                exists = True
+            except RulesError:
+                exists = False
+            if not ours and not exists:
+                continue
+            payload = [f"*{table}", *("-D" + r[2:] for r in ours)]
+            if exists:
+                payload += [f"-F {chain}", f"-X {chain}"]
+            await run_command([iptables_restore, "--noflush", "-w"], stdin="\n".join([*payload, "COMMIT"]) + "\n")
+            log.info("removed flannel's iptables rules (nftables mode is in use)", tool=iptables, table=table,
+                     chain=chain, rules=len(ours))
+        except RulesError as e:
+            log.warning("could not remove flannel's iptables rules", tool=iptables, table=table, chain=chain,
+                        error=str(e))
