@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 import structlog
 
 from . import __version__, iface, sdnotify, subnetenv
-from .backend import BackendContext, BackendError, ExternalInterface, backend_class
+from .backend import BackendContext, BackendError, ExternalInterface, backend_class, registered_types
 from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
 from .options import Options
@@ -153,7 +153,7 @@ class Daemon:
                     backend_class(cfg.backend_type)
                 except BackendError as e:
                     problem = (f"invalid network config at {settings.prefix}/config: {e}; "
-                               "known types: alloc, vxlan, host-gw, udp, aws-vpc, gce")
+                               f"known types: {', '.join(registered_types())}")
                     break
                 if cfg.enable_ipv6:
                     problem = "EnableIPv6 is not supported by pyflanneld yet; set it to false"

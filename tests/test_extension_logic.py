@@ -1,0 +1,196 @@
+"""The extension backend's command runner and convergence, in-process (the commands only write files).
+
+Each test drives an ExtensionBackend the way the daemon does (register, start, set_peers /
+add_peer / remove_peer, reconcile) and reads what the commands recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from pyflanneld.backend import BackendContext, BackendError, ExternalInterface, backend_class
+from pyflanneld.backend import extension as ext_mod
+from pyflanneld.backend.extension import backend_data_text, lease_env, run_shell
+from pyflanneld.config import parse_config
+from pyflanneld.subnet.lease import Lease, LeaseAttrs
+
+
+def make(tmp: Path, **backend) -> object:
+    cfg = parse_config(json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": "extension", **backend}}))
+    ext = ExternalInterface(name="eth0", index=2, ip=IPv4Address("192.168.100.1"),
+                            public_ip=IPv4Address("192.168.100.1"), mtu=1500)
+    return backend_class("extension")(BackendContext(config=cfg, backend_config=cfg.backend, ext=ext, options=None))
+
+
+def peer(n: int, data=None, btype="extension", ip: str | None = None) -> Lease:
+    return Lease(IPv4Network(f"10.5.{n}.0/24"),
+                 LeaseAttrs(IPv4Address(ip or f"192.168.100.{n}"), btype, data))
+
+
+def own() -> Lease:
+    return Lease(IPv4Network("10.5.1.0/24"), LeaseAttrs(IPv4Address("192.168.100.1"), "extension"))
+
+
+def lines(p: Path) -> list[str]:
+    return p.read_text().splitlines() if p.exists() else []
+
+
+async def until(pred, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not pred():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
+def test_pure_helpers():
+    assert backend_data_text(None) == "" and backend_data_text("aa:bb") == "aa:bb"
+    assert backend_data_text({"VtepMAC": "x"}) is None and backend_data_text(5) is None
+    assert lease_env(peer(3)) == {"SUBNET": "10.5.3.0/24", "PUBLIC_IP": "192.168.100.3"}
+
+
+def test_bad_backend_config_is_upstreams_decode_error(tmp_path):
+    with pytest.raises(BackendError, match="cannot unmarshal number into Go struct field .SubnetAddCommand of type string"):
+        make(tmp_path, SubnetAddCommand=5)
+    with pytest.raises(BackendError, match="CommandTimeout must be a positive number"):
+        make(tmp_path, CommandTimeout="5")
+
+
+def test_run_shell_env_stdin_status_and_timeout_kills_the_group(tmp_path):
+    async def main():
+        r = await run_shell('read X; echo "$X|$SUBNET"; echo oops >&2; exit 4', {"SUBNET": "10.5.2.0/24"}, "data", 5)
+        assert (r.status, r.stdout, r.stderr.strip()) == (4, "data|10.5.2.0/24\n", "oops")
+        assert r.problem() == "exit status 4: oops"
+        marker = tmp_path / "child.pid"
+        t0 = time.monotonic()
+        r = await run_shell(f"sleep 600 & echo $! > {marker}; wait", {}, "", 0.5)
+        assert r.status is None and r.problem() == "killed after 0.5s timeout"
+        assert time.monotonic() - t0 < 3
+        child = int(marker.read_text())
+        await until(lambda: not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2])
+    asyncio.run(main())
+
+
+def test_pre_output_is_backend_data_and_post_gets_own_lease(tmp_path):
+    out = tmp_path / "post"
+    be = make(tmp_path, PreStartupCommand="echo '  aa:bb:cc  '; echo noise >&2",
+              PostStartupCommand=f'echo "$NETWORK $SUBNET $PUBLIC_IP" > {out}')
+
+    async def main():
+        info = await be.register()
+        assert (info.backend_type, info.backend_data, info.mtu) == ("extension", "aa:bb:cc", 1500)
+        await be.start(own())
+        assert lines(out) == ["10.5.0.0/16 10.5.1.0/24 192.168.100.1"]
+        # no Pre command: no BackendData at all (upstream omits the field)
+        assert (await make(tmp_path).register()).backend_data is None
+        # a failing startup command is one line naming it, its status and its stderr
+        with pytest.raises(BackendError, match=r"PreStartupCommand failed \(exit status 7: nope\)"):
+            await make(tmp_path, PreStartupCommand="echo nope >&2; exit 7").register()
+    asyncio.run(main())
+
+
+def test_peers_added_once_changed_removed_and_failures_retried(tmp_path, monkeypatch):
+    monkeypatch.setattr(ext_mod, "RETRY_MIN_S", 0.2)
+    log = tmp_path / "log"
+    allow = tmp_path / "allow"
+    be = make(tmp_path,
+              SubnetAddCommand=f'read D; [ "$PUBLIC_IP" != 192.168.100.4 ] || [ -e {allow} ] || {{ echo "not yet" >&2; exit 3; }}; '
+                               f'echo "add $SUBNET $PUBLIC_IP $D" >> {log}',
+              SubnetRemoveCommand=f'read D; echo "del $SUBNET $PUBLIC_IP $D" >> {log}')
+
+    async def main():
+        await be.register()
+        await be.start(own())
+        await be.set_peers([peer(2, "d2"), peer(3), peer(4, "d4"), peer(5, {"not": "a string"}), peer(6, btype="vxlan")])
+        await until(lambda: len(lines(log)) == 2)
+        assert sorted(lines(log)) == ["add 10.5.2.0/24 192.168.100.2 d2", "add 10.5.3.0/24 192.168.100.3 "]
+        await be.add_peer(peer(2, "d2"))  # a renewal: nothing runs again
+        await be.reconcile()
+        # h4's command fails; the reconcile loop retries it once the delay is over
+        allow.touch()
+        for _ in range(100):
+            await be.reconcile()
+            if len(lines(log)) == 3:
+                break
+            await asyncio.sleep(0.05)
+        assert lines(log)[2] == "add 10.5.4.0/24 192.168.100.4 d4"
+        # changed attributes: Remove with the old values, then Add with the new ones
+        await be.add_peer(peer(2, "d2-new", ip="192.168.100.22"))
+        await until(lambda: len(lines(log)) == 5)
+        assert lines(log)[3:] == ["del 10.5.2.0/24 192.168.100.2 d2", "add 10.5.2.0/24 192.168.100.22 d2-new"]
+        await be.remove_peer(peer(3))
+        await until(lambda: len(lines(log)) == 6)
+        assert lines(log)[5] == "del 10.5.3.0/24 192.168.100.3 "
+        await be.reconcile()
+        await asyncio.sleep(0.3)
+        assert len(lines(log)) == 6  # converged: nothing more runs
+        await be.close()
+    asyncio.run(main())
+
+
+def test_a_hanging_command_does_not_hold_up_other_peers(tmp_path, monkeypatch):
+    monkeypatch.setattr(ext_mod, "RETRY_MIN_S", 60)
+    log = tmp_path / "log"
+    be = make(tmp_path, CommandTimeout=1,
+              SubnetAddCommand=f'[ "$PUBLIC_IP" = 192.168.100.2 ] && sleep 600; echo "$SUBNET" >> {log}')
+
+    async def main():
+        await be.register()
+        await be.start(own())
+        t0 = time.monotonic()
+        await be.set_peers([peer(2), *(peer(n) for n in range(3, 23))])
+        assert time.monotonic() - t0 < 0.5  # the event path never waits for a command
+        await until(lambda: len(lines(log)) == 20, 10)
+        assert time.monotonic() - t0 < 1.0  # all 20 others done while peer 2's command still hangs
+        await until(lambda: IPv4Network("10.5.2.0/24") in be._retry, 5)  # killed at the timeout, retry set
+        assert time.monotonic() - t0 < 3 and "10.5.2.0/24" not in lines(log)
+        await be.close()
+    asyncio.run(main())
+
+
+def test_failing_remove_is_given_up_after_five_attempts(tmp_path, monkeypatch):
+    monkeypatch.setattr(ext_mod, "RETRY_MIN_S", 0.01)
+    monkeypatch.setattr(ext_mod, "RETRY_MAX_S", 0.01)
+    count = tmp_path / "count"
+    be = make(tmp_path, SubnetAddCommand="true", SubnetRemoveCommand=f"echo x >> {count}; exit 1")
+
+    async def main():
+        await be.register()
+        await be.start(own())
+        await be.set_peers([peer(2)])
+        await until(lambda: IPv4Network("10.5.2.0/24") in be._added)
+        await be.set_peers([])
+        for _ in range(200):
+            await be.reconcile()
+            await asyncio.sleep(0.02)
+            if not be._added:
+                break
+        for _ in range(10):  # given up: further reconciles run nothing
+            await be.reconcile()
+            await asyncio.sleep(0.02)
+        assert len(lines(count)) == 5 and not be._added and not be._retry
+        await be.close()
+    asyncio.run(main())
+
+
+def test_env_is_flanneld_env_plus_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBNET", "overridden")
+    monkeypatch.setenv("FROM_FLANNELD", "yes")
+    out = tmp_path / "env"
+    be = make(tmp_path, SubnetAddCommand=f'echo "$SUBNET $FROM_FLANNELD" > {out}')
+
+    async def main():
+        await be.register()
+        await be.start(own())
+        await be.add_peer(peer(9))
+        await until(out.exists)
+        await be.close()
+    asyncio.run(main())
+    assert lines(out) == ["10.5.9.0/24 yes"]
+    assert os.environ["SUBNET"] == "overridden"
