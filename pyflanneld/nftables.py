@@ -295,11 +295,15 @@ async def remove_tables(nft: str = "nft") -> None:
     if shutil.which(nft) is None:
         return
     try:
-        present = {tuple(ln.split()[1:3]) for ln in (await run_command([nft, "list", "tables"])).splitlines()
-                   if ln.startswith("table ")}
-        ours = [(fam, name) for fam, name, _ in FAMILIES.values() if (fam, name) in present]
-        if not ours:
-            return
+        listing = await run_command([nft, "list", "tables"])
+    except RulesError as e:  # e.g. a kernel without nf_tables: then there is nothing of ours either
+        log.debug("cannot list nftables tables", error=str(e))
+        return
+    present = {tuple(ln.split()[1:3]) for ln in listing.splitlines() if ln.startswith("table ")}
+    ours = [(fam, name) for fam, name, _ in FAMILIES.values() if (fam, name) in present]
+    if not ours:
+        return
+    try:
         await run_command([nft, "-f", "-"], stdin="".join(f"delete table {f} {n}\n" for f, n in ours))
         log.info("removed flannel's nftables tables (iptables mode is in use)", tables=[f"{f} {n}" for f, n in ours])
     except RulesError as e:

@@ -142,6 +142,12 @@ def backend_data_text(data: Any) -> str | None:
     return data if isinstance(data, str) else None
 
 
+def _log_crash(task: asyncio.Task) -> None:
+    """A worker that died of a bug is logged (the reconcile loop starts the peer's worker again)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.error("extension worker failed", task=task.get_name(), error=repr(task.exception()))
+
+
 @dataclass
 class _Retry:
     attempts: int
@@ -228,7 +234,9 @@ class ExtensionBackend(PeerSetBackend):
         """Make sure a worker converges this peer (one per subnet: its commands run in order)."""
         t = self._workers.get(sn)
         if t is None or t.done():
-            self._workers[sn] = asyncio.create_task(self._converge(sn), name=f"extension-{sn}")
+            t = asyncio.create_task(self._converge(sn), name=f"extension-{sn}")
+            t.add_done_callback(_log_crash)
+            self._workers[sn] = t
 
     def _wanted(self, sn: IPv4Network) -> tuple[Lease, str] | None:
         """The peer lease to have added for ``sn`` and its stdin text, or None (absent or skipped)."""
@@ -281,11 +289,11 @@ class ExtensionBackend(PeerSetBackend):
     async def _run_peer_command(self, key: str, lease: Lease, sn: IPv4Network, stdin: str | None = None) -> bool:
         """Run one subnet command for ``lease``; True when it succeeded (or there is none, or a
         failing Remove was given up). A failure schedules a retry."""
+        if not self.commands[key]:
+            return True
         if stdin is None:
             stdin = backend_data_text(lease.attrs.backend_data) or ""
         fields = {"command": key, "subnet": str(lease.subnet), "public_ip": str(lease.attrs.public_ip)}
-        if not self.commands[key]:
-            return True
         async with self._slots:
             res = await run_shell(self.commands[key], lease_env(lease), stdin, self.timeout_s)
         if res.ok:
