@@ -1,4 +1,4 @@
-"""Entry point: `pyflanneld [flags]` (the daemon) and `pyflanneld docker-opts ...`.
+"""Entry point: `pyflanneld [flags]` (the daemon) and the operator commands `pyflanneld config|leases|lease|docker-opts …`.
 
 Every user-facing failure is one line on stderr and an exit code (2: bad usage, 1: bad value or
 fatal setup error) — never a traceback.
@@ -12,6 +12,10 @@ from ipaddress import IPv4Address
 
 from . import __version__
 from .options import BY_NAME, OptionError, Options, UsageError, parse_args, usage
+
+# First words that select an operator command (pyflanneld.ctl) instead of the daemon: the daemon
+# takes flags only, so none of these can be a daemon command line.
+COMMANDS = ("config", "leases", "lease", "docker-opts")
 
 
 def validate(o: Options) -> None:
@@ -59,10 +63,10 @@ def validate(o: Options) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "docker-opts":
-        from .dockeropts import main as docker_opts
+    if argv and argv[0] in COMMANDS:
+        from .ctl import main as ctl_main
 
-        sys.exit(docker_opts(argv[1:]))
+        sys.exit(ctl_main(argv))
     try:
         opts = parse_args(argv)
     except UsageError as e:

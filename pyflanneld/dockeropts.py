@@ -39,6 +39,9 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
+
+import click
 
 DEFAULT_FLANNEL_ENV = "/run/flannel/subnet.env"
 DEFAULT_DOCKER_ENV = "/run/docker_opts.env"
@@ -90,53 +93,65 @@ def usage_text(prog: str) -> str:
     )
 
 
+class _Command(click.Command):
+    """docker-opts as a click command with the script's conventions: `--help` shows the script's
+    usage text (on stdout, exit 0; `-h`/`-?` print it on stderr and exit 1 like the script)."""
+
+    def get_help(self, ctx: click.Context) -> str:
+        return usage_text(ctx.command_path).rstrip("\n")
+
+
+@click.command("docker-opts", cls=_Command, add_help_option=False,
+               context_settings={"allow_interspersed_args": False})
+@click.option("-f", "flannel_env", default=DEFAULT_FLANNEL_ENV, metavar="FLANNEL-ENV-FILE")
+@click.option("-d", "docker_env", default=DEFAULT_DOCKER_ENV, metavar="DOCKER-ENV-FILE")
+@click.option("-i", "indiv", is_flag=True)
+@click.option("-c", "combined", is_flag=True)
+@click.option("-m", "no_ipmasq", is_flag=True)
+@click.option("-k", "combined_key", default=DEFAULT_COMBINED_KEY, metavar="COMBINED-KEY")
+@click.option("-h", "-?", "usage", is_flag=True)
+@click.help_option("--help")
+@click.argument("extra_args", nargs=-1, type=click.UNPROCESSED)
+def command(**params: Any) -> int:
+    """Generate Docker daemon options based on flannel env file."""
+    opts = _options(params)
+    try:
+        run(opts, dict(os.environ))
+    except DockerOptsError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _options(params: dict[str, Any]) -> Options:
+    if params["usage"]:
+        raise UsageError("")
+    indiv, combined = params["indiv"], params["combined"]
+    if not indiv and not combined:
+        indiv = combined = True
+    return Options(flannel_env=params["flannel_env"], docker_env=params["docker_env"],
+                   combined_key=params["combined_key"], indiv=indiv, combined=combined,
+                   ipmasq=not params["no_ipmasq"], extra_args=list(params["extra_args"]))
+
+
+def _script_usage_error(e: click.UsageError) -> UsageError:
+    """click's parse errors in the words of the script's getopts."""
+    if isinstance(e, click.NoSuchOption):
+        return UsageError(f"Illegal option -{e.option_name[1]}")
+    if isinstance(e, click.BadOptionUsage):  # "Option '-k' requires an argument."
+        return UsageError(f"No arg for {e.option_name} option")
+    return UsageError(e.format_message())
+
+
 def parse_args(argv: list[str]) -> Options:
-    """POSIX getopts semantics: clustered flags (-ic), attached or separate arguments
-    (-kKEY / -k KEY), parsing stops at "--", "-" or the first non-option word."""
-    opts = Options()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--":
-            i += 1
-            break
-        if not arg.startswith("-") or arg == "-":
-            break
-        j = 1
-        while j < len(arg):
-            letter = arg[j]
-            if letter in _WITH_ARG:
-                if j + 1 < len(arg):
-                    value = arg[j + 1 :]
-                elif i + 1 < len(argv):
-                    i += 1
-                    value = argv[i]
-                else:
-                    raise UsageError(f"No arg for -{letter} option")
-                if letter == "f":
-                    opts.flannel_env = value
-                elif letter == "d":
-                    opts.docker_env = value
-                else:
-                    opts.combined_key = value
-                break
-            if letter in _FLAGS:
-                if letter == "i":
-                    opts.indiv = True
-                elif letter == "c":
-                    opts.combined = True
-                else:
-                    opts.ipmasq = False
-            elif letter in _USAGE_LETTERS:
-                raise UsageError("")
-            else:
-                raise UsageError(f"Illegal option -{letter}")
-            j += 1
-        i += 1
-    opts.extra_args = argv[i:]
-    if not opts.indiv and not opts.combined:
-        opts.indiv = opts.combined = True
-    return opts
+    """POSIX getopts semantics, via click: clustered flags (-ic), attached or separate arguments
+    (-kKEY / -k KEY, even -k -c), parsing stops at "--", "-" or the first non-option word.
+    Raises UsageError with the script's message (empty for -h/-?)."""
+    try:
+        ctx = command.make_context(DEFAULT_PROG, list(argv))
+    except click.UsageError as e:
+        raise _script_usage_error(e) from None
+    return _options(ctx.params)
 
 
 def parse_env_file(path: str) -> dict[str, str]:
@@ -299,21 +314,16 @@ def run(opts: Options, environ: dict[str, str]) -> None:
 
 
 def main(argv: list[str], prog: str = DEFAULT_PROG) -> int:
-    """Entry point; ``argv`` holds the options only (no program name). Returns the exit status."""
+    """Entry point; ``argv`` holds the options only (no program name). Returns the exit status:
+    1 with one line on stderr on failure; 1 with the usage text for -h/-? and bad options."""
     try:
-        opts = parse_args(argv)
-    except UsageError as exc:
-        if str(exc):
-            sys.stderr.write(f"{exc}\n")
-        sys.stderr.write(usage_text(prog))
-        return 1
-    try:
-        run(opts, dict(os.environ))
-    except DockerOptsError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    return 0
-
+        return command.main(list(argv), prog_name=prog, standalone_mode=False)
+    except (click.UsageError, UsageError) as e:
+        exc = _script_usage_error(e) if isinstance(e, click.UsageError) else e
+    if str(exc):
+        sys.stderr.write(f"{exc}\n")
+    sys.stderr.write(usage_text(prog))
+    return 1
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -216,7 +216,13 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Option
 
 
 def usage() -> str:
-    lines = ["Usage: pyflanneld [OPTION]...", "       pyflanneld docker-opts [-f FILE] [-d FILE] [-i] [-c] [-m] [-k KEY]", ""]
+    lines = ["Usage: pyflanneld [OPTION]...",
+             "       pyflanneld config get|validate|set ...      the network config in etcd",
+             "       pyflanneld leases [-o table|json|yaml]      the subnet leases in etcd",
+             "       pyflanneld lease reserve|release SUBNET ... reservations",
+             "       pyflanneld docker-opts [-f FILE] [-d FILE] [-i] [-c] [-m] [-k KEY]",
+             "       (each command: --help; they take the --etcd-* flags and FLANNELD_ETCD_* variables below)",
+             ""]
     for f in FLAGS:
         kind = {"str": " string", "int": " int", "bool": "", "list": " value", "duration": " duration",
                 "duration_min": " int"}[f.kind]

@@ -155,9 +155,11 @@ class EtcdV2Store:
             raise StoreError(f"etcd v2 put {key}: {d.get('message')}")
         return self._record(d["node"])
 
-    async def renew_subnet(self, key: str, value: bytes, ttl: int) -> Record | None:
-        r = await self._request("PUT", f"subnets/{key}", params={"prevValue": value.decode()},
-                                data={"value": value.decode(), "ttl": str(int(ttl))})
+    async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+        data = {"value": value.decode()}
+        if ttl:
+            data["ttl"] = str(int(ttl))  # without it, the compare-and-swap leaves the key without TTL
+        r = await self._request("PUT", f"subnets/{key}", params={"prevValue": value.decode()}, data=data)
         d = self._json(r)
         if d.get("errorCode") in (100, 101):  # key not found / compare failed
             return None
@@ -169,6 +171,16 @@ class EtcdV2Store:
         r = await self._request("DELETE", f"subnets/{key}")
         if r.status_code not in (200, 404):
             raise StoreError(f"etcd v2 delete {key}: {self._json(r).get('message')}")
+
+    async def put_config(self, value: bytes) -> None:
+        """AdminStore: write <prefix>/config without a TTL."""
+        r = await self._request("PUT", "config", data={"value": value.decode()})
+        if r.status_code not in (200, 201):
+            raise StoreError(f"etcd v2 put config: {self._json(r).get('message')}")
+
+    async def fill_expirations(self, records: list[Record]) -> list[Record]:
+        """AdminStore: v2 nodes carry their expiration already."""
+        return records
 
     async def watch_subnets(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         index = start_revision

@@ -7,6 +7,7 @@ with it (upstream's behaviour); we also revoke the lease we replaced, so none pi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 
@@ -228,7 +229,7 @@ class EtcdV3Store:
 
         return await self._call(op)
 
-    async def renew_subnet(self, key: str, value: bytes, ttl: int) -> Record | None:
+    async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         k = self._subnets + key.encode()
 
         async def op(c: _Client):
@@ -240,22 +241,42 @@ class EtcdV3Store:
                 failure=[],
             )
             if not ok:
-                await c.revoke_lease(lease_id)
+                if lease_id:
+                    await c.revoke_lease(lease_id)
                 return None
-            old = self._lease_ids.get(key, 0)
-            self._lease_ids[key] = lease_id
+            old = self._lease_ids.pop(key, 0)
+            if lease_id:
+                self._lease_ids[key] = lease_id
             if old and old != lease_id:
                 try:
                     await c.revoke_lease(old)
                 except aex.ClientError:
                     pass
-            return Record(key, value, True, t0 + ttl, resp[0].response_put.header.revision)
+            return Record(key, value, bool(ttl), t0 + ttl if ttl else None, resp[0].response_put.header.revision)
 
         return await self._call(op)
 
     async def delete_subnet(self, key: str) -> None:
         await self._call(lambda c: c.delete(self._subnets + key.encode()))
         self._lease_ids.pop(key, None)
+
+    async def put_config(self, value: bytes) -> None:
+        """AdminStore: write <prefix>/config without a lease."""
+        key = f"{self._prefix}/config".encode()
+        await self._call(lambda c: c.put(key, value))
+
+    async def fill_expirations(self, records: list[Record]) -> list[Record]:
+        """AdminStore: expiration from LeaseTimeToLive for every record listed with a lease (the
+        lease ids come from the last list_subnets); a lease already gone reads as expiring now."""
+
+        async def one(rec: Record) -> Record:
+            lease_id = self._lease_ids.get(rec.key, 0)
+            if not rec.has_ttl or not lease_id or rec.expiration is not None:
+                return rec
+            info = await self._call(lambda c: c.get_lease_info(lease_id, keys=False))
+            return dataclasses.replace(rec, expiration=time.time() + max(int(info.TTL), 0))
+
+        return list(await asyncio.gather(*(one(r) for r in records)))
 
     async def watch_subnets(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         ep = self.endpoint

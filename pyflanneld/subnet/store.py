@@ -56,9 +56,10 @@ class Store(Protocol):
         """Unconditional write (renewal, reuse); ttl None keeps it without TTL."""
         ...
 
-    async def renew_subnet(self, key: str, value: bytes, ttl: int) -> Record | None:
+    async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         """Write again with a fresh TTL only if the key still holds `value`; None when it does not
-        (expired, deleted, or taken over): the caller must acquire again."""
+        (expired, deleted, or taken over): the caller must acquire again. ttl None writes it without
+        TTL (turns a lease into a reservation in place: `pyflanneld lease reserve`)."""
         ...
 
     async def delete_subnet(self, key: str) -> None: ...
@@ -68,3 +69,16 @@ class Store(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class AdminStore(Store, Protocol):
+    """What the operator commands (pyflanneld.ctl) need beyond the daemon's Store."""
+
+    async def put_config(self, value: bytes) -> None:
+        """Write `<prefix>/config` (unconditionally, no TTL)."""
+        ...
+
+    async def fill_expirations(self, records: list[Record]) -> list[Record]:
+        """The records with `expiration` filled in where the list left it unknown (v3: one
+        LeaseTimeToLive per lease; v2 already knows it). Reservations keep None."""
+        ...

@@ -1,0 +1,170 @@
+"""The etcd connection of the operator commands: the daemon's own flags, variables and store classes.
+
+Every subcommand takes the daemon's etcd flags (`--etcd-endpoints`, `--etcd-prefix`, the TLS files,
+`--etcd-username/--etcd-password`, `--etcd-api auto|v3|v2`), spelt the Go way too
+(`-etcd-endpoints=…`), each falling back to its `FLANNELD_*` variable like the daemon
+(pyflanneld.options). Texts and defaults come from `options.FLAGS`, checks from `cli.validate`,
+stores are the daemon's (subnet/etcdv3.py, subnet/etcdv2.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from ..config import ConfigError, NetworkConfig, parse_config
+from ..options import BY_NAME, FLAGS, OptionError, Options
+from ..subnet.etcd_common import EtcdSettings, parse_endpoints
+from ..subnet.store import AdminStore, StoreError
+
+ETCD_FLAGS = ("etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
+              "etcd-username", "etcd-password", "etcd-api")
+APIS = ("auto", "v3", "v2")
+
+
+class CtlError(click.ClickException):
+    """A failure an operator can fix: one line on stderr, exit status 1."""
+
+    exit_code = 1
+
+
+def env_name(flag: str) -> str:
+    """`etcd-endpoints` → `FLANNELD_ETCD_ENDPOINTS` (upstream's flagutil.SetFlagsFromEnv naming)."""
+    return "FLANNELD_" + flag.upper().replace("-", "_")
+
+
+class GoFlag(click.Option):
+    """A long option that also answers to Go's single-dash spelling (`-etcd-prefix=/x`); `--help`
+    lists only the double-dash one."""
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        saved = self.opts
+        self.opts = [o for o in self.opts if o.startswith("--")]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = saved
+
+
+def _etcd_option(name: str) -> Callable:
+    flag = BY_NAME[name]
+    kw: dict[str, Any] = {"default": flag.default, "envvar": env_name(name), "show_envvar": True,
+                          "help": flag.help.replace(" [pyflanneld]", "")}
+    if name == "etcd-api":
+        kw["type"] = click.Choice(APIS, case_sensitive=False)
+    if name == "etcd-password":
+        kw["show_default"] = False
+    else:
+        kw["show_default"] = bool(flag.default)
+    return click.option(f"-{name}", f"--{name}", name.replace("-", "_"), cls=GoFlag, **kw)
+
+
+def etcd_options(fn: Callable) -> Callable:
+    """Decorator: the daemon's etcd flags, collected into one `etcd: Connection` argument."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name.replace("-", "_")) for name in ETCD_FLAGS}
+        return fn(*args, etcd=Connection.from_values(values), **kwargs)
+
+    for name in reversed(ETCD_FLAGS):
+        wrapper = _etcd_option(name)(wrapper)
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Connection:
+    settings: EtcdSettings
+    api: str  # "auto", "v3" or "v2"
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> Connection:
+        """Check the values like the daemon does (same texts) and build the settings.
+        Raises CtlError."""
+        from ..cli import validate  # cli imports this package: import at call time
+
+        opts = Options(values={f.name: (list(f.default) if f.kind == "list" else f.default) for f in FLAGS})
+        opts.values.update(values)
+        try:
+            validate(opts)
+        except OptionError as e:
+            raise CtlError(str(e)) from None
+        try:
+            endpoints = parse_endpoints(opts.etcd_endpoints)
+        except ValueError as e:
+            raise CtlError(f"--etcd-endpoints: {e}") from None
+        settings = EtcdSettings(endpoints=endpoints, prefix=opts.etcd_prefix, cafile=opts.etcd_cafile,
+                                certfile=opts.etcd_certfile, keyfile=opts.etcd_keyfile,
+                                username=opts.etcd_username, password=opts.etcd_password)
+        return cls(settings, opts.etcd_api.lower())
+
+    @property
+    def config_key(self) -> str:
+        return f"{self.settings.prefix.rstrip('/')}/config"
+
+    def subnet_key(self, key: str) -> str:
+        return f"{self.settings.prefix.rstrip('/')}/subnets/{key}"
+
+    def _store(self, api: str) -> AdminStore:
+        if api == "v3":
+            from ..subnet.etcdv3 import EtcdV3Store
+
+            return EtcdV3Store(self.settings)
+        from ..subnet.etcdv2 import EtcdV2Store  # imported on demand, as in the daemon
+
+        return EtcdV2Store(self.settings)
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[tuple[AdminStore, bytes | None]]:
+        """`async with conn.open() as (store, raw_config)`: the store to use and the raw config it
+        holds (None: absent); every store opened is closed on exit.
+
+        `--etcd-api auto` picks like the daemon: v3 when its config is there, else v2 when v2 has
+        one, else v3 (where `config set` then writes). Raises StoreError when the chosen API
+        cannot be read."""
+        opened: list[AdminStore] = []
+
+        async def read(api: str) -> tuple[AdminStore, bytes | None]:
+            store = self._store(api)
+            opened.append(store)
+            return store, await store.get_config()
+
+        try:
+            if self.api != "auto":
+                yield await read(self.api)
+                return
+            try:
+                v3, raw = await read("v3")
+                v3_error = None
+            except StoreError as e:
+                v3, raw, v3_error = opened[0], None, e
+            if raw is None:
+                try:
+                    v2, raw2 = await read("v2")
+                except StoreError:
+                    raw2 = None  # v2 is only a fallback: its errors (e.g. v2 disabled) don't matter
+                if raw2 is not None:
+                    yield v2, raw2
+                    return
+                if v3_error is not None:
+                    raise v3_error
+            yield v3, raw
+        finally:
+            for store in opened:
+                await store.close()
+
+    def parse_stored_config(self, store: AdminStore, raw: bytes | None) -> NetworkConfig:
+        """The stored config parsed by the daemon's parser; CtlError when absent or invalid."""
+        if raw is None:
+            raise CtlError(f"network config not found at {self.config_key} (etcd {store.api}); "
+                           "create it with: pyflanneld config set -f FILE")
+        try:
+            return parse_config(raw)
+        except ConfigError as e:
+            raise CtlError(f"invalid network config at {self.config_key} (etcd {store.api}): {e}; "
+                           "fix it with: pyflanneld config set -f FILE") from None

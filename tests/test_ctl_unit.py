@@ -1,0 +1,157 @@
+"""The operator commands without etcd: help, usage errors, offline validation, and the pure parts
+(config file loading, lease display) fed untrusted input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab.cluster import pyflanneld_argv
+from pyflanneld.config import ConfigError
+from pyflanneld.ctl import configfile
+from pyflanneld.ctl.lease_cmd import format_ttl, render_table, view
+from pyflanneld.subnet.store import Record
+
+VXLAN = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
+
+
+def run(*args, input: str | None = None) -> subprocess.CompletedProcess:
+    """The installed `pyflanneld <args>` (these commands never touch the network or the kernel)."""
+    cp = subprocess.run([*pyflanneld_argv(), *map(str, args)], capture_output=True, text=True, timeout=60,
+                        input=input)
+    assert "Traceback" not in cp.stderr, cp.stderr
+    return cp
+
+
+def one_line_error(cp, code: int = 1) -> str:
+    assert cp.returncode == code, (cp.returncode, cp.stdout, cp.stderr)
+    assert cp.stderr.count("\n") == 1 and cp.stderr.endswith("\n"), cp.stderr
+    return cp.stderr
+
+
+# -- the commands ---------------------------------------------------------------------------------------
+def test_validate_json_and_yaml_from_file_and_stdin(tmp_path):
+    summary = "valid: vxlan backend, Network 10.5.0.0/16, 255 subnets /24 from 10.5.1.0 to 10.5.255.0\n"
+    f = tmp_path / "net.json"
+    f.write_text(VXLAN)
+    assert run("config", "validate", "-f", f).stdout == summary
+    cp = run("config", "validate", "-f", "-", input="Network: 10.5.0.0/16\nBackend:\n  Type: vxlan\n")
+    assert (cp.returncode, cp.stdout) == (0, summary)
+    line = one_line_error(run("config", "validate", "-f", "-", input="Network: 10.5.0.0/16\nSubnetMin: 10.6.0.0\n"))
+    assert line == "pyflanneld: stdin: invalid network config: SubnetMin is not in the range of the Network\n"
+
+
+@pytest.mark.parametrize("cmd", [["config"], ["config", "get"], ["config", "validate"], ["config", "set"],
+                                 ["leases"], ["lease"], ["lease", "reserve"], ["lease", "release"]])
+def test_help_everywhere(cmd):
+    cp = run(*cmd, "--help")
+    assert cp.returncode == 0 and cp.stdout.startswith(f"Usage: pyflanneld {' '.join(cmd)} "), cp.stdout
+    if cmd[-1] in ("get", "set", "leases", "reserve", "release"):
+        assert "--etcd-endpoints" in cp.stdout and "FLANNELD_ETCD_ENDPOINTS" in cp.stdout
+        assert "-etcd-endpoints," not in cp.stdout  # the Go spelling works but is not listed twice
+
+
+def test_docker_opts_help_and_daemon_usage_name_the_commands():
+    cp = run("docker-opts", "--help")
+    assert cp.returncode == 0 and cp.stdout.startswith("pyflanneld docker-opts [-f FLANNEL-ENV-FILE]")
+    cp = run("-h")
+    assert cp.returncode == 0 and "pyflanneld leases [-o table|json|yaml]" in cp.stderr
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["leases", "-o", "xml"], "'xml' is not one of"),
+    (["lease", "reserve", "10.1.0.0/24"], "Missing option '--public-ip'"),
+    (["lease", "release", "10.1.0.0/24", "--ttl", "soon"], "'soon' is not a duration"),
+    (["config", "set"], "Missing option '-f'"),
+    (["config", "get", "-etcd-endpointz=http://x:1"], "no such option: -etcd-endpointz"),
+    (["config", "get", "--etcd-api", "v4"], "'v4' is not one of"),
+    (["lease", "bogus"], "No such command 'bogus'"),
+])
+def test_usage_errors_are_one_line_exit_2(args, fragment):
+    line = one_line_error(run(*args), 2)
+    assert fragment in line and "--help" in line, line
+
+
+def test_failures_are_one_line_exit_1(tmp_path):
+    line = one_line_error(run("config", "get", "--etcd-endpoints", "http://127.0.0.1:1"))
+    assert "etcd http://127.0.0.1:1 unreachable" in line
+    line = one_line_error(run("leases", "--etcd-cafile", tmp_path / "missing.pem"))
+    assert f"cannot read --etcd-cafile {tmp_path}/missing.pem" in line  # the daemon's own text
+    line = one_line_error(run("leases", "--etcd-endpoints", "ftp://x"))
+    assert "--etcd-endpoints: invalid etcd endpoint 'ftp://x'" in line
+    line = one_line_error(run("config", "validate", "-f", tmp_path / "missing.yaml"))
+    assert "cannot read" in line and "missing.yaml" in line
+
+
+# -- config files: untrusted input -----------------------------------------------------------------------
+json_scalars = st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.text(max_size=20) | st.floats(
+    allow_nan=False, allow_infinity=False)
+json_docs = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(
+    st.text(max_size=8), c, max_size=4), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_docs)
+def test_any_json_document_loads_the_same_from_json_and_from_yaml(doc):
+    assert configfile.load_document(json.dumps(doc), "f") == doc
+    assert configfile.load_document(yaml.safe_dump(doc), "f") == doc
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_is_a_config_or_one_clear_error(text):
+    try:
+        raw, _cfg = configfile.load(text, "f")
+    except (configfile.ConfigFileError, ConfigError) as e:
+        assert "\n" not in str(e)
+        return
+    assert json.loads(raw) is not None  # what would be written is JSON
+
+
+def test_yaml_that_json_cannot_hold_is_refused_with_the_key():
+    bombs = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 10)}]\n" for p, n in zip("abcdef", "bcdefg", strict=True))
+    for text, fragment in [("Network: 10.1.0.0/16\nBackend: {Type: alloc, At: 2024-01-01}\n", "Backend.At is a date"),
+                           ("Network: .inf\n", "Network is inf"), ("1: x\n", "key 1"),
+                           ("a: &a [*a]\n", "refers to itself"), (bombs, "more than 100000 values"),
+                           ("", "empty")]:
+        with pytest.raises(configfile.ConfigFileError, match=fragment):
+            configfile.load(text, "f")
+
+
+def test_what_is_stored_is_compact_json_in_the_file_order():
+    raw, cfg = configfile.load("Network: 10.1.0.0/16\nBackend:\n  Type: vxlan\n  VNI: 4\n", "f")
+    assert raw == '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":4}}'
+    assert cfg.backend_option("VNI") == 4
+
+
+# -- lease display: untrusted etcd data --------------------------------------------------------------------
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=30), st.binary(max_size=100), st.booleans(),
+       st.none() | st.floats(min_value=0, max_value=2e9))
+def test_any_record_is_shown_never_raises(key, value, has_ttl, expiration):
+    v = view(Record(key=key, value=value, has_ttl=has_ttl, expiration=expiration, revision=1), now=1e9)
+    table = render_table([v])
+    assert len(table.splitlines()) == 2  # control characters in the data never break the table
+    assert v.error is not None or v.subnet is not None
+    json.dumps(v.__dict__)
+
+
+def test_ttl_and_table_cells():
+    rec = Record("10.5.3.0-24", b'{"PublicIP":"1.2.3.4","BackendType":"vxlan","BackendData":{"vtepmac":"0a:0b:0c:0d:0e:0f"}}',
+                 True, 1000 + 86399.2, 7)
+    v = view(rec, now=1000)
+    assert (v.subnet, v.public_ip, v.backend, v.vtep_mac, v.ttl_s) == ("10.5.3.0/24", "1.2.3.4", "vxlan",
+                                                                       "0a:0b:0c:0d:0e:0f", 86400)
+    assert format_ttl(v) == "24h"
+    assert format_ttl(view(rec, now=1000 + 86399.2 - 61)) == "1m1s"
+    assert format_ttl(view(rec, now=1e12)) == "expired"
+    reserved = view(Record("10.5.4.0-24", b'{"PublicIP":"1.2.3.5"}', False, None, 8), now=0)
+    assert format_ttl(reserved) == "reserved" and reserved.ttl_s is None
+    evil = view(Record("10.5.5.0-24", b'{"PublicIP":"1.2.3.6","BackendType":"x\\u001b[31my"}', True, None, 9), 0)
+    assert "\x1b" not in render_table([evil]) and "x\\x1b[31my" in render_table([evil])
