@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import statistics
+
+from lab.measure import percentile  # noqa: F401  (one nearest-rank percentile for lab and bench)
 
 
 class Table:
@@ -32,12 +33,6 @@ class Table:
         out += [line(r) for r in self.rows]
         out += [""] + [f"* {n}" for n in self.notes] if self.notes else []
         return "\n".join(out) + "\n"
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
-    s = sorted(values)
-    return s[min(len(s), max(1, math.ceil(p / 100 * len(s)))) - 1]
 
 
 def median(values: list[float]) -> float:

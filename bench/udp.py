@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 from lab import Lab, start_daemon
 from lab.cluster import udp_worker_pids
+from lab.measure import MeasureError, iperf3_client, iperf3_server, percentile, ping_rtts_ms
 
-from .table import Table, percentile
+from .table import Table
 
 DURATION = int(os.environ.get("BENCH_UDP_SECONDS", "10"))  # BENCH_UDP_PLANES="udp offload" picks
 PINGS = 200
@@ -51,30 +51,18 @@ def _cpu_ticks(pids: list[int]) -> int:
 
 def _iperf(src, dst, streams: int, worker_pids: list[int]) -> tuple[float, float]:
     """→ (Gbit/s received, forwarder CPU % of one core)."""
-    srv = dst.popen("iperf3", "-s", "-1", "--forceflush", "-B", dst.address, name=f"iperf-s-{streams}")
-    try:
-        deadline = time.monotonic() + 10
-        while "listening" not in srv.log_text().lower():
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"iperf3 server did not start: {srv.log_text()[-500:]}")
-            time.sleep(0.05)
+    with iperf3_server(dst):
         c0, t0 = _cpu_ticks(worker_pids), time.monotonic()
-        cp = src.run("iperf3", "-c", dst.address, "-t", str(DURATION), "-P", str(streams), "-J",
-                     timeout=DURATION + 60)
+        gbps = iperf3_client(src, dst, DURATION, streams)
         c1, t1 = _cpu_ticks(worker_pids), time.monotonic()
-    finally:
-        srv.stop()
-    end = json.loads(cp.stdout)["end"]
-    gbps = end["sum_received"]["bits_per_second"] / 1e9
     cpu = (c1 - c0) / os.sysconf("SC_CLK_TCK") / (t1 - t0) * 100
     return gbps, cpu
 
 
 def _ping(src, dst) -> tuple[float, float, int]:
-    cp = src.run("ping", "-n", "-c", str(PINGS), "-i", "0.01", "-W", "1", dst.address,
-                 check=False, timeout=PINGS * 0.05 + 30)
-    rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", cp.stdout)]
-    if not rtts:
+    try:
+        rtts = ping_rtts_ms(src, dst.address, PINGS, 0.01)
+    except MeasureError:
         return float("nan"), float("nan"), PINGS
     return percentile(rtts, 50), percentile(rtts, 99), PINGS - len(rtts)
 

@@ -2,24 +2,31 @@
 
 A local etcd and three simulated hosts (network namespaces on a bridge "switch"), pyflanneld on
 each; a docker0-like bridge per host configured from that host's subnet.env (--bip, --mtu), two
-pods per host; then every pod pings every other pod across hosts. Runs vxlan, then host-gw, and
-cleans up. Exit status 0 only if every ping got through.
+pods per host; then every pod pings every other pod across hosts. Then what that data plane costs,
+pod to pod across hosts: iperf3 TCP throughput (IPERF_SECONDS) and ping latency (avg, p99 of PINGS).
+Runs vxlan, host-gw and udp, cleans up, and ends with the three backends' figures side by side.
+Exit status 0 only if every ping got through and every figure could be taken.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from . import netns
 from .cluster import start_daemon
+from .measure import MeasureError, iperf3_gbps, percentile, ping_rtts_ms
 
 HOSTS = ("h1", "h2", "h3")
 PODS_PER_HOST = 2
 NETWORK = "10.5.0.0/16"
-BACKENDS = (("vxlan", {"Type": "vxlan"}), ("host-gw", {"Type": "host-gw"}))
+BACKENDS = (("vxlan", {"Type": "vxlan"}), ("host-gw", {"Type": "host-gw"}), ("udp", {"Type": "udp"}))
+IPERF_SECONDS = 2
+PINGS = 100  # 10 ms apart: one second
 
 GREEN, RED, BOLD, RESET = ("\033[32m", "\033[31m", "\033[1m", "\033[0m") if sys.stdout.isatty() else ("",) * 4
 
@@ -31,7 +38,35 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([fmt.format(*header), line, *(fmt.format(*map(str, r)) for r in rows)])
 
 
-def run_backend(name: str, backend: dict) -> bool:
+@dataclass(frozen=True)
+class Figures:
+    """What one data plane costs, pod to pod across hosts."""
+
+    gbps: float  # iperf3 TCP, receiver's rate
+    rtt_avg_ms: float
+    rtt_p99_ms: float
+    pings_lost: int
+
+    def throughput(self) -> str:
+        return f"{self.gbps:.2f} Gbit/s" if self.gbps >= 1 else f"{self.gbps * 1000:.0f} Mbit/s"
+
+
+def measure(src: netns.Host, dst: netns.Host) -> Figures:
+    """Latency first (idle network), then throughput. Raises MeasureError."""
+    rtts = ping_rtts_ms(src, dst.address, PINGS, 0.01)
+    gbps = iperf3_gbps(src, dst, IPERF_SECONDS)
+    return Figures(gbps, statistics.fmean(rtts), percentile(rtts, 99), PINGS - len(rtts))
+
+
+def figures_line(name: str, f: Figures) -> str:
+    """One line per backend, e.g. `figures over vxlan: throughput 9.81 Gbit/s, latency avg 0.052 ms,
+    p99 0.110 ms` (tests parse it)."""
+    lost = f", {f.pings_lost} of {PINGS} pings lost" if f.pings_lost else ""
+    return (f"figures over {name}: throughput {f.throughput()}, latency avg {f.rtt_avg_ms:.3f} ms, "
+            f"p99 {f.rtt_p99_ms:.3f} ms{lost}")
+
+
+def run_backend(name: str, backend: dict) -> tuple[bool, Figures | None]:
     print(f"\n{BOLD}== backend {name} =={RESET}")
     t0 = time.monotonic()
     with netns.Lab() as lab:
@@ -81,18 +116,43 @@ def run_backend(name: str, backend: dict) -> bool:
         good = sum(results.values())
         cross = sum(1 for (a, b), ok in results.items() if ok and a.host is not b.host)
         print(f"\n{good}/{len(results)} pod pairs reachable ({cross} of them across hosts) over {name}")
+
+        src, dst = pods[0], pods[PODS_PER_HOST]  # first pod of h1 → first pod of h2
+        print(f"\npod-to-pod {src.host.name}/{src.name} → {dst.host.name}/{dst.name}: iperf3 TCP "
+              f"{IPERF_SECONDS} s, {PINGS} pings 10 ms apart")
+        figures = None
+        try:
+            figures = measure(src, dst)
+            print(figures_line(name, figures))
+        except MeasureError as e:
+            print(f"{RED}figures over {name}: not measured: {e}{RESET}")
         for d in daemons:
             d.stop()
-        return good == len(results)
+        return good == len(results), figures
+
+
+def summary(figures: dict[str, Figures | None]) -> str:
+    """The backends side by side."""
+    rows = [[name, f.throughput(), f"{f.rtt_avg_ms:.3f} ms", f"{f.rtt_p99_ms:.3f} ms"] if f else
+            [name, "-", "-", "-"] for name, f in figures.items()]
+    return (_table(rows, ["backend", "throughput", "latency avg", "latency p99"]) +
+            f"\n(pod h1/p1 → pod h2/p1; iperf3 TCP {IPERF_SECONDS} s, {PINGS} pings. All hosts share this "
+            "machine's CPUs: compare the rows with each other, not with real NICs.)")
 
 
 def main() -> int:
     print(f"{BOLD}pyflanneld demo{RESET}: etcd + {len(HOSTS)} hosts in network namespaces, "
           f"{PODS_PER_HOST} pods per host, Network {NETWORK}")
     ok = True
+    figures: dict[str, Figures | None] = {}
     for name, backend in BACKENDS:
-        ok &= run_backend(name, backend)
-    print(f"\n{BOLD}{GREEN + 'all pods reached each other on every backend' if ok else RED + 'some pings failed'}{RESET}")
+        reached, figures[name] = run_backend(name, backend)
+        ok &= reached and figures[name] is not None
+    print(f"\n{BOLD}== what each data plane costs =={RESET}")
+    print(summary(figures))
+    verdict = (GREEN + "all pods reached each other on every backend" if ok
+               else RED + "some pings failed or figures are missing")
+    print(f"\n{BOLD}{verdict}{RESET}")
     return 0 if ok else 1
 
 
