@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from ipaddress import IPv4Network
 
 import pytest
 import yaml
-from helpers import key_of, subnet_of
+from helpers import key_of, subnet_of, wait_for
 
 from lab.cluster import pyflanneld_argv, start_daemon
 from lab.etcd import EtcdServer, make_tls_certs
@@ -247,6 +248,30 @@ def test_reserve_and_release(lab, etcd, api):
     assert cp.returncode == 0 and get_raw(etcd, api, key_of(free)) is None
     assert "no lease or reservation for 10.1.250.0/24" in one_line_error(
         ctl(h1, etcd, "lease", "release", "10.1.250.0/24", api=api))
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_a_running_host_keeps_its_reservation_and_renews_once_released(lab, etcd, api):
+    """Renewals every 5 s (TTL 20 s, margin 15 s): the daemon must stop them when its subnet is
+    reserved (a renewal would give the key a TTL back) and take them up again when released."""
+    put_raw(etcd, api, f"{PREFIX}/config", ALLOC)
+    h1 = lab.add_host("h1")
+    d1 = start_daemon(h1, "--iface", "eth0", "--etcd-api", api, "--subnet-lease-ttl", "20s",
+                      "--subnet-lease-renew-margin", "15s")
+    sn1 = subnet_of(d1.wait_subnet_env(timeout=20))
+    d1.wait_log(r"lease renewed", timeout=20)
+    assert ctl(h1, etcd, "lease", "reserve", sn1, "--public-ip", h1.address, api=api).returncode == 0
+    d1.wait_log(r"own lease is now a reservation", timeout=10)
+    renewals = d1.log_text().count("lease renewed")
+    time.sleep(7)  # past the next renewal (due 5 s after the last one)
+    assert key_ttl(etcd, api, key_of(sn1)) is None
+    assert d1.log_text().count("lease renewed") == renewals
+
+    assert ctl(h1, etcd, "lease", "release", sn1, "--ttl", "1h", api=api).returncode == 0
+    d1.wait_log(r"own reservation released", timeout=10)
+    wait_for(lambda: d1.log_text().count("lease renewed") > renewals, 10, 0.1, "a renewal after the release")
+    assert 0 < key_ttl(etcd, api, key_of(sn1)) <= 20  # the daemon's own TTL again
+    assert d1.alive and subnet_of(d1.subnet_env()) == sn1
 
 
 # -- connection: TLS, auth, variables, Go-style flags, failures --------------------------------------------

@@ -2,9 +2,11 @@
 
 A reservation is a subnet key without TTL (upstream Documentation/reservations.md): the host whose
 PublicIP it carries takes that subnet, and nobody else does. `reserve` turns the host's current lease
-into one in place (same value, TTL removed) or creates it for a host not started yet; `release` gives
-it a TTL again (the host renews it as an ordinary lease, or it expires) or, with `--delete`, removes
-it. Writes are compare-and-swap on the value, so a lease that changes meanwhile is never overwritten.
+into one in place (same value, TTL removed; a running pyflanneld notices and stops renewing, see
+SubnetManager._own_reservation_changed) or creates it for a host not started yet; `release` gives it
+a TTL again (a running pyflanneld renews it as an ordinary lease at once) or, with `--delete`,
+removes it. Writes are create-if-absent or compare-and-swap on the value, so a lease that changes
+meanwhile is never overwritten.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ in NetworkConfig and Lease objects and hands peers to a sink (the daemon, which 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -63,6 +64,7 @@ class SubnetManager:
         self.store_error = ""
         self.last_revision = 0
         self._lost = asyncio.Event()
+        self._replan = asyncio.Event()  # the own key was reserved or released: plan the renewal again
         self._warned: set[tuple[str, int]] = set()
 
     # -- decoding ------------------------------------------------------------------------------
@@ -174,6 +176,7 @@ class SubnetManager:
         `on_changed` is called only when the re-acquired subnet differs."""
         assert self.lease is not None and self.attrs is not None
         while True:
+            self._replan.clear()
             lease = self.lease
             if lease.reserved or lease.expiration is None:
                 wait = None
@@ -181,6 +184,8 @@ class SubnetManager:
                 wait = max(0.0, lease.expiration - self.renew_margin - time.time())
                 log.debug("waiting to renew lease", subnet=str(lease.subnet), seconds=round(wait, 1))
             lost = await self._wait_lost(wait)
+            if not lost and self._replan.is_set():
+                continue
             if not lost:
                 try:
                     rec = await self.store.renew_subnet(lease.key, self.attrs.to_json().encode(), self.ttl)
@@ -211,11 +216,28 @@ class SubnetManager:
             await on_changed(new)
 
     async def _wait_lost(self, timeout: float | None) -> bool:
+        """True when the lease was lost; False after `timeout` s, or earlier when the own key was
+        reserved or released (`_replan`)."""
+        waits = {asyncio.ensure_future(self._lost.wait()), asyncio.ensure_future(self._replan.wait())}
         try:
-            await asyncio.wait_for(self._lost.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        return self._lost.is_set()
+
+    def _own_reservation_changed(self, le: Lease) -> None:
+        """An operator reserved our subnet (its key lost the TTL: no more renewals, which would give
+        it one back) or released it (TTL again: renew now with ours, as a v3 event does not carry
+        the expiration). See `pyflanneld lease reserve|release`."""
+        assert self.lease is not None
+        if le.reserved:
+            log.info("own lease is now a reservation; renewals stop", subnet=str(le.subnet))
+            self.lease = dataclasses.replace(self.lease, reserved=True, expiration=None)
+        else:
+            log.info("own reservation released; renewing it as a lease", subnet=str(le.subnet))
+            self.lease = dataclasses.replace(self.lease, reserved=False, expiration=time.time())
+        self._replan.set()
 
     # -- watch ---------------------------------------------------------------------------------
     def _peers(self, leases: list[Lease]) -> list[Lease]:
@@ -275,6 +297,8 @@ class SubnetManager:
                 log.warning("own subnet was taken over by another host", subnet=str(own),
                             other=str(le.attrs.public_ip))
                 self._lost.set()
+            elif self.lease is not None and le.reserved != self.lease.reserved:
+                self._own_reservation_changed(le)
             return
         await sink.added(le)
 
