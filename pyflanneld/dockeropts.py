@@ -27,6 +27,13 @@ atomically (temp file + rename; symlinks, devices and FIFOs such as ``/dev/stdou
 written through directly)
 and a write failure is an error; ``DOCKER_OPT_*`` values are taken as given (whitespace
 collapsed like the script's unquoted ``echo``) instead of being re-evaluated by a shell.
+
+The options (the script's ``getopts "f:d:icmk:?h"``) are parsed by click, which keeps getopts'
+rules: clustered flags, attached or separate values, the end of options at ``--``, ``-`` or the
+first other word. Two differences from the script: ``--help`` prints the usage on stdout and
+exits 0 (like every pyflanneld command), and since click reads the whole command line before
+acting, ``-h`` followed by a bad option reports the bad option (the script stopped at ``-h``);
+both still print the usage and exit 1.
 """
 
 from __future__ import annotations
@@ -52,10 +59,6 @@ _OPT_PREFIX = "DOCKER_OPT_"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SUBNET_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+)$")
 
-# Option letters as in the script's `getopts "f:d:icmk:?h"`.
-_WITH_ARG = {"f", "d", "k"}
-_FLAGS = {"i", "c", "m"}
-_USAGE_LETTERS = {"?", "h"}
 
 
 class UsageError(Exception):

@@ -155,3 +155,31 @@ def test_ttl_and_table_cells():
     assert format_ttl(reserved) == "reserved" and reserved.ttl_s is None
     evil = view(Record("10.5.5.0-24", b'{"PublicIP":"1.2.3.6","BackendType":"x\\u001b[31my"}', True, None, 9), 0)
     assert "\x1b" not in render_table([evil]) and "x\\x1b[31my" in render_table([evil])
+
+
+# -- docker-opts: click keeps the script's getopts rules ----------------------------------------------------
+@pytest.mark.parametrize("argv,want", [
+    (["-f=a"], ("=a", "DOCKER_OPTS", True, True, [])),  # getopts: the value is "=a"
+    (["-fk"], ("k", "DOCKER_OPTS", True, True, [])),
+    (["-k", "--"], ("/run/flannel/subnet.env", "--", True, True, [])),
+    (["-c", "-"], ("/run/flannel/subnet.env", "DOCKER_OPTS", False, True, ["-"])),
+    (["-f", "-h"], ("-h", "DOCKER_OPTS", True, True, [])),
+    (["-i", "--", "-c"], ("/run/flannel/subnet.env", "DOCKER_OPTS", True, False, ["-c"])),
+])
+def test_docker_opts_getopts_rules(argv, want):
+    from pyflanneld import dockeropts
+
+    o = dockeropts.parse_args(argv)
+    assert (o.flannel_env, o.combined_key, o.indiv, o.combined, o.extra_args) == want
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--foo"], "Illegal option --"), (["-ix"], "Illegal option -x"), (["-c", "-d"], "No arg for -d option"),
+    (["-mh"], ""), (["-?"], ""),
+])
+def test_docker_opts_usage_errors(argv, message):
+    from pyflanneld import dockeropts
+
+    with pytest.raises(dockeropts.UsageError) as e:
+        dockeropts.parse_args(argv)
+    assert str(e.value) == message
