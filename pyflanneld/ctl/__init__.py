@@ -8,28 +8,14 @@ write). docker-opts keeps mk-docker-opts.sh's own conventions (see pyflanneld.do
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
-from collections.abc import Coroutine
-from typing import Any, TypeVar
 
 import click
 
-from .connect import CtlError
-
-T = TypeVar("T")
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run one command's etcd work; a datastore failure becomes a CtlError (one line, exit 1)."""
-    from ..subnet.store import StoreError
-
-    try:
-        return asyncio.run(coro)
-    except StoreError as e:
-        raise CtlError(str(e)) from None
+from .config_cmd import config
+from .lease_cmd import lease, leases
 
 
 def _one_line(text: str) -> str:
@@ -41,15 +27,8 @@ def cli() -> None:
     """pyflanneld's operator commands (the daemon itself: pyflanneld [flags], see pyflanneld -h)."""
 
 
-def _register() -> None:
-    from .config_cmd import config
-    from .lease_cmd import lease, leases
-
-    for cmd in (config, leases, lease):
-        cli.add_command(cmd)
-
-
-_register()
+for _cmd in (config, leases, lease):
+    cli.add_command(_cmd)
 
 
 def _quiet_logs() -> None:

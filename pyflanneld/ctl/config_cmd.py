@@ -10,8 +10,8 @@ import yaml
 from ..config import ConfigError, NetworkConfig
 from ..subnet.allocate import pool_size
 from ..subnet.lease import LeaseFormatError, parse_subnet_key
-from . import configfile, run_async
-from .connect import CtlError, etcd_options
+from . import configfile
+from .connect import Connection, CtlError, etcd_options, run_async
 
 FILE_HELP = "network config file, JSON or YAML ('-': standard input)"
 
@@ -41,7 +41,7 @@ def _load_file(path: str) -> tuple[str, NetworkConfig]:
 @click.option("-o", "--output", type=click.Choice(["json", "yaml"]), default="json", show_default=True,
               help="json: exactly as stored; yaml: the same document as YAML")
 @etcd_options
-def get(etcd, output: str) -> None:
+def get(etcd: Connection, output: str) -> None:
     """Print the network config stored in etcd.
 
     Exits 1 (after printing it) when the daemon would refuse the stored config."""
@@ -52,8 +52,7 @@ def get(etcd, output: str) -> None:
 
     api, raw = run_async(read())
     if raw is None:
-        raise CtlError(f"network config not found at {etcd.config_key} (etcd {api}); "
-                       "create it with: pyflanneld config set -f FILE")
+        raise etcd.config_not_found(api)
     text = raw.decode("utf-8", "replace")
     problem = ""
     try:
@@ -87,7 +86,7 @@ def validate(path: str) -> None:
 @config.command("set")
 @click.option("-f", "--file", "path", required=True, metavar="FILE", help=FILE_HELP)
 @etcd_options
-def set_(etcd, path: str) -> None:
+def set_(etcd: Connection, path: str) -> None:
     """Check a config file like `validate`, then store it in etcd as upstream's JSON.
 
     Nothing is written when the file is invalid. Running daemons keep the config they started

@@ -9,11 +9,12 @@ stores are the daemon's (subnet/etcdv3.py, subnet/etcdv2.py).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -25,12 +26,19 @@ from ..subnet.store import AdminStore, StoreError
 ETCD_FLAGS = ("etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
               "etcd-username", "etcd-password", "etcd-api")
 APIS = ("auto", "v3", "v2")
+T = TypeVar("T")
 
 
 class CtlError(click.ClickException):
     """A failure an operator can fix: one line on stderr, exit status 1."""
 
-    exit_code = 1
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run one command's etcd work; a datastore failure becomes a CtlError (one line, exit 1)."""
+    try:
+        return asyncio.run(coro)
+    except StoreError as e:
+        raise CtlError(str(e)) from None
 
 
 def env_name(flag: str) -> str:
@@ -79,6 +87,8 @@ def etcd_options(fn: Callable) -> Callable:
 
 @dataclass(frozen=True)
 class Connection:
+    """Where the commands read and write: the daemon's EtcdSettings and the --etcd-api choice."""
+
     settings: EtcdSettings
     api: str  # "auto", "v3" or "v2"
 
@@ -105,10 +115,16 @@ class Connection:
 
     @property
     def config_key(self) -> str:
+        """The full etcd key of the network config, e.g. /coreos.com/network/config."""
         return f"{self.settings.prefix.rstrip('/')}/config"
 
     def subnet_key(self, key: str) -> str:
+        """The full etcd key of a subnet key such as 10.5.1.0-24 ("" → the subnets/ directory)."""
         return f"{self.settings.prefix.rstrip('/')}/subnets/{key}"
+
+    def config_not_found(self, api: str) -> CtlError:
+        return CtlError(f"network config not found at {self.config_key} (etcd {api}); "
+                        "create it with: pyflanneld config set -f FILE")
 
     def _store(self, api: str) -> AdminStore:
         if api == "v3":
@@ -161,8 +177,7 @@ class Connection:
     def parse_stored_config(self, store: AdminStore, raw: bytes | None) -> NetworkConfig:
         """The stored config parsed by the daemon's parser; CtlError when absent or invalid."""
         if raw is None:
-            raise CtlError(f"network config not found at {self.config_key} (etcd {store.api}); "
-                           "create it with: pyflanneld config set -f FILE")
+            raise self.config_not_found(store.api)
         try:
             return parse_config(raw)
         except ConfigError as e:

@@ -24,8 +24,7 @@ import yaml
 from ..options import parse_duration
 from ..subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
 from ..subnet.store import Record
-from . import run_async
-from .connect import Connection, CtlError, etcd_options
+from .connect import Connection, CtlError, etcd_options, run_async
 
 DEFAULT_TTL_S = 24 * 3600  # upstream's subnetTTL: what a released reservation gets back
 TABLE_CELL_MAX = 40
