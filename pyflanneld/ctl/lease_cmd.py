@@ -196,8 +196,12 @@ def lease() -> None:
 
 
 def _describe(v: LeaseView) -> str:
-    who = f"for {v.public_ip}" if v.public_ip else "(unreadable value)"
-    return f"{v.subnet} is reserved {who}" if v.reserved else f"{v.subnet} is leased to {v.public_ip} (TTL {format_ttl(v)})"
+    """`10.5.1.0/24 is leased to 192.168.1.3 (TTL 23h…)`, `… is reserved for …`, or what is wrong."""
+    if v.error:
+        return f"{v.subnet or v.key} holds an entry no daemon can use ({v.error})"
+    if v.reserved:
+        return f"{v.subnet} is reserved for {v.public_ip}"
+    return f"{v.subnet} is leased to {v.public_ip} (TTL {format_ttl(v)})"
 
 
 @lease.command("reserve")
