@@ -13,6 +13,15 @@ It is moto's own server (``moto.server``: werkzeug, AWS's query protocol and err
   terminated) reports ``State: blackhole``, as AWS does; moto reports every route "active".
 * **EC2's denial code**: with IAM enforced, an EC2 action the caller's policies do not allow
   fails with ``UnauthorizedOperation`` (HTTP 403) as on AWS; moto says ``AccessDenied``.
+* **Faults** for requests from the hosts (not from 127.0.0.1, the driver): ``POST /_fake/faults``
+  with a JSON list of rules replaces the rules. ``{"action": "CreateRoute", "code":
+  "RequestLimitExceeded", "status": 503, "count": N}`` answers N matching requests (count
+  absent: until replaced; ``"table"``: only requests for that RouteTableId) with EC2's error XML,
+  as AWS's throttling does. ``{"action": "ReplaceRoute", "vanish": true}``: the route the request
+  names is deleted just before the request is handled, as when someone removes it between a
+  client's DescribeRouteTables and its ReplaceRoute; AWS (and moto) then answer
+  ``InvalidParameterValue`` "There is no route defined for '…' in the route table. Use
+  CreateRoute instead."
 
 Everything else is moto unchanged. Enforce IAM by POSTing ``0`` to ``/moto-api/reset-auth`` (moto).
 
@@ -23,13 +32,16 @@ Driver (the test's hands on the API, run in the same namespace; boto3 over 127.0
 reads one JSON request per stdin line and answers one JSON line on stdout:
 ``{"op": "create_vpc", "args": {...}, "service": "ec2"}`` → ``{"ok": <boto3 result>}`` or
 ``{"error": {"code": ..., "message": ...}}``. Special ops: ``credentials`` (args ``key``,
-``secret``: sign later calls with them), ``reset_auth`` (args ``count``: moto's IAM switch).
+``secret``: sign later calls with them), ``reset_auth`` (args ``count``: moto's IAM switch),
+``faults`` (args ``rules``: the fault rules above).
 
 Lab API (from the test process)::
 
     srv = Ec2Server(lab.switch, region="eu-west-1", route_limit=50).start()
     srv.endpoint                      # "http://192.168.100.254:PORT" as the hosts see it
     srv.call("describe_route_tables", RouteTableIds=[rtb])   # via the driver; raises Ec2Error
+    srv.faults([{"action": "CreateRoute", "code": "RequestLimitExceeded", "status": 503}])
+    srv.faults([])                    # no more faults
     srv.block(drop=False) / srv.unblock()  # outage: REJECT (or DROP) new connections (iptables in
                                       # the server's namespace) / allow them again
     srv.close()
@@ -39,17 +51,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http
+import io
 import json
+import os
 import random
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
+import uuid
 from typing import Any
 
 from .netns import Host, LabError, LabProcess
 
 DEFAULT_ROUTE_LIMIT = 50
+VANISHING: set[tuple[str, str]] = set()  # (table, cidr) to delete when the next ReplaceRoute for it arrives
 ROUTE_LIMIT_MESSAGE = "You've reached the limit on the number of routes that you can add to a route table."
 
 
@@ -62,6 +80,7 @@ def install_aws_behaviours(route_limit: int) -> None:
     from moto.iam.access_control import IAMRequest
 
     original_create = RouteBackend.create_route
+    original_replace = RouteBackend.replace_route
 
     def create_route(self, route_table_id, destination_cidr_block, *args, **kwargs):  # type: ignore[no-untyped-def]
         if not kwargs.get("local"):
@@ -93,17 +112,78 @@ def install_aws_behaviours(route_limit: int) -> None:
             raise UnauthorizedOperation(self._access_key.arn, self._action)
         original_denied(self)
 
+    def replace_route(self, route_table_id, destination_cidr_block, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if (route_table_id, destination_cidr_block) in VANISHING:  # a "vanish" fault: gone just now
+            VANISHING.discard((route_table_id, destination_cidr_block))
+            with contextlib.suppress(EC2ClientError):
+                self.delete_route(route_table_id, destination_cidr_block)
+        return original_replace(self, route_table_id, destination_cidr_block, *args, **kwargs)
+
+    RouteBackend.replace_route = replace_route  # type: ignore[method-assign]
     IAMRequest._raise_access_denied = raise_access_denied  # type: ignore[method-assign]
     RouteBackend.create_route = create_route  # type: ignore[method-assign]
     Route.state = property(state)  # type: ignore[assignment,method-assign]
 
 
+class FaultInjector:
+    """WSGI middleware in front of moto: the fault rules of the module docstring."""
+
+    def __init__(self, app: Any):
+        self.app = app
+        self.rules: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: dict, start_response: Any) -> Any:
+        if environ.get("PATH_INFO") == "/_fake/faults":
+            size = int(environ.get("CONTENT_LENGTH") or 0)
+            rules = json.loads(environ["wsgi.input"].read(size) or b"[]")
+            with self.lock:
+                self.rules = [dict(r) for r in rules]
+            start_response("200 OK", [("Content-Type", "application/json")])
+            return [json.dumps({"rules": len(rules)}).encode()]
+        if not self.rules or environ.get("REMOTE_ADDR") == "127.0.0.1":
+            return self.app(environ, start_response)
+        size = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(size) if size else b""
+        environ["wsgi.input"] = io.BytesIO(body)
+        params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode(errors="replace")).items()}
+        rule = self.match(params)
+        if rule is None:
+            return self.app(environ, start_response)
+        if rule.get("vanish"):
+            VANISHING.add((params.get("RouteTableId", ""), params.get("DestinationCidrBlock", "")))
+            return self.app(environ, start_response)
+        code = rule.get("code", "RequestLimitExceeded")
+        message = rule.get("message") or {"RequestLimitExceeded": "Request limit exceeded."}.get(code, code)
+        xml = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code><Message>'
+               f"{message}</Message></Error></Errors><RequestID>{uuid.uuid4()}</RequestID></Response>")
+        status = int(rule.get("status", 503))
+        start_response(f"{status} {http.HTTPStatus(status).phrase}", [("Content-Type", "text/xml;charset=UTF-8")])
+        return [xml.encode()]
+
+    def match(self, params: dict[str, str]) -> dict | None:
+        with self.lock:
+            for rule in self.rules:
+                if rule.get("count", 1) <= 0 or rule.get("action") != params.get("Action"):
+                    continue
+                if rule.get("table") and rule["table"] != params.get("RouteTableId"):
+                    continue
+                if rule.get("count") is not None:
+                    rule["count"] -= 1
+                return rule
+        return None
+
+
 def serve(host: str, port: int, route_limit: int) -> None:
-    from moto import server
+    """moto's server (as ``moto.server.main`` runs it) with the AWS behaviours and the faults."""
+    from moto.server import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import run_simple
 
     install_aws_behaviours(route_limit)
+    os.environ.setdefault("MOTO_PORT", str(port))
+    app = DomainDispatcherApplication(create_backend_app)
     print(f"fakeec2: route limit {route_limit}, listening on {host}:{port}", flush=True)
-    server.main(["--host", host, "--port", str(port)])
+    run_simple(host, port, FaultInjector(app), threaded=True, request_handler=MotoRequestHandler)
 
 
 # --- the driver ---------------------------------------------------------------------------------
@@ -146,6 +226,9 @@ def drive(endpoint: str, region: str) -> None:
                 creds = {"aws_access_key_id": args["key"], "aws_secret_access_key": args["secret"]}
                 clients.clear()
                 result: Any = None
+            elif op == "faults":
+                r = httpx.post(f"{endpoint}/_fake/faults", json=args["rules"], trust_env=False)
+                result = r.json()
             elif op == "reset_auth":
                 r = httpx.post(f"{endpoint}/moto-api/reset-auth", content=str(args["count"]).encode(),
                                trust_env=False)
@@ -234,6 +317,10 @@ class Ec2Server:
         if "error" in out:
             raise Ec2Error(out["error"]["code"], out["error"]["message"])
         return out["ok"]
+
+    def faults(self, rules: list[dict]) -> None:
+        """Replace the server's fault rules (see the module docstring); [] ends them."""
+        self.call("faults", rules=rules)
 
     def _iptables(self, action: str) -> None:
         target = ["DROP"] if self.blocked == "drop" else ["REJECT", "--reject-with", "tcp-reset"]
