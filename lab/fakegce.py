@@ -7,11 +7,15 @@ Compute API (one process, e.g. in the lab's switch namespace)::
 Google's shapes and error format, under ``/compute/v1/projects/{project}/``:
 
 * ``GET global/networks/{n}``, ``GET zones/{z}/instances/{i}`` (``canIpForward``, ``selfLink``)
-* ``GET|DELETE global/routes/{r}``, ``GET global/routes``, ``POST global/routes`` (insert:
-  validates name, destRange, network and nextHopInstance; 409 ``alreadyExists``; the ROUTES quota;
-  a next hop that cannot forward IP gets the ``NEXT_HOP_CANNOT_IP_FORWARD`` warning, as on GCE)
+* ``GET|DELETE global/routes/{r}``, ``GET global/routes`` (pages: ``maxResults`` ≤ 500,
+  ``pageToken``), ``POST global/routes`` (insert: validates name, destRange, network and
+  nextHopInstance — an instance of another project is invalid, as on GCE, where a Shared VPC
+  host project's routes name the next hop by address, ``nextHopIp``; 409 ``alreadyExists``; the
+  ROUTES quota). Routes carry GCE's warnings about their next-hop instance, evaluated when read:
+  ``NEXT_HOP_INSTANCE_NOT_FOUND`` once it is deleted, ``NEXT_HOP_CANNOT_IP_FORWARD``.
 * ``GET global/operations/{op}``: inserts and deletes are global operations, ``RUNNING`` until
   ``operation_seconds`` have passed, then ``DONE`` (the change is applied at that moment).
+* ``{project}`` is a project id or its number (as the metadata server's paths use).
 * Auth: ``Authorization: Bearer <token>``; no token or an unknown one → 401; a token whose scopes
   lack compute (read-write) or cloud-platform on a write, or any compute scope on a read → 403
   ``insufficientPermissions``, as Google answers.
@@ -19,19 +23,26 @@ Google's shapes and error format, under ``/compute/v1/projects/{project}/``:
   the operation's error (``quota_error: "operation"``, the default) or with HTTP 403
   ``quotaExceeded`` on the request (``"request"``); the message is Google's
   ``Quota 'ROUTES' exceeded.  Limit: N.0 globally.``
+* Faults: rules ``{"method": "POST", "path": <regex on the part after projects/{p}/>, "code":
+  400, "reason": "resourceNotReady", "count": N}`` (count absent: until replaced) answer matching
+  requests with Google's error for that reason: ``resourceNotReady`` (400, "The resource '…' is
+  not ready"), ``rateLimitExceeded`` (403, "Rate Limit Exceeded", domain usageLimits), others
+  with ``message``.
 
 Self links use ``https://www.googleapis.com/compute/v1/`` whatever address the client used, as
 the real API does. Test-only endpoints: ``POST /_fake/update`` (JSON: ``project`` plus any of
-``number``, ``networks``, ``instances`` [{name, zone, canIpForward, network, networkIP}],
-``routes`` [route bodies, stored at once without checks], ``route_quota``, ``quota_error``,
-``operation_seconds``; and ``tokens`` {token: [scopes]}), ``GET /_fake/log`` (one
-"METHOD path" per API request, in order).
+``number``, ``networks``, ``instances`` [{name, zone, canIpForward, network (a name, or
+``projects/<host>/global/networks/<n>`` for a Shared VPC network), networkIP}],
+``delete_instances`` [{name, zone}], ``routes`` [route bodies, stored at once without checks],
+``route_quota``, ``quota_error``, ``operation_seconds``; and ``tokens`` {token: [scopes]},
+``faults`` [rules, replacing the previous ones]), ``GET /_fake/log`` (one "METHOD path" per API
+request, in order).
 
 Metadata server (inside a host namespace, at 169.254.169.254:80, see fakemeta.start_metadata_server)::
 
     python -m lab.fakegce metadata --project P --project-number N --zone Z \\
-        --instance NAME --network default --ip 192.168.100.1 --token TOKEN \\
-        [--scopes https://www.googleapis.com/auth/compute,...] [--no-service-account]
+        --instance NAME --network default [--network-project-number HOST] --ip 192.168.100.1 \\
+        --token TOKEN [--scopes https://www.googleapis.com/auth/compute,...] [--no-service-account]
 
 ``/computeMetadata/v1/...`` with the ``Metadata-Flavor: Google`` request header required (403
 without it), answered with the same header: project/project-id, project/numeric-project-id,
@@ -59,6 +70,7 @@ import secrets
 import sys
 import threading
 import time
+import urllib.parse
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -124,13 +136,17 @@ class Project:
     def add_instance(self, spec: dict) -> None:
         zone, name = spec["zone"], spec["name"]
         net = spec.get("network", "default")
-        self.add_network(net)
+        if "/" in net:  # "projects/<host>/global/networks/<n>": a Shared VPC host project's network
+            net_link = LINK + net
+        else:
+            self.add_network(net)
+            net_link = self.networks[net]["selfLink"]
         self.instances[(zone, name)] = {
             "kind": "compute#instance", "id": str(random.randint(10**18, 10**19 - 1)), "name": name,
             "zone": self.link(f"zones/{zone}"), "status": "RUNNING", "machineType": self.link(
                 f"zones/{zone}/machineTypes/e2-small"), "canIpForward": bool(spec.get("canIpForward", True)),
             "networkInterfaces": [{"kind": "compute#networkInterface", "name": "nic0",
-                                   "network": self.networks[net]["selfLink"],
+                                   "network": net_link,
                                    "networkIP": spec.get("networkIP", "")}],
             "selfLink": self.link(f"zones/{zone}/instances/{name}"),
         }
@@ -201,10 +217,6 @@ class Project:
             route["description"] = body["description"]
         if inst is not None:
             route["nextHopInstance"] = inst["selfLink"]
-            if not inst["canIpForward"]:
-                route["warnings"] = [{"code": "NEXT_HOP_CANNOT_IP_FORWARD", "message":
-                                      f"Next hop instance '{inst['selfLink']}' cannot ip forward.",
-                                      "data": [{"key": "instance", "value": inst["selfLink"]}]}]
         for k in ("nextHopIp", "nextHopGateway"):
             if body.get(k):
                 route[k] = body[k]
@@ -215,6 +227,24 @@ class Project:
             self.routes[name] = route
 
         return self.operation("insert", route["selfLink"], apply)
+
+    def view(self, route: dict) -> dict:
+        """A route as the API shows it: with GCE's warnings about its next-hop instance (evaluated
+        now: gone → NEXT_HOP_INSTANCE_NOT_FOUND, cannot forward → NEXT_HOP_CANNOT_IP_FORWARD)."""
+        out = dict(route)
+        hop = route.get("nextHopInstance")
+        m = re.search(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$", hop or "")
+        if m and m.group(1) == self.name:
+            inst = self.instances.get((m.group(2), m.group(3)))
+            if inst is None:
+                out["warnings"] = [{"code": "NEXT_HOP_INSTANCE_NOT_FOUND", "message":
+                                    f"Next hop instance '{hop}' does not exist.",
+                                    "data": [{"key": "instance", "value": hop}]}]
+            elif not inst["canIpForward"]:
+                out["warnings"] = [{"code": "NEXT_HOP_CANNOT_IP_FORWARD", "message":
+                                    f"Next hop instance '{hop}' cannot ip forward.",
+                                    "data": [{"key": "instance", "value": hop}]}]
+        return out
 
     def delete_route(self, name: str) -> dict:
         if name not in self.routes:
@@ -229,14 +259,46 @@ class ComputeApi(QuickHTTPServer):
         self.projects: dict[str, Project] = {}
         self.tokens: dict[str, list[str]] = {}
         self.requests: list[str] = []
+        self.faults: list[dict] = []
 
     def project(self, name: str) -> Project:
+        """A project by id, or by number as the API also accepts (created on first use)."""
+        if name.isdigit():
+            for p in self.projects.values():
+                if p.number == name:
+                    return p
         if name not in self.projects:
             self.projects[name] = Project(name)
         return self.projects[name]
 
+    def fault(self, method: str, project: Project, rest: str, body: bytes) -> ApiError | None:
+        """The error a fault rule injects into this request, if one matches (its count goes down)."""
+        for rule in self.faults:
+            if rule.get("count", 1) == 0 or rule.get("method", method) != method:
+                continue
+            if not re.search(rule.get("path", ""), rest):
+                continue
+            if rule.get("count") is not None:
+                rule["count"] -= 1
+            reason = rule.get("reason", "backendError")
+            if reason == "resourceNotReady":
+                target = rest
+                if method == "POST" and rest == "global/routes":
+                    with contextlib.suppress(ValueError, AttributeError):
+                        target = f"global/routes/{json.loads(body or b'{}').get('name', '')}"
+                message = f"The resource 'projects/{project.name}/{target}' is not ready"
+            elif reason in ("rateLimitExceeded", "userRateLimitExceeded"):
+                message = "Rate Limit Exceeded"
+            else:
+                message = rule.get("message", reason)
+            domain = "usageLimits" if "RateLimit" in reason or "rateLimit" in reason else "global"
+            return ApiError(int(rule.get("code", 503)), message, reason, domain=domain)
+        return None
+
     def update(self, spec: dict) -> dict:
         self.tokens.update(spec.get("tokens") or {})
+        if "faults" in spec:
+            self.faults = [dict(f) for f in spec["faults"]]
         if not spec.get("project"):
             return {}
         p = self.project(spec["project"])
@@ -246,6 +308,8 @@ class ComputeApi(QuickHTTPServer):
             p.add_network(n)
         for i in spec.get("instances") or []:
             p.add_instance(i)
+        for i in spec.get("delete_instances") or []:
+            p.instances.pop((i["zone"], i["name"]), None)
         for r in spec.get("routes") or []:
             p.routes[r["name"]] = {"kind": "compute#route", "selfLink": p.link(f"global/routes/{r['name']}"),
                                    "priority": 1000, **r}
@@ -277,6 +341,9 @@ class ComputeApi(QuickHTTPServer):
         p = self.project(m.group(1))
         p.tick()
         rest = m.group(2)
+        injected = self.fault(method, p, rest, body)
+        if injected is not None:
+            raise injected
         if method == "GET" and (g := re.match(r"^global/networks/([^/]+)$", rest)):
             if g.group(1) not in p.networks:
                 raise not_found(f"projects/{p.name}/global/networks/{g.group(1)}")
@@ -288,9 +355,15 @@ class ComputeApi(QuickHTTPServer):
             return 200, inst
         if rest == "global/routes":
             if method == "GET":
-                return 200, {"kind": "compute#routeList", "id": f"projects/{p.name}/global/routes",
-                             "items": sorted(p.routes.values(), key=lambda r: r["name"]),
-                             "selfLink": p.link("global/routes")}
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+                size = min(500, int(query.get("maxResults", ["500"])[0]))
+                start = int(query.get("pageToken", ["0"])[0])
+                items = sorted(p.routes.values(), key=lambda r: r["name"])
+                page = {"kind": "compute#routeList", "id": f"projects/{p.name}/global/routes",
+                        "items": [p.view(r) for r in items[start:start + size]], "selfLink": p.link("global/routes")}
+                if start + size < len(items):
+                    page["nextPageToken"] = str(start + size)
+                return 200, page
             if method == "POST":
                 try:
                     data = json.loads(body or b"{}")
@@ -302,7 +375,7 @@ class ComputeApi(QuickHTTPServer):
             if method == "GET":
                 if name not in p.routes:
                     raise not_found(f"projects/{p.name}/global/routes/{name}")
-                return 200, p.routes[name]
+                return 200, p.view(p.routes[name])
             if method == "DELETE":
                 return 200, p.delete_route(name)
         if method == "GET" and (g := re.match(r"^global/operations/([^/]+)$", rest)):
@@ -401,7 +474,8 @@ class MetadataServer(QuickHTTPServer):
             "instance/zone": f"projects/{a.project_number}/zones/{a.zone}",
             "instance/network-interfaces/": "0/\n",
             "instance/network-interfaces/0/ip": a.ip,
-            "instance/network-interfaces/0/network": f"projects/{a.project_number}/networks/{a.network}",
+            "instance/network-interfaces/0/network":
+                f"projects/{a.network_project_number or a.project_number}/networks/{a.network}",
         }
         if a.service_account:
             values.update({
@@ -466,6 +540,9 @@ class GceServer:
     def post(self, path: str, body: Any, token: str) -> tuple[int, Any]:
         return self._curl("POST", path, body, token=token)
 
+    def delete(self, path: str, token: str) -> tuple[int, Any]:
+        return self._curl("DELETE", path, token=token)
+
     def _iptables(self, action: str) -> None:
         target = ["DROP"] if self.blocked == "drop" else ["REJECT", "--reject-with", "tcp-reset"]
         self.host.run("iptables", "-w", action, "INPUT", "-p", "tcp", "--dport", str(self.port),
@@ -501,6 +578,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--zone", required=True)
     m.add_argument("--instance", required=True)
     m.add_argument("--network", default="default")
+    m.add_argument("--network-project-number", default="",
+                   help="the network's project (a Shared VPC host project); default: the instance's project")
     m.add_argument("--ip", default="")
     m.add_argument("--token", default="")
     m.add_argument("--scopes", default=SCOPE_RW)
