@@ -4,14 +4,20 @@
 Server (inside a host namespace)::
 
     python -m lab.fakemeta --instance-id i-0abc --region eu-west-1 \\
-        [--az eu-west-1a] [--local-ipv4 192.168.100.1] [--mode optional|required|v1] \\
+        [--az eu-west-1a] [--local-ipv4 192.168.100.1] [--mode optional|required|v1|disabled] \\
+        [--token-answer-lost] \\
         [--role NAME --access-key AK --secret-key SK] [--address 169.254.169.254] [--port 80]
 
 What it answers, as EC2 does:
 
 * ``PUT /latest/api/token`` with ``X-aws-ec2-metadata-token-ttl-seconds: 1..21600`` → a session
   token (IMDSv2); 400 without/with a bad TTL header; 403 when ``X-Forwarded-For`` is present.
-  ``--mode v1`` emulates an IMDS without IMDSv2: the PUT gets 405.
+  ``--mode v1`` emulates an IMDS without IMDSv2: the PUT gets 405. ``--token-answer-lost``: the
+  PUT is read but its answer never comes (held until the client gives up), as when the
+  instance's ``HttpPutResponseHopLimit`` is lower than the caller's distance (a container behind
+  a bridge with the default hop limit 1: the answer's TTL runs out on the way).
+* ``--mode disabled``: the service is turned off (``HttpEndpoint=disabled``): every request gets
+  403 Forbidden.
 * ``GET /latest/meta-data/{instance-id,placement/region,placement/availability-zone,local-ipv4}``,
   ``/latest/dynamic/instance-identity/document`` (JSON) and, with ``--role``,
   ``/latest/meta-data/iam/security-credentials/`` + ``.../<role>`` (temporary credentials JSON).
@@ -41,6 +47,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .netns import Host, LabError, LabProcess
 
 LINK_LOCAL = "169.254.169.254"
+LOST_ANSWER_HOLD = 30.0  # seconds a "lost" token answer is held back (clients time out well before)
 
 
 def start_metadata_server(host: Host, argv: Sequence[str], timeout: float = 15,
@@ -83,8 +90,14 @@ class _Imds(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         print(f"PUT {self.path}", flush=True)
+        if s.mode == "disabled":
+            return self._send(403, "Forbidden")
         if self.path != "/latest/api/token":
             return self._send(404, "Not Found")
+        if s.a.token_answer_lost:
+            time.sleep(LOST_ANSWER_HOLD)  # the answer "never arrives": the client times out first
+            self.close_connection = True
+            return None
         if s.mode == "v1":
             return self._send(405, "Method Not Allowed")
         if self.headers.get("X-Forwarded-For"):
@@ -100,6 +113,8 @@ class _Imds(BaseHTTPRequestHandler):
         s = self.server
         token = self.headers.get("X-aws-ec2-metadata-token")
         print(f"GET {self.path} {'v2' if token else 'v1'}", flush=True)
+        if s.mode == "disabled":
+            return self._send(403, "Forbidden")
         if token is not None:
             if s.tokens.get(token, 0) < time.monotonic():
                 return self._send(401, "Unauthorized")
@@ -177,7 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--region", required=True)
     p.add_argument("--az", default="")
     p.add_argument("--local-ipv4", default="")
-    p.add_argument("--mode", choices=("optional", "required", "v1"), default="optional")
+    p.add_argument("--mode", choices=("optional", "required", "v1", "disabled"), default="optional")
+    p.add_argument("--token-answer-lost", action="store_true")
     p.add_argument("--role", default="")
     p.add_argument("--access-key", default="")
     p.add_argument("--secret-key", default="")
