@@ -12,6 +12,7 @@ and etcd prefix.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import sys
 import time
@@ -19,7 +20,7 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
-from helpers import subnet_of, wait_for
+from helpers import http_get, subnet_of, wait_for
 
 from lab import netns
 from lab.cluster import Daemon, start_daemon
@@ -78,7 +79,7 @@ class Cloud:
         return {r["DestinationCidrBlock"]: r for r in t["Routes"] if "DestinationCidrBlock" in r}
 
     def host(self, vpc: dict, mtu: int | None = None, imds: str = "optional", role: tuple[str, str] | None = None,
-             meta_at: tuple[str, int] = ("169.254.169.254", 80)):
+             meta_at: tuple[str, int] = ("169.254.169.254", 80), imds_args: tuple[str, ...] = ()):
         """A lab host, its EC2 instance (primary ENI = the host's address) and its metadata server."""
         self.n += 1
         h = self.lab.add_host(f"a{self.n}", mtu=mtu)
@@ -87,7 +88,8 @@ class Cloud:
         h.instance_id = inst["InstanceId"]
         h.eni = inst["NetworkInterfaces"][0]["NetworkInterfaceId"]
         argv = [sys.executable, "-m", "lab.fakemeta", "--instance-id", h.instance_id, "--region", REGION,
-                "--local-ipv4", h.address, "--mode", imds, "--address", meta_at[0], "--port", str(meta_at[1])]
+                "--local-ipv4", h.address, "--mode", imds, "--address", meta_at[0], "--port", str(meta_at[1]),
+                *imds_args]
         if role:
             argv += ["--role", "flannel-node", "--access-key", role[0], "--secret-key", role[1]]
         h.metadata = start_metadata_server(h, argv, address=meta_at[0])
@@ -131,6 +133,7 @@ def cloud():
 
 @pytest.fixture
 def aws(cloud, request):
+    cloud.ec2.faults([])
     yield cloud
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
@@ -385,3 +388,108 @@ def test_black_holed_api_holds_readiness_5s_at_most_and_never_the_exit(aws):
         assert "Traceback" not in d.log_text()
     finally:
         aws.ec2.unblock()
+
+
+# --- convergence: every table, routes removed from outside, the table changing under us ----------
+HEALTHZ = 8481
+FAST_CHECKS = {**KEYS, "PYFLANNELD_CLOUD_CHECK_INTERVAL": "1", "PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"}
+
+
+def readyz(h) -> tuple[int, str]:
+    return http_get(h, HEALTHZ, "/readyz")
+
+
+def test_one_failing_route_table_does_not_stop_the_others(aws):
+    """RouteTableID [mistyped id, full main table, t2]: t2 gets the route at once; one error line
+    names both failing tables (with their fixes) and /readyz says which table lacks the route;
+    once main has room the route lands there too, and only the mistyped table is reported."""
+    vpc = aws.vpc()
+    main = vpc["main"]
+    t2 = aws.call("create_route_table", VpcId=vpc["vpc"])["RouteTable"]["RouteTableId"]
+    for i in range(50):
+        aws.call("create_route", RouteTableId=main, DestinationCidrBlock=f"172.16.{i}.0/24", GatewayId=vpc["igw"])
+    typo = "rtb-0000000000000dead"
+    h = aws.host(vpc)
+    prefix = aws.config({"Network": NETWORK, "Backend": {"Type": "aws-vpc", "RouteTableID": [typo, main, t2]}})
+    d = aws.daemon(h, prefix, FAST_CHECKS, "--healthz-port", str(HEALTHZ))
+    sn = str(subnet_of(d.wait_subnet_env(30)))
+    wait_for(lambda: sn in aws.routes(t2), 15, what="route in t2 despite the failing tables")
+    assert aws.routes(t2)[sn]["NetworkInterfaceId"] == h.eni
+    line = d.wait_log(r".*RouteLimitExceeded.*", 10).group(0)
+    assert "level=error" in line and f"route table {typo} not found" in line and "fix Backend.RouteTableID" in line
+    assert f"route {sn} missing in {main}: route table {main} is full (RouteLimitExceeded)" in line, line
+    code, body = readyz(h)
+    assert code == 503 and f"missing in {main}" in body and typo in body, body
+    aws.call("delete_route", RouteTableId=main, DestinationCidrBlock="172.16.0.0/24")
+    wait_for(lambda: sn in aws.routes(main), 15, what="route in main once it has room")
+    assert aws.routes(main)[sn]["NetworkInterfaceId"] == h.eni
+    created = d.wait_log(rf"route created.*route_table={main}", 10).group(0)
+    line = wait_for(lambda: re.search(r".*route not programmed.*", d.log_text().split(created, 1)[1]),
+                    15, what="the error line of that pass").group(0)
+    assert typo in line and main not in line, line
+    code, body = readyz(h)
+    assert code == 503 and typo in body and main not in body, body
+    assert_clean(d)
+
+
+def test_route_removed_from_outside_is_restored_and_readyz_tells(aws):
+    """Someone deletes our route: the periodic check (1 s here) notices, /readyz says "route …
+    missing in rtb-…" while the repair is throttled (RequestLimitExceeded, retried soon), and
+    the route is back once EC2 lets it through."""
+    vpc = aws.vpc()
+    table = vpc["main"]
+    h = aws.host(vpc)
+    d = aws.daemon(h, aws.config(CONFIG), FAST_CHECKS, "--healthz-port", str(HEALTHZ))
+    sn = str(subnet_of(d.wait_subnet_env(30)))
+    wait_for(lambda: sn in aws.routes(table), 15, what="route")
+    wait_for(lambda: readyz(h)[0] == 200, 15, what="ready")
+    aws.ec2.faults([{"action": "CreateRoute", "code": "RequestLimitExceeded", "status": 503}])
+    aws.call("delete_route", RouteTableId=table, DestinationCidrBlock=sn)
+    code, body = wait_for(lambda: (r := readyz(h))[0] == 503 and r, 15, what="/readyz 503 after the removal")
+    assert f"route {sn} missing in {table}" in body, body
+    line = wait_for(lambda: re.search(r".*RequestLimitExceeded.*", d.log_text()), 15, what="throttled").group(0)
+    assert "level=warning" in line and "retrying" in line and f"missing in {table}" in line, line
+    assert sn not in aws.routes(table)
+    aws.ec2.faults([])
+    wait_for(lambda: sn in aws.routes(table), 40, what="route restored")
+    assert aws.routes(table)[sn]["NetworkInterfaceId"] == h.eni
+    wait_for(lambda: readyz(h) == (200, "flanneld is ready"), 15, what="ready again")
+    line = d.wait_log(r".*removed or changed by someone else.*", 5).group(0)
+    assert f"route {sn} missing in {table}" in line and "level=warning" in line, line
+    assert_clean(d)
+
+
+def test_route_vanishing_before_replace_route_is_created_at_once(aws):
+    """Our subnet's route points at another ENI; it is deleted between our DescribeRouteTables and
+    our ReplaceRoute (EC2: InvalidParameterValue "no route defined"): we create it at once, not
+    after the 60 s for errors a person must fix."""
+    vpc = aws.vpc()
+    h = aws.host(vpc)
+    other = aws.call("create_network_interface", SubnetId=vpc["subnet"])["NetworkInterface"]["NetworkInterfaceId"]
+    aws.call("create_route", RouteTableId=vpc["main"], DestinationCidrBlock="10.1.7.0/24", NetworkInterfaceId=other)
+    aws.ec2.faults([{"action": "ReplaceRoute", "vanish": True, "count": 1}])
+    prefix = aws.config({"Network": NETWORK, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0",
+                         "Backend": {"Type": "aws-vpc"}})
+    d = aws.daemon(h, prefix)
+    d.wait_subnet_env(30)
+    wait_for(lambda: aws.routes(vpc["main"]).get("10.1.7.0/24", {}).get("NetworkInterfaceId") == h.eni, 15,
+             what="our route, created after it vanished")
+    d.wait_log(r"route vanished before ReplaceRoute; creating it", 5)
+    assert "level=error" not in d.log_text()
+    assert_clean(d)
+
+
+@pytest.mark.parametrize(("mode", "args", "expect"), [
+    ("required", ("--token-answer-lost",), ["HttpPutResponseHopLimit", "--http-put-response-hop-limit 2"]),
+    ("disabled", (), ["403 Forbidden", "turned off", "--http-endpoint enabled"]),
+])
+def test_metadata_service_problems_name_the_instance_setting(aws, mode, args, expect):
+    """IMDSv2 required but the token answer lost on the way (hop limit), or the service turned
+    off (403): one error line naming the instance setting and the command that fixes it."""
+    vpc = aws.vpc()
+    h = aws.host(vpc, imds=mode, imds_args=args)
+    d = aws.daemon(h, aws.config(CONFIG))
+    d.wait_subnet_env(30)
+    line = d.wait_log(r".*route not programmed.*", 20).group(0)
+    assert "level=error" in line and all(x in line for x in expect), line
+    assert_clean(d)
