@@ -14,7 +14,7 @@ import sys
 from ipaddress import IPv4Network
 
 import pytest
-from helpers import subnet_of, wait_for
+from helpers import http_get, subnet_of, wait_for
 
 from lab import netns
 from lab.cluster import Daemon, start_daemon
@@ -46,20 +46,22 @@ class Cloud:
         return name
 
     def host(self, project: str, can_ip_forward: bool = True, scopes: tuple[str, ...] = (SCOPE_RW,),
-             mtu: int | None = 1460):
-        """A lab host, its instance in the Compute API and its metadata server with a token."""
+             mtu: int | None = 1460, network: str = "default", host_project: tuple[str, str] | None = None):
+        """A lab host, its instance in the Compute API and its metadata server with a token. With
+        host_project (id, number) its NIC is on that Shared VPC host project's `network`."""
         self.n += 1
         h = self.lab.add_host(f"g{self.n}", mtu=mtu)
         h.instance = f"node-{self.n}"
         h.token = f"ya29.{secrets.token_urlsafe(16)}"
+        nic_network = f"projects/{host_project[0]}/global/networks/{network}" if host_project else network
         self.api.update(project=project, tokens={h.token: list(scopes)}, instances=[{
-            "name": h.instance, "zone": ZONE, "canIpForward": can_ip_forward, "network": "default",
+            "name": h.instance, "zone": ZONE, "canIpForward": can_ip_forward, "network": nic_network,
             "networkIP": h.address}])
         h.self_link = f"{LINK}/{project}/zones/{ZONE}/instances/{h.instance}"
         h.metadata = start_metadata_server(h, [
             sys.executable, "-m", "lab.fakegce", "metadata", "--project", project, "--zone", ZONE,
-            "--instance", h.instance, "--network", "default", "--ip", h.address, "--token", h.token,
-            "--scopes", ",".join(scopes)])
+            "--instance", h.instance, "--network", network, "--ip", h.address, "--token", h.token,
+            "--scopes", ",".join(scopes), *(["--network-project-number", host_project[1]] if host_project else [])])
         return h
 
     def admin_token(self) -> str:
@@ -108,6 +110,7 @@ def cloud():
 
 @pytest.fixture
 def gce(cloud, request):
+    cloud.api.update(faults=[])
     yield cloud
     rep = getattr(request.node, "rep_call", None)
     if rep is not None and rep.failed:
@@ -274,4 +277,146 @@ def test_no_metadata_server_is_retried_with_a_clear_line(gce):
     assert "http://169.254.169.254" in line and "PYFLANNELD_GCE_METADATA_URL" in line
     h.metadata = start_metadata_server(h, h.metadata.argv)
     wait_for(lambda: route_name(sn) in gce.routes(project), 20, what="route once metadata answers")
+    assert_clean(d)
+
+
+# --- convergence: our network only, routes removed from outside, stale routes, error classes -------
+HEALTHZ = 8481
+FAST_CHECKS = {"PYFLANNELD_CLOUD_CHECK_INTERVAL": "1", "PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"}
+ONE_SUBNET = {"Network": NETWORK, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0", "Backend": {"Type": "gce"}}
+
+
+def readyz(h) -> tuple[int, str]:
+    return http_get(h, HEALTHZ, "/readyz")
+
+
+def net_link(project: str, network: str) -> str:
+    return f"{LINK}/{project}/global/networks/{network}"
+
+
+def test_route_of_another_network_is_left_alone(gce):
+    """Two clusters in one project, networks net-a and net-b, the same Network range: cluster B's
+    node leases the subnet A's node routes. B never deletes A's route (route names are unique per
+    project): one error line naming both networks, /readyz 503; A's route stays A's."""
+    project = gce.project()
+    gce.api.update(project=project, networks=["net-a", "net-b"])
+    ha, hb = gce.host(project, network="net-a"), gce.host(project, network="net-b")
+    da = gce.daemon(ha, gce.config(ONE_SUBNET), FAST_CHECKS)
+    da.wait_subnet_env(30)
+    name = "flannel-10-1-7-0-24"
+    wait_for(lambda: gce.routes(project).get(name, {}).get("nextHopInstance") == ha.self_link, 15, what="A's route")
+    db = gce.daemon(hb, gce.config(ONE_SUBNET), FAST_CHECKS, args=("--healthz-port", str(HEALTHZ)))
+    assert db.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
+    line = db.wait_log(r".*route not programmed.*", 15).group(0)
+    assert "level=error" in line and "belongs to network net-a, not to ours (net-b)" in line, line
+    assert "non-overlapping Network ranges" in line
+    code, body = readyz(hb)
+    assert code == 503 and "net-a" in body, body
+    db.wait_log(r"(?s)route not programmed.*route not programmed", 10)  # a retry ran too
+    route = gce.routes(project)[name]
+    assert route["nextHopInstance"] == ha.self_link and route["network"] == net_link(project, "net-a")
+    assert not [x for x in gce.api.log() if x.startswith("DELETE") and project in x]
+    assert "removed or changed by someone else" not in da.log_text()
+    assert_clean(da)
+    assert_clean(db)
+
+
+def test_route_removed_from_outside_is_restored_and_readyz_tells(gce):
+    """Someone deletes our route: the periodic check (1 s here) notices, /readyz says "route …
+    missing in network default" while the insert is rate-limited (rateLimitExceeded, retried
+    soon); the route is back once the API lets it through."""
+    project = gce.project()
+    h = gce.host(project)
+    d = gce.daemon(h, gce.config(CONFIG), FAST_CHECKS, args=("--healthz-port", str(HEALTHZ)))
+    name = route_name(subnet_of(d.wait_subnet_env(30)))
+    wait_for(lambda: name in gce.routes(project), 15, what="route")
+    wait_for(lambda: readyz(h)[0] == 200, 15, what="ready")
+    gce.api.update(faults=[{"method": "POST", "path": "^global/routes$", "code": 403, "reason": "rateLimitExceeded"}])
+    code, _ = gce.api.delete(f"/compute/v1/projects/{project}/global/routes/{name}", gce.admin_token())
+    assert code == 200
+    code, body = wait_for(lambda: (r := readyz(h))[0] == 503 and r, 15, what="/readyz 503 after the removal")
+    assert f"route {name} missing in network default" in body, body
+    line = d.wait_log(r".*rateLimitExceeded.*", 15).group(0)
+    assert "level=warning" in line and "retrying" in line, line
+    line = d.wait_log(r".*removed or changed by someone else.*", 5).group(0)
+    assert f"route {name} missing in network default" in line and "level=warning" in line
+    gce.api.update(faults=[])
+    wait_for(lambda: gce.routes(project).get(name, {}).get("nextHopInstance") == h.self_link, 40,
+             what="route restored")
+    wait_for(lambda: readyz(h) == (200, "flanneld is ready"), 15, what="ready again")
+    assert_clean(d)
+
+
+def test_stale_routes_of_deleted_instances_are_removed_and_nothing_else(gce):
+    """flannel-* routes whose next-hop instance was deleted go, but only those in our network with
+    a destination inside Network; other routes (another network, outside Network, not flannel-*,
+    a live next hop) stay."""
+    project = gce.project()
+    gce.api.update(project=project, networks=["other"], instances=[
+        {"name": n, "zone": ZONE, "network": net} for n, net in (("gone-1", "default"), ("gone-2", "other"),
+                                                                   ("alive", "default"))])
+    h = gce.host(project)
+
+    def route(name, dest, inst, network="default"):
+        return {"name": name, "destRange": dest, "network": net_link(project, network),
+                "nextHopInstance": f"{LINK}/{project}/zones/{ZONE}/instances/{inst}"}
+
+    stale = route("flannel-10-1-9-0-24", "10.1.9.0/24", "gone-1")
+    keep = [route("flannel-10-1-10-0-24", "10.1.10.0/24", "gone-2", "other"),
+            route("flannel-172-16-0-0-24", "172.16.0.0/24", "gone-1"),
+            route("custom-10-1-11-0-24", "10.1.11.0/24", "gone-1"),
+            route("flannel-10-1-12-0-24", "10.1.12.0/24", "alive")]
+    gce.api.update(project=project, routes=[stale, *keep],
+                   delete_instances=[{"name": "gone-1", "zone": ZONE}, {"name": "gone-2", "zone": ZONE}])
+    assert gce.routes(project)[stale["name"]]["warnings"][0]["code"] == "NEXT_HOP_INSTANCE_NOT_FOUND"
+    d = gce.daemon(h, gce.config(ONE_SUBNET), FAST_CHECKS)
+    d.wait_subnet_env(30)
+    wait_for(lambda: stale["name"] not in gce.routes(project), 20, what="stale route removed")
+    d.wait_log(rf"removed stale route.*route={stale['name']}.*instances/gone-1", 5)
+    ours = f"GET /compute/v1/projects/{project}/global/routes/flannel-10-1-7-0-24"  # only the daemon reads it
+    seen = gce.api.log().count(ours)
+    wait_for(lambda: gce.api.log().count(ours) >= seen + 2, 15, what="a whole pass after the removal")
+    assert set(gce.routes(project)) == {r["name"] for r in keep} | {"flannel-10-1-7-0-24"}
+    deletes = [x for x in gce.api.log() if x.startswith("DELETE") and project in x]
+    assert deletes == [f"DELETE /compute/v1/projects/{project}/global/routes/{stale['name']}"], deletes
+    assert_clean(d)
+
+
+def test_resource_not_ready_is_retried_soon(gce):
+    """400 resourceNotReady (another operation on the route still running) clears up by itself:
+    retried with backoff (warning), not after the 60 s for errors a person must fix."""
+    project = gce.project()
+    h = gce.host(project)
+    gce.api.update(faults=[{"method": "POST", "path": "^global/routes$", "code": 400, "reason": "resourceNotReady",
+                            "count": 2}])
+    d = gce.daemon(h, gce.config(CONFIG))
+    sn = subnet_of(d.wait_subnet_env(30))
+    line = d.wait_log(r".*resourceNotReady.*", 15).group(0)
+    assert "level=warning" in line and "retrying" in line and "is not ready" in line, line
+    wait_for(lambda: route_name(sn) in gce.routes(project), 20, what="route after resourceNotReady")
+    d.wait_log(r"cloud route in place after retrying", 5)
+    assert "level=error" not in d.log_text()
+    assert_clean(d)
+
+
+def test_shared_vpc_routes_go_to_the_host_project(gce):
+    """The NIC's network path names another project (projects/<host number>/networks/shared): a
+    Shared VPC. networks.get asks the host project; a 404 there is one line with the hint; once
+    the network exists the route goes into the host project, next hop = our address (a host
+    project's route cannot name a service project's instance)."""
+    service = gce.project()
+    host_project = f"host-{secrets.token_hex(3)}"
+    number = gce.api.update(project=host_project)["number"]
+    h = gce.host(service, network="shared", host_project=(host_project, number))
+    d = gce.daemon(h, gce.config(CONFIG), FAST_CHECKS)
+    sn = subnet_of(d.wait_subnet_env(30))
+    line = d.wait_log(r".*networks.get.*404.*", 15).group(0)
+    assert f"Shared VPC network of host project {number}" in line and "roles/compute.networkAdmin" in line, line
+    gce.api.update(project=host_project, networks=["shared"])
+    name = route_name(sn)
+    wait_for(lambda: name in gce.routes(host_project), 20, what="route in the host project")
+    route = gce.routes(host_project)[name]
+    assert route["network"] == net_link(host_project, "shared") and route["nextHopIp"] == h.address, route
+    assert "nextHopInstance" not in route and gce.routes(service) == {}
+    d.wait_log(r"GCE Shared VPC: routes go to the host project", 5)
     assert_clean(d)
