@@ -60,6 +60,7 @@ DEFAULT_API = "https://compute.googleapis.com/"
 OP_POLL_INTERVAL = 1.0
 OP_POLLS = 100
 FLAVOR = {"Metadata-Flavor": "Google"}
+MAX_ROUTE_PAGES = 100  # a project holds far fewer routes; a looping page token must not loop us
 INSTANCE_URL = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$")
 SCOPE_HINT = ("the instance's service account lacks the compute-rw scope "
               "(https://www.googleapis.com/auth/compute); stop the instance and run "
@@ -417,15 +418,18 @@ class GceBackend(CloudRouteBackend):
         log.info("route created", route=name, subnet=str(subnet), instance=self.instance)
 
     async def list_routes(self) -> list[dict]:
-        """Every route of the route project (routes.list, all pages)."""
+        """Every route of the route project (routes.list, up to MAX_ROUTE_PAGES pages of 500)."""
         p, out, token = self.route_project, [], None
-        while True:
+        for _ in range(MAX_ROUTE_PAGES):
             page = await self.api("compute.routes.list",
                                   lambda s, t=token: s.routes().list(project=p, maxResults=500, pageToken=t))
-            out.extend(x for x in page.get("items") or [] if isinstance(x, dict))
+            items = page.get("items")
+            if isinstance(items, list):
+                out.extend(x for x in items if isinstance(x, dict))
             token = page.get("nextPageToken")
-            if not token:
-                return out
+            if not token or not isinstance(token, str):
+                break
+        return out
 
     def stale_candidates(self, routes: list[dict], net: dict, own: str) -> list[tuple[str, str, str, str]]:
         """(route, project, zone, instance) of each route that may be a deleted node's: named flannel-*
