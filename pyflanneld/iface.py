@@ -28,11 +28,21 @@ class Iface:
     mtu: int
 
 
+def address_of(msg) -> str:
+    """The host's own address in an RTM_NEWADDR message: IFA_LOCAL, else IFA_ADDRESS.
+
+    For a point-to-point address (``ip addr add 10.99.0.2 peer 10.99.0.254/32``) IFA_ADDRESS is the
+    *peer's* address; IFA_LOCAL is ours (vishvananda/netlink's AddrList, which upstream uses, reads
+    it the same way). For other IPv4 addresses both are equal.
+    """
+    return msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+
+
 def _addrs(ipr: IPRoute) -> dict[int, list[IPv4Address]]:
     """IPv4 addresses per ifindex, best first: global before link-local, permanent before dynamic."""
     out: dict[int, list[tuple[tuple, IPv4Address]]] = {}
     for a in ipr.get_addr(family=socket.AF_INET):
-        ip = IPv4Address(a.get_attr("IFA_ADDRESS") or a.get_attr("IFA_LOCAL"))
+        ip = IPv4Address(address_of(a))
         flags = a.get_attr("IFA_FLAGS") or a["flags"]
         if ip.is_loopback:
             continue

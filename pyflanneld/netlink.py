@@ -254,8 +254,9 @@ class Netlink:
     async def addresses(self, index: int) -> list[IPv4Interface]:
         msgs = await self._dump(f"list addresses of link {index}",
                                 lambda i: i.addr("dump", index=index, family=socket.AF_INET))
-        return [IPv4Interface(f"{m.get('address')}/{m['prefixlen']}") for m in msgs
-                if m.get("index") == index and m.get("address")]
+        # IFA_LOCAL first: for a point-to-point address IFA_ADDRESS is the peer's (see iface.address_of)
+        return [IPv4Interface(f"{m.get('local') or m.get('address')}/{m['prefixlen']}") for m in msgs
+                if m.get("index") == index and (m.get("local") or m.get("address"))]
 
     async def add_address(self, index: int, addr: IPv4Interface) -> None:
         async def add(i: AsyncIPRoute) -> None:

@@ -57,3 +57,49 @@ def test_regex_without_match_is_a_clear_exit(host):
     text = d.log_text()
     assert "failed to find an interface" in text and "no interface matches --iface-regex ^zzz" in text
     assert "Traceback" not in text
+
+
+# --- point-to-point addresses (issue 11.1) ----------------------------------------------------------
+# `ip addr add 10.99.0.2 peer 10.99.0.254/32 dev eth0` (cloud VMs, some VPNs): IFA_LOCAL is the
+# host's own address, IFA_ADDRESS the peer's. Upstream (vishvananda/netlink) takes IFA_LOCAL.
+
+PTP_LOCAL, PTP_PEER = "10.99.0.2", "10.99.0.254"
+
+
+@pytest.fixture
+def ptp_host(lab, etcd):
+    etcd.put(f"{PREFIX}/config", '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan"}}')
+    h = lab.add_host("h1")
+    h.ip("addr", "flush", "dev", "eth0")
+    h.ip("addr", "add", PTP_LOCAL, "peer", f"{PTP_PEER}/32", "dev", "eth0")
+    h.ip("route", "replace", "default", "via", PTP_PEER, "dev", "eth0")
+    # the switch is the peer end, so etcd (on the switch) stays reachable over the p2p address
+    lab.switch.ip("addr", "add", PTP_PEER, "peer", f"{PTP_LOCAL}/32", "dev", "br0")
+    return h
+
+
+def _binary(which: str):
+    if which == "pyflanneld":
+        return None
+    from lab.upstream import missing_reason, upstream_binary
+
+    path = upstream_binary("v0.20.2")
+    if path is None:
+        pytest.skip(missing_reason("v0.20.2"))
+    return str(path)
+
+
+@pytest.mark.parametrize("which", ["pyflanneld", "upstream"])
+@pytest.mark.parametrize("args", [
+    [],                                           # default route's interface
+    ["--iface", "eth0"],
+    ["--iface-regex", r"^10\.99\.0\.2$"],
+    ["--iface", PTP_LOCAL],
+], ids=["default-route", "iface-name", "iface-regex", "iface-ip"])
+def test_point_to_point_address_is_the_local_one(ptp_host, etcd, which, args):
+    d = start_daemon(ptp_host, *args, binary=_binary(which))
+    d.wait_subnet_env(timeout=20)
+    assert lease_attrs(etcd)["PublicIP"] == PTP_LOCAL
+    vtep = ptp_host.ip_json("-d", "link", "show", "flannel.1")[0]["linkinfo"]["info_data"]
+    assert vtep["local"] == PTP_LOCAL
+    assert "Traceback" not in d.log_text()
