@@ -45,7 +45,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("etcd-password", "str", "", "password for BasicAuth to etcd"),
     Flag("etcd-api", "str", "auto", "etcd API for config and leases: auto (v3, else v2 if the config is there), v3 or v2 [pyflanneld]"),
     Flag("iface", "list", [], "interface to use (IP or name) for inter-host communication; can be given several times"),
-    Flag("iface-regex", "list", [], "regex expression to match the first interface to use (IP or name); can be given several times"),
+    Flag("iface-regex", "list", [], "regex expression (Go/RE2 syntax) to match the first interface to use (IP or name); can be given several times"),
     Flag("iface-can-reach", "str", "", "detect the interface to use by the route to this IP"),
     Flag("subnet-file", "str", "/run/flannel/subnet.env", "filename where env variables (subnet, MTU, ...) will be written to"),
     Flag("public-ip", "str", "", "IP accessible by other nodes for inter-host communication"),

@@ -4,8 +4,11 @@ names), --iface-can-reach, else the default route's interface; --public-ip overr
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lab.cluster import start_daemon
+from pyflanneld import iface
 
 PREFIX = "/coreos.com/network"
 
@@ -103,3 +106,55 @@ def test_point_to_point_address_is_the_local_one(ptp_host, etcd, which, args):
     vtep = ptp_host.ip_json("-d", "link", "show", "flannel.1")[0]["linkinfo"]["info_data"]
     assert vtep["local"] == PTP_LOCAL
     assert "Traceback" not in d.log_text()
+
+
+# --- --iface-regex takes Go's syntax (RE2), issue 11.2 ---------------------------------------------
+
+@pytest.mark.parametrize("rx,text,matches", [
+    (r"^10\.64\.[[:digit:]]+\.[[:digit:]]+$", "10.64.3.7", True),   # POSIX class (Python's re: no)
+    (r"^10\.64\.[[:digit:]]+\.[[:digit:]]+$", "10.64.3.x", False),
+    (r"eth0\z", "eth0", True),                                         # \z (Python's re: bad escape)
+    (r"eth0\z", "eth01", False),
+    (r"10\.99", "x10.99.0.1", True),                                   # unanchored, like MatchString
+    (r"(?i)ETH", "eth0", True),
+])
+def test_regex_is_go_syntax(rx, text, matches):
+    assert bool(iface.compile_regex(rx).search(text)) is matches
+
+
+@pytest.mark.parametrize("rx", ["(", r"(a)\1", "[[:nope:]]", "a**", "\\"])
+def test_invalid_regex_is_one_line_naming_the_flag(rx, capfd):
+    with pytest.raises(iface.InterfaceError) as ei:
+        iface.compile_regex(rx)
+    msg = str(ei.value)
+    assert msg.startswith(f"--iface-regex {rx!r} is not a valid regular expression (Go/RE2 syntax): ")
+    assert "\n" not in msg and "b'" not in msg
+    out, err = capfd.readouterr()
+    assert out == err == ""  # RE2's own error log stays silent
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_any_regex_text_compiles_or_is_an_interface_error(rx):
+    try:
+        pat = iface.compile_regex(rx)
+    except iface.InterfaceError:
+        return
+    pat.search("10.64.0.1")
+    pat.search("eth0")
+
+
+@pytest.mark.parametrize("rx", [r"^10\.99\.[[:digit:]]+\.[[:digit:]]+$", r"data0\z"])
+def test_go_syntax_regex_selects_the_interface(host, etcd, rx):
+    d = start_daemon(host, "--iface-regex", rx)
+    assert d.wait_subnet_env()["FLANNEL_MTU"] == "1400"
+    assert lease_attrs(etcd)["PublicIP"] == "10.99.0.1"
+
+
+def test_invalid_regex_exits_with_one_line(host):
+    d = start_daemon(host, "--iface", "data0", "--iface-regex", "(")
+    assert d.wait_exit(timeout=10) == 1
+    text = d.log_text()
+    lines = [ln for ln in text.splitlines() if "--iface-regex" in ln and "starting pyflanneld" not in ln]
+    assert len(lines) == 1 and "is not a valid regular expression (Go/RE2 syntax): missing ): (" in lines[0]
+    assert "Traceback" not in text and "re2.cc" not in text and "absl" not in text
