@@ -333,6 +333,11 @@ class Daemon:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig)
+        # SIGHUP (a unit's reload, a closed terminal) used to kill the daemon without a word. There is
+        # nothing to reload: flags are fixed and the network config is re-checked on its own.
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info(
+            "SIGHUP received: nothing to reload, pyflanneld keeps running; restart it to apply changed "
+            "flags or network config"))
         health = None
         code = 0
         try:

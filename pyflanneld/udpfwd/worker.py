@@ -249,6 +249,7 @@ class Worker:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # `systemctl kill -s HUP` reaches us too: keep forwarding
         ep = select.epoll()
         ep.register(self.ctl, select.EPOLLIN)
         ep.register(wake_r, select.EPOLLIN)

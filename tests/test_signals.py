@@ -1,0 +1,57 @@
+"""Signals as systemd and terminals send them (issue 11.6).
+
+SIGHUP (`ExecReload=kill -HUP $MAINPID` in many units, `systemctl kill -s HUP`, a closed terminal)
+is logged and the daemon keeps running — its udp forwarder workers too; SIGTERM still shuts it
+down cleanly with exit status 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from e2e_helpers import config, ping_all, start_nodes
+from helpers import PREFIX, http_get, wait_for
+
+from lab.cluster import udp_worker_pids
+
+pytestmark = pytest.mark.lab
+
+HUP_LINE = "SIGHUP received: nothing to reload, pyflanneld keeps running"
+
+
+def ignores_sighup(pid: int) -> bool:
+    """SIGHUP's bit in /proc/PID/status SigIgn (a worker sets it once it runs its loop)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+@pytest.mark.parametrize("backend", ["alloc", "udp"])
+def test_sighup_is_logged_and_the_daemon_keeps_running(lab, etcd, backend):
+    etcd.put(f"{PREFIX}/config", config({"Type": backend}))
+    hosts = [lab.add_host("h1"), lab.add_host("h2")] if backend == "udp" else [lab.add_host("h1")]
+    nodes = start_nodes(lab, hosts, "--healthz-port", "8471")
+    d = nodes[0].daemon
+    workers = udp_worker_pids(d.pid)
+    assert bool(workers) is (backend == "udp")
+    wait_for(lambda: all(ignores_sighup(w) for w in workers), timeout=20, what="workers in their loop")
+
+    os.kill(d.pid, signal.SIGHUP)               # a unit's reload: the main process only
+    wait_for(lambda: d.log_text().count(HUP_LINE) == 1, timeout=10, what="the SIGHUP line")
+    d.process.signal(signal.SIGHUP)             # `systemctl kill -s HUP`: every process of the unit
+    wait_for(lambda: d.log_text().count(HUP_LINE) == 2, timeout=10, what="the second SIGHUP line")
+
+    assert d.alive
+    assert http_get(nodes[0].host, 8471, "/healthz")[0] == 200
+    assert http_get(nodes[0].host, 8471, "/readyz")[0] == 200
+    if backend == "udp":
+        assert udp_worker_pids(d.pid) == workers  # no worker died of it
+        assert ping_all([n.pod for n in nodes], timeout=5) == []
+
+    assert d.stop(timeout=10) == 0
+    text = d.log_text()
+    assert "signal received, shutting down" in text and "exiting cleanly" in text
+    assert "Traceback" not in text
