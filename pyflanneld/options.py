@@ -85,6 +85,8 @@ REMOVED = {
 }
 
 BY_NAME = {f.name: f for f in FLAGS}
+# What Go's strconv.ParseBool accepts: "--ip-masq true" is a stray argument, not a value.
+GO_BOOL_WORDS = frozenset({"1", "0", "t", "f", "T", "F", "true", "false", "TRUE", "FALSE", "True", "False"})
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
@@ -159,13 +161,20 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Option
     env = os.environ if environ is None else environ
     opts = Options(values={f.name: (list(f.default) if f.kind == "list" else f.default) for f in FLAGS})
     i = 0
+    bare_bool = ""  # a boolean flag given without "=" just before this argument
     while i < len(argv):
         arg = argv[i]
         i += 1
         if arg == "--":
             break
         if not arg.startswith("-") or arg == "-":
+            if bare_bool and arg in GO_BOOL_WORDS:
+                raise UsageError(
+                    f"--{bare_bool} {arg}: a boolean flag takes its value after '=': write --{bare_bool}={arg} "
+                    f"(upstream's Go flag parsing stops at {arg!r}, leaves --{bare_bool} on and ignores every "
+                    "flag after it)")
             raise UsageError(f"unexpected argument {arg!r}: flanneld takes flags only (see -h)")
+        bare_bool = ""
         body = arg[2:] if arg.startswith("--") else arg[1:]
         name, eq, val = body.partition("=")
         if name in ("h", "help"):
@@ -179,6 +188,7 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Option
         if not eq:
             if flag.kind == "bool":
                 val = "true"
+                bare_bool = name
             else:
                 if i >= len(argv):
                     raise UsageError(f"flag needs an argument: -{name}")

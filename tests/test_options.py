@@ -51,6 +51,26 @@ def test_bool_flag_does_not_eat_next_argument():
     assert o.ip_masq is True and o.iface == ["eth0"]
 
 
+@pytest.mark.parametrize("argv,hint", [
+    (["--ip-masq", "true"], "--ip-masq true: a boolean flag takes its value after '=': write --ip-masq=true"),
+    (["-ip-masq", "false", "--iface", "eth0"], "write --ip-masq=false"),
+    (["--iface", "eth0", "--iptables-forward-rules", "0"], "write --iptables-forward-rules=0"),
+    (["--ip-blackhole-route", "True"], "write --ip-blackhole-route=True"),
+])
+def test_bool_value_after_a_space_names_the_fix(argv, hint):
+    """Go's flag package stops at the value (upstream then ignores every later flag, and
+    `--ip-masq false` turns masquerading ON): one line that says to write `--flag=value`."""
+    with pytest.raises(UsageError) as ei:
+        parse_args(argv, {})
+    assert hint in str(ei.value) and "\n" not in str(ei.value)
+
+
+@pytest.mark.parametrize("argv", [["--ip-masq", "yes"], ["--iface", "eth0", "true"]])
+def test_other_stray_arguments_keep_the_plain_message(argv):
+    with pytest.raises(UsageError, match="unexpected argument .*flanneld takes flags only"):
+        parse_args(argv, {})
+
+
 def test_iface_repeatable_in_order():
     assert parse_args(["-iface", "eth1", "--iface=10.0.0.1", "-iface", "eth0"], {}).iface == ["eth1", "10.0.0.1", "eth0"]
 
@@ -140,6 +160,7 @@ def _run(*args, env=None):
     (["--public-ip", "300.1.1.1"], 1, "--public-ip '300.1.1.1' is not an IPv4 address"),
     (["--subnet-lease-renew-margin", "1440"], 1, "out of acceptable range"),
     (["--etcd-keyfile", "/nonexistent/k.pem", "--etcd-certfile", "/nonexistent/c.pem"], 1, "cannot read"),
+    (["--ip-masq", "true", "--iface", "eth0"], 2, "write --ip-masq=true"),
 ])
 def test_cli_errors_are_one_line_without_traceback(args, code, fragment):
     p = _run(*args)
