@@ -159,14 +159,19 @@ class KernelPeerBackend(PeerSetBackend):
             await fn()
             return True
         except NetlinkError as e:
-            log.warning(f"{what} failed", error=str(e), **ctx)
+            self.entry_failed(what, e, ctx)
             return False
+
+    def entry_failed(self, what: str, err: NetlinkError, ctx: dict[str, Any]) -> None:
+        """One kernel change of ``attempt``/``apply`` failed: one warning line ("<what> failed").
+        A backend overrides this to explain failures whose cause is the host (see host-gw)."""
+        log.warning(f"{what} failed", error=str(err), **ctx)
 
     async def apply(self, changes: dict[str, int], kind: str,
                     ops: list[tuple[BatchOp, str, dict[str, Any]]]) -> None:
         """Many independent kernel changes at once (Netlink.batch): ``(op, what, log context)`` each.
-        What ``attempt`` does per change: a failure is one warning line ("<what> failed") and never
-        stops the others; each success counts in ``changes[kind]``."""
+        What ``attempt`` does per change: a failure goes to ``entry_failed`` and never stops the
+        others; each success counts in ``changes[kind]``."""
         if not ops:
             return
         results = await self.nl.batch([op for op, _, _ in ops])
@@ -175,7 +180,7 @@ class KernelPeerBackend(PeerSetBackend):
                 changes[kind] += 1
                 log.debug(what, **ctx)
             else:
-                log.warning(f"{what} failed", error=str(err), **ctx)
+                self.entry_failed(what, err, ctx)
 
     def start_monitor(self) -> None:
         if self._monitor_task is None:

@@ -1,0 +1,50 @@
+"""Hints where the cause is the host, not pyflanneld (issue 11.7): each is one warning line, said
+once, naming the cause and the fix — not an error repeated every resync.
+
+* host-gw with a peer on another L3 segment (the lab's second underlay, 192.168.101.0/24);
+* the FORWARD chain's policy DROP with --iptables-forward-rules=false;
+* flannel rules in the other iptables backend (legacy vs nft) than the one pyflanneld uses.
+
+(`--ip-masq true` is in test_options.py: it is a command-line matter, tested on the real CLI.)
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from e2e_helpers import config
+from helpers import PREFIX, key_of, subnet_of, wait_for
+
+from lab.cluster import start_daemon
+
+pytestmark = pytest.mark.lab
+
+L2_HINT = "host-gw needs all hosts on one L2 segment; use vxlan, or vxlan with DirectRouting"
+
+
+def test_hostgw_peer_on_another_l3_segment_is_explained_once(lab, etcd):
+    etcd.put(f"{PREFIX}/config", config({"Type": "host-gw"}))
+    h1 = lab.add_host("h1")                               # 192.168.100.1
+    h3 = lab.add_host("h3", subnet="192.168.101.0/24")    # 192.168.101.1: routed, not bridged, to h1
+    d1, d3 = start_daemon(h1, "--iface", "eth0"), start_daemon(h3, "--iface", "eth0")
+    sn1, sn3 = subnet_of(d1.wait_subnet_env()), subnet_of(d3.wait_subnet_env())
+    # a peer on h1's own segment (its lease only): its route is the sign that a repair pass ran
+    near = "10.5.250.0/24"
+    etcd.put(key_of(near), json.dumps({"PublicIP": "192.168.100.77", "BackendType": "host-gw"}))
+    wait_for(lambda: f"{near} via 192.168.100.77 dev eth0" in h1.ip("route"), timeout=10, what="near route")
+
+    # one line per peer on the other segment: h1 has one (h3), h3 two (h1 and the near peer)
+    for d, want in ((d1, {(sn3, "192.168.101.1")}), (d3, {(sn1, "192.168.100.1"), (near, "192.168.100.77")})):
+        wait_for(lambda d=d, want=want: d.log_text().count(L2_HINT) == len(want), timeout=10, what="hints")
+        hints = [ln for ln in d.log_text().splitlines() if L2_HINT in ln]
+        assert {(sn, ip) for sn, ip in want if any(f"subnet={sn} public_ip={ip}" in ln for ln in hints)} == want
+
+    # a repair pass (the near route deleted by hand) retries the unreachable route too: silently
+    h1.ip("route", "del", near)
+    wait_for(lambda: f"{near} via 192.168.100.77 dev eth0" in h1.ip("route"), timeout=10, what="repair")
+    text = d1.log_text()
+    assert text.count(L2_HINT) == 1
+    assert "route recovery failed" not in text and "backend call failed" not in text
+    assert str(sn3) not in h1.ip("route")
+    assert d1.alive and d3.alive
