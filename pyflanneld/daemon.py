@@ -19,6 +19,7 @@ from . import __version__, iface, sdnotify, subnetenv
 from .backend import BackendContext, BackendError, ExternalInterface, backend_class, registered_types
 from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
+from .iptables_hints import IptablesHints
 from .options import Options
 from .subnet.etcd_common import EtcdSettings, parse_endpoints
 from .subnet.etcdv3 import EtcdV3Store
@@ -320,6 +321,7 @@ class Daemon:
         if self.rules is not None:
             self._spawn("iptables-resync", self.rules.run)
         self._spawn("config-recheck", self._config_recheck_loop)
+        self._spawn("iptables-hints", IptablesHints(cfg.network, self.o.iptables_forward_rules).run)
         if self.o.ip_blackhole_route:
             self._spawn("blackhole", self._blackhole_loop)
         log.info("running backend", backend=cfg.backend_type)

@@ -48,3 +48,51 @@ def test_hostgw_peer_on_another_l3_segment_is_explained_once(lab, etcd):
     assert "route recovery failed" not in text and "backend call failed" not in text
     assert str(sn3) not in h1.ip("route")
     assert d1.alive and d3.alive
+
+
+FWD_HINT = "the FORWARD chain's policy is DROP and --iptables-forward-rules is off"
+OTHER_HINT = "flannel rules found in iptables-legacy, but pyflanneld uses iptables-nft"
+
+
+@pytest.fixture
+def alloc_host(lab, etcd):
+    etcd.put(f"{PREFIX}/config", config({"Type": "alloc"}))
+    h = lab.add_host("h1")
+    assert "nf_tables" in h.run("iptables", "--version").stdout  # Debian 12's default
+    return h
+
+
+def test_forward_policy_drop_without_forward_rules_is_a_hint(alloc_host):
+    h = alloc_host
+    h.run("iptables", "-P", "FORWARD", "DROP")  # as Docker sets it
+    d = start_daemon(h, "--iface", "eth0", "--iptables-forward-rules=false")
+    d.wait_subnet_env()
+    wait_for(lambda: FWD_HINT in d.log_text(), timeout=15, what="the FORWARD hint")
+    text = d.log_text()
+    assert text.count(FWD_HINT) == 1 and "network=10.5.0.0/16" in text
+    assert "set --iptables-forward-rules=true or add ACCEPT rules" in text
+    assert OTHER_HINT not in text  # the same check pass looked at iptables-legacy: nothing there
+    assert d.alive
+
+
+def test_flannel_rules_in_the_other_iptables_backend_are_a_hint(alloc_host):
+    h = alloc_host
+    # what an upstream flanneld built with iptables-legacy leaves behind
+    h.run("iptables-legacy-restore", "--noflush", input=(
+        "*nat\n:FLANNEL-POSTRTG - [0:0]\n"
+        '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG\n'
+        '-A FLANNEL-POSTRTG -s 10.5.0.0/16 ! -d 224.0.0.0/4 -m comment --comment "flanneld masq" -j MASQUERADE\n'
+        "COMMIT\n"))
+    h.run("iptables", "-P", "FORWARD", "DROP")  # with forward rules on (the default) that is fine
+    d = start_daemon(h, "--iface", "eth0", "--ip-masq")
+    d.wait_subnet_env()
+    wait_for(lambda: OTHER_HINT in d.log_text(), timeout=15, what="the other-backend hint")
+    text = d.log_text()
+    assert text.count(OTHER_HINT) == 1
+    assert 'chains="nat/FLANNEL-POSTRTG nat/POSTROUTING"' in text
+    assert FWD_HINT not in text
+    # the fix the line suggests works
+    fix = text.split("remove them, e.g. `", 1)[1].split("`", 1)[0]
+    h.sh(fix)
+    assert "FLANNEL" not in h.run("iptables-legacy-save").stdout
+    assert d.alive
