@@ -321,7 +321,8 @@ class Daemon:
         if self.rules is not None:
             self._spawn("iptables-resync", self.rules.run)
         self._spawn("config-recheck", self._config_recheck_loop)
-        self._spawn("iptables-hints", IptablesHints(cfg.network, self.o.iptables_forward_rules).run)
+        self._spawn("iptables-hints", IptablesHints(cfg.network, self.o.iptables_forward_rules,
+                                                    nftables=cfg.enable_nftables).run)
         if self.o.ip_blackhole_route:
             self._spawn("blackhole", self._blackhole_loop)
         log.info("running backend", backend=cfg.backend_type)

@@ -4,11 +4,14 @@ Two causes on the host, not in pyflanneld, that upstream flanneld leaves the ope
 
 * the FORWARD chain's policy is DROP (Docker sets it) while ``--iptables-forward-rules=false``:
   packets between pods on different hosts are dropped unless the operator's own rules accept the
-  Network;
+  Network. In nftables mode (``EnableNFTables``) even with forward rules: an accept in flannel's
+  table ``flannel-ipv4`` does not stop iptables' own FORWARD chain (another base chain on the same
+  hook) from dropping the packet;
 * flannel rules (FLANNEL-POSTRTG, FLANNEL-FWD, the "flanneld masq"/"flanneld forward" rules) in
   the *other* iptables backend than the one ``iptables`` runs — legacy vs nf_tables, e.g. left by a
   flanneld image built with the other one. The kernel applies both sets, so stale rules there still
-  masquerade or forward pod traffic, and ``iptables -S`` does not show them.
+  masquerade or forward pod traffic, and ``iptables -S`` does not show them. (The rules of the
+  backend ``iptables`` runs are pyflanneld's own, or, in nftables mode, removed at start.)
 
 Each finding is one warning line naming the cause and the fix, said once (again only after it went
 away and came back). The check runs at start and every ``CHECK_INTERVAL_S``: Docker, which sets
@@ -25,7 +28,8 @@ from ipaddress import IPv4Network
 
 import structlog
 
-from .iptables import FWD, POSTRTG, IptablesError, _run
+from .iptables import FWD, POSTRTG
+from .rulecmd import RulesError, run_command
 
 log = structlog.get_logger()
 
@@ -72,10 +76,11 @@ class IptablesHints:
     ``interval_s`` seconds until cancelled. A failing listing is a debug line, never an error.
     """
 
-    def __init__(self, network: IPv4Network, forward_rules: bool, iptables: str = "iptables",
-                 interval_s: float = CHECK_INTERVAL_S) -> None:
+    def __init__(self, network: IPv4Network, forward_rules: bool, nftables: bool = False,
+                 iptables: str = "iptables", interval_s: float = CHECK_INTERVAL_S) -> None:
         self.network = network
         self.forward_rules = forward_rules
+        self.nftables = nftables
         self.iptables = iptables
         self.interval_s = interval_s
         self._flavor: str | None = None
@@ -91,30 +96,38 @@ class IptablesHints:
             return
         findings: dict[str, tuple[str, dict[str, str]]] = {}
         try:
-            if not self.forward_rules:
-                listing = await _run([self.iptables, "-w", "-t", "filter", "-S", "FORWARD"])
+            if self.nftables or not self.forward_rules:
+                listing = await run_command([self.iptables, "-w", "-t", "filter", "-S", "FORWARD"])
                 if forward_drops(listing, self.network):
-                    findings["forward-drop"] = (
-                        "the FORWARD chain's policy is DROP and --iptables-forward-rules is off: packets "
-                        "between pods on different hosts are dropped unless your own rules accept the "
-                        "Network; set --iptables-forward-rules=true or add ACCEPT rules for it",
-                        {"network": str(self.network)})
+                    findings["forward-drop"] = (self._forward_drop_hint(), {"network": str(self.network)})
             if self._flavor is None:
-                self._flavor = iptables_flavor(await _run([self.iptables, "--version"]))
+                self._flavor = iptables_flavor(await run_command([self.iptables, "--version"]))
             other = OTHER_SAVE.get(self._flavor)
             if other is not None and shutil.which(other[1]) is not None:
-                chains = flannel_chains(await _run([other[1]]))
+                chains = flannel_chains(await run_command([other[1]]))
                 if chains:
-                    ours = "iptables-nft" if self._flavor == "nf_tables" else "iptables-legacy"
+                    ours = "nftables (EnableNFTables)" if self.nftables else \
+                        "iptables-nft" if self._flavor == "nf_tables" else "iptables-legacy"
                     findings[f"other:{','.join(chains)}"] = (
                         f"flannel rules found in {other[0]}, but pyflanneld uses {ours}: the kernel applies "
                         f"both, so these stale rules still act on pod traffic; remove them, e.g. "
                         f"`{other[1]} | grep -v -e FLANNEL -e flanneld | {other[0]}-restore`",
                         {"chains": " ".join(chains)})
-        except IptablesError as e:
+        except RulesError as e:
             log.debug("iptables check skipped", error=str(e))
             return
         for key, (message, fields) in findings.items():
             if key not in self._warned:
                 log.warning(message, **fields)
         self._warned = set(findings)
+
+    def _forward_drop_hint(self) -> str:
+        n = self.network
+        fix = f"`iptables -I FORWARD -s {n} -j ACCEPT; iptables -I FORWARD -d {n} -j ACCEPT`"
+        if self.nftables:
+            return ("the iptables FORWARD chain's policy is DROP: in nftables mode flannel's accept rules "
+                    "(table flannel-ipv4) cannot override a drop in iptables' own table, so packets between "
+                    f"pods on different hosts are dropped; accept the Network there too, e.g. {fix}")
+        return ("the FORWARD chain's policy is DROP and --iptables-forward-rules is off: packets between "
+                "pods on different hosts are dropped unless your own rules accept the Network; set "
+                f"--iptables-forward-rules=true or accept it yourself, e.g. {fix}")

@@ -2,7 +2,7 @@
 once, naming the cause and the fix — not an error repeated every resync.
 
 * host-gw with a peer on another L3 segment (the lab's second underlay, 192.168.101.0/24);
-* the FORWARD chain's policy DROP with --iptables-forward-rules=false;
+* the FORWARD chain's policy DROP with --iptables-forward-rules=false, or in nftables mode;
 * flannel rules in the other iptables backend (legacy vs nft) than the one pyflanneld uses.
 
 (`--ip-masq true` is in test_options.py: it is a command-line matter, tested on the real CLI.)
@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from e2e_helpers import config
+from e2e_helpers import config, ping_all, start_nodes
 from helpers import PREFIX, key_of, subnet_of, wait_for
 
 from lab.cluster import start_daemon
@@ -72,7 +72,7 @@ def test_forward_policy_drop_without_forward_rules_is_a_hint(alloc_host):
     wait_for(lambda: FWD_HINT in d.log_text(), timeout=15, what="the FORWARD hint")
     text = d.log_text()
     assert text.count(FWD_HINT) == 1 and "network=10.5.0.0/16" in text
-    assert "set --iptables-forward-rules=true or add ACCEPT rules" in text
+    assert "set --iptables-forward-rules=true or accept it yourself" in text
     assert OTHER_HINT not in text  # the same check pass looked at iptables-legacy: nothing there
     assert d.alive
 
@@ -98,3 +98,26 @@ def test_flannel_rules_in_the_other_iptables_backend_are_a_hint(alloc_host):
     h.sh(fix)
     assert "FLANNEL" not in h.run("iptables-legacy-save").stdout
     assert d.alive
+
+
+NFT_FWD_HINT = "the iptables FORWARD chain's policy is DROP: in nftables mode flannel's accept rules"
+
+
+def test_forward_policy_drop_in_nftables_mode_is_a_hint_and_its_fix_works(lab, etcd):
+    """In nftables mode flannel's forward accept is in its own table: iptables' FORWARD policy DROP
+    (another base chain on the hook) still drops pod traffic, forward rules or not."""
+    etcd.put(f"{PREFIX}/config", json.dumps({"Network": "10.5.0.0/16", "EnableNFTables": True,
+                                             "Backend": {"Type": "vxlan"}}))
+    hosts = [lab.add_host("h1"), lab.add_host("h2")]
+    for h in hosts:
+        h.run("iptables", "-P", "FORWARD", "DROP")
+    nodes = start_nodes(lab, hosts)
+    for n in nodes:
+        wait_for(lambda n=n: NFT_FWD_HINT in n.daemon.log_text(), timeout=15, what="the nftables FORWARD hint")
+        assert n.daemon.log_text().count(NFT_FWD_HINT) == 1
+    assert len(ping_all([n.pod for n in nodes], timeout=2)) == 2  # what the hint says: dropped
+    text = nodes[0].daemon.log_text()
+    fix = text.split(NFT_FWD_HINT, 1)[1].split("e.g. `", 1)[1].split("`", 1)[0]
+    for h in hosts:
+        h.sh(fix)
+    assert ping_all([n.pod for n in nodes], timeout=5) == []  # and its fix works
