@@ -5,7 +5,7 @@ Public API::
     etcd = EtcdServer(lab, ns=None, ip="192.168.100.254", name="etcd0", enable_v2=True,
                       tls=None, client_cert_auth=False, client_port=None, peer_port=None,
                       initial_cluster=None, cluster_token=None, heartbeat_ms=None,
-                      election_ms=None, extra_args=(), data_dir=None)
+                      election_ms=None, auth_token_ttl=None, extra_args=(), data_dir=None)
     etcd.start(wait=True, timeout=10) -> EtcdServer      # or lab.start_etcd(**same kwargs)
     etcd.endpoint        # "http://192.168.100.254:PORT" ("https://..." with tls), as hosts see it
     etcd.local_endpoint  # "http://127.0.0.1:PORT" inside the etcd namespace
@@ -21,6 +21,8 @@ Public API::
     etcd.enable_auth(user="flannel", password="flannelpw", prefix="/coreos.com/network/",
                      root_password="rootpw", role=None)
     etcd.curl(path, *curl_args) -> CompletedProcess        # curl on local_endpoint (+ TLS flags)
+    with etcd.partitioned(host): ...   # silent partition: the switch DROPs host<->etcd packets
+    etcd.slow_endpoint(6.0) -> URL     # through a proxy adding 6 s to each round trip (lab.delayproxy)
 
     cluster = EtcdCluster(lab, size=3, ns=None, enable_v2=True, tls=None)   # members etcd0..2
     cluster.start(timeout=15); cluster.members; cluster.endpoints ("a,b,c"); cluster.endpoint_list
@@ -29,6 +31,8 @@ Public API::
 
     tls = make_tls_certs(dir, ips=("192.168.100.254", "127.0.0.1"), client_cn="client")
     tls.ca, tls.server_cert, tls.server_key, tls.client_cert, tls.client_key (Paths)
+    cert, key = make_client_cert(tls, dir, name="expired", not_before=-10 * DAY, not_after=-DAY)
+        # another client cert signed by the lab CA, validity relative to now (seconds)
 
 Servers are processes of the lab (stopped on lab.close()); data dirs live in lab.tmp.
 The first server started in a lab becomes ``lab.etcd`` (used by start_daemon as default).
@@ -63,6 +67,11 @@ class TlsFiles:
     server_key: Path
     client_cert: Path
     client_key: Path
+
+    @property
+    def ca_key(self) -> Path:
+        """The CA's private key (make_tls_certs writes it next to the CA certificate)."""
+        return self.ca.with_name("ca-key.pem")
 
 
 def make_tls_certs(directory: str | Path, ips: Sequence[str] = (UNDERLAY_GW, "127.0.0.1"),
@@ -100,6 +109,51 @@ def make_tls_certs(directory: str | Path, ips: Sequence[str] = (UNDERLAY_GW, "12
     return files
 
 
+DAY = 86400
+
+
+def make_client_cert(tls: TlsFiles, directory: str | Path, name: str = "client2", cn: str = "client",
+                     not_before: float = -60, not_after: float = 3650 * DAY) -> tuple[Path, Path]:
+    """Another client certificate signed by tls's CA, valid from now+not_before to now+not_after
+    (seconds; negative = in the past: an expired certificate). Returns (cert, key) paths, key 0600.
+
+    Made with the `cryptography` package, because Debian 12's `openssl x509` cannot set a start
+    date (its -not_before/-not_after came in OpenSSL 3.4).
+    """
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    ca_cert = x509.load_pem_x509_certificate(tls.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(tls.ca_key.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now + datetime.timedelta(seconds=not_before))
+            .not_valid_after(now + datetime.timedelta(seconds=not_after))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_encipherment=True, content_commitment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False),
+                           critical=True)
+            .sign(ca_key, hashes.SHA256()))
+    cert_path, key_path = d / f"{name}.pem", d / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
 def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
@@ -116,6 +170,7 @@ class EtcdServer:
                  client_port: int | None = None, peer_port: int | None = None,
                  initial_cluster: str | None = None, cluster_token: str | None = None,
                  heartbeat_ms: int | None = None, election_ms: int | None = None,
+                 auth_token_ttl: int | None = None,
                  extra_args: Sequence[str] = (), data_dir: str | Path | None = None):
         self.lab = lab
         self.ns = ns or lab.switch.ns
@@ -132,6 +187,7 @@ class EtcdServer:
         # A single member elects itself at once; a short election timeout only speeds up clusters.
         self.heartbeat_ms = heartbeat_ms or (50 if initial_cluster else 25)
         self.election_ms = election_ms or (500 if initial_cluster else 250)
+        self.auth_token_ttl = auth_token_ttl  # seconds an idle simple auth token lives (etcd: 300)
         self.extra_args = list(extra_args)
         self.data_dir = Path(data_dir) if data_dir else lab.tmp / f"etcd-{name}-{id(self):x}.data"
         self.process: LabProcess | None = None
@@ -193,6 +249,8 @@ class EtcdServer:
             a += ["--cert-file", str(self.tls.server_cert), "--key-file", str(self.tls.server_key)]
             if self.client_cert_auth:
                 a += ["--client-cert-auth", "--trusted-ca-file", str(self.tls.ca)]
+        if self.auth_token_ttl is not None:
+            a += ["--auth-token-ttl", str(int(self.auth_token_ttl))]
         return a + self.extra_args
 
     def launch(self) -> LabProcess:
@@ -369,6 +427,32 @@ class EtcdServer:
         self.etcdctl("user", "grant-role", user, role)
         self.etcdctl("auth", "enable")
         self.root_auth = f"root:{root_password}"
+
+    # --- network faults between a host and this member ---------------------------------------
+    @contextlib.contextmanager
+    def partitioned(self, host):
+        """A silent partition: the switch drops every packet between host and this member's client
+        port (no RST, no ICMP), as a failed link or a firewall would. Removed on exit."""
+        rules = [["INPUT", "-s", host.address, "-d", self.ip, "-p", "tcp", "--dport", str(self.client_port),
+                  "-j", "DROP"],
+                 ["OUTPUT", "-s", self.ip, "-d", host.address, "-p", "tcp", "--sport", str(self.client_port),
+                  "-j", "DROP"]]
+        sw = self.lab.switch
+        for r in rules:
+            sw.run("iptables", "-w", "-I", *r)
+        try:
+            yield
+        finally:
+            for r in rules:
+                sw.run("iptables", "-w", "-D", *r, check=False)
+
+    def slow_endpoint(self, round_trip_s: float) -> str:
+        """A client URL to this member through a lab.delayproxy.DelayProxy that adds round_trip_s
+        to every exchange (this kernel has no tc netem); the proxy stops with the lab."""
+        from .delayproxy import DelayProxy
+
+        proxy = DelayProxy(self.lab, self.ip, self.client_port, round_trip_s, ns=self.ns, ip=self.ip).start()
+        return f"{self.scheme}://{proxy.address}"
 
     def __repr__(self) -> str:
         return f"<EtcdServer {self.name} {self.endpoint} ns={self.ns} alive={self.alive}>"
