@@ -21,7 +21,7 @@ from .config import ConfigError, NetworkConfig, parse_config
 from .health import HealthServer
 from .iptables_hints import IptablesHints
 from .options import Options
-from .subnet.etcd_common import EtcdSettings, parse_endpoints
+from .subnet.etcd_common import EtcdSettings
 from .subnet.etcdv3 import EtcdV3Store
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import HOW_TO_SET, SubnetManager, read_config
@@ -87,12 +87,12 @@ class Daemon:
     # -- helpers -------------------------------------------------------------------------------
     def settings(self) -> EtcdSettings:
         try:
-            eps = parse_endpoints(self.o.etcd_endpoints)
+            return EtcdSettings.from_flags(
+                endpoints=self.o.etcd_endpoints, prefix=self.o.etcd_prefix, cafile=self.o.etcd_cafile,
+                certfile=self.o.etcd_certfile, keyfile=self.o.etcd_keyfile,
+                username=self.o.etcd_username, password=self.o.etcd_password)
         except ValueError as e:
             raise FatalError(f"--etcd-endpoints: {e}") from None
-        return EtcdSettings(endpoints=eps, prefix=self.o.etcd_prefix, cafile=self.o.etcd_cafile,
-                            certfile=self.o.etcd_certfile, keyfile=self.o.etcd_keyfile,
-                            username=self.o.etcd_username, password=self.o.etcd_password)
 
     def readiness(self) -> tuple[bool, str]:
         if not self.ready:
@@ -145,8 +145,9 @@ class Daemon:
                     break
                 except StoreError as e:
                     if store is v2 and v3 is not None and problem == "":
-                        continue  # v2 is only a fallback: its errors (e.g. v2 disabled) don't matter
-                    problem = f"cannot read the network config: {e}"
+                        continue  # v3 answered "no config": v2 is only a fallback, its errors don't matter
+                    # each store's message names its API ("etcd v3 API at …"): keep both
+                    problem = f"{problem}; {e}" if problem else f"cannot read the network config: {e}"
                     continue
                 if cfg is None:
                     continue

@@ -87,6 +87,15 @@ REMOVED = {
 BY_NAME = {f.name: f for f in FLAGS}
 # What Go's strconv.ParseBool accepts: "--ip-masq true" is a stray argument, not a value.
 GO_BOOL_WORDS = frozenset({"1", "0", "t", "f", "T", "F", "true", "false", "TRUE", "FALSE", "True", "False"})
+SECRET_FLAGS = frozenset({"etcd-password"})  # never shown: logs, /readyz, errors
+# user:password@ at the start of a URL (scheme optional, as --etcd-endpoints accepts `user:pw@host`)
+_URL_PASSWORD_RE = re.compile(r"(?P<head>(?:^|(?<=[,\s]))(?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/@:\s,]*:)[^\s,/]*@")
+
+
+def mask_url_passwords(text: str) -> str:
+    """`http://user:pw@host:2379,https://b` → `http://user:***@host:2379,https://b`: the password
+    part of every URL's userinfo in text masked (the user name stays, to say which one is set)."""
+    return _URL_PASSWORD_RE.sub(lambda m: f"{m['head']}***@", text)
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
@@ -152,8 +161,18 @@ class Options:
         raise AttributeError(item)
 
     def redacted(self) -> dict[str, Any]:
-        """All values for a start-up log line, with the password masked."""
-        return {k: ("***" if k == "etcd-password" and v else v) for k, v in self.values.items()}
+        """All values for a start-up log line, secrets masked: --etcd-password and any password
+        inside a URL (`--etcd-endpoints http://user:pw@host:2379` → `http://user:***@host:2379`)."""
+        out: dict[str, Any] = {}
+        for k, v in self.values.items():
+            if k in SECRET_FLAGS and v:
+                v = "***"
+            elif isinstance(v, str):
+                v = mask_url_passwords(v)
+            elif isinstance(v, list):
+                v = [mask_url_passwords(x) if isinstance(x, str) else x for x in v]
+            out[k] = v
+        return out
 
 
 def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Options:

@@ -2,24 +2,46 @@
 
 Create-if-absent is `PUT …?prevExist=false`; TTLs are key TTLs; the watch is a long poll with
 `wait=true&recursive=true&waitIndex=N`; errorCode 401 ("event index cleared") means relist.
+Keys are upstream v0.17's: `path.Join("/v2/keys", prefix, "config")`, so `--etcd-prefix net`,
+`net/` and `/net/` all read `/v2/keys/net/config`.
+
+A silent partition (packets dropped, no RST) cannot hang the long poll: the sockets send TCP
+keepalives (a dead path fails the read within ~25 s), and a poll that stays silent for
+WATCH_IDLE_S is re-issued from the same index (which fails, and makes the manager relist, when
+etcd is gone).
 """
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
+import time
 from collections.abc import AsyncIterator
 from datetime import datetime
+from urllib.parse import quote
 
 import httpx
 import structlog
 
-from .etcd_common import EtcdSettings
+from .etcd_common import EtcdSettings, RequestDeadline, go_path_join
 from .store import AuthError, CompactedError, Record, StoreError, WatchEvent
 
 log = structlog.get_logger()
 
 _PUT_ACTIONS = {"set", "create", "update", "compareAndSwap"}
 _DEL_ACTIONS = {"delete", "expire", "compareAndDelete"}
+
+# A long poll silent for this long is re-issued (etcd v2 never ends an idle one itself).
+WATCH_IDLE_S = 60.0
+# TCP keepalive on every connection: first probe after 10 s idle, then every 5 s, dead after 3
+# unanswered ones — a silently dropped path is noticed within ~25 s even while a poll waits.
+_KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+              (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 10),
+              (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 5),
+              (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)]
+# Characters Go's url.URL keeps unescaped in a path (upstream's v2 client builds its URLs that way).
+_PATH_SAFE = "/$&+,:;=@"
 
 
 def _expiration(node: dict) -> float | None:
@@ -33,28 +55,30 @@ def _expiration(node: dict) -> float | None:
 
 
 class EtcdV2Store:
+    """The Store interface (store.py) over etcd's v2 keys API; mirrors upstream v0.17's
+    subnet/etcdv2 registry. Every StoreError message starts with "etcd v2 API at <endpoint>"."""
+
     api = "v2"
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.s = settings
-        self._prefix = settings.prefix.rstrip("/")
         self._idx = 0
         self._http: httpx.AsyncClient | None = None
+        self.deadline = RequestDeadline(settings.timeout)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
             verify: ssl.SSLContext | bool = True
-            cert = None
             if self.s.tls:
-                ca, _key, _cert = self.s.read_tls_files()  # validates readability, names the flag
+                ca, _key, _cert = self.s.read_tls_files()  # names the flag and file of any problem
                 ctx = ssl.create_default_context(cadata=ca.decode() if ca else None)
                 if self.s.certfile and self.s.keyfile:
                     ctx.load_cert_chain(self.s.certfile, self.s.keyfile)
                 verify = ctx
             auth = (self.s.username, self.s.password) if self.s.username else None
             # trust_env=False: REQUESTS_CA_BUNDLE & proxies from the environment must not interfere.
-            self._http = httpx.AsyncClient(verify=verify, cert=cert, auth=auth, trust_env=False,
-                                           timeout=httpx.Timeout(self.s.timeout))
+            transport = httpx.AsyncHTTPTransport(verify=verify, trust_env=False, socket_options=_KEEPALIVE)
+            self._http = httpx.AsyncClient(transport=transport, auth=auth, trust_env=False)
         return self._http
 
     async def _reset_client(self) -> None:
@@ -62,41 +86,70 @@ class EtcdV2Store:
         if http is not None:
             await http.aclose()
 
-    def _url(self, path: str) -> str:
-        ep = self.s.endpoints[self._idx % len(self.s.endpoints)]
-        return f"{ep.url}/v2/keys{self._prefix}/{path}"
+    @property
+    def _endpoint(self) -> str:
+        return self.s.endpoints[self._idx % len(self.s.endpoints)].url
 
-    async def _request(self, method: str, path: str, *, params=None, data=None, timeout=None) -> httpx.Response:
+    def _url(self, path: str) -> str:
+        return self._endpoint + quote(go_path_join("/v2/keys", self.s.prefix, path), safe=_PATH_SAFE)
+
+    def _problem(self, what: str) -> str:
+        return f"etcd v2 API at {self._endpoint}: {what}"
+
+    async def _send(self, method: str, path: str, *, params=None, data=None, stream: bool = False) -> httpx.Response:
+        """One request, failing over through the endpoints. stream=True returns once the headers are
+        in (the caller reads and closes the body). Raises StoreError/AuthError naming the API."""
         last = ""
         for _ in range(len(self.s.endpoints)):
-            url = self._url(path)
+            timeout_s = self.deadline.value_s
+            t0 = time.monotonic()
             try:
-                kw = {"params": params, "data": data}
-                if timeout is not None:
-                    kw["timeout"] = timeout
-                r = await self._client().request(method, url, **kw)
+                client = self._client()
+                req = client.build_request(method, self._url(path), params=params, data=data,
+                                           timeout=httpx.Timeout(timeout_s, read=None if stream else timeout_s))
+                r = await asyncio.wait_for(client.send(req, stream=stream), timeout_s)
+            except (TimeoutError, httpx.TimeoutException):
+                last = self._problem(f"no answer within {timeout_s:g}s")
+                longer = self.deadline.timed_out()
+                if longer:
+                    log.warning("no answer from etcd in time; allowing longer per request from now on",
+                                api="v2", endpoint=self._endpoint, timeout_s=longer)
+                await self._reset_client()  # the request may have left a half-used connection
             except (httpx.TransportError, ssl.SSLError) as e:
                 text = str(e) or type(e).__name__
                 if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
-                    last = f"TLS handshake with etcd {url.split('/v2/')[0]} failed ({text}); {self.s.tls_advice()}"
+                    last = self._problem(f"TLS handshake failed ({text}); {self.s.tls_advice()}")
                     await self._reset_client()  # re-read the TLS files next time (fixed or rotated on disk)
                 else:
-                    last = f"etcd {url.split('/v2/')[0]} unreachable: {text}"
-                if len(self.s.endpoints) > 1:
-                    self._idx += 1
-                    log.info("etcd endpoint failover", endpoint=self._url("").split("/v2/")[0])
-                continue
-            if r.status_code == 401:
-                raise AuthError(f"etcd {url.split('/v2/')[0]} refused the credentials; check --etcd-username/--etcd-password")
-            return r
+                    last = self._problem(f"unreachable: {text}")
+            else:
+                self.deadline.answered(time.monotonic() - t0)
+                if r.status_code == 401:
+                    await r.aclose()
+                    raise AuthError(self._problem("refused the credentials; check --etcd-username/--etcd-password"))
+                if r.status_code == 404 and "json" not in r.headers.get("content-type", ""):
+                    await r.aclose()
+                    raise StoreError(self._problem(
+                        "not served (HTTP 404 \"page not found\" on /v2/keys): etcd 3.4 and 3.5 serve the v2 "
+                        "API only when started with --enable-v2=true, 3.6 not at all; enable it, or put the "
+                        "config in v3 and use --etcd-api v3 (or auto)"))
+                return r
+            if len(self.s.endpoints) > 1:
+                self._idx += 1
+                log.info("etcd endpoint failover", api="v2", endpoint=self._endpoint)
         raise StoreError(last)
 
-    @staticmethod
-    def _json(r: httpx.Response) -> dict:
+    def _json(self, r: httpx.Response) -> dict:
         try:
-            return r.json()
+            d = r.json()
         except ValueError:
-            raise StoreError(f"etcd answered HTTP {r.status_code} with a non-JSON body") from None
+            raise StoreError(self._problem(f"HTTP {r.status_code} with a non-JSON body")) from None
+        if not isinstance(d, dict):
+            raise StoreError(self._problem(f"HTTP {r.status_code} with an unexpected JSON body"))
+        return d
+
+    def _failed(self, what: str, d: dict) -> StoreError:
+        return StoreError(self._problem(f"{what}: {d.get('message') or d.get('errorCode') or 'error'}"))
 
     def _record(self, node: dict) -> Record:
         key = node["key"].rsplit("/", 1)[-1]
@@ -105,78 +158,94 @@ class EtcdV2Store:
                       int(node.get("modifiedIndex", 0)))
 
     async def get_config(self) -> bytes | None:
-        r = await self._request("GET", "config")
+        r = await self._send("GET", "config")
         if r.status_code == 404:
             return None
         d = self._json(r)
         if r.status_code != 200:
-            raise StoreError(f"etcd v2 get config: {d.get('message')}")
+            raise self._failed("get config", d)
         return (d["node"].get("value") or "").encode()
 
     async def list_subnets(self) -> tuple[list[Record], int]:
-        r = await self._request("GET", "subnets", params={"recursive": "true", "quorum": "true"})
+        r = await self._send("GET", "subnets", params={"recursive": "true", "quorum": "true"})
         index = int(r.headers.get("X-Etcd-Index", "0"))
         if r.status_code == 404:
             return [], index
         d = self._json(r)
         if r.status_code != 200:
-            raise StoreError(f"etcd v2 list subnets: {d.get('message')}")
+            raise self._failed("list subnets", d)
         nodes = [n for n in d["node"].get("nodes", []) if not n.get("dir")]
         return [self._record(n) for n in nodes], index
 
     async def get_subnet(self, key: str) -> Record | None:
-        r = await self._request("GET", f"subnets/{key}", params={"quorum": "true"})
+        r = await self._send("GET", f"subnets/{key}", params={"quorum": "true"})
         if r.status_code == 404:
             return None
         d = self._json(r)
         if r.status_code != 200:
-            raise StoreError(f"etcd v2 get {key}: {d.get('message')}")
+            raise self._failed(f"get {key}", d)
         return self._record(d["node"])
 
     async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         data = {"value": value.decode()}
         if ttl:
             data["ttl"] = str(int(ttl))
-        r = await self._request("PUT", f"subnets/{key}", params={"prevExist": "false"}, data=data)
+        r = await self._send("PUT", f"subnets/{key}", params={"prevExist": "false"}, data=data)
         d = self._json(r)
         if r.status_code == 412 or d.get("errorCode") == 105:
             return None
         if r.status_code not in (200, 201):
-            raise StoreError(f"etcd v2 create {key}: {d.get('message')}")
+            raise self._failed(f"create {key}", d)
         return self._record(d["node"])
 
     async def put_subnet(self, key: str, value: bytes, ttl: int | None) -> Record:
         data = {"value": value.decode()}
         if ttl:
             data["ttl"] = str(int(ttl))
-        r = await self._request("PUT", f"subnets/{key}", data=data)
+        r = await self._send("PUT", f"subnets/{key}", data=data)
         d = self._json(r)
         if r.status_code not in (200, 201):
-            raise StoreError(f"etcd v2 put {key}: {d.get('message')}")
+            raise self._failed(f"put {key}", d)
         return self._record(d["node"])
 
     async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         data = {"value": value.decode()}
         if ttl:
             data["ttl"] = str(int(ttl))  # without it, the compare-and-swap leaves the key without TTL
-        r = await self._request("PUT", f"subnets/{key}", params={"prevValue": value.decode()}, data=data)
+        r = await self._send("PUT", f"subnets/{key}", params={"prevValue": value.decode()}, data=data)
         d = self._json(r)
         if d.get("errorCode") in (100, 101):  # key not found / compare failed
             return None
         if r.status_code not in (200, 201):
-            raise StoreError(f"etcd v2 renew {key}: {d.get('message')}")
+            raise self._failed(f"renew {key}", d)
         return self._record(d["node"])
 
     async def delete_subnet(self, key: str) -> None:
-        r = await self._request("DELETE", f"subnets/{key}")
+        r = await self._send("DELETE", f"subnets/{key}")
         if r.status_code not in (200, 404):
-            raise StoreError(f"etcd v2 delete {key}: {self._json(r).get('message')}")
+            raise self._failed(f"delete {key}", self._json(r))
+
+    async def _poll(self, index: int) -> httpx.Response | None:
+        """One long poll from index: the response with its body read, or None when it stayed
+        silent for WATCH_IDLE_S (the caller re-issues it)."""
+        r = await self._send("GET", "subnets", stream=True,
+                             params={"wait": "true", "recursive": "true", "waitIndex": str(index)})
+        try:
+            await asyncio.wait_for(r.aread(), WATCH_IDLE_S)
+        except TimeoutError:
+            log.debug("etcd v2 watch silent; polling again", seconds=WATCH_IDLE_S, wait_index=index)
+            return None
+        except httpx.TransportError as e:  # e.g. TCP keepalive found the path dead
+            raise StoreError(self._problem(f"watch connection lost: {str(e) or type(e).__name__}")) from None
+        finally:
+            await r.aclose()
+        return r
 
     async def put_config(self, value: bytes) -> None:
         """AdminStore: write <prefix>/config without a TTL."""
-        r = await self._request("PUT", "config", data={"value": value.decode()})
+        r = await self._send("PUT", "config", data={"value": value.decode()})
         if r.status_code not in (200, 201):
-            raise StoreError(f"etcd v2 put config: {self._json(r).get('message')}")
+            raise self._failed("put config", self._json(r))
 
     async def fill_expirations(self, records: list[Record]) -> list[Record]:
         """AdminStore: v2 nodes carry their expiration already."""
@@ -185,11 +254,9 @@ class EtcdV2Store:
     async def watch_subnets(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         index = start_revision
         while True:
-            # Long poll; etcd v2 holds it until an event (or ~5 min); no read timeout on purpose.
-            r = await self._request("GET", "subnets", timeout=httpx.Timeout(self.s.timeout, read=None),
-                                    params={"wait": "true", "recursive": "true", "waitIndex": str(index)})
-            if r.status_code == 200 and not r.content:
-                continue  # server closed an idle poll
+            r = await self._poll(index)
+            if r is None or (r.status_code == 200 and not r.content):
+                continue  # silent for a while, or the server closed an idle poll
             d = self._json(r)
             if d.get("errorCode") == 401:
                 raise CompactedError(d.get("message", "event index cleared"))
@@ -198,7 +265,7 @@ class EtcdV2Store:
                 index = max(index, int(r.headers.get("X-Etcd-Index", index)) + 1)
                 continue
             if r.status_code != 200:
-                raise StoreError(f"etcd v2 watch: {d.get('message')}")
+                raise self._failed("watch", d)
             node = d.get("node", {})
             index = int(node.get("modifiedIndex", index)) + 1
             if node.get("dir"):

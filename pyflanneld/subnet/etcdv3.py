@@ -6,26 +6,36 @@ with it (upstream's behaviour); we also revoke the lease we replaced, so none pi
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
-import time
-from collections.abc import AsyncIterator
+import os
 
-import aetcd
-import grpc
-import structlog
-from aetcd import exceptions as aex
-from aetcd import rpc
+# gRPC's C core logs TLS and connection failures itself, raw and several times a second
+# ("E1130 … ssl_transport_security…"); the store's one structured line says it better. Read by
+# grpc when it is first imported, so set before that; GRPC_VERBOSITY=ERROR (or DEBUG) in the
+# environment brings its lines back for debugging.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from .etcd_common import Endpoint, EtcdSettings
-from .store import AuthError, CompactedError, Record, StoreError, WatchEvent
+import asyncio  # noqa: E402
+import dataclasses  # noqa: E402
+import time  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+
+import aetcd  # noqa: E402
+import grpc  # noqa: E402
+import structlog  # noqa: E402
+from aetcd import exceptions as aex  # noqa: E402
+from aetcd import rpc  # noqa: E402
+from aetcd.watcher import Watcher  # noqa: E402
+
+from .etcd_common import Endpoint, EtcdSettings, RequestDeadline, go_path_join  # noqa: E402
+from .store import AuthError, CompactedError, Record, StoreError, WatchEvent  # noqa: E402
 
 log = structlog.get_logger()
 
 _GRPC_OPTIONS = {
-    # Notice a dead connection (partition, killed member) within ~15 s even when idle.
+    # Notice a dead connection (partition, killed member) within ~20 s even when idle: a ping every
+    # 10 s, unanswered for keepalive_timeout_ms (2 × the request deadline, so a slow link is not
+    # mistaken for a dead one; set per channel in EtcdV3Store._client).
     "grpc.keepalive_time_ms": 10_000,
-    "grpc.keepalive_timeout_ms": 5_000,
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
     "grpc.initial_reconnect_backoff_ms": 100,
@@ -33,13 +43,44 @@ _GRPC_OPTIONS = {
     "grpc.max_receive_message_length": 64 * 1024 * 1024,
 }
 
+# etcd's answers that mean "fetch a new token" (rpctypes.ErrGRPCInvalidAuthToken: a simple token
+# unused for --auth-token-ttl, or lost with an etcd restart; ErrGRPCAuthOldRevision: auth changed).
+_STALE_TOKEN = ("invalid auth token", "revision of auth store is old")
+_BAD_CREDENTIALS = ("authentication failed", "user name")
+_auth_disabled_said: set[str] = set()
+
+
+class _Watcher(Watcher):
+    """aetcd's Watcher, plus: a watch etcd cancels (at creation — permission denied, a stale token —
+    or later) ends with an error instead of silently delivering nothing for ever."""
+
+    async def _handle_response(self, response):
+        if not response.canceled or response.compact_revision:
+            await super()._handle_response(response)  # events, compaction (aetcd handles it)
+            return
+        err = aex.ClientError(f"watch canceled by etcd: {response.cancel_reason or 'no reason given'}")
+        async with self._lock:
+            if response.created and self._new_callback is not None:
+                self._new_callback.error = err
+                self._new_callback_ready.notify_all()
+                return
+            callback = self._callbacks.pop(response.watch_id, None)
+        if callback is not None:  # None: a watch we cancelled ourselves
+            await self._process_callback(callback, err)
+
 
 class _Client(aetcd.Client):
-    """aetcd.Client plus TLS: same connect(), with a secure channel when credentials are given."""
+    """aetcd.Client plus TLS (a secure channel when credentials are given), re-authentication with
+    the same channel, and a fresh watch stream on demand (carrying the current token)."""
 
     def __init__(self, *a, credentials: grpc.ChannelCredentials | None = None, **kw):
         super().__init__(*a, **kw)
         self._credentials = credentials
+
+    def set_timeout(self, seconds: float) -> None:
+        """The deadline of every following call (aetcd reads it per call)."""
+        self._timeout = seconds
+        self._connect_wait_timeout = seconds
 
     async def connect(self) -> None:
         if self._connected.is_set():
@@ -55,28 +96,57 @@ class _Client(aetcd.Client):
                 self.channel = grpc.aio.secure_channel(target, self._credentials, options=opts)
             else:
                 self.channel = grpc.aio.insecure_channel(target, options=opts)
-            if self._username is not None and self._password is not None:
-                self.auth_stub = rpc.AuthStub(self.channel)
-                try:
-                    resp = await self.auth_stub.Authenticate(
-                        rpc.AuthenticateRequest(name=self._username, password=self._password),
-                        timeout=self._timeout,
-                    )
-                except rpc.AioRpcError as e:
-                    await self.channel.close()
-                    self.channel = None
-                    aex._handle_exception(e)
-                self.metadata = (("token", resp.token),)
+            try:
+                await self.authenticate()
+            except aex.ClientError:
+                await self.channel.close()
+                self.channel = None
+                raise
             self.kvstub = rpc.KVStub(self.channel)
             self.clusterstub = rpc.ClusterStub(self.channel)
             self.leasestub = rpc.LeaseStub(self.channel)
             self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = aetcd.watcher.Watcher(
-                rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
-            )
+            self._watcher = self._new_watcher()
             self._connected.set()
         finally:
             self._is_connecting = False
+
+    async def authenticate(self) -> None:
+        """Fetch a token for username/password into self.metadata (no-op without a username).
+
+        An etcd without authentication answers "authentication is not enabled": go on without a
+        token, as etcd's Go client (and so upstream flanneld) does. Raises aetcd ClientErrors."""
+        if self._username is None:
+            return
+        if self.auth_stub is None:
+            self.auth_stub = rpc.AuthStub(self.channel)
+        try:
+            resp = await self.auth_stub.Authenticate(
+                rpc.AuthenticateRequest(name=self._username, password=self._password or ""),
+                timeout=self._timeout,
+            )
+        except rpc.AioRpcError as e:
+            if "authentication is not enabled" in (e.details() or ""):
+                self.metadata = None
+                target = f"{self._host}:{self._port}"
+                if target not in _auth_disabled_said:
+                    _auth_disabled_said.add(target)
+                    log.info("etcd has authentication disabled; going on without the credentials given", endpoint=target)
+                return
+            aex._handle_exception(e)
+        self.metadata = (("token", resp.token),)
+
+    def _new_watcher(self) -> Watcher:
+        return _Watcher(rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata)
+
+    async def renew_watcher(self) -> None:
+        """Close the watch stream (there must be no live watch on it) and open the next watches on
+        a new one: it carries the current token and deadline (a stream authenticates once, when
+        it starts, and etcd refuses new watches on a stream whose token has expired)."""
+        await self.connect()
+        old, self._watcher = self._watcher, self._new_watcher()
+        if old is not None:
+            await old.shutdown()
 
 
 def _describe(e: BaseException, ep: Endpoint, settings: EtcdSettings) -> str:
@@ -84,22 +154,25 @@ def _describe(e: BaseException, ep: Endpoint, settings: EtcdSettings) -> str:
     low = text.lower()
     # "TSI_DATA_CORRUPTED" (Unwrap failed): the server dropped the session, e.g. no client certificate
     if any(w in low for w in ("certificate", "ssl", "handshake", "tsi_")):
-        return f"TLS handshake with etcd {ep.url} failed ({text}); {settings.tls_advice()}"
-    return f"etcd {ep.url} unreachable: {text}"
+        return f"etcd v3 API at {ep.url}: TLS handshake failed ({text}); {settings.tls_advice()}"
+    return f"etcd v3 API at {ep.url}: unreachable: {text}"
 
 
 class EtcdV3Store:
+    """The Store interface (store.py) over etcd's v3 API; mirrors upstream v0.20's
+    pkg/subnet/etcd registry (keys: Go path.Join(prefix, ...), no slash added). Every StoreError
+    message starts with "etcd v3 API at <endpoint>"."""
+
     api = "v3"
 
     def __init__(self, settings: EtcdSettings) -> None:
         self.s = settings
-        self._prefix = settings.prefix.rstrip("/")
-        self._subnets = f"{self._prefix}/subnets/".encode()
+        self._config_key = go_path_join(settings.prefix, "config").encode()
+        self._subnets = (go_path_join(settings.prefix, "subnets") + "/").encode()
         self._idx = 0
         self._client_obj: _Client | None = None
         self._lease_ids: dict[str, int] = {}
-        self._creds: grpc.ChannelCredentials | None = None
-        self._creds_loaded = False
+        self.deadline = RequestDeadline(settings.timeout)
 
     # -- connection management -------------------------------------------------------------
     @property
@@ -115,13 +188,15 @@ class EtcdV3Store:
     async def _client(self) -> _Client:
         if self._client_obj is None:
             ep = self.endpoint
+            options = dict(_GRPC_OPTIONS)
+            options["grpc.keepalive_timeout_ms"] = int(2_000 * self.deadline.value_s)
             self._client_obj = _Client(
                 host=ep.host,
                 port=ep.port,
                 username=self.s.username or None,
                 password=self.s.password if self.s.username else None,
-                timeout=self.s.timeout,
-                options=dict(_GRPC_OPTIONS),
+                timeout=self.deadline.value_s,
+                options=options,
                 credentials=self._credentials(),
             )
         return self._client_obj
@@ -135,35 +210,69 @@ class EtcdV3Store:
                 pass
         if rotate and len(self.s.endpoints) > 1:
             self._idx += 1
-            log.info("etcd endpoint failover", endpoint=self.endpoint.url)
+            log.info("etcd endpoint failover", api="v3", endpoint=self.endpoint.url)
+
+    @staticmethod
+    def _problem(ep: Endpoint, what: str) -> str:
+        return f"etcd v3 API at {ep.url}: {what}"
 
     async def _call(self, op):
-        """Run op(client); on a transport failure try the next endpoint, then give up (StoreError)."""
-        last: str = ""
-        for _ in range(len(self.s.endpoints)):
+        """Run op(client) under the current deadline. A stale auth token is renewed (one info line)
+        and op run again, once; a timeout lengthens the deadline and, like a transport failure, moves on to the next
+        endpoint; when every endpoint failed: StoreError. Refused credentials: AuthError.
+        A compacted watch start revision: CompactedError."""
+        last = ""
+        tries = len(self.s.endpoints)
+        stale_token = reauthenticated = False
+        while tries > 0:
             ep = self.endpoint
+            timeout_s = self.deadline.value_s
+            t0 = time.monotonic()
             try:
                 client = await self._client()
-                return await op(client)
-            except aex.UnauthenticatedError as e:
-                await self._drop_client(rotate=False)
-                raise AuthError(f"etcd {ep.url} refused the credentials ({e}); check --etcd-username/--etcd-password") from None
-            except aex.InvalidArgumentError as e:
-                if "authentication failed" in str(e) or "user name" in str(e):
+                client.set_timeout(timeout_s)
+                if stale_token:
+                    # etcd forgot our token (unused for its --auth-token-ttl, or etcd restarted):
+                    # a new one on the same channel, and the call again
+                    await client.authenticate()
+                    log.info("etcd auth token expired; authenticated again", endpoint=ep.url)
+                    stale_token, reauthenticated = False, True
+                result = await op(client)
+            except aex.RevisionCompactedError as e:
+                raise CompactedError(str(e)) from None
+            except (aex.UnauthenticatedError, aex.InvalidArgumentError) as e:
+                text = str(e)
+                if any(m in text for m in _STALE_TOKEN) and not reauthenticated:
+                    stale_token = True
+                    continue
+                if isinstance(e, aex.UnauthenticatedError) or any(m in text for m in _BAD_CREDENTIALS):
                     await self._drop_client(rotate=False)
-                    raise AuthError(f"etcd {ep.url} refused the credentials ({e}); check --etcd-username/--etcd-password") from None
-                raise StoreError(f"etcd {ep.url}: {e}") from None
-            except (TimeoutError, aex.ConnectionFailedError, aex.ConnectionTimeoutError, aex.InternalError, aex.WatchTimeoutError) as e:
+                    raise AuthError(self._problem(ep, f"refused the credentials ({text}); check "
+                                                      "--etcd-username/--etcd-password")) from None
+                raise StoreError(self._problem(ep, text)) from None
+            except (TimeoutError, aex.ConnectionTimeoutError, aex.WatchTimeoutError):
+                last = self._problem(ep, f"no answer within {timeout_s:g}s")
+                longer = self.deadline.timed_out()
+                if longer:
+                    log.warning("no answer from etcd in time; allowing longer per request from now on",
+                                api="v3", endpoint=ep.url, timeout_s=longer)
+                if len(self.s.endpoints) > 1:  # alone, keep the channel: it goes on connecting
+                    await self._drop_client(rotate=True)
+                tries -= 1
+            except (aex.ConnectionFailedError, aex.InternalError) as e:
                 last = _describe(e, ep, self.s)
                 await self._drop_client(rotate=True)
+                tries -= 1
             except aex.ClientError as e:
-                raise StoreError(f"etcd {ep.url}: {e}") from None
+                raise StoreError(self._problem(ep, str(e) or type(e).__name__)) from None
+            else:
+                self.deadline.answered(time.monotonic() - t0)
+                return result
         raise StoreError(last)
 
     # -- Store interface ---------------------------------------------------------------------
     async def get_config(self) -> bytes | None:
-        key = f"{self._prefix}/config".encode()
-        r = await self._call(lambda c: c.get(key))
+        r = await self._call(lambda c: c.get(self._config_key))
         return None if r is None else r.value
 
     def _record(self, kv) -> Record:
@@ -262,8 +371,7 @@ class EtcdV3Store:
 
     async def put_config(self, value: bytes) -> None:
         """AdminStore: write <prefix>/config without a lease."""
-        key = f"{self._prefix}/config".encode()
-        await self._call(lambda c: c.put(key, value))
+        await self._call(lambda c: c.put(self._config_key, value))
 
     async def fill_expirations(self, records: list[Record]) -> list[Record]:
         """AdminStore: expiration from LeaseTimeToLive for every record listed with a lease (the
@@ -279,18 +387,12 @@ class EtcdV3Store:
         return list(await asyncio.gather(*(one(r) for r in records)))
 
     async def watch_subnets(self, start_revision: int) -> AsyncIterator[WatchEvent]:
+        async def start(c: _Client):
+            await c.renew_watcher()
+            return await c.watch_prefix(self._subnets, start_revision=start_revision)
+
+        w = await self._call(start)
         ep = self.endpoint
-        try:
-            client = await self._client()
-            w = await client.watch_prefix(self._subnets, start_revision=start_revision)
-        except aex.RevisionCompactedError as e:
-            raise CompactedError(str(e)) from None
-        except aex.UnauthenticatedError as e:
-            await self._drop_client(rotate=False)
-            raise AuthError(f"etcd {ep.url} refused the credentials ({e})") from None
-        except (TimeoutError, aex.ClientError) as e:
-            await self._drop_client(rotate=True)
-            raise StoreError(_describe(e, ep, self.s)) from None
         try:
             async for ev in w:
                 rec = self._record(ev.kv)
@@ -299,7 +401,7 @@ class EtcdV3Store:
                 else:
                     self._lease_ids.pop(rec.key, None)
                     yield WatchEvent("delete", rec)
-            raise StoreError(f"etcd {ep.url}: watch ended")
+            raise StoreError(self._problem(ep, "watch ended"))
         except aex.RevisionCompactedError as e:
             raise CompactedError(str(e)) from None
         except aex.ClientError as e:
