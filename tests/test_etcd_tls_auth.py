@@ -1,6 +1,8 @@
 """etcd with mutual TLS and with user/password auth, over the v3 and the v2 API: the daemon works,
-a wrong CA or a missing client certificate is one clear line (retried, the daemon stays up), and
-the password never shows up in a log line or, given by environment, in /proc/<pid>/cmdline."""
+a wrong CA, a missing, expired or mismatched client certificate is one clear line naming the
+problem (retried, the daemon stays up, gRPC's own raw log lines never appear), a key readable by
+others is one warning, and the password never shows up in a log line or, given by environment, in
+/proc/<pid>/cmdline."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pytest
 from helpers import key_of, subnet_of, wait_for
 
 from lab.cluster import start_daemon
-from lab.etcd import EtcdServer, make_tls_certs
+from lab.etcd import DAY, EtcdServer, make_client_cert, make_tls_certs
 
 pytestmark = pytest.mark.lab
 
@@ -31,6 +33,11 @@ def peers_of(host) -> set[str]:
 
 def error_lines(text: str) -> list[str]:
     return [ln for ln in text.splitlines() if "level=error" in ln or "level=critical" in ln]
+
+
+def foreign_lines(text: str) -> list[str]:
+    """Lines that are not ours (structlog's logfmt), e.g. gRPC's raw `E1130 … ssl_transport_security…`."""
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("timestamp=")]
 
 
 def tls_flags(files, ca: Path | None = None, client: bool = True) -> list[str]:
@@ -115,6 +122,69 @@ def test_missing_client_certificate_is_one_clear_line(lab, mtls, api):
     assert len(errs) == 1, errs
     assert "--etcd-certfile" in errs[0], errs[0]  # names what to set
     assert "Traceback" not in d.log_text()
+
+
+@pytest.mark.parametrize("api", ["v3", "v2"])
+def test_expired_client_certificate_is_called_expired_and_grpc_stays_quiet(lab, mtls, api):
+    etcd, files = mtls
+    put_config(etcd, api)
+    cert, key = make_client_cert(files, lab.tmp / "pki-old", name="expired", not_before=-30 * DAY, not_after=-DAY)
+    in_use = lab.tmp / "client-in-use.pem"
+    shutil.copy(cert, in_use)
+    h1 = lab.add_host("h1")
+    d = start_daemon(h1, "--etcd-api", api, "--etcd-cafile", str(files.ca), "--etcd-certfile", str(in_use),
+                     "--etcd-keyfile", str(key))
+    d.wait_log(r"level=error", timeout=15)
+    time.sleep(4)  # several retries (every second)
+    assert d.alive and d.subnet_env() is None
+    errs = error_lines(d.log_text())
+    assert len(errs) == 1, errs
+    assert re.search(rf"client certificate --etcd-certfile {re.escape(str(in_use))} expired on \d{{4}}-\d\d-\d\d",
+                     errs[0]), errs[0]
+    assert foreign_lines(d.log_text()) == []  # no raw gRPC lines (36 in 12 s before)
+    # renewed on disk: picked up at the next try
+    fresh, fresh_key = make_client_cert(files, lab.tmp / "pki-new", name="fresh")
+    shutil.copy(fresh_key, key)  # the renewed certificate comes with its own key
+    shutil.copy(fresh, in_use)
+    sn = subnet_of(d.wait_subnet_env(timeout=15))
+    assert lease_in_store(etcd, api, sn)["PublicIP"] == h1.address
+    assert "Traceback" not in d.log_text()
+
+
+@pytest.mark.parametrize("api", ["v3", "v2"])
+def test_key_of_another_certificate_is_named(lab, mtls, api):
+    etcd, files = mtls
+    put_config(etcd, api)
+    h1 = lab.add_host("h1")
+    d = start_daemon(h1, "--etcd-api", api, "--etcd-cafile", str(files.ca), "--etcd-certfile", str(files.client_cert),
+                     "--etcd-keyfile", str(files.server_key))
+    d.wait_log(r"level=error", timeout=15)
+    time.sleep(3)
+    errs = error_lines(d.log_text())
+    assert len(errs) == 1, errs
+    assert "key does not match certificate" in errs[0] and str(files.server_key) in errs[0], errs[0]
+    assert d.alive and d.subnet_env() is None
+    assert foreign_lines(d.log_text()) == [] and "Traceback" not in d.log_text()
+
+
+def test_key_readable_by_others_is_one_warning(lab, mtls):
+    etcd, files = mtls
+    put_config(etcd, "v3")
+    shared = lab.tmp / "shared-key.pem"
+    shutil.copy(files.client_key, shared)
+    shared.chmod(0o644)
+    h1 = lab.add_host("h1")
+    d = start_daemon(h1, "--etcd-cafile", str(files.ca), "--etcd-certfile", str(files.client_cert),
+                     "--etcd-keyfile", str(shared), "--healthz-port", str(HZ))
+    sn = subnet_of(d.wait_subnet_env(timeout=20))  # it works: a warning, not an error
+    assert lease_in_store(etcd, "v3", sn)["PublicIP"] == h1.address
+    ss = h1.run("ss", "-K", "dst", etcd.ip, "dport", "=", str(etcd.client_port), check=False)  # reconnect: key read again
+    assert ss.returncode == 0
+    d.wait_log("peer leases listed.*\n(.*\n)*.*peer leases listed", timeout=15)
+    warnings = [ln for ln in d.log_text().splitlines() if "level=warning" in ln and "--etcd-keyfile" in ln]
+    assert len(warnings) == 1, warnings
+    assert str(shared) in warnings[0] and "0644" in warnings[0] and "chmod 600" in warnings[0]
+    assert error_lines(d.log_text()) == []
 
 
 # -- user/password ----------------------------------------------------------------------------------
