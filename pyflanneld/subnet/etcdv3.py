@@ -217,10 +217,12 @@ class EtcdV3Store:
         return f"etcd v3 API at {ep.url}: {what}"
 
     async def _call(self, op):
-        """Run op(client) under the current deadline. A stale auth token is renewed (one info line)
-        and op run again, once; a timeout lengthens the deadline and, like a transport failure, moves on to the next
-        endpoint; when every endpoint failed: StoreError. Refused credentials: AuthError.
-        A compacted watch start revision: CompactedError."""
+        """Run op(client) under the current deadline and return its result.
+
+        A stale auth token is renewed (one info line) and op run again, once. A timeout lengthens
+        the deadline and, like a transport failure, moves on to the next endpoint; when every
+        endpoint failed: StoreError. Refused credentials: AuthError. A compacted watch start
+        revision: CompactedError."""
         last = ""
         tries = len(self.s.endpoints)
         stale_token = reauthenticated = False
