@@ -44,6 +44,17 @@ _KEEPALIVE = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
 _PATH_SAFE = "/$&+,:;=@"
 
 
+def _why(e: BaseException) -> str:
+    """The first non-empty message along e's causes (httpx's ReadError is often empty while the
+    OSError under it says "Connection timed out"), else e's type name."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if str(seen):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return type(e).__name__
+
+
 def _expiration(node: dict) -> float | None:
     exp = node.get("expiration")
     if not exp:
@@ -116,7 +127,7 @@ class EtcdV2Store:
                                 api="v2", endpoint=self._endpoint, timeout_s=longer)
                 await self._reset_client()  # the request may have left a half-used connection
             except (httpx.TransportError, ssl.SSLError) as e:
-                text = str(e) or type(e).__name__
+                text = _why(e)
                 if "CERTIFICATE" in text.upper() or "SSL" in text.upper():
                     last = self._problem(f"TLS handshake failed ({text}); {self.s.tls_advice()}")
                     await self._reset_client()  # re-read the TLS files next time (fixed or rotated on disk)
@@ -236,7 +247,7 @@ class EtcdV2Store:
             log.debug("etcd v2 watch silent; polling again", seconds=WATCH_IDLE_S, wait_index=index)
             return None
         except httpx.TransportError as e:  # e.g. TCP keepalive found the path dead
-            raise StoreError(self._problem(f"watch connection lost: {str(e) or type(e).__name__}")) from None
+            raise StoreError(self._problem(f"watch connection lost: {_why(e)}")) from None
         finally:
             await r.aclose()
         return r
