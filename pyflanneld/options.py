@@ -96,6 +96,8 @@ def mask_url_passwords(text: str) -> str:
     """`http://user:pw@host:2379,https://b` → `http://user:***@host:2379,https://b`: the password
     part of every URL's userinfo in text masked (the user name stays, to say which one is set)."""
     return _URL_PASSWORD_RE.sub(lambda m: f"{m['head']}***@", text)
+
+
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 
