@@ -20,7 +20,7 @@ import click
 
 from ..config import ConfigError, NetworkConfig, parse_config
 from ..options import BY_NAME, FLAGS, OptionError, Options
-from ..subnet.etcd_common import EtcdSettings, parse_endpoints
+from ..subnet.etcd_common import EtcdSettings
 from ..subnet.store import AdminStore, StoreError
 
 ETCD_FLAGS = ("etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
@@ -105,12 +105,12 @@ class Connection:
         except OptionError as e:
             raise CtlError(str(e)) from None
         try:
-            endpoints = parse_endpoints(opts.etcd_endpoints)
+            settings = EtcdSettings.from_flags(
+                endpoints=opts.etcd_endpoints, prefix=opts.etcd_prefix, cafile=opts.etcd_cafile,
+                certfile=opts.etcd_certfile, keyfile=opts.etcd_keyfile,
+                username=opts.etcd_username, password=opts.etcd_password)
         except ValueError as e:
             raise CtlError(f"--etcd-endpoints: {e}") from None
-        settings = EtcdSettings(endpoints=endpoints, prefix=opts.etcd_prefix, cafile=opts.etcd_cafile,
-                                certfile=opts.etcd_certfile, keyfile=opts.etcd_keyfile,
-                                username=opts.etcd_username, password=opts.etcd_password)
         return cls(settings, opts.etcd_api.lower())
 
     @property
