@@ -79,7 +79,7 @@ def test_usage_errors_are_one_line_exit_2(args, fragment):
 
 def test_failures_are_one_line_exit_1(tmp_path):
     line = one_line_error(run("config", "get", "--etcd-endpoints", "http://127.0.0.1:1"))
-    assert "etcd http://127.0.0.1:1 unreachable" in line
+    assert "etcd v3 API at http://127.0.0.1:1: unreachable" in line  # the store names the API
     line = one_line_error(run("leases", "--etcd-cafile", tmp_path / "missing.pem"))
     assert f"cannot read --etcd-cafile {tmp_path}/missing.pem" in line  # the daemon's own text
     line = one_line_error(run("leases", "--etcd-endpoints", "ftp://x"))
