@@ -38,7 +38,7 @@ class EtcdSettings:
     keyfile: str = ""
     username: str = ""
     password: str = ""  # never logged: see __repr__
-    timeout: float = 5.0  # first per-request deadline, seconds; adapts (RequestDeadline)
+    timeout_s: float = 5.0  # first per-request deadline; adapts (RequestDeadline)
 
     def __repr__(self) -> str:
         return (f"EtcdSettings(endpoints={[e.url for e in self.endpoints]}, prefix={self.prefix!r}, "

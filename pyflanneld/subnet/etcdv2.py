@@ -75,7 +75,7 @@ class EtcdV2Store:
         self.s = settings
         self._idx = 0
         self._http: httpx.AsyncClient | None = None
-        self.deadline = RequestDeadline(settings.timeout)
+        self.deadline = RequestDeadline(settings.timeout_s)
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:

@@ -172,7 +172,7 @@ class EtcdV3Store:
         self._idx = 0
         self._client_obj: _Client | None = None
         self._lease_ids: dict[str, int] = {}
-        self.deadline = RequestDeadline(settings.timeout)
+        self.deadline = RequestDeadline(settings.timeout_s)
 
     # -- connection management -------------------------------------------------------------
     @property
