@@ -2,19 +2,34 @@
 
 Upstream (pkg/subnet/config.go) decodes with Go's encoding/json: keys match case-insensitively,
 unknown keys are ignored, a wrong JSON type is an error. `Backend` absent means `udp`.
-Error texts of `CheckNetworkConfig` are reproduced verbatim.
+Error texts of `CheckNetworkConfig` are reproduced verbatim; where upstream's text does not say
+which field is wrong, it is prefixed with the field's name (``Network: invalid CIDR address: …``).
+
+Beyond upstream: the JSON is decoded with bounds (jsondecode: depth, size, NaN/Infinity and
+out-of-range numbers are errors, never RecursionError/OverflowError), integer fields must be JSON
+integers in range (Go's uint), and SubnetMin must not be greater than SubnetMax.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
+from .jsondecode import JSONValueError, decode_json
+
+_CIDR_RE = re.compile(r"([^/]*)/([0-9]{1,10})", re.ASCII)  # Go's net.ParseCIDR: addr "/" decimal
+_UINT_MAX = (1 << 64) - 1
+
 
 class ConfigError(ValueError):
-    """The config is missing or invalid; the message is upstream's text."""
+    """The config is missing or invalid; the message is upstream's text (naming the field)."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        if field and field not in message:
+            message = f"{field}: {message}"
+        super().__init__(message)
 
 
 @dataclass(frozen=True)
@@ -76,13 +91,17 @@ def _fold(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _typed(d: dict[str, Any], key: str, typ: type, tname: str) -> Any:
+    """A field of Go type ``tname``: None when absent/null, else the value; ConfigError (Go's
+    decoder text) for a wrong JSON type. ``int`` fields are Go uints: a JSON integer literal
+    (not 24.0, not 1e2) in 0..2**64-1."""
     v = d.get(key)
     if v is None:
         return None
     if typ is int:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
-            raise ConfigError(f"json: cannot unmarshal {json_type(v)} into Go struct field Config.{key} of type {tname}")
-        return int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _UINT_MAX:
+            what = f"number {v!r}" if isinstance(v, (int, float)) and not isinstance(v, bool) else json_type(v)
+            raise ConfigError(f"json: cannot unmarshal {what} into Go struct field Config.{key} of type {tname}")
+        return v
     if not isinstance(v, typ):
         raise ConfigError(f"json: cannot unmarshal {json_type(v)} into Go struct field Config.{key} of type {tname}")
     return v
@@ -103,38 +122,52 @@ def json_type(v: Any) -> str:
     return "null"
 
 
-def _parse_v4_net(s: str) -> IPv4Network:
-    try:
-        net = IPv4Network(s, strict=False)
-    except ValueError:
+def _parse_cidr(s: str, key: str) -> IPv4Network | IPv6Network:
+    """Go's net.ParseCIDR: ``<IPv4 or IPv6 address>/<decimal prefix length>``, host bits masked
+    off; nothing else (no bare address, no netmask). Error: upstream's ``invalid CIDR address: s``."""
+    m = _CIDR_RE.fullmatch(s)
+    if m is not None:
+        plen = int(m[2])
         try:
-            IPv6Network(s, strict=False)
+            if plen <= 32:
+                return IPv4Network((int(IPv4Address(m[1])), plen), strict=False)
         except ValueError:
-            raise ConfigError(f"invalid CIDR address: {s}") from None
-        raise ConfigError("invalid IPv4 CIDR format") from None
+            pass
+        try:
+            if plen <= 128 and "%" not in m[1]:
+                return IPv6Network((int(IPv6Address(m[1])), plen), strict=False)
+        except ValueError:
+            pass
+    raise ConfigError(f"invalid CIDR address: {s}", key)
+
+
+def _parse_v4_net(s: str) -> IPv4Network:
+    net = _parse_cidr(s, "Network")
+    if not isinstance(net, IPv4Network):
+        raise ConfigError("invalid IPv4 CIDR format", "Network")
     return net
 
 
-def _parse_v4_ip(s: Any) -> IPv4Address:
+def _parse_v4_ip(s: Any, key: str) -> IPv4Address:
     if not isinstance(s, str):
-        raise ConfigError("invalid IP address format")
+        raise ConfigError("invalid IP address format", key)
     try:
         return IPv4Address(s)
     except ValueError:
         try:
             IPv6Address(s)
         except ValueError:
-            raise ConfigError("invalid IP address format") from None
-        raise ConfigError("invalid IPv4 address format") from None
+            raise ConfigError("invalid IP address format", key) from None
+        raise ConfigError("invalid IPv4 address format", key) from None
 
 
 def parse_config(raw: str | bytes) -> NetworkConfig:
-    """Parse and validate; raises :class:`ConfigError` with upstream's message."""
+    """Parse and validate; raises :class:`ConfigError` (only) with upstream's message."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     try:
-        doc = json.loads(raw)
-    except ValueError as e:
+        doc = decode_json(raw)
+    except JSONValueError as e:
         raise ConfigError(f"invalid JSON: {e}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"json: cannot unmarshal {json_type(doc)} into Go value of type subnet.Config")
@@ -163,7 +196,7 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
             )
         backend_type = bt or ""
         if not backend_type:
-            raise ConfigError("unknown backend type: ")
+            raise ConfigError("unknown backend type: ", "Backend.Type")
 
     if not enable_ipv4 and not enable_ipv6:
         raise ConfigError("none defined stack: set EnableIPv4 or EnableIPv6 to true")
@@ -180,10 +213,10 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
         if subnet_len > 30:
             raise ConfigError("SubnetLen must be less than /31")
         if subnet_len < network.prefixlen + 2:
-            raise ConfigError("network must be able to accommodate at least four subnets")
+            raise ConfigError("network must be able to accommodate at least four subnets", "SubnetLen")
     else:
         if network.prefixlen > 28:
-            raise ConfigError("network is too small. Minimum useful network prefix is /28")
+            raise ConfigError("network is too small. Minimum useful network prefix is /28", "Network")
         subnet_len = 24 if network.prefixlen <= 22 else network.prefixlen + 2
 
     size = 1 << (32 - subnet_len)
@@ -194,7 +227,7 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
     if smin in (None, ""):
         subnet_min = IPv4Address(net_start + size)
     else:
-        subnet_min = _parse_v4_ip(smin)
+        subnet_min = _parse_v4_ip(smin, "SubnetMin")
         if not network.overlaps(IPv4Network(f"{subnet_min}/32")):
             raise ConfigError("SubnetMin is not in the range of the Network")
 
@@ -202,7 +235,7 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
     if smax in (None, ""):
         subnet_max = IPv4Address(net_end + 1 - size)
     else:
-        subnet_max = _parse_v4_ip(smax)
+        subnet_max = _parse_v4_ip(smax, "SubnetMax")
         if not network.overlaps(IPv4Network(f"{subnet_max}/32")):
             raise ConfigError("SubnetMax is not in the range of the Network")
 
@@ -211,6 +244,8 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
         raise ConfigError(f"SubnetMin is not on a SubnetLen boundary: {subnet_min}")
     if int(subnet_max) & ~mask & 0xFFFFFFFF:
         raise ConfigError(f"SubnetMax is not on a SubnetLen boundary: {subnet_max}")
+    if subnet_min > subnet_max:  # upstream accepts this and then finds no subnet to lease
+        raise ConfigError(f"SubnetMin {subnet_min} is greater than SubnetMax {subnet_max}: no subnet to lease")
 
     v6 = _parse_v6(d) if enable_ipv6 else (None, 0, None, None)
 
@@ -236,16 +271,15 @@ def _parse_v6(d: dict[str, Any]):
     net_s = _typed(d, "IPv6Network", str, "ip.IP6Net")
     if not net_s:
         raise ConfigError("please define a correct IPv6Network parameter in the flannel config")
-    try:
-        net = IPv6Network(net_s, strict=False)
-    except ValueError:
-        raise ConfigError("invalid IPv6 CIDR format") from None
+    net = _parse_cidr(net_s, "IPv6Network")
+    if not isinstance(net, IPv6Network):
+        raise ConfigError("invalid IPv6 CIDR format", "IPv6Network")
     ln = _typed(d, "IPv6SubnetLen", int, "uint")
     if ln:
         if ln > 126:
-            raise ConfigError("SubnetLen must be less than /127")
+            raise ConfigError("SubnetLen must be less than /127", "IPv6SubnetLen")
         if ln < net.prefixlen + 2:
-            raise ConfigError("network must be able to accommodate at least four subnets")
+            raise ConfigError("network must be able to accommodate at least four subnets", "IPv6SubnetLen")
     else:
         if net.prefixlen > 124:
             raise ConfigError("IPv6Network is too small. Minimum useful network prefix is /124")
@@ -258,9 +292,11 @@ def _parse_v6(d: dict[str, Any]):
         if v in (None, ""):
             return IPv6Address(default)
         try:
+            if not isinstance(v, str) or "%" in v:
+                raise ValueError
             a = IPv6Address(v)
         except ValueError:
-            raise ConfigError("invalid IPv6 address format") from None
+            raise ConfigError("invalid IPv6 address format", key) from None
         if a not in net:
             raise ConfigError(f"{label} is not in the range of the IPv6Network")
         return a
@@ -271,4 +307,6 @@ def _parse_v6(d: dict[str, Any]):
         raise ConfigError(f"IPv6SubnetMin is not on a SubnetLen boundary: {mn}")
     if int(mx) % size:
         raise ConfigError(f"IPv6SubnetMax is not on a SubnetLen boundary: {mx}")
+    if mn > mx:
+        raise ConfigError(f"IPv6SubnetMin {mn} is greater than IPv6SubnetMax {mx}: no subnet to lease")
     return net, ln, mn, mx

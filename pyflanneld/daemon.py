@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Network
 
 import structlog
@@ -95,11 +96,16 @@ class Daemon:
             raise FatalError(f"--etcd-endpoints: {e}") from None
 
     def readiness(self) -> tuple[bool, str]:
+        """(ready, detail) for /readyz. Not ready: why. Ready: rejected lease entries, if any (they
+        are someone else's problem and never programmed, so they do not make this host unready)."""
         if not self.ready:
             return False, self.not_ready_reason
         if self.manager and not self.manager.store_ok:
             return False, f"datastore unreachable: {self.manager.store_error}"
-        return self.backend.readiness()
+        ok, why = self.backend.readiness()
+        if not ok or self.manager is None or not self.manager.book.rejected:
+            return ok, why
+        return True, rejected_summary(self.manager.book.subnets_path, self.manager.book.rejected)
 
     def peers(self) -> list[dict]:
         known = getattr(self.backend, "peers", {}) or {}
@@ -292,6 +298,7 @@ class Daemon:
         self.manager = SubnetManager(
             self.store, cfg, ttl=int(self.o.subnet_lease_ttl), renew_margin=self.o.subnet_lease_renew_margin,
             prev_subnet=prev_sn, renew_retry=min(60.0, max(1.0, self.o.subnet_lease_ttl / 10)),
+            prefix=settings.prefix,
         )
 
         def not_ready(msg: str) -> None:
@@ -399,6 +406,15 @@ class Daemon:
         closing = [bounded(x.close(), 1) for x in (self.backend, self.rules, self.store, health) if x is not None]
         await asyncio.gather(*closing)
         log.debug("shut down", seconds=round(time.monotonic() - t0, 3))
+
+
+def rejected_summary(subnets_path: str, rejected: Mapping[str, str], limit: int = 20) -> str:
+    """/readyz detail: the rejected lease entries (at most ``limit``), one ``key: reason`` per line."""
+    lines = [f"{len(rejected)} lease entries under {subnets_path} rejected (not programmed):"]
+    lines += [f"  {k}: {why}" for k, why in sorted(rejected.items())[:limit]]
+    if len(rejected) > limit:
+        lines.append(f"  ... and {len(rejected) - limit} more")
+    return "\n".join(lines)
 
 
 def run(opts: Options) -> int:

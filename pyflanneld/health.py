@@ -148,8 +148,9 @@ class HealthServer:
 
     def _readyz(self) -> Response:
         ok, why = self.readiness()
-        return Response.text(200, "flanneld is ready") if ok else \
-            Response.text(503, f"flanneld is not ready yet: {why}")
+        if ok:  # a ready host may still report something (e.g. rejected lease entries)
+            return Response.text(200, "flanneld is ready" + (f"\n{why}" if why else ""))
+        return Response.text(503, f"flanneld is not ready yet: {why}")
 
     def _peers(self) -> Response:
         assert self.peers is not None

@@ -21,21 +21,19 @@ device (recreated with the same MAC) come back within ~100 ms of the netlink eve
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
 
 import structlog
 
 from ..netlink import VXLAN_DEFAULT_PORT, BatchOp, Event, Link, NetlinkError, Route, write_sysctl
-from ..subnet.lease import Lease
+from ..subnet.lease import Lease, vtep_mac
 from .base import BackendContext, BackendError, BackendInfo, register_backend
 from .kernelsync import KernelPeerBackend, backend_options
 
 log = structlog.get_logger()
 
 ENCAP_OVERHEAD = 50
-_MAC_RE = re.compile(r"[0-9a-f]{2}([:-])(?:[0-9a-f]{2}\1){4}[0-9a-f]{2}")
 
 
 def random_mac() -> str:
@@ -43,16 +41,6 @@ def random_mac() -> str:
     b = bytearray(os.urandom(6))
     b[0] = (b[0] & 0xFE) | 0x02
     return ":".join(f"{x:02x}" for x in b)
-
-
-def parse_vtep_mac(backend_data: object) -> str | None:
-    """The VtepMAC of a lease's BackendData (keys case-insensitive like Go), normalised; or None."""
-    if not isinstance(backend_data, dict):
-        return None
-    mac = next((v for k, v in backend_data.items() if k.lower() == "vtepmac"), None)
-    if not isinstance(mac, str) or not _MAC_RE.fullmatch(mac.lower()):
-        return None
-    return mac.lower().replace("-", ":")
 
 
 @dataclass(frozen=True)
@@ -184,7 +172,7 @@ class VXLANBackend(KernelPeerBackend):
         """What this remote lease justifies in the kernel (None: not a usable vxlan lease)."""
         if self.skip_other_type(lease):
             return None
-        mac = parse_vtep_mac(lease.attrs.backend_data)
+        mac = vtep_mac(lease.attrs.backend_data)
         if mac is None:
             if lease.subnet not in self._bad_data:
                 self._bad_data.add(lease.subnet)

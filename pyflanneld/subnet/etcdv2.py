@@ -166,7 +166,7 @@ class EtcdV2Store:
         key = node["key"].rsplit("/", 1)[-1]
         val = (node.get("value") or "").encode()
         return Record(key, val, "ttl" in node or "expiration" in node, _expiration(node),
-                      int(node.get("modifiedIndex", 0)))
+                      int(node.get("modifiedIndex", 0)), create_revision=int(node.get("createdIndex", 0)))
 
     async def get_config(self) -> bytes | None:
         r = await self._send("GET", "config")

@@ -279,7 +279,8 @@ class EtcdV3Store:
 
     def _record(self, kv) -> Record:
         key = kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]
-        return Record(key=key, value=kv.value, has_ttl=kv.lease != 0, expiration=None, revision=kv.mod_revision)
+        return Record(key=key, value=kv.value, has_ttl=kv.lease != 0, expiration=None, revision=kv.mod_revision,
+                      create_revision=kv.create_revision)
 
     async def list_subnets(self) -> tuple[list[Record], int]:
         r = await self._call(lambda c: c.get_prefix(self._subnets))
@@ -317,7 +318,7 @@ class EtcdV3Store:
             if lease_id:
                 self._lease_ids[key] = lease_id
             rev = resp[0].response_put.header.revision
-            return Record(key, value, bool(ttl), t0 + ttl if ttl else None, rev)
+            return Record(key, value, bool(ttl), t0 + ttl if ttl else None, rev, create_revision=rev)
 
         return await self._call(op)
 

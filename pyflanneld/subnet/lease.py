@@ -11,14 +11,24 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
-from typing import Any, Literal
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import TYPE_CHECKING, Any, Literal
 
-_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?$")
+from ..jsondecode import JSONValueError, decode_json
+
+if TYPE_CHECKING:
+    from .store import Record
+
+# Upstream's subnetRegex (pkg/subnet/subnet.go), matched against the whole last path element here
+# (upstream's is anchored only at the end). ASCII digits only, as Go's \d.
+_KEY_RE = re.compile(r"(\d+\.\d+\.\d+\.\d+)-(\d+)(?:&([a-f\d:]+)-(\d+))?", re.ASCII)
+# Go's net.ParseMAC forms for a 6-byte address: aa:bb:cc:dd:ee:ff, aa-bb-…, aabb.ccdd.eeff.
+_MAC_RES = (re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"), re.compile(r"[0-9a-f]{2}(-[0-9a-f]{2}){5}"),
+            re.compile(r"[0-9a-f]{4}(\.[0-9a-f]{4}){2}"))
 
 
 class LeaseFormatError(ValueError):
-    """A subnet key or lease value that cannot be decoded."""
+    """A subnet key or lease value that cannot be decoded; the message names the field."""
 
 
 def subnet_key(subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
@@ -30,11 +40,19 @@ def subnet_key(subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
 
 
 def parse_subnet_key(key: str) -> tuple[IPv4Network, IPv6Network | None]:
-    """Inverse of :func:`subnet_key`; accepts a full etcd key too (uses the last path element)."""
+    """Inverse of :func:`subnet_key`; accepts a full etcd key too (uses the last path element).
+
+    Mirrors upstream ParseSubnetKey: the IPv4 prefix length must fit 5 bits (0-31), the IPv6 one
+    7 bits (0-127). Stricter than upstream in two ways that no key upstream writes can meet: the
+    whole element must match (upstream ignores leading junk) and host bits must be zero.
+    Raises :class:`LeaseFormatError`.
+    """
     name = key.rsplit("/", 1)[-1]
     m = _KEY_RE.fullmatch(name)
     if not m:
         raise LeaseFormatError(f"not a subnet key: {name!r}")
+    if len(m[2]) > 2 or int(m[2]) > 31 or (m[4] is not None and (len(m[4]) > 3 or int(m[4]) > 127)):
+        raise LeaseFormatError(f"not a subnet key: {name!r} (prefix length out of range)")
     try:
         sn = IPv4Network(f"{m[1]}/{m[2]}")
         sn6 = IPv6Network(f"{m[3]}/{m[4]}") if m[3] else None
@@ -43,8 +61,93 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network, IPv6Network | None]:
     return sn, sn6
 
 
+def parse_mac(value: Any) -> str | None:
+    """A 6-byte MAC in one of Go's net.ParseMAC spellings → ``aa:bb:cc:dd:ee:ff``; else None."""
+    if not isinstance(value, str):
+        return None
+    s = value.lower()
+    if not any(r.fullmatch(s) for r in _MAC_RES):
+        return None
+    hexdigits = s.replace(":", "").replace("-", "").replace(".", "")
+    return ":".join(hexdigits[i:i + 2] for i in range(0, 12, 2))
+
+
+def vtep_mac(backend_data: Any) -> str | None:
+    """The VtepMAC of a vxlan lease's BackendData (keys case-insensitive like Go), normalised; or
+    None when absent or not a 6-byte MAC."""
+    if not isinstance(backend_data, dict):
+        return None
+    return parse_mac(_fold(backend_data).get("vtepmac"))
+
+
+def _fold(d: dict[str, Any]) -> dict[str, Any]:
+    """Go's encoding/json matches keys case-insensitively; the last duplicate wins."""
+    return {k.lower(): v for k, v in d.items()}
+
+
+def _check_vxlan_data(data: Any) -> str | None:
+    """upstream vxlanLeaseAttrs {VNI uint16; VtepMAC hardwareAddr}; VtepMAC must be usable as a
+    remote VTEP: unicast and not all zeros."""
+    if not isinstance(data, dict):
+        return "BackendData: a vxlan lease needs an object with VtepMAC"
+    d = _fold(data)
+    raw_mac = d.get("vtepmac")
+    if raw_mac is None:
+        return "BackendData.VtepMAC: missing"
+    mac = parse_mac(raw_mac)
+    if mac is None:
+        return f"BackendData.VtepMAC: {_show(raw_mac)} is not a 6-byte MAC address"
+    first = int(mac[:2], 16)
+    if first & 1:
+        return f"BackendData.VtepMAC: {mac} is a multicast address"
+    if mac == "00:00:00:00:00:00":
+        return f"BackendData.VtepMAC: {mac} is all zeros"
+    vni = d.get("vni")
+    if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= 0xFFFF):
+        return f"BackendData.VNI: {_show(vni)} is not an integer 0-65535"
+    return None
+
+
+# BackendType → check of that type's BackendData (None: fine, else the problem). Types without an
+# entry (host-gw, udp/alloc "", ...) carry no BackendData the kernel depends on.
+BACKEND_DATA_CHECKS: dict[str, Any] = {"vxlan": _check_vxlan_data}
+
+
+def check_backend_data(backend_type: str, data: Any) -> str | None:
+    """Is ``data`` valid BackendData for ``backend_type``? None if so, else a one-line problem."""
+    check = BACKEND_DATA_CHECKS.get(backend_type)
+    return check(data) if check else None
+
+
+def _show(v: Any) -> str:
+    """A short rendering of a decoded JSON value for an error message (type for containers)."""
+    if isinstance(v, dict):
+        return "an object"
+    if isinstance(v, list):
+        return "an array"
+    text = json.dumps(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _check_public_ip(v: Any) -> IPv4Address:
+    """Upstream decodes PublicIP as ip.IP4 (a dotted string); anything else is no usable peer."""
+    if v is None:
+        raise LeaseFormatError("PublicIP: missing")
+    if not isinstance(v, str):
+        raise LeaseFormatError(f"PublicIP: {_show(v)} is not an IPv4 address string")
+    try:
+        ip = IPv4Address(v)
+    except ValueError:
+        raise LeaseFormatError(f"PublicIP: {_show(v)} is not an IPv4 address") from None
+    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip == IPv4Address("255.255.255.255"):
+        raise LeaseFormatError(f"PublicIP: {ip} cannot be a host's address")
+    return ip
+
+
 @dataclass(frozen=True)
 class LeaseAttrs:
+    """upstream pkg/lease LeaseAttrs: what a host publishes in its lease value."""
+
     public_ip: IPv4Address
     backend_type: str = ""
     backend_data: Any = None  # decoded JSON (dict, str, …) or None
@@ -64,25 +167,35 @@ class LeaseAttrs:
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> LeaseAttrs:
+        """Decode a lease value (bounded, see jsondecode). PublicIP must be an IPv4 string,
+        PublicIPv6 null or an IPv6 string, BackendType a string. BackendData is not checked here
+        (see :func:`check_backend_data`). Raises :class:`LeaseFormatError` naming the field."""
         try:
-            d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise LeaseFormatError(f"lease value is not JSON: {e}") from None
+            d = decode_json(raw)
+        except JSONValueError as e:
+            raise LeaseFormatError(f"lease value is not valid JSON: {e}") from None
         if not isinstance(d, dict):
             raise LeaseFormatError("lease value is not a JSON object")
-        d = {k.lower(): v for k, v in d.items()}  # Go's encoding/json matches keys case-insensitively
-        try:
-            pub = IPv4Address(d.get("publicip") or "0.0.0.0")
-        except ValueError as e:
-            raise LeaseFormatError(f"lease PublicIP: {e}") from None
-        bt = d.get("backendtype") or ""
+        d = _fold(d)
+        pub = _check_public_ip(d.get("publicip"))
+        bt = d.get("backendtype")
+        if bt is None:
+            bt = ""
         if not isinstance(bt, str):
-            raise LeaseFormatError("lease BackendType is not a string")
+            raise LeaseFormatError(f"BackendType: {_show(bt)} is not a string")
+        pub6 = d.get("publicipv6")
+        if pub6 is not None:  # IPv6 leases are phase 2: checked for shape only
+            try:
+                if not isinstance(pub6, str):
+                    raise ValueError
+                IPv6Address(pub6)
+            except ValueError:
+                raise LeaseFormatError(f"PublicIPv6: {_show(pub6)} is not an IPv6 address") from None
         return cls(
             public_ip=pub,
             backend_type=bt,
             backend_data=d.get("backenddata"),
-            public_ipv6=d.get("publicipv6"),
+            public_ipv6=pub6,
             backend_v6_data=d.get("backendv6data"),
         )
 
@@ -106,6 +219,15 @@ class Lease:
         if self.expiration is None:
             return float("inf")
         return self.expiration - (time.time() if now is None else now)
+
+
+def lease_from_record(rec: Record) -> Lease:
+    """A datastore record as a Lease: key parsed, value decoded (:meth:`LeaseAttrs.from_json`).
+    Per-lease format only; what depends on the config or on other leases is the LeaseBook's.
+    Raises :class:`LeaseFormatError`."""
+    sn, sn6 = parse_subnet_key(rec.key)
+    attrs = LeaseAttrs.from_json(rec.value)
+    return Lease(sn, attrs, rec.expiration, not rec.has_ttl, sn6, rec.revision)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ import structlog
 
 from ..config import ConfigError, NetworkConfig, parse_config
 from .allocate import Taken, choose_subnet, pool_size
-from .lease import Lease, LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
+from .lease import Lease, LeaseAttrs, LeaseFormatError, lease_from_record, parse_subnet_key, subnet_key
+from .leasebook import Changes, LeaseBook
 from .store import CompactedError, Record, Store, StoreError
 
 log = structlog.get_logger()
@@ -50,7 +51,7 @@ class Backoff:
 class SubnetManager:
     def __init__(self, store: Store, cfg: NetworkConfig, *, ttl: int, renew_margin: float,
                  prev_subnet: IPv4Network | None = None, rng: random.Random | None = None,
-                 renew_retry: float = 60.0) -> None:
+                 renew_retry: float = 60.0, prefix: str = "/coreos.com/network") -> None:
         self.store = store
         self.cfg = cfg
         self.ttl = ttl
@@ -65,24 +66,10 @@ class SubnetManager:
         self.last_revision = 0
         self._lost = asyncio.Event()
         self._replan = asyncio.Event()  # the own key was reserved or released: plan the renewal again
-        self._warned: set[tuple[str, int]] = set()
-
-    # -- decoding ------------------------------------------------------------------------------
-    def decode(self, rec: Record) -> Lease | None:
-        """A record as a Lease; bad data (not a subnet key, not JSON) → one warning, skipped."""
-        try:
-            sn, sn6 = parse_subnet_key(rec.key)
-            attrs = LeaseAttrs.from_json(rec.value)
-        except LeaseFormatError as e:
-            if (rec.key, rec.revision) not in self._warned:
-                self._warned.add((rec.key, rec.revision))
-                log.warning("ignoring bad lease entry in etcd", key=rec.key, error=str(e))
-            return None
-        return Lease(subnet=sn, subnet6=sn6, attrs=attrs, expiration=rec.expiration,
-                     reserved=not rec.has_ttl, revision=rec.revision)
-
-    def _decode_all(self, recs: list[Record]) -> list[Lease]:
-        return [le for le in (self.decode(r) for r in recs) if le is not None]
+        # The validation gate: only its accepted leases reach the sink (the backend).
+        self.book = LeaseBook(cfg, prefix)
+        self._feed_lock = asyncio.Lock()  # one book change and its sink calls at a time
+        self._sink: PeerSink | None = None
 
     def _mark(self, ok: bool, error: str = "") -> None:
         if ok and not self.store_ok:
@@ -99,7 +86,7 @@ class SubnetManager:
         value = attrs.to_json().encode()
         for _attempt in range(1000):
             recs, _rev = await self.store.list_subnets()
-            leases = self._decode_all(recs)
+            leases = _parse_quietly(recs)  # the watch's LeaseBook warns about bad ones
 
             # 1. A lease that already carries our PublicIP: reuse it.
             for le in leases:
@@ -116,7 +103,7 @@ class SubnetManager:
                              subnet=str(le.subnet), public_ip=str(attrs.public_ip))
                     await self.store.delete_subnet(le.key)
 
-            taken = Taken(self.cfg, (le.subnet for le in leases))
+            taken = Taken(self.cfg, _claimed_subnets(recs))  # a key with a bad value still claims its subnet
             # 2. The subnet we had before (subnet.env), if nobody holds it.
             cand: IPv4Network | None = None
             prev = self.prev_subnet
@@ -133,7 +120,7 @@ class SubnetManager:
                 raise PoolExhausted(
                     f"out of subnets: all {pool_size(self.cfg)} /{self.cfg.subnet_len} subnets of "
                     f"{self.cfg.network} are leased; free one (delete a dead host's key under "
-                    f"{'<prefix>'}/subnets/) or enlarge Network/SubnetMin/SubnetMax"
+                    f"{self.book.subnets_path}) or enlarge Network/SubnetMin/SubnetMax"
                 )
             rec = await self.store.create_subnet(subnet_key(cand), value, self.ttl)
             if rec is None:
@@ -168,6 +155,8 @@ class SubnetManager:
             self.lease = lease
             self.prev_subnet = lease.subnet
             self._lost.clear()
+            async with self._feed_lock:
+                await self._feed(self.book.set_own(lease), self._sink)
             return lease
 
     # -- renewal -------------------------------------------------------------------------------
@@ -240,16 +229,24 @@ class SubnetManager:
         self._replan.set()
 
     # -- watch ---------------------------------------------------------------------------------
-    def _peers(self, leases: list[Lease]) -> list[Lease]:
-        own = self.lease.subnet if self.lease else None
-        return [le for le in leases if le.subnet != own]
+    async def _feed(self, changes: Changes, sink: PeerSink | None) -> None:
+        """Hand the book's changes to the sink: removals first (a VtepMAC or subnet may move from
+        the removed lease to an added one), then additions."""
+        if sink is None:
+            return
+        for le in changes.removed:
+            await sink.removed(le)
+        for le in changes.added:
+            await sink.added(le)
 
     async def _relist(self, sink: PeerSink) -> int:
         recs, rev = await self.store.list_subnets()
-        leases = self._decode_all(recs)
-        if self.lease and not any(le.subnet == self.lease.subnet for le in leases):
+        if self.lease and not any(r.key == self.lease.key for r in recs):
             self._lost.set()
-        await sink.snapshot(self._peers(leases))
+        async with self._feed_lock:
+            self._sink = sink
+            self.book.reset(recs)
+            await sink.snapshot(list(self.book.accepted.values()))
         return rev
 
     async def watch(self, sink: PeerSink) -> None:
@@ -278,32 +275,46 @@ class SubnetManager:
                 rev = None  # relist on reconnect: the diff covers anything missed, even data loss
 
     async def _on_event(self, kind: str, rec: Record, sink: PeerSink) -> None:
-        own = self.lease.subnet if self.lease else None
-        if kind == "delete":
-            try:
-                sn, sn6 = parse_subnet_key(rec.key)
-            except LeaseFormatError:
-                return
-            if sn == own:
+        own = self.lease
+        if own is not None and rec.key == own.key:
+            if kind == "delete":
                 self._lost.set()
-                return
-            await sink.removed(Lease(sn, LeaseAttrs(public_ip=_ZERO), subnet6=sn6, revision=rec.revision))
-            return
-        le = self.decode(rec)
-        if le is None:
-            return
-        if le.subnet == own:
-            if self.attrs and le.attrs.public_ip != self.attrs.public_ip:
-                log.warning("own subnet was taken over by another host", subnet=str(own),
-                            other=str(le.attrs.public_ip))
-                self._lost.set()
-            elif self.lease is not None and le.reserved != self.lease.reserved:
-                self._own_reservation_changed(le)
-            return
-        await sink.added(le)
+            else:
+                try:
+                    le = lease_from_record(rec)
+                except LeaseFormatError:
+                    le = None
+                if le is not None and self.attrs and le.attrs.public_ip != self.attrs.public_ip:
+                    log.warning("own subnet was taken over by another host", subnet=str(own.subnet),
+                                other=str(le.attrs.public_ip))
+                    self._lost.set()
+                elif le is not None and le.reserved != own.reserved:
+                    self._own_reservation_changed(le)
+        async with self._feed_lock:
+            changes = self.book.delete(rec.key) if kind == "delete" else self.book.put(rec)
+            await self._feed(changes, sink)
 
 
-_ZERO = LeaseAttrs.from_json('{"PublicIP":"0.0.0.0"}').public_ip
+def _parse_quietly(recs: list[Record]) -> list[Lease]:
+    """The records that are well-formed leases (per-lease format only), without warnings."""
+    out = []
+    for r in recs:
+        try:
+            out.append(lease_from_record(r))
+        except LeaseFormatError:
+            pass
+    return out
+
+
+def _claimed_subnets(recs: list[Record]) -> list[IPv4Network]:
+    """The IPv4 subnet of every key that parses, whatever its value."""
+    out = []
+    for r in recs:
+        try:
+            out.append(parse_subnet_key(r.key)[0])
+        except LeaseFormatError:
+            pass
+    return out
 
 
 # -- config ------------------------------------------------------------------------------------
