@@ -39,13 +39,14 @@ class JSONValueError(ValueError):
     """The bytes are not one acceptable JSON value; the message says why (and where, for numbers)."""
 
 
-class _OutOfRange:
-    """Placeholder for a number literal that fits no 64-bit field; reported with its path."""
+class _Bad:
+    """Placeholder for a literal Go would refuse (NaN, 1e400, ...): reported with its path."""
 
-    __slots__ = ("literal",)
+    __slots__ = ("literal", "problem")
 
-    def __init__(self, literal: str) -> None:
-        self.literal = literal
+    def __init__(self, literal: str, problem: str) -> None:
+        self.literal = literal if len(literal) <= 40 else literal[:37] + "..."
+        self.problem = problem
 
 
 def _too_deep(text: str, limit: int) -> bool:
@@ -56,7 +57,7 @@ def _too_deep(text: str, limit: int) -> bool:
     return max(accumulate(map(_DELTA.__getitem__, brackets)), default=0) > limit
 
 
-def _path_of(doc: Any, target: _OutOfRange) -> str:
+def _path_of(doc: Any, target: _Bad) -> str:
     """Where ``target`` is in ``doc``, as ``Backend.Routes[2]`` ("" for the top level)."""
     stack: list[tuple[Any, str]] = [(doc, "")]
     while stack:
@@ -84,7 +85,7 @@ def decode_json(raw: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int 
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     if _too_deep(text, max_depth):
         raise JSONValueError(f"arrays/objects nested more than {max_depth} deep")
-    bad: list[_OutOfRange] = []
+    bad: list[_Bad] = []
 
     def parse_int(s: str) -> Any:
         if len(s) <= 18:  # |n| < 10**18 always fits
@@ -92,28 +93,27 @@ def decode_json(raw: bytes | str, *, max_depth: int = MAX_DEPTH, max_bytes: int 
         n = int(s) if len(s) <= 40 else None  # bounded work for absurd literals
         if n is not None and _INT_MIN <= n < _INT_LIMIT:
             return n
-        bad.append(_OutOfRange(s if len(s) <= 40 else s[:37] + "..."))
+        bad.append(_Bad(f"number {s}", "is out of range"))
         return bad[-1]
 
     def parse_float(s: str) -> Any:
         f = float(s)
         if math.isfinite(f):
             return f
-        bad.append(_OutOfRange(s if len(s) <= 40 else s[:37] + "..."))
+        bad.append(_Bad(f"number {s}", "is out of range"))
         return bad[-1]
 
-    def parse_constant(s: str) -> Any:
-        raise JSONValueError(f"{s} is not a JSON value")
+    def parse_constant(s: str) -> Any:  # NaN, Infinity, -Infinity
+        bad.append(_Bad(s, "is not a JSON value"))
+        return bad[-1]
 
     try:
         doc = json.loads(text, parse_int=parse_int, parse_float=parse_float, parse_constant=parse_constant)
-    except JSONValueError:
-        raise
     except RecursionError:  # unreachable after the depth check; kept as a last line of defence
         raise JSONValueError(f"arrays/objects nested more than {max_depth} deep") from None
     except ValueError as e:  # json.JSONDecodeError and friends
         raise JSONValueError(str(e)) from None
     if bad:
         where = _path_of(doc, bad[0])
-        raise JSONValueError(f"number {bad[0].literal}{f' in {where}' if where else ''} is out of range")
+        raise JSONValueError(f"{bad[0].literal}{f' in {where}' if where else ''} {bad[0].problem}")
     return doc

@@ -47,6 +47,30 @@ def test_defaults(raw, network, slen, smin, smax):
     ('{"Network":"10.1.0.0/16","EnableIPv6":true}', "please define a correct IPv6Network parameter in the flannel config"),
     ('{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/125"}',
      "IPv6Network is too small. Minimum useful network prefix is /124"),
+    # issue 10, case 6: numbers Go refuses are one ConfigError naming the field (no OverflowError)
+    ('{"Network":"10.1.0.0/16","SubnetLen":1e400}', "invalid JSON: number 1e400 in SubnetLen is out of range"),
+    ('{"Network":"10.1.0.0/16","SubnetLen":NaN}', "invalid JSON: NaN in SubnetLen is not a JSON value"),
+    ('{"Network":"10.1.0.0/16","SubnetLen":Infinity}', "Infinity in SubnetLen is not a JSON value"),
+    ('{"Network":"10.1.0.0/16","SubnetLen":24.0}',
+     "json: cannot unmarshal number 24.0 into Go struct field Config.SubnetLen of type uint"),
+    ('{"Network":"10.1.0.0/16","SubnetLen":-1}', "cannot unmarshal number -1 into Go struct field Config.SubnetLen"),
+    ('{"Network":"10.1.0.0/16","SubnetLen":18446744073709551616}', "number 18446744073709551616 in SubnetLen"),
+    ('{"Network":"10.1.0.0/16","SubnetLen":99999999999}', "SubnetLen must be less than /31"),
+    ('{"Network":' + "[" * 100_000 + "]" * 100_000 + "}", "invalid JSON: arrays/objects nested more than 100 deep"),
+    # case 7: CIDRs as strict as Go's net.ParseCIDR, with upstream's message (naming the field)
+    ('{"Network":"10.20.0.0"}', "Network: invalid CIDR address: 10.20.0.0"),
+    ('{"Network":"10.20.0.0/255.255.0.0"}', "Network: invalid CIDR address: 10.20.0.0/255.255.0.0"),
+    ('{"Network":"10.20.0.0/33"}', "Network: invalid CIDR address: 10.20.0.0/33"),
+    ('{"Network":"10.20.0.0/ 16"}', "Network: invalid CIDR address: 10.20.0.0/ 16"),
+    ('{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::"}', "IPv6Network: invalid CIDR address: fc00::"),
+    ('{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"10.2.0.0/16"}', "IPv6Network: invalid IPv6 CIDR format"),
+    # case 8: an empty pool is a config error, not "out of subnets: all -99 ..."
+    ('{"Network":"10.1.0.0/16","SubnetMin":"10.1.200.0","SubnetMax":"10.1.100.0"}',
+     "SubnetMin 10.1.200.0 is greater than SubnetMax 10.1.100.0"),
+    ('{"Network":"10.1.0.0/16","SubnetMax":"10.1.0.0"}', "SubnetMin 10.1.1.0 is greater than SubnetMax 10.1.0.0"),
+    ('{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetMin":"fc00:0:0:9::",'
+     '"IPv6SubnetMax":"fc00:0:0:8::"}', "IPv6SubnetMin fc00:0:0:9:: is greater than IPv6SubnetMax fc00:0:0:8::"),
+    ('{"Network":"10.1.0.0/16","SubnetMin":5}', "SubnetMin: invalid IP address format"),
 ])
 def test_validation_errors(raw, message):
     with pytest.raises(ConfigError) as ei:
@@ -66,6 +90,11 @@ def test_backend_options_case_insensitive():
     assert c.backend_option("VNI") == 7
     assert c.backend_option("DirectRouting") is True
     assert c.backend_option("Port", 0) == 0
+
+
+def test_strict_cidr_still_masks_host_bits_and_takes_go_spellings():
+    assert parse_config('{"Network":"10.1.2.3/16"}').network == IPv4Network("10.1.0.0/16")
+    assert parse_config('{"Network":"10.1.0.0/016"}').network == IPv4Network("10.1.0.0/16")  # Go's dtoi
 
 
 def test_ipv6_defaults():

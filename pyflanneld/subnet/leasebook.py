@@ -104,6 +104,7 @@ class LeaseBook:
         self.prefix = prefix
         self.subnets_path = f"{prefix.rstrip('/')}/subnets/"
         self._types = frozenset(backend_types) if backend_types is not None else _registered_types()
+        self._net_span = _span(cfg.network)
         self._own: Lease | None = None
         self._own_mac: str | None = None
         self._records: dict[str, Record] = {}
@@ -184,7 +185,8 @@ class LeaseBook:
         except LeaseFormatError as e:
             return str(e)
         sn, net = lease.subnet, self.cfg.network
-        if not sn.subnet_of(net):
+        start, end = _span(sn)
+        if not (self._net_span[0] <= start and end <= self._net_span[1]):
             return f"subnet {sn} is outside the flannel Network {net}"
         if sn.prefixlen <= net.prefixlen:
             return f"subnet {sn} is the whole flannel Network, not one host's part of it"
@@ -198,7 +200,6 @@ class LeaseBook:
         problem = check_backend_data(bt, lease.attrs.backend_data)
         if problem:
             return problem
-        start, end = _span(sn)
         return _Cand(key=rec.key, lease=lease, order=(rec.create_revision, rec.key), start=start, end=end,
                      plen=sn.prefixlen, mac=_mac_of(lease), revision=rec.revision)
 
@@ -347,9 +348,13 @@ class LeaseBook:
             elif new is not None and new != old:
                 ch.added.append(new)
         self._before = {}
-        ch.removed.sort(key=lambda le: (le.subnet, le.key))
-        ch.added.sort(key=lambda le: (le.subnet, le.key))
+        ch.removed.sort(key=_subnet_order)
+        ch.added.sort(key=_subnet_order)
         return ch
+
+
+def _subnet_order(le: Lease) -> tuple[int, int, str]:
+    return int(le.subnet.network_address), le.subnet.prefixlen, le.key
 
 
 def _span(sn: IPv4Network) -> tuple[int, int]:

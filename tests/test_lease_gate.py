@@ -1,0 +1,352 @@
+"""Untrusted etcd data (issue 10), end to end: a hostile or broken writer under <prefix>/ must not
+hurt a host, crash a daemon or confuse the operator.
+
+Real etcd, real daemons in namespaces, vxlan, a pod per host. For each bad lease (cases 1-5)
+traffic between the healthy hosts is checked before (pings, exact kernel state), during (a
+continuous ping that must lose nothing while the bad key exists and is deleted) and after; the
+bad key's rejection is read from /readyz (the positive sign that it was processed). Then the
+network config (cases 6-8) and a mixed cluster with the real upstream flanneld (valid upstream
+leases are never rejected).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from ipaddress import IPv4Network
+
+import pytest
+from e2e_helpers import (
+    PREFIX,
+    Node,
+    Pinger,
+    attach_pod,
+    config,
+    fdb,
+    key_of,
+    ping_all,
+    start_nodes,
+    vxlan_expected,
+    vxlan_state,
+    wait_for,
+)
+from helpers import http_get
+
+from lab import start_daemon
+from lab.upstream import missing_reason, upstream_binary
+
+pytestmark = pytest.mark.lab
+
+HZ = 8491
+HZ_ARGS = ("--healthz-port", str(HZ), "--healthz-ip", "127.0.0.1")
+VXLAN = config({"Type": "vxlan"})
+ALLOC = '{"Network":"10.1.0.0/16","Backend":{"Type":"alloc"}}'
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+def vx_value(public_ip, mac: str | None = None, **override) -> str:
+    """A vxlan lease value as upstream writes it; ``override`` replaces/removes (None) fields."""
+    mac = mac or "02:%02x:%02x:%02x:%02x:%02x" % tuple(random.randrange(256) for _ in range(5))
+    d = {"PublicIP": public_ip, "PublicIPv6": None, "BackendType": "vxlan",
+         "BackendData": {"VNI": 1, "VtepMAC": mac}}
+    for k, v in override.items():
+        if v is None:
+            d.pop(k, None)
+        else:
+            d[k] = v
+    return json.dumps(d, separators=(",", ":"))
+
+
+def readyz(node: Node) -> tuple[int, str]:
+    return http_get(node.host, HZ, "/readyz")
+
+
+def rejected(node: Node) -> dict[str, str]:
+    """The rejected lease entries /readyz lists (``  <key>: <reason>`` lines), for a ready host."""
+    code, body = readyz(node)
+    assert code == 200, (node.host.name, code, body)
+    return dict(re.findall(r"^  (\S+): (.*)$", body, re.M))
+
+
+def wait_rejected(nodes: list[Node], key: str, problems: dict[str, str], timeout: float = 15) -> None:
+    """Each node lists ``key`` as rejected in /readyz with its reason containing problems[host]."""
+    for n in nodes:
+        want = problems[n.host.name]
+        wait_for(lambda n=n, want=want: want in rejected(n).get(key, ""), timeout,
+                 f"{n.host.name} rejects {key} ({want})")
+
+
+def wait_forgotten(nodes: list[Node], key: str, timeout: float = 15) -> None:
+    """The delete of a rejected key was processed: /readyz no longer lists it."""
+    for n in nodes:
+        wait_for(lambda n=n: key not in rejected(n), timeout, f"{n.host.name} forgets {key}")
+
+
+def assert_converged(nodes: list[Node], etcd, timeout: float = 10) -> None:
+    """Every host's routes, ARP and FDB are exactly the healthy peers' entries (upstream's)."""
+    for n in nodes:
+        want = vxlan_expected(n, [p for p in nodes if p is not n], etcd)
+        try:
+            wait_for(lambda n=n, want=want: vxlan_state(n) == want, timeout, f"{n.host.name} kernel state")
+        except AssertionError:
+            pass  # the exact comparison shows the difference
+        assert vxlan_state(n) == want, n.host.name
+
+
+def wait_full_pass(n: Node) -> None:
+    """Plant a stale ARP entry on flannel.1 (harmless: 10.5.0.0/24 is never leased) and wait until
+    the periodic reconcile removes it: a full kernel pass has run (the pass that, before the gate,
+    re-programmed a bad lease or failed on one at every round)."""
+    n.host.ip("neigh", "add", "10.5.0.250", "lladdr", "02:00:00:00:00:fa", "dev", "flannel.1", "nud", "permanent")
+    wait_for(lambda: "10.5.0.250 " not in n.host.ip("neigh", "show", "dev", "flannel.1"), 30,
+             f"{n.host.name}: a reconcile pass")
+
+
+class Traffic:
+    """Continuous pings both ways between two healthy hosts' pods, from before a bad write to after
+    its deletion; ``assert_nothing_lost`` stops them."""
+
+    def __init__(self, a: Node, b: Node) -> None:
+        self.pingers = [Pinger(a.pod, b.pod.address, interval=0.1), Pinger(b.pod, a.pod.address, interval=0.1)]
+
+    def assert_nothing_lost(self) -> None:
+        results = [(p.stop(wait=0), p.lost()) for p in self.pingers]
+        for (sent, _), lost in results:
+            assert sent >= 5, results  # it really ran while the bad key was there
+            assert lost == [], results
+
+
+def healthy_pair(lab, etcd) -> list[Node]:
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    nodes = start_nodes(lab, [lab.add_host("h1"), lab.add_host("h2")], *HZ_ARGS, timeout=30)
+    assert_converged(nodes, etcd)
+    assert ping_all([n.pod for n in nodes]) == []
+    for n in nodes:
+        assert readyz(n) == (200, "flanneld is ready")
+    return nodes
+
+
+def no_crash(nodes: list[Node]) -> None:
+    for n in nodes:
+        text = n.daemon.log_text()
+        assert n.daemon.alive, text[-3000:]
+        for bad in ("Traceback", "internal error", "background task failed", "RecursionError", "set failed",
+                    "peer programming failed", "backend call failed"):
+            assert bad not in text, (n.host.name, bad, text[-3000:])
+
+
+# --- leases ----------------------------------------------------------------------------------------
+def test_case1_lease_outside_network_never_touches_the_underlay(lab, etcd):
+    nodes = healthy_pair(lab, etcd)
+    traffic = Traffic(*nodes)
+    key = f"{PREFIX}/subnets/192.168.100.0-24"  # the underlay itself
+    etcd.put(key, vx_value("192.168.100.77"))
+    why = "subnet 192.168.100.0/24 is outside the flannel Network 10.5.0.0/16"
+    wait_rejected(nodes, "192.168.100.0-24", {"h1": why, "h2": why})
+    assert_converged(nodes, etcd, timeout=0)  # the connected "192.168.100.0/24 dev eth0" route is intact
+    wait_full_pass(nodes[0])
+    assert_converged(nodes, etcd, timeout=0)
+    for n in nodes:
+        assert n.host.ping(etcd.ip), f"{n.host.name} lost its underlay"
+    etcd.delete(key)
+    wait_forgotten(nodes, "192.168.100.0-24")
+    traffic.assert_nothing_lost()
+    assert_converged(nodes, etcd, timeout=0)
+    assert ping_all([n.pod for n in nodes]) == []
+    for n in nodes:
+        assert n.daemon.log_text().count(f"key={key}") == 1  # one warning per host
+        assert readyz(n) == (200, "flanneld is ready")
+    no_crash(nodes)
+
+
+def test_case2_lease_overlapping_a_peer_or_the_own_subnet(lab, etcd):
+    n1, n2 = nodes = healthy_pair(lab, etcd)
+    traffic = Traffic(n1, n2)
+    # half of h2's subnet, written after h2's lease: h2's ARP entry on h1 must not be overwritten
+    bad = f"{n2.subnet.network_address}-25"
+    etcd.put(f"{PREFIX}/subnets/{bad}", vx_value("192.168.100.99"))
+    wait_rejected(nodes, bad, {"h1": f"overlaps the lease {n2.subnet.network_address}-24, which was created first",
+                               "h2": f"overlaps this host's own subnet {n2.subnet}"})
+    assert_converged(nodes, etcd, timeout=0)
+    # ... and deleting it must not delete h2's entries either
+    etcd.delete(f"{PREFIX}/subnets/{bad}")
+    wait_forgotten(nodes, bad)
+    assert_converged(nodes, etcd, timeout=0)
+    # one overlapping h1's own subnet: never a route over h1's own (that failed at every reconcile)
+    bad_own = f"{n1.subnet.network_address}-25"
+    etcd.put(f"{PREFIX}/subnets/{bad_own}", vx_value("192.168.100.98"))
+    wait_rejected(nodes, bad_own, {"h1": f"overlaps this host's own subnet {n1.subnet}",
+                                   "h2": f"overlaps the lease {n1.subnet.network_address}-24"})
+    wait_full_pass(n1)
+    wait_full_pass(n2)
+    assert_converged(nodes, etcd, timeout=0)
+    etcd.delete(f"{PREFIX}/subnets/{bad_own}")
+    wait_forgotten(nodes, bad_own)
+    traffic.assert_nothing_lost()
+    assert_converged(nodes, etcd, timeout=0)
+    assert ping_all([n.pod for n in nodes]) == []
+    no_crash(nodes)
+
+
+def test_case3_lease_reusing_a_peers_vtep_mac(lab, etcd):
+    n1, n2 = nodes = healthy_pair(lab, etcd)
+    traffic = Traffic(n1, n2)
+    mac2 = n2.vtep_mac(etcd)
+    bad = "10.5.250.0-24"  # a free subnet, another PublicIP, h2's VtepMAC (upper case: same MAC)
+    etcd.put(f"{PREFIX}/subnets/{bad}", vx_value("192.168.100.250", mac2.upper()))
+    wait_rejected(nodes, bad, {"h1": f"VtepMAC {mac2} is already the VtepMAC of the lease {n2.subnet.network_address}-24",
+                               "h2": f"VtepMAC {mac2} is this host's own VtepMAC"})
+    assert fdb(n1.host) == {f"{mac2} dst {n2.ip} self permanent"}  # not redirected ...
+    wait_full_pass(n1)
+    assert fdb(n1.host) == {f"{mac2} dst {n2.ip} self permanent"}  # ... nor flapping with reconciles
+    assert_converged(nodes, etcd, timeout=0)
+    etcd.delete(f"{PREFIX}/subnets/{bad}")
+    wait_forgotten(nodes, bad)
+    traffic.assert_nothing_lost()
+    assert_converged(nodes, etcd, timeout=0)
+    assert ping_all([n.pod for n in nodes]) == []
+    no_crash(nodes)
+
+
+def test_case4_deeply_nested_value_crashes_nothing(lab, etcd):
+    n1, n2 = nodes = healthy_pair(lab, etcd)
+    traffic = Traffic(n1, n2)
+    bad = "10.5.251.0-24"
+    deep = "[" * 100_000 + "]" * 100_000
+    etcd.etcdctl("put", "--", f"{PREFIX}/subnets/{bad}", input=deep)  # 200 kB: too long for argv
+    wait_rejected(nodes, bad, {h: "nested more than 100 deep" for h in ("h1", "h2")})
+    # the watch goes on: a new lease and its removal are applied while the bad key exists
+    good = IPv4Network("10.5.240.0/24")
+    etcd.put(key_of(good), vx_value("192.168.100.240"))
+    for n in nodes:
+        wait_for(lambda n=n: f"{good} via 10.5.240.0 dev flannel.1 onlink" in vxlan_state(n)["routes"], 15,
+                 f"{n.host.name} programs {good}")
+    etcd.delete(key_of(good))
+    assert_converged(nodes, etcd)
+    # a daemon starting while the key exists starts normally (it used to exit with RecursionError)
+    h3 = lab.add_host("h3")
+    d3 = start_daemon(h3, "--iface", "eth0", *HZ_ARGS)
+    env3 = d3.wait_subnet_env(timeout=30)
+    n3 = Node(h3, d3, env3, attach_pod(lab, h3, env3))
+    wait_rejected([n3], bad, {"h3": "nested more than 100 deep"})
+    assert_converged([*nodes, n3], etcd)
+    assert ping_all([n.pod for n in (*nodes, n3)]) == []
+    etcd.delete(f"{PREFIX}/subnets/{bad}")
+    wait_forgotten([*nodes, n3], bad)
+    traffic.assert_nothing_lost()
+    no_crash([*nodes, n3])
+
+
+def test_case5_public_ip_missing_number_or_boolean(lab, etcd):
+    nodes = healthy_pair(lab, etcd)
+    traffic = Traffic(*nodes)
+    bad = {"10.5.252.0-24": (None, "PublicIP: missing"),
+           "10.5.253.0-24": (5, "PublicIP: 5 is not an IPv4 address string"),
+           "10.5.254.0-24": (True, "PublicIP: true is not an IPv4 address string")}
+    for key, (ip, _) in bad.items():
+        value = vx_value("x", PublicIP=None) if ip is None else vx_value(ip)
+        etcd.put(f"{PREFIX}/subnets/{key}", value)
+    for key, (_, why) in bad.items():
+        wait_rejected(nodes, key, {"h1": why, "h2": why})
+    for n in nodes:
+        assert not [e for e in fdb(n.host) if " dst 0.0.0." in e], fdb(n.host)
+    assert_converged(nodes, etcd, timeout=0)
+    for key in bad:
+        etcd.delete(f"{PREFIX}/subnets/{key}")
+    for key in bad:
+        wait_forgotten(nodes, key)
+    traffic.assert_nothing_lost()
+    assert_converged(nodes, etcd, timeout=0)
+    assert ping_all([n.pod for n in nodes]) == []
+    no_crash(nodes)
+
+
+# --- the network config ----------------------------------------------------------------------------
+def test_case6_7_bad_config_numbers_and_cidrs_are_one_line_never_a_crash(lab, etcd):
+    """At startup: the daemon says what is wrong (naming the field) and waits, /readyz says it too;
+    once fixed it starts. At runtime: one warning per bad value, the running config stays."""
+    h1 = lab.add_host("h1")
+    etcd.put(f"{PREFIX}/config", '{"Network":"10.1.0.0/16","SubnetLen":1e400,"Backend":{"Type":"alloc"}}')
+    d = start_daemon(h1, "--iface", "eth0", "--healthz-port", str(HZ), "--healthz-ip", "127.0.0.1",
+                     env={"PYFLANNELD_CONFIG_RECHECK": "0.5"})
+    d.wait_log(r"number 1e400 in SubnetLen is out of range", timeout=20)
+    code, body = http_get(h1, HZ, "/readyz")
+    assert code == 503 and "number 1e400 in SubnetLen is out of range" in body, body
+    steps = [
+        ('{"Network":"10.1.0.0/16","SubnetLen":NaN,"Backend":{"Type":"alloc"}}', "NaN in SubnetLen is not a JSON value"),
+        ('{"Network":"10.1.0.0/16","SubnetLen":-Infinity}', "-Infinity in SubnetLen is not a JSON value"),
+        ('{"Network":"10.20.0.0","Backend":{"Type":"alloc"}}', "Network: invalid CIDR address: 10.20.0.0"),
+        ('{"Network":"10.1.0.0/16","SubnetLen":24.5}', "cannot unmarshal number 24.5 into Go struct field Config.SubnetLen"),
+        ('{"Network":' + "[" * 100_000 + "]" * 100_000 + "}", "nested more than 100 deep"),
+    ]
+    for raw, words in steps:
+        etcd.etcdctl("put", "--", f"{PREFIX}/config", input=raw)
+        d.wait_log(re.escape(words), timeout=20)
+    etcd.put(f"{PREFIX}/config", ALLOC)
+    d.wait_subnet_env(timeout=20)
+    assert http_get(h1, HZ, "/readyz")[0] == 200
+    # runtime: the re-check task warns once per bad value and never dies
+    for raw, words in steps:
+        etcd.etcdctl("put", "--", f"{PREFIX}/config", input=raw)
+        d.wait_log(r"network config in etcd is now invalid.*" + re.escape(words), timeout=20)
+    etcd.put(f"{PREFIX}/config", ALLOC)
+    wait_for(lambda: d.log_text().count("network config in etcd is now invalid") == len(steps), 10,
+             what="one warning per bad value")
+    assert http_get(h1, HZ, "/readyz")[0] == 200
+    text = d.log_text()
+    assert d.alive
+    for bad in ("Traceback", "internal error", "OverflowError", "RecursionError", "background task failed"):
+        assert bad not in text, (bad, text[-3000:])
+
+
+def test_case8_subnet_min_above_max_and_out_of_subnets_names_the_prefix(lab, etcd):
+    prefix = "/my/net"
+    h1, h2 = lab.add_host("h1"), lab.add_host("h2")
+    etcd.put(f"{prefix}/config", '{"Network":"10.1.0.0/16","SubnetMin":"10.1.200.0","SubnetMax":"10.1.100.0",'
+             '"Backend":{"Type":"alloc"}}')
+    d1 = start_daemon(h1, "--iface", "eth0", "--etcd-prefix", prefix)
+    d1.wait_log(r"SubnetMin 10\.1\.200\.0 is greater than SubnetMax 10\.1\.100\.0", timeout=20)
+    # a pool of one subnet, taken by h1: h2 says which key to free, under the real prefix
+    etcd.put(f"{prefix}/config", '{"Network":"10.1.0.0/16","SubnetMin":"10.1.7.0","SubnetMax":"10.1.7.0",'
+             '"Backend":{"Type":"alloc"}}')
+    assert d1.wait_subnet_env(timeout=20)["FLANNEL_SUBNET"] == "10.1.7.1/24"
+    d2 = start_daemon(h2, "--iface", "eth0", "--etcd-prefix", prefix)
+    m = d2.wait_log(r"out of subnets: [^\n]*", timeout=20)
+    assert ("out of subnets: all 1 /24 subnets of 10.1.0.0/16 are leased; free one (delete a dead host's "
+            "key under /my/net/subnets/)") in m[0], m[0]
+    assert "<prefix>" not in d2.log_text()
+    assert d1.alive and d2.alive
+
+
+# --- a mixed cluster with the real upstream flanneld -----------------------------------------------
+def test_mixed_cluster_with_upstream_v0_20_2_no_lease_rejected(lab, etcd):
+    binary = upstream_binary("v0.20.2")
+    if binary is None:
+        pytest.skip(missing_reason("v0.20.2"))
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    hosts = [lab.add_host(h) for h in ("h1", "h2", "h3", "h4")]
+    daemons = [start_daemon(hosts[0], "--iface", "eth0", binary=str(binary)),
+               start_daemon(hosts[1], "--iface", "eth0", binary=str(binary))]
+    daemons += [start_daemon(h, "--iface", "eth0", *HZ_ARGS) for h in hosts[2:]]
+    nodes = []
+    for h, d in zip(hosts, daemons, strict=True):
+        env = d.wait_subnet_env(timeout=30)
+        nodes.append(Node(h, d, env, attach_pod(lab, h, env)))
+    assert len({n.subnet for n in nodes}) == 4
+    leases = etcd.get_prefix(f"{PREFIX}/subnets/")
+    assert len(leases) == 4
+    assert_converged(nodes, etcd, timeout=20)  # upstream's own hosts program every peer, and so do ours
+    assert ping_all([n.pod for n in nodes]) == []
+    for n in nodes[2:]:
+        assert readyz(n) == (200, "flanneld is ready")  # no lease rejected
+        assert "ignoring bad lease entry" not in n.daemon.log_text()
+    # an upstream host restarts: it reuses its lease (found by PublicIP) and its device
+    d0 = nodes[0].daemon
+    written = d0.log_text().count("Wrote subnet file")
+    d0.restart()
+    wait_for(lambda: d0.log_text().count("Wrote subnet file") > written, 30, "upstream h1 restarted")
+    assert_converged(nodes, etcd, timeout=20)
+    assert ping_all([n.pod for n in nodes]) == []
+    for n in nodes[2:]:
+        assert readyz(n) == (200, "flanneld is ready")
