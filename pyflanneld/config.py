@@ -138,7 +138,7 @@ def _parse_cidr(s: str, key: str) -> IPv4Network | IPv6Network:
                 return IPv6Network((int(IPv6Address(m[1])), plen), strict=False)
         except ValueError:
             pass
-    raise ConfigError(f"invalid CIDR address: {s}", key)
+    raise ConfigError(f"invalid CIDR address: {s if len(s) <= 60 else s[:57] + '...'}", key)
 
 
 def _parse_v4_net(s: str) -> IPv4Network:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import TYPE_CHECKING, Any, Literal
@@ -128,7 +129,7 @@ def _check_vxlan_data(data: Any) -> str | None:
 
 # BackendType → check of that type's BackendData (None: fine, else the problem). Types without an
 # entry (host-gw, udp/alloc "", ...) carry no BackendData the kernel depends on.
-BACKEND_DATA_CHECKS: dict[str, Any] = {"vxlan": _check_vxlan_data}
+BACKEND_DATA_CHECKS: dict[str, Callable[[Any], str | None]] = {"vxlan": _check_vxlan_data}
 
 
 def check_backend_data(backend_type: str, data: Any) -> str | None:

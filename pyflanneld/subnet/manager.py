@@ -103,7 +103,7 @@ class SubnetManager:
                              subnet=str(le.subnet), public_ip=str(attrs.public_ip))
                     await self.store.delete_subnet(le.key)
 
-            taken = Taken(self.cfg, _claimed_subnets(recs))  # a key with a bad value still claims its subnet
+            taken = Taken(self.cfg, _claimed_subnets(recs, self.cfg.network))
             # 2. The subnet we had before (subnet.env), if nobody holds it.
             cand: IPv4Network | None = None
             prev = self.prev_subnet
@@ -306,14 +306,17 @@ def _parse_quietly(recs: list[Record]) -> list[Lease]:
     return out
 
 
-def _claimed_subnets(recs: list[Record]) -> list[IPv4Network]:
-    """The IPv4 subnet of every key that parses, whatever its value."""
+def _claimed_subnets(recs: list[Record], network: IPv4Network) -> list[IPv4Network]:
+    """The subnets inside ``network`` claimed by keys that parse, whatever their value: a key with a
+    bad value cannot be created again, so its subnet is not free."""
     out = []
     for r in recs:
         try:
-            out.append(parse_subnet_key(r.key)[0])
+            sn = parse_subnet_key(r.key)[0]
         except LeaseFormatError:
-            pass
+            continue
+        if sn.overlaps(network):
+            out.append(sn)
     return out
 
 
