@@ -410,7 +410,9 @@ class Daemon:
 
 def rejected_summary(subnets_path: str, rejected: Mapping[str, str], limit: int = 20) -> str:
     """/readyz detail: the rejected lease entries (at most ``limit``), one ``key: reason`` per line."""
-    lines = [f"{len(rejected)} lease entries under {subnets_path} rejected (not programmed):"]
+    n = len(rejected)
+    lines = [f"{n} lease {'entry' if n == 1 else 'entries'} under {subnets_path} rejected (not programmed; "
+             "correct or delete them):"]
     lines += [f"  {k}: {why}" for k, why in sorted(rejected.items())[:limit]]
     if len(rejected) > limit:
         lines.append(f"  ... and {len(rejected) - limit} more")

@@ -238,6 +238,36 @@ def test_case4_deeply_nested_value_crashes_nothing(lab, etcd):
     no_crash([*nodes, n3])
 
 
+def test_case4_v2_directories_nested_under_subnets_are_no_leases(lab, etcd):
+    """etcd v2 allows directories: 600 nested under subnets/ made the recursive v2 listing too deep
+    for Python's JSON decoder (the daemon exited with RecursionError). Only direct children are
+    leases, in the list and in the watch."""
+    h1 = lab.add_host("h1")
+    etcd.v2_put(f"{PREFIX}/config", ALLOC)
+    deep_dir = f"{PREFIX}/subnets/" + "/".join(["d"] * 600)
+    etcd.v2_put(f"{deep_dir}/x", "[1]")
+    d = start_daemon(h1, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)
+    d.wait_subnet_env(timeout=30)
+
+    def peers() -> set[str]:
+        code, body = http_get(h1, HZ, "/peers")
+        assert code == 200, body
+        return {p["subnet"] for p in json.loads(body)}
+
+    lease = '{"PublicIP":"192.168.100.%d","PublicIPv6":null}'
+    etcd.v2_put(f"{PREFIX}/subnets/d/10.1.241.0-24", lease % 241)  # nested: not a lease
+    etcd.v2_put(f"{PREFIX}/subnets/10.1.242.0-24", lease % 242)
+    wait_for(lambda: "10.1.242.0/24" in peers(), 15, "a lease after the nested one is applied")
+    assert peers() == {"10.1.242.0/24"}
+    d.restart()  # the list at start skips the nested directories too
+    wait_for(lambda: d.log_text().count("peer leases listed") == 2, 30, "relisted after the restart")
+    assert peers() == {"10.1.242.0/24"}
+    text = d.log_text()
+    assert d.alive
+    for bad in ("Traceback", "internal error", "RecursionError", "background task failed", "watch failed"):
+        assert bad not in text, (bad, text[-3000:])
+
+
 def test_case5_public_ip_missing_number_or_boolean(lab, etcd):
     nodes = healthy_pair(lab, etcd)
     traffic = Traffic(*nodes)

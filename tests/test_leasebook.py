@@ -329,3 +329,14 @@ def _random_sequence(seq, own_subnet, rnd):
     for r in sorted(live.values(), key=lambda r: random.Random(rev).random()):
         third.put(r)
     assert dict(third.accepted) == dict(b.accepted)
+
+
+def test_readyz_lists_rejected_entries_bounded():
+    from pyflanneld.daemon import rejected_summary
+
+    one = rejected_summary("/p/subnets/", {"10.5.2.0-24": "PublicIP: missing"})
+    assert one == ("1 lease entry under /p/subnets/ rejected (not programmed; correct or delete them):\n"
+                   "  10.5.2.0-24: PublicIP: missing")
+    many = rejected_summary("/p/subnets/", {f"10.5.{i}.0-24": "x" for i in range(25)})
+    lines = many.splitlines()
+    assert lines[0].startswith("25 lease entries") and len(lines) == 22 and lines[-1] == "  ... and 5 more"

@@ -24,11 +24,13 @@ from urllib.parse import quote
 import httpx
 import structlog
 
+from ..jsondecode import JSONValueError, decode_json
 from .etcd_common import EtcdSettings, RequestDeadline, go_path_join
 from .store import AuthError, CompactedError, Record, StoreError, WatchEvent
 
 log = structlog.get_logger()
 
+_MAX_RESPONSE_BYTES = 256 << 20  # a listing of every lease, far beyond any real cluster
 _PUT_ACTIONS = {"set", "create", "update", "compareAndSwap"}
 _DEL_ACTIONS = {"delete", "expire", "compareAndDelete"}
 
@@ -151,10 +153,11 @@ class EtcdV2Store:
         raise StoreError(last)
 
     def _json(self, r: httpx.Response) -> dict:
+        # Bounded: directories nested under subnets/ nest the recursive listing (RecursionError).
         try:
-            d = r.json()
-        except ValueError:
-            raise StoreError(self._problem(f"HTTP {r.status_code} with a non-JSON body")) from None
+            d = decode_json(r.content, max_bytes=_MAX_RESPONSE_BYTES)
+        except JSONValueError as e:
+            raise StoreError(self._problem(f"HTTP {r.status_code} with a non-JSON body ({e})")) from None
         if not isinstance(d, dict):
             raise StoreError(self._problem(f"HTTP {r.status_code} with an unexpected JSON body"))
         return d
@@ -178,7 +181,9 @@ class EtcdV2Store:
         return (d["node"].get("value") or "").encode()
 
     async def list_subnets(self) -> tuple[list[Record], int]:
-        r = await self._send("GET", "subnets", params={"recursive": "true", "quorum": "true"})
+        # Not recursive: leases are direct children (listed with their values). Directories nested
+        # under subnets/ are no leases, and listed recursively they nest the answer without bound.
+        r = await self._send("GET", "subnets", params={"quorum": "true"})
         index = int(r.headers.get("X-Etcd-Index", "0"))
         if r.status_code == 404:
             return [], index
@@ -279,8 +284,8 @@ class EtcdV2Store:
                 raise self._failed("watch", d)
             node = d.get("node", {})
             index = int(node.get("modifiedIndex", index)) + 1
-            if node.get("dir"):
-                continue
+            if node.get("dir") or not str(node.get("key", "")).rsplit("/", 1)[0].endswith("/subnets"):
+                continue  # a directory, or a key nested deeper: not a lease (the list skips them too)
             action = d.get("action")
             if action in _PUT_ACTIONS:
                 yield WatchEvent("put", self._record(node))
