@@ -157,10 +157,7 @@ def _check_public_ip(v: Any) -> IPv4Address:
     n = _ipv4_int(v)
     if n is None:
         raise LeaseFormatError(f"PublicIP: {_show(v)} is not an IPv4 address")
-    ip = IPv4Address(n)
-    if ip.is_unspecified or ip.is_loopback or ip.is_multicast or ip == IPv4Address("255.255.255.255"):
-        raise LeaseFormatError(f"PublicIP: {ip} cannot be a host's address")
-    return ip
+    return IPv4Address(n)
 
 
 @dataclass(frozen=True)
