@@ -356,11 +356,23 @@ def test_mixed_cluster_with_upstream_v0_20_2_no_lease_rejected(lab, etcd):
         pytest.skip(missing_reason("v0.20.2"))
     etcd.put(f"{PREFIX}/config", VXLAN)
     hosts = [lab.add_host(h) for h in ("h1", "h2", "h3", "h4")]
-    daemons = [start_daemon(hosts[0], "--iface", "eth0", binary=str(binary)),
-               start_daemon(hosts[1], "--iface", "eth0", binary=str(binary))]
-    daemons += [start_daemon(h, "--iface", "eth0", *HZ_ARGS) for h in hosts[2:]]
     nodes = []
-    for h, d in zip(hosts, daemons, strict=True):
+
+    def up(host, *args, **kw) -> Node:
+        d = start_daemon(host, "--iface", "eth0", *args, **kw)
+        env = d.wait_subnet_env(timeout=30)
+        return Node(host, d, env, attach_pod(lab, host, env))
+
+    # the upstream hosts one after the other, each watching before the next appears (v0.20.2 can
+    # miss a lease created between its list and its watch: not what this test is about) ...
+    for h in hosts[:2]:
+        nodes.append(up(h, binary=str(binary)))
+        nodes[-1].daemon.wait_log(r"watching for new subnet leases", timeout=30)
+    wait_for(lambda: f"{nodes[1].subnet} via" in " ".join(vxlan_state(nodes[0])["routes"]), 20,
+             "upstream h1 programs upstream h2")
+    # ... then two pyflanneld hosts at once
+    daemons = [start_daemon(h, "--iface", "eth0", *HZ_ARGS) for h in hosts[2:]]
+    for h, d in zip(hosts[2:], daemons, strict=True):
         env = d.wait_subnet_env(timeout=30)
         nodes.append(Node(h, d, env, attach_pod(lab, h, env)))
     assert len({n.subnet for n in nodes}) == 4
