@@ -11,7 +11,7 @@ import sys
 from ipaddress import IPv4Address
 
 from . import __version__
-from .options import BY_NAME, OptionError, Options, UsageError, parse_args, usage
+from .options import BY_NAME, MAX_LEASE_TTL_S, OptionError, Options, UsageError, parse_args, usage
 
 # First words that select an operator command (pyflanneld.ctl) instead of the daemon: the daemon
 # takes flags only, so none of these can be a daemon command line.
@@ -34,6 +34,9 @@ def validate(o: Options) -> None:
     ttl = o.subnet_lease_ttl
     if ttl < 1:
         raise OptionError(f"--subnet-lease-ttl must be at least 1s (got {ttl}s)")
+    if ttl > MAX_LEASE_TTL_S:
+        raise OptionError(f"--subnet-lease-ttl {ttl:g}s is longer than etcd allows a lease to be "
+                          f"({MAX_LEASE_TTL_S}s, about 285 years): use e.g. 24h")
     if margin >= ttl:
         raise OptionError(f"--subnet-lease-renew-margin ({margin:g}s) must be shorter than "
                           f"--subnet-lease-ttl ({ttl:g}s): lower the margin or raise the TTL")

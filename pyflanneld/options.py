@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 HOUR = 3600
+MAX_DURATION_S = (2**63 - 1) / 1e9  # Go's time.Duration (int64 nanoseconds, ~292 years)
+MAX_LEASE_TTL_S = 9_000_000_000  # etcd's MaxLeaseTTL: a longer lease TTL is refused ("too large lease TTL")
 
 
 class UsageError(Exception):
@@ -103,18 +105,22 @@ _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h":
 
 
 def parse_duration(text: str) -> float:
-    """Go duration (`24h`, `1h30m`, `90s`) in seconds; a bare number means seconds."""
+    """Go duration (`24h`, `1h30m`, `90s`) in seconds; a bare number means seconds.
+    Raises ValueError for anything else, and (as Go) for more than MAX_DURATION_S."""
     t = text.strip()
     if re.fullmatch(r"\d+(\.\d+)?", t):
-        return float(t)
-    pos, total = 0, 0.0
-    for m in _DURATION_RE.finditer(t):
-        if m.start() != pos:
-            break
-        total += float(m[1]) * _UNITS[m[2]]
-        pos = m.end()
-    if pos != len(t) or not t:
-        raise ValueError(f"invalid duration {text!r}")
+        total = float(t)
+    else:
+        pos, total = 0, 0.0
+        for m in _DURATION_RE.finditer(t):
+            if m.start() != pos:
+                break
+            total += float(m[1]) * _UNITS[m[2]]
+            pos = m.end()
+        if pos != len(t) or not t:
+            raise ValueError(f"invalid duration {text!r}")
+    if total > MAX_DURATION_S:
+        raise ValueError(f"invalid duration {text!r}: longer than Go's maximum (about 292 years)")
     return total
 
 

@@ -67,6 +67,9 @@ def test_docker_opts_help_and_daemon_usage_name_the_commands():
     (["leases", "-o", "xml"], "'xml' is not one of"),
     (["lease", "reserve", "10.1.0.0/24"], "Missing option '--public-ip'"),
     (["lease", "release", "10.1.0.0/24", "--ttl", "soon"], "'soon' is not a duration"),
+    (["lease", "release", "10.1.0.0/24", "--ttl", "9" * 400], "is not a duration"),  # was an OverflowError
+    (["lease", "release", "10.1.0.0/24", "--ttl", "9223372036854775808"], "is not a duration"),  # was ValueError
+    (["lease", "release", "10.1.0.0/24", "--ttl", "2500001h"], "longer than etcd allows"),
     (["config", "set"], "Missing option '-f'"),
     (["config", "get", "-etcd-endpointz=http://x:1"], "no such option: -etcd-endpointz"),
     (["config", "get", "--etcd-api", "v4"], "'v4' is not one of"),

@@ -127,6 +127,7 @@ def test_usage_errors(argv, fragment):
     (["--subnet-lease-ttl=30m"], "must be shorter than --subnet-lease-ttl"),
     (["--etcd-cafile=/nonexistent/ca.pem"], "cannot read --etcd-cafile /nonexistent/ca.pem"),
     (["--etcd-certfile=/etc/hostname"], "must be given together"),
+    (["--subnet-lease-ttl=2500001h"], "longer than etcd allows a lease to be"),  # etcd: "too large lease TTL"
 ])
 def test_value_errors(argv, fragment):
     with pytest.raises(OptionError, match=fragment):
@@ -143,6 +144,18 @@ def test_short_ttl_with_duration_margin_is_valid():
                                        ("250ms", 0.25), ("45", 45)])
 def test_parse_duration(text, secs):
     assert parse_duration(text) == secs
+
+
+@pytest.mark.parametrize("text", ["9" * 400, "9" * 400 + "h", "2562048h", "1e3s", "", "h"])
+def test_parse_duration_refuses_what_go_refuses(text):
+    # Go's time.Duration is int64 nanoseconds: ~292 years at most (400 nines once became inf seconds)
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+def test_a_huge_lease_ttl_is_a_usage_error_not_an_internal_error():
+    with pytest.raises(UsageError, match="invalid value .* for flag -subnet-lease-ttl"):
+        parse_args(["--subnet-lease-ttl", "9" * 400], {})
 
 
 def test_password_is_redacted():

@@ -21,7 +21,7 @@ from typing import Any
 import click
 import yaml
 
-from ..options import parse_duration
+from ..options import MAX_LEASE_TTL_S, parse_duration
 from ..subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
 from ..subnet.store import Record
 from .connect import Connection, CtlError, etcd_options, run_async
@@ -174,7 +174,7 @@ class IPv4Param(click.ParamType):
 
 
 class DurationParam(click.ParamType):
-    """A Go duration (`24h`, `90m`) or seconds, rounded up to whole seconds, at least 1."""
+    """A Go duration (`24h`, `90m`) or seconds, rounded up to whole seconds, 1..MAX_LEASE_TTL_S."""
 
     name = "DURATION"
 
@@ -187,6 +187,9 @@ class DurationParam(click.ParamType):
             self.fail(f"{value!r} is not a duration such as 24h, 90m or 30s", param, ctx)
         if seconds < 1:
             self.fail("must be at least 1s", param, ctx)
+        if seconds > MAX_LEASE_TTL_S:
+            self.fail(f"{value!r} is longer than etcd allows a lease to be ({MAX_LEASE_TTL_S}s, about 285 years)",
+                      param, ctx)
         return seconds
 
 
