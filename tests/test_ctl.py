@@ -141,6 +141,10 @@ def test_config_get_without_config_and_with_an_invalid_one(lab, etcd):
     cp = ctl(h1, etcd, "config", "get")
     assert cp.stdout == '{"Network":"10.1.0.0/16","SubnetLen":31}\n'  # shown, and flagged
     assert "SubnetLen must be less than /31" in one_line_error(cp)
+    deep = '{"a":' * 20_000 + "1" + "}" * 20_000  # a hostile value: Python's json recurses on it
+    etcd.put(f"{PREFIX}/config", deep)
+    for output in ("json", "yaml"):
+        assert "nested too deeply" in one_line_error(ctl(h1, etcd, "config", "get", "-o", output))
 
 
 # -- leases --------------------------------------------------------------------------------------------

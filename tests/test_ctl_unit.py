@@ -89,6 +89,9 @@ def test_failures_are_one_line_exit_1(tmp_path):
     assert "--etcd-endpoints: invalid etcd endpoint 'ftp://x'" in line
     line = one_line_error(run("config", "validate", "-f", tmp_path / "missing.yaml"))
     assert "cannot read" in line and "missing.yaml" in line
+    for deep in ("[" * 50_000 + "]" * 50_000, '{"a":' * 50_000 + "1" + "}" * 50_000):  # JSON recursed
+        line = one_line_error(run("config", "validate", "-f", "-", input=deep))
+        assert line == "pyflanneld: stdin: the document is nested too deeply\n", line
 
 
 # -- config files: untrusted input -----------------------------------------------------------------------

@@ -62,7 +62,7 @@ def get(etcd: Connection, output: str) -> None:
     if output == "yaml":
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise CtlError(f"the config at {etcd.config_key} (etcd {api}) is not JSON ({problem}); "
                            "see it with -o json, fix it with: pyflanneld config set -f FILE") from None
         click.echo(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False), nl=False)

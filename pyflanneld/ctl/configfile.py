@@ -35,6 +35,8 @@ def load_document(text: str, source: str) -> Any:
     Raises ConfigFileError."""
     try:
         return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ConfigFileError(f"{source}: the document is nested too deeply") from None
     except ValueError as json_error:
         if source.endswith(".json"):
             raise ConfigFileError(f"{source}: invalid JSON: {json_error}") from None
@@ -108,7 +110,10 @@ def check(raw: str) -> NetworkConfig:
     (pyflanneld.daemon.Daemon.get_config). Raises ConfigError."""
     from ..backend import BackendError, backend_class, registered_types  # the registry imports every backend
 
-    cfg = parse_config(raw)
+    try:
+        cfg = parse_config(raw)
+    except RecursionError:  # a stored value nested thousands deep (json.loads recurses)
+        raise ConfigError("the JSON is nested too deeply") from None
     try:
         backend_class(cfg.backend_type)
     except BackendError as e:
