@@ -77,6 +77,25 @@ def test_run_shell_env_stdin_status_and_timeout_kills_the_group(tmp_path):
     asyncio.run(main())
 
 
+def test_output_is_bounded_and_unread_stdin_is_fine(tmp_path):
+    """A command printing without end (here 100 MB on each stream) costs no memory: only the first
+    MAX_OUTPUT_BYTES of each are kept. Pre's output past that is refused: it would be BackendData."""
+    cap = ext_mod.MAX_OUTPUT_BYTES
+
+    async def main():
+        r = await run_shell("head -c 100000000 /dev/zero | tr '\\0' a; head -c 100000000 /dev/zero >&2; exit 3",
+                            {}, "", 60)
+        assert (r.status, len(r.stdout), len(r.stderr), r.stdout_cut) == (3, cap, cap, True)
+        assert r.problem().startswith("exit status 3: ") and len(r.problem()) < 600
+        r = await run_shell("printf x", {}, "y" * 1_000_000, 10)  # never reads its 1 MB stdin
+        assert (r.status, r.stdout, r.stdout_cut) == (0, "x", False)
+        r = await run_shell(f"head -c {cap} /dev/zero | tr '\\0' b", {}, "", 10)
+        assert (len(r.stdout), r.stdout_cut) == (cap, False)  # exactly the limit is whole
+        with pytest.raises(BackendError, match=f"PreStartupCommand printed more than {cap} bytes"):
+            await make(tmp_path, PreStartupCommand=f"head -c {cap + 1} /dev/zero | tr '\\0' c").register()
+    asyncio.run(main())
+
+
 def test_pre_output_is_backend_data_and_post_gets_own_lease(tmp_path):
     out = tmp_path / "post"
     be = make(tmp_path, PreStartupCommand="echo '  aa:bb:cc  '; echo noise >&2",

@@ -13,7 +13,7 @@ SubnetRemoveCommand    per removed remote lease SUBNET, PUBLIC_IP (remote)  remo
 =====================  =======================  ==========================  =================  ===============
 
 * The Pre command's output, trimmed, becomes the lease's ``BackendData`` as a JSON string (no Pre
-  command: no BackendData). A remote lease's BackendData must be a JSON string (or absent);
+  command: no BackendData; more than ``MAX_OUTPUT_BYTES`` is a startup error). A remote lease's BackendData must be a JSON string (or absent);
   otherwise upstream's "failed to unmarshal BackendData" is logged and the lease is skipped.
   Leases of another BackendType are ignored ("Ignoring non-extension subnet"), as upstream.
 * Variables hold Go's renderings: ``SUBNET=10.5.3.0/24``, ``PUBLIC_IP=192.168.100.2``,
@@ -23,6 +23,8 @@ SubnetRemoveCommand    per removed remote lease SUBNET, PUBLIC_IP (remote)  remo
 What upstream lacks (its docs: "doesn't have a built in retry mechanism"):
 
 * a failing command is logged on one line with its exit status (or the timeout) and its stderr;
+  of each command's stdout and stderr only the first ``MAX_OUTPUT_BYTES`` are kept (a command
+  printing without end costs no memory);
 * a failed SubnetAddCommand is retried by the reconcile loop with a growing delay (2 s doubling to
   5 min) until it succeeds or the lease goes away; a failed SubnetRemoveCommand up to 5 times;
 * no command ever blocks the event loop: each runs as an asyncio subprocess, commands of different
@@ -67,6 +69,10 @@ RETRY_MIN_S = 2.0
 RETRY_MAX_S = 300.0
 REMOVE_ATTEMPTS = 5
 OUTPUT_LOG_CHARS = 500
+# What is kept of a command's stdout and of its stderr; the rest is read and dropped, so a command
+# that prints without end costs no memory. Pre's stdout is the lease's BackendData: more than this
+# is refused (every host reads every lease).
+MAX_OUTPUT_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -78,6 +84,7 @@ class CommandResult:
     stdout: str = ""
     stderr: str = ""
     failure: str = ""
+    stdout_cut: bool = False  # stdout went on past MAX_OUTPUT_BYTES (only the start is kept)
 
     @property
     def ok(self) -> bool:
@@ -98,23 +105,52 @@ def one_line(text: str, limit: int = OUTPUT_LOG_CHARS) -> str:
 
 async def run_shell(command: str, env: dict[str, str], stdin: str, timeout_s: float) -> CommandResult:
     """``sh -c command`` with flanneld's environment plus ``env``, ``stdin`` + newline on its stdin
-    (upstream runCmd). Never raises for the command's own failure; on timeout the command's process
-    group is killed. Cancelling the caller kills it too."""
+    (upstream runCmd). Of stdout and stderr the first MAX_OUTPUT_BYTES each are kept. Never raises
+    for the command's own failure; on timeout the command's process group is killed. Cancelling the
+    caller kills it too."""
     try:
         proc = await asyncio.create_subprocess_exec(
             "sh", "-c", command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env={**os.environ, **env}, start_new_session=True)
     except OSError as e:
         return CommandResult(None, failure=f"cannot run sh: {e.strerror or e}")
+
+    async def communicate() -> tuple[tuple[bytes, bool], tuple[bytes, bool]]:
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        _, out, err = await asyncio.gather(_feed(proc.stdin, (stdin + "\n").encode()),
+                                           _read_capped(proc.stdout), _read_capped(proc.stderr))
+        await proc.wait()
+        return out, err
+
     try:
-        out, err = await asyncio.wait_for(proc.communicate((stdin + "\n").encode()), timeout_s)
+        (out, out_cut), (err, _) = await asyncio.wait_for(communicate(), timeout_s)
     except TimeoutError:
         await _kill(proc)
         return CommandResult(None, failure=f"killed after {timeout_s:g}s timeout")
     except asyncio.CancelledError:
         await _kill(proc)
         raise
-    return CommandResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+    return CommandResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"),
+                         stdout_cut=out_cut)
+
+
+async def _feed(pipe: asyncio.StreamWriter, data: bytes) -> None:
+    """Write ``data`` to the command's stdin and close it; a command that does not read it is fine."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        pipe.write(data)
+        await pipe.drain()
+    pipe.close()
+
+
+async def _read_capped(pipe: asyncio.StreamReader) -> tuple[bytes, bool]:
+    """Read ``pipe`` to its end; (its first MAX_OUTPUT_BYTES, whether more came and was dropped)."""
+    kept = bytearray()
+    cut = False
+    while chunk := await pipe.read(1 << 16):
+        room = MAX_OUTPUT_BYTES - len(kept)
+        cut = cut or len(chunk) > room
+        kept += chunk[:max(room, 0)]
+    return bytes(kept), cut
 
 
 async def _kill(proc: asyncio.subprocess.Process) -> None:
@@ -187,6 +223,10 @@ class ExtensionBackend(PeerSetBackend):
         pre = self.commands["PreStartupCommand"]
         if pre:
             res = await self._startup_command("PreStartupCommand", {})
+            if res.stdout_cut:
+                raise BackendError(f"PreStartupCommand printed more than {MAX_OUTPUT_BYTES} bytes; its output "
+                                   "becomes the lease's BackendData, which every host reads: print only what "
+                                   "the SubnetAddCommand of the other hosts needs")
             data = res.stdout.strip()
         else:
             log.info("no pre startup command configured - skipping")
