@@ -153,6 +153,7 @@ def test_route_table_id_forms():
     assert parse_route_tables(None) == []
     assert parse_route_tables("rtb-1") == ["rtb-1"]
     assert parse_route_tables(["rtb-1", "rtb-2"]) == ["rtb-1", "rtb-2"]
+    assert parse_route_tables(["rtb-2", "rtb-1", "rtb-2", "rtb-1"]) == ["rtb-2", "rtb-1"]  # each table once
     for bad in (5, [], ["rtb-1", 3], {"a": 1}):
         with pytest.raises(BackendError, match="RouteTableID"):
             parse_route_tables(bad)
@@ -410,7 +411,7 @@ def test_one_failing_route_table_does_not_stop_the_others(aws):
         aws.call("create_route", RouteTableId=main, DestinationCidrBlock=f"172.16.{i}.0/24", GatewayId=vpc["igw"])
     typo = "rtb-0000000000000dead"
     h = aws.host(vpc)
-    prefix = aws.config({"Network": NETWORK, "Backend": {"Type": "aws-vpc", "RouteTableID": [typo, main, t2]}})
+    prefix = aws.config({"Network": NETWORK, "Backend": {"Type": "aws-vpc", "RouteTableID": [typo, main, t2, main]}})
     d = aws.daemon(h, prefix, FAST_CHECKS, "--healthz-port", str(HEALTHZ))
     sn = str(subnet_of(d.wait_subnet_env(30)))
     wait_for(lambda: sn in aws.routes(t2), 15, what="route in t2 despite the failing tables")
@@ -418,6 +419,7 @@ def test_one_failing_route_table_does_not_stop_the_others(aws):
     line = d.wait_log(r".*RouteLimitExceeded.*", 10).group(0)
     assert "level=error" in line and f"route table {typo} not found" in line and "fix Backend.RouteTableID" in line
     assert f"route {sn} missing in {main}: route table {main} is full (RouteLimitExceeded)" in line, line
+    assert line.count(f"missing in {main}") == 1, line  # listed twice in RouteTableID, tried once
     code, body = readyz(h)
     assert code == 503 and f"missing in {main}" in body and typo in body, body
     aws.call("delete_route", RouteTableId=main, DestinationCidrBlock="172.16.0.0/24")

@@ -65,13 +65,14 @@ def imds_disabled_message(base: str) -> str:
 
 
 def parse_route_tables(value: Any) -> list[str]:
-    """``RouteTableID``: absent, a string, or a list of strings (upstream accepts both)."""
+    """``RouteTableID``: absent, a string, or a list of strings (upstream accepts both); a table
+    listed twice is programmed (and reported) once."""
     if value is None or value == "":
         return []
     if isinstance(value, str):
         return [value]
     if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
-        return list(value)
+        return list(dict.fromkeys(value))
     raise BackendError('Backend.RouteTableID must be a route table id ("rtb-…") or a list of them')
 
 
