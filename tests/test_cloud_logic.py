@@ -108,3 +108,33 @@ def test_stale_candidates_never_trust_malformed_routes(routes):
         assert isinstance(name, str) and name.startswith("flannel-") and r["network"] == NET["selfLink"]
         assert IPv4Network(r["destRange"]).subnet_of(IPv4Network("10.1.0.0/16"))
         assert INSTANCE_URL.search(r["nextHopInstance"]).groups() == (project, zone, inst)
+
+
+error_bodies = st.one_of(st.binary(max_size=40), json_values.map(lambda v: json.dumps(v).encode()),
+                         st.fixed_dictionaries({"error": json_values}).map(lambda v: json.dumps(v).encode()),
+                         st.fixed_dictionaries({"error": st.fixed_dictionaries({}, optional={
+                             "message": json_values, "errors": json_values})}).map(lambda v: json.dumps(v).encode()))
+
+
+@given(st.sampled_from([400, 401, 403, 404, 409, 429, 500, 503]), error_bodies)
+def test_any_compute_api_error_answer_is_one_line(status, body):
+    """An error body is untrusted: an OAuth-style {"error": "invalid_token"}, a list, garbage —
+    each becomes one GceApiError line, never an AttributeError ('unexpected …' retried slowly)."""
+    from types import SimpleNamespace
+
+    e = SimpleNamespace(resp=SimpleNamespace(status=status), content=body, reason="Bad")
+    err = backend().explain("compute.routes.get", e)
+    assert err.status == status and str(err).startswith("compute.routes.get") and "\n" not in str(err)
+    assert isinstance(err.code, str)
+
+
+@given(st.one_of(json_values, st.fixed_dictionaries({"errors": json_values})), json_values)
+def test_any_finished_operation_is_one_error_line_or_success(error, warnings):
+    import asyncio
+
+    b = backend()
+    op = {"name": "op-1", "status": "DONE", "error": error, "warnings": warnings}
+    try:
+        asyncio.run(b.wait_operation("compute.routes.insert", op))
+    except CloudError as e:
+        assert "\n" not in str(e)

@@ -67,6 +67,11 @@ SCOPE_HINT = ("the instance's service account lacks the compute-rw scope "
               "'gcloud compute instances set-service-account INSTANCE --scopes compute-rw'")
 
 
+def one_line(value: object) -> str:
+    """An API's text (any JSON value) as one line (line breaks become spaces; the rest is kept)."""
+    return " ".join(str(value).splitlines()).strip()
+
+
 def route_name(subnet: IPv4Network) -> str:
     """flannel-10-1-5-0-24 for 10.1.5.0/24 (upstream's formatRouteName)."""
     return "flannel-" + str(subnet).replace(".", "-").replace("/", "-")
@@ -203,7 +208,7 @@ class GceBackend(CloudRouteBackend):
         try:
             data = r.json()
             return data["access_token"], int(data.get("expires_in", 300))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):  # not a JSON object with a token
             raise CloudError(f"GCE metadata server: unexpected token answer from {url}") from None
 
     # --- Compute API -----------------------------------------------------------------------------
@@ -253,11 +258,15 @@ class GceBackend(CloudRouteBackend):
         """A Compute API error answer as one line with the operator's fix."""
         status = int(getattr(e.resp, "status", 0) or 0)
         try:
-            err = json.loads(e.content).get("error", {})
+            err = json.loads(e.content).get("error")
         except (ValueError, AttributeError, TypeError):
-            err = {}
-        message = (err.get("message") or getattr(e, "reason", "") or "").strip()
-        reasons = [x.get("reason", "") for x in err.get("errors") or [] if isinstance(x, dict)]
+            err = None
+        if not isinstance(err, dict):  # not Google's error shape (e.g. OAuth's {"error": "invalid_token"})
+            err = {"message": err} if isinstance(err, str) else {}
+        message = one_line(err.get("message") or getattr(e, "reason", "") or "")
+        errors = err.get("errors")
+        reasons = [x["reason"] for x in errors if isinstance(x, dict) and isinstance(x.get("reason"), str)] \
+            if isinstance(errors, list) else []
         reason = reasons[0] if reasons else ""
         transient = False
         if status == 403 and "insufficientPermissions" in reasons:
@@ -294,15 +303,20 @@ class GceBackend(CloudRouteBackend):
         else:
             raise CloudError(f"{label}: operation {name} not done after {int(OP_POLLS * OP_POLL_INTERVAL)} s",
                              retryable=True)
-        errors = (op.get("error") or {}).get("errors") or []
+        error = op.get("error")
+        errors = error.get("errors") if isinstance(error, dict) else error
+        if errors and not (isinstance(errors, list) and isinstance(errors[0], dict)):  # not Google's shape
+            raise CloudError(f"{label}: operation {name} failed ({one_line(json.dumps(error))[:200]})")
         if errors:
-            code, message = errors[0].get("code", "?"), errors[0].get("message", "")
+            code, message = str(errors[0].get("code", "?")), one_line(errors[0].get("message", ""))
             if code == "QUOTA_EXCEEDED":
                 raise self.quota_error(code, message)
             raise CloudError(f"{label}: operation {name} failed ({code}: {message})",
                              retryable=code in ("RESOURCE_NOT_READY", "resourceNotReady"), code=code)
-        for w in op.get("warnings") or []:
-            log.warning("GCE operation warning", operation=name, code=w.get("code"), message=w.get("message"))
+        warnings = op.get("warnings")
+        for w in warnings if isinstance(warnings, list) else []:
+            if isinstance(w, dict):
+                log.warning("GCE operation warning", operation=name, code=w.get("code"), message=w.get("message"))
 
     # --- the sequence ------------------------------------------------------------------------
     async def fetch_network(self) -> dict:
