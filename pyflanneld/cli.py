@@ -73,7 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         opts = parse_args(argv)
     except UsageError as e:
-        print(f"pyflanneld: {e}", file=sys.stderr)
+        misplaced = next((w for w in argv if w in COMMANDS), None)  # `pyflanneld --etcd-… leases`
+        if misplaced:
+            print(f"pyflanneld: {e}; an operator command comes first: pyflanneld {misplaced} … --etcd-…",
+                  file=sys.stderr)
+        else:
+            print(f"pyflanneld: {e}", file=sys.stderr)
         print("Run 'pyflanneld -h' for the list of flags.", file=sys.stderr)
         sys.exit(2)
     if opts.help:

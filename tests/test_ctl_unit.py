@@ -80,6 +80,13 @@ def test_usage_errors_are_one_line_exit_2(args, fragment):
     assert fragment in line and "--help" in line, line
 
 
+def test_flags_before_the_command_name_the_right_order():
+    cp = run("--etcd-endpoints", "http://127.0.0.1:1", "leases", "-o", "json")
+    assert cp.returncode == 2 and cp.stdout == ""
+    assert "unexpected argument 'leases'" in cp.stderr
+    assert "an operator command comes first: pyflanneld leases" in cp.stderr, cp.stderr
+
+
 def test_failures_are_one_line_exit_1(tmp_path):
     line = one_line_error(run("config", "get", "--etcd-endpoints", "http://127.0.0.1:1"))
     assert "etcd v3 API at http://127.0.0.1:1: unreachable" in line  # the store names the API
