@@ -163,7 +163,8 @@ async def _kill(proc: asyncio.subprocess.Process) -> None:
 
 
 def lease_env(lease: Lease) -> dict[str, str]:
-    """Upstream leaseToEnv: SUBNET/PUBLIC_IP, and IPV6_SUBNET/PUBLIC_IPV6 for a dual-stack lease (v0.22+)."""
+    """SUBNET/PUBLIC_IP of a remote lease (upstream's Add/Remove variables), plus IPV6_SUBNET/PUBLIC_IPV6
+    for a dual-stack lease: upstream's extension.md names these, its code (through v0.28) never sets them."""
     env = {"SUBNET": str(lease.subnet), "PUBLIC_IP": str(lease.attrs.public_ip)}
     if lease.subnet6 is not None:
         env |= {"IPV6_SUBNET": str(lease.subnet6), "PUBLIC_IPV6": str(lease.attrs.public_ipv6 or "")}
