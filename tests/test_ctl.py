@@ -256,6 +256,26 @@ def test_reserve_and_release(lab, etcd, api):
         ctl(h1, etcd, "lease", "release", "10.1.250.0/24", api=api))
 
 
+def test_reserve_and_release_find_an_upstream_dual_stack_key(lab, etcd):
+    """Upstream hosts with EnableIPv6 key their lease 10.1.7.0-24&fd80:0:0:7::-64: that IPv4 subnet is
+    held (never reserved a second time under 10.1.7.0-24 for another host), and reserve/release act
+    on that key in place."""
+    put_raw(etcd, "v3", f"{PREFIX}/config", ALLOC)
+    h1 = lab.add_host("h1")
+    key = f"{PREFIX}/subnets/10.1.7.0-24&fd80:0:0:7::-64"
+    value = json.dumps({"PublicIP": "192.168.100.7", "PublicIPv6": "fd00::7", "BackendType": "vxlan"})
+    etcd.put(key, value, ttl=3600)
+    line = one_line_error(ctl(h1, etcd, "lease", "reserve", "10.1.7.0/24", "--public-ip", "192.168.100.8"))
+    assert "10.1.7.0/24 is leased to 192.168.100.7" in line, line
+    assert etcd.get_prefix(f"{PREFIX}/subnets/") == {key: value}  # no second key for 10.1.7.0/24
+    cp = ctl(h1, etcd, "lease", "reserve", "10.1.7.0/24", "--public-ip", "192.168.100.7")
+    assert cp.returncode == 0 and key in cp.stdout, (cp.stdout, cp.stderr)
+    assert etcd.get_prefix(f"{PREFIX}/subnets/") == {key: value} and key_ttl(etcd, "v3", key) is None
+    cp = ctl(h1, etcd, "lease", "release", "10.1.7.0/24", "--ttl", "1h")
+    assert cp.returncode == 0 and key in cp.stdout, (cp.stdout, cp.stderr)
+    assert etcd.get(key) == value and 3600 - 60 < key_ttl(etcd, "v3", key) <= 3600
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_a_running_host_keeps_its_reservation_and_renews_once_released(lab, etcd, api):
     """Renewals every 5 s (TTL 20 s, margin 15 s): the daemon must stop them when its subnet is

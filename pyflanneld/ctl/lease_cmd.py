@@ -207,6 +207,18 @@ def _describe(v: LeaseView) -> str:
     return f"{v.subnet} is leased to {v.public_ip} (TTL {format_ttl(v)})"
 
 
+def find_record(records: list[Record], subnet: IPv4Network) -> Record | None:
+    """The key holding ``subnet``: ``10.5.1.0-24``, or an upstream dual-stack host's
+    ``10.5.1.0-24&fd80:0:0:1::-64`` (matched by its IPv4 part, which is what the subnet is)."""
+    for rec in records:
+        try:
+            if parse_subnet_key(rec.key)[0] == subnet:
+                return rec
+        except LeaseFormatError:
+            continue
+    return None
+
+
 @lease.command("reserve")
 @click.argument("subnet", type=SubnetParam())
 @click.option("--public-ip", required=True, type=IPv4Param(), help="the PublicIP of the host that gets the subnet")
@@ -219,7 +231,7 @@ def reserve(etcd: Connection, subnet: IPv4Network, public_ip: IPv4Address) -> No
     SUBNET is not one the network config hands out."""
     key = subnet_key(subnet)
 
-    async def work() -> tuple[str, str, list[str]]:
+    async def work() -> tuple[str, str, list[str], str]:
         async with etcd.open() as (store, raw):
             cfg = etcd.parse_stored_config(store, raw)
             if not cfg.contains_subnet(subnet):
@@ -228,25 +240,25 @@ def reserve(etcd: Connection, subnet: IPv4Network, public_ip: IPv4Address) -> No
             records, _ = await store.list_subnets()
             records = await store.fill_expirations(records)
             now = time.time()
-            others = [v.subnet for v in (view(r, now) for r in records)
-                      if v.key != key and v.public_ip == str(public_ip)]
-            current = next((r for r in records if r.key == key), None)
+            current = find_record(records, subnet)
+            others = [v.subnet for v in (view(r, now) for r in records if r is not current)
+                      if v.public_ip == str(public_ip)]
             if current is None:
                 value = LeaseAttrs(public_ip=public_ip).to_json().encode()
                 if await store.create_subnet(key, value, None) is None:
                     raise CtlError(f"{subnet} was just leased by another host; run `pyflanneld leases` and retry")
-                return store.api, "reserved", others
+                return store.api, "reserved", others, key
             v = view(current, now)
             if v.error or v.public_ip != str(public_ip):
                 raise CtlError(f"{_describe(v)}, not {public_ip}: reserve another subnet, or release/delete "
-                               f"{etcd.subnet_key(key)} first")
+                               f"{etcd.subnet_key(current.key)} first")
             if v.reserved:
-                return store.api, "already reserved", others
-            if await store.renew_subnet(key, current.value, None) is None:
+                return store.api, "already reserved", others, current.key
+            if await store.renew_subnet(current.key, current.value, None) is None:
                 raise CtlError(f"{subnet} changed while reserving it; run `pyflanneld leases` and retry")
-            return store.api, "reserved (the host's lease, TTL removed)", others
+            return store.api, "reserved (the host's lease, TTL removed)", others, current.key
 
-    api, what, others = run_async(work())
+    api, what, others, key = run_async(work())
     click.echo(f"{what}: {subnet} for {public_ip} ({etcd.subnet_key(key)}, etcd {api}, no TTL)")
     if others:
         click.echo(f"warning: {public_ip} also holds {', '.join(sorted(others))}; the host keeps that until it "
@@ -263,24 +275,24 @@ def release(etcd: Connection, subnet: IPv4Network, ttl_s: int, delete: bool) -> 
     """Turn the reservation of SUBNET back into an ordinary lease (or delete it).
 
     Refused when SUBNET is not a reservation: a running host's lease is left alone."""
-    key = subnet_key(subnet)
 
-    async def work() -> str:
+    async def work() -> tuple[str, str]:
         async with etcd.open() as (store, _raw):
             records, _ = await store.list_subnets()
-            current = next((r for r in records if r.key == key), None)
+            current = find_record(records, subnet)
             if current is None:
-                raise CtlError(f"no lease or reservation for {subnet} ({etcd.subnet_key(key)}, etcd {store.api})")
+                raise CtlError(f"no lease or reservation for {subnet} ({etcd.subnet_key(subnet_key(subnet))}, "
+                               f"etcd {store.api})")
             v = view((await store.fill_expirations([current]))[0], time.time())
             if not v.reserved:
                 raise CtlError(f"{_describe(v)}: not a reservation, nothing to release")
             if delete:
-                await store.delete_subnet(key)
-            elif await store.renew_subnet(key, current.value, ttl_s) is None:
+                await store.delete_subnet(current.key)
+            elif await store.renew_subnet(current.key, current.value, ttl_s) is None:
                 raise CtlError(f"{subnet} changed while releasing it; run `pyflanneld leases` and retry")
-            return store.api
+            return store.api, current.key
 
-    api = run_async(work())
+    api, key = run_async(work())
     if delete:
         click.echo(f"deleted the reservation of {subnet} ({etcd.subnet_key(key)}, etcd {api})")
     else:
