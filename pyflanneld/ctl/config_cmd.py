@@ -78,7 +78,9 @@ def get(etcd: Connection, output: str) -> None:
 def validate(path: str) -> None:
     """Check a config file with the daemon's own parser and messages (offline: etcd is not contacted).
 
-    Exits 0 and prints a summary when the daemon would accept it, else 1 with the reason."""
+    Exits 0 and prints a summary when the daemon would accept it, else 1 with the reason. The
+    backend's own options (VNI, Port, RouteTableID, the extension commands) are checked by the
+    backend when the daemon starts, not here."""
     _, cfg = _load_file(path)
     click.echo(f"valid: {_summary(cfg)}")
 
