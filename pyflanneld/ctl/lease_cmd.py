@@ -26,7 +26,6 @@ from ..subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key, subne
 from ..subnet.store import Record
 from .connect import Connection, CtlError, etcd_options, run_async
 
-DEFAULT_TTL_S = 24 * 3600  # upstream's subnetTTL: what a released reservation gets back
 TABLE_CELL_MAX = 40
 
 
@@ -267,7 +266,7 @@ def reserve(etcd: Connection, subnet: IPv4Network, public_ip: IPv4Address) -> No
 
 @lease.command("release")
 @click.argument("subnet", type=SubnetParam())
-@click.option("--ttl", "ttl_s", type=DurationParam(), default="24h", show_default=True,
+@click.option("--ttl", "ttl_s", type=DurationParam(), default="24h", show_default=True,  # upstream's subnetTTL
               help="TTL the reservation becomes a lease with (the host renews it, else it expires)")
 @click.option("--delete", is_flag=True, help="delete the reservation now instead (its host allocates again)")
 @etcd_options
