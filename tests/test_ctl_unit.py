@@ -137,6 +137,38 @@ def test_yaml_that_json_cannot_hold_is_refused_with_the_key():
             configfile.load(text, "f")
 
 
+any_chars = st.text(st.characters(blacklist_categories=()), max_size=6)  # lone surrogates included
+
+
+@settings(max_examples=300, deadline=None)
+@given(any_chars, st.one_of(any_chars, st.sampled_from(["1e400", "-1e999", "1.5", "7"])))
+def test_whatever_json_escapes_it_holds_what_set_writes_is_utf8_json(key, value):
+    """A JSON file may escape anything ("\\ud800", 1e400): load() refuses it in one line naming the
+    key, or returns JSON that can be written (UTF-8) and read back - never an internal error."""
+    literal = value if value[:1].isdigit() or value.startswith("-") else json.dumps(value)
+    text = '{"Network":"10.1.0.0/16","Backend":{"Type":"alloc",%s:%s}}' % (json.dumps(key), literal)
+    try:
+        raw, _cfg = configfile.load(text, "net.json")
+    except (configfile.ConfigFileError, ConfigError) as e:
+        assert "\n" not in str(e) and str(e).startswith("net.json: ")
+        return
+    assert json.loads(raw.encode("utf-8")) == json.loads(text)
+
+
+def test_json_that_cannot_be_stored_is_refused_in_one_line_naming_the_key():
+    for text, line in [
+        ('{"Network":"10.1.0.0/16","Backend":{"Type":"alloc","x":1e400}}', "net.json: Backend.x is inf"),
+        ('{"Network":"10.1.0.0/16","Backend":{"Type":"alloc","N":"\\ud800"}}',
+         "net.json: Backend.N holds '\\ud800', which is not text (a lone UTF-16 surrogate)"),
+        ('{"Network":"10.1.0.0/16","Backend":{"Type":"alloc","\\udfff":1}}', "net.json: a key in Backend holds"),
+    ]:
+        with pytest.raises(configfile.ConfigFileError) as e:
+            configfile.load(text, "net.json")
+        assert str(e.value).startswith(line), str(e.value)
+    cp = run("config", "validate", "-f", "-", input='{"Network":"10.1.0.0/16","Backend":{"Type":"alloc","x":1e400}}')
+    assert "Backend.x is inf" in one_line_error(cp)  # was: internal error: ValueError('Out of range float …')
+
+
 def test_what_is_stored_is_compact_json_in_the_file_order():
     raw, cfg = configfile.load("Network: 10.1.0.0/16\nBackend:\n  Type: vxlan\n  VNI: 4\n", "f")
     assert raw == '{"Network":"10.1.0.0/16","Backend":{"Type":"vxlan","VNI":4}}'

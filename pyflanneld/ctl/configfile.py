@@ -30,11 +30,12 @@ def load_document(text: str, source: str) -> Any:
     """The JSON or YAML document in `text` as plain JSON data (dict/list/str/int/float/bool/None).
 
     JSON is tried first (it is what etcd holds); YAML otherwise, unless `source` ends in `.json`.
-    A text that looks like JSON (starts with `{`) but is valid in neither reports the JSON error. YAML values JSON has no type for
-    (dates, binary, sets, NaN/infinity, non-string keys) are errors naming the key path.
-    Raises ConfigFileError."""
+    A text that looks like JSON (starts with `{`) but is valid in neither reports the JSON error. Values
+    JSON has no type for (YAML dates, binary, sets, non-string keys; numbers out of range such as
+    1e400; strings that are not text, such as a lone surrogate escape "\\ud800") are errors naming
+    the key path. Raises ConfigFileError."""
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        doc = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise ConfigFileError(f"{source}: the document is nested too deeply") from None
     except ValueError as json_error:
@@ -63,10 +64,19 @@ def _one_line(e: yaml.YAMLError) -> str:
 
 
 def _plain(doc: Any, source: str) -> Any:
-    """Check that a YAML value is plain JSON data, as a copy; raises ConfigFileError naming the key
-    path. Aliases are copied, so a document that expands past MAX_NODES values (a "billion laughs")
-    or refers to itself is refused instead of eating memory."""
+    """Check that a decoded document is plain JSON data that can be written back as UTF-8 JSON, as a
+    copy; raises ConfigFileError naming the key path. YAML aliases are copied, so a document that
+    expands past MAX_NODES values (a "billion laughs") or refers to itself is refused instead of
+    eating memory."""
     budget = MAX_NODES
+
+    def text(s: str, what: str) -> str:
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: "\ud800" in JSON, YAML's double quotes
+            raise ConfigFileError(f"{source}: {what} holds {s!r}, which is not text (a lone UTF-16 "
+                                  "surrogate); remove it") from None
+        return s
 
     def walk(v: Any, path: str) -> Any:
         nonlocal budget
@@ -75,11 +85,13 @@ def _plain(doc: Any, source: str) -> Any:
             raise ConfigFileError(f"{source}: more than {MAX_NODES} values (YAML aliases expanded); "
                                   "a network config is a few lines")
         here = path or "the document"
-        if v is None or isinstance(v, (bool, int, str)):
+        if isinstance(v, str):
+            return text(v, here)
+        if v is None or isinstance(v, (bool, int)):
             return v
         if isinstance(v, float):
             if not math.isfinite(v):
-                raise ConfigFileError(f"{source}: {here} is {v!r}, which JSON cannot hold")
+                raise ConfigFileError(f"{source}: {here} is {v!r} (a number out of range), which JSON cannot hold")
             return v
         if isinstance(v, list):
             return [walk(x, f"{path}[{i}]") for i, x in enumerate(v)]
@@ -88,7 +100,9 @@ def _plain(doc: Any, source: str) -> Any:
             for k, x in v.items():
                 if not isinstance(k, str):
                     raise ConfigFileError(f"{source}: key {k!r} in {here} is not a string; quote it")
-                out[k] = walk(x, f"{path}.{k}" if path else k)
+                text(k, f"a key in {here}")
+                name = k if k.isprintable() and k else json.dumps(k)  # the message stays one line
+                out[k] = walk(x, f"{path}.{name}" if path else name)
             return out
         kind = "a date/time" if isinstance(v, (datetime.date, datetime.datetime)) else f"a YAML {type(v).__name__}"
         raise ConfigFileError(f"{source}: {here} is {kind}, which JSON has no type for; quote it")
