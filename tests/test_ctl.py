@@ -144,7 +144,7 @@ def test_config_get_without_config_and_with_an_invalid_one(lab, etcd):
     deep = '{"a":' * 20_000 + "1" + "}" * 20_000  # a hostile value: Python's json recurses on it
     etcd.put(f"{PREFIX}/config", deep)
     for output in ("json", "yaml"):
-        assert "nested too deeply" in one_line_error(ctl(h1, etcd, "config", "get", "-o", output))
+        assert "nested more than 100 deep" in one_line_error(ctl(h1, etcd, "config", "get", "-o", output))
 
 
 # -- leases --------------------------------------------------------------------------------------------

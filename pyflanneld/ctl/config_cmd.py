@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import click
 import yaml
 
 from ..config import ConfigError, NetworkConfig
+from ..jsondecode import JSONValueError, decode_json
 from ..subnet.allocate import pool_size
 from ..subnet.lease import LeaseFormatError, parse_subnet_key
 from . import configfile
@@ -61,8 +60,8 @@ def get(etcd: Connection, output: str) -> None:
         problem = str(e)
     if output == "yaml":
         try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError):
+            doc = decode_json(raw)  # what the daemon decodes it with: bounded, never RecursionError
+        except JSONValueError:
             raise CtlError(f"the config at {etcd.config_key} (etcd {api}) is not JSON ({problem}); "
                            "see it with -o json, fix it with: pyflanneld config set -f FILE") from None
         click.echo(yaml.safe_dump(doc, sort_keys=False, default_flow_style=False), nl=False)

@@ -124,10 +124,7 @@ def check(raw: str) -> NetworkConfig:
     (pyflanneld.daemon.Daemon.get_config). Raises ConfigError."""
     from ..backend import BackendError, backend_class, registered_types  # the registry imports every backend
 
-    try:
-        cfg = parse_config(raw)
-    except RecursionError:  # a stored value nested thousands deep (json.loads recurses)
-        raise ConfigError("the JSON is nested too deeply") from None
+    cfg = parse_config(raw)
     try:
         backend_class(cfg.backend_type)
     except BackendError as e:
