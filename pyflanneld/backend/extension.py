@@ -13,8 +13,9 @@ SubnetRemoveCommand    per removed remote lease SUBNET, PUBLIC_IP (remote)  remo
 =====================  =======================  ==========================  =================  ===============
 
 * The Pre command's output, trimmed, becomes the lease's ``BackendData`` as a JSON string (no Pre
-  command: no BackendData; more than ``MAX_OUTPUT_BYTES`` is a startup error). A remote lease's BackendData must be a JSON string (or absent);
-  otherwise upstream's "failed to unmarshal BackendData" is logged and the lease is skipped.
+  command: no BackendData; more than ``MAX_OUTPUT_BYTES`` is a startup error). A remote lease's
+  BackendData must be a JSON string (or absent); otherwise upstream's "failed to unmarshal
+  BackendData" is logged and the lease is skipped.
   Leases of another BackendType are ignored ("Ignoring non-extension subnet"), as upstream.
 * Variables hold Go's renderings: ``SUBNET=10.5.3.0/24``, ``PUBLIC_IP=192.168.100.2``,
   ``NETWORK=10.5.0.0/16``. stdin is the BackendData text followed by a newline.
