@@ -1,7 +1,8 @@
 """The daemon: one asyncio loop from start to ready to shutdown (upstream main.go's order).
 
 options → datastore + network config → interface → backend.register (MTU, BackendData) → lease →
-backend.start → traffic rules → subnet.env → READY=1 → [renew, watch → backend, reconcile, resync].
+backend.start → traffic rules → [keep the lease; watch → book; converge → backend, subnet.env,
+readiness → READY=1; interface monitor; iptables resync]. See :mod:`pyflanneld.converge`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import structlog
 
 from . import __version__, iface, sdnotify, subnetenv
-from .backend import BackendContext, BackendError, ExternalInterface, backend_class, registered_types
+from .backend import Backend, BackendContext, BackendError, ExternalInterface, backend_class, registered_types
 from .config import ConfigError, NetworkConfig, parse_config
+from .converge import Converger
 from .health import HealthServer
 from .iptables_hints import IptablesHints
 from .options import Options
@@ -27,7 +30,7 @@ from .subnet.etcdv3 import EtcdV3Store
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import HOW_TO_SET, SubnetManager, read_config
 from .subnet.store import Store, StoreError
-from .trafficmngr import RulesError, traffic_manager
+from .trafficmngr import RulesError, TrafficManager, traffic_manager
 
 log = structlog.get_logger()
 
@@ -44,49 +47,34 @@ def _env_seconds(name: str, default: float) -> float:
 # Seconds between runtime checks of <prefix>/config (upstream never re-reads it);
 # PYFLANNELD_CONFIG_RECHECK overrides it (the fault tests use 1 s).
 CONFIG_RECHECK = _env_seconds("PYFLANNELD_CONFIG_RECHECK", 30.0)
+# The converger's safety-net period for backends without a reconcile interval (alloc, cloud).
+SAFETY_NET_PERIOD = 10.0
 
 
 class FatalError(Exception):
     """Setup failed in a way retrying cannot fix: exit 1 with this one line."""
 
 
-class _BackendFeeder:
-    """The manager's PeerSink: hands lease events to the backend, one call at a time."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.d = daemon
-
-    async def snapshot(self, leases: list[Lease]) -> None:
-        log.info("peer leases listed", peers=len(leases))
-        await self.d.backend_call("set_peers", leases)
-
-    async def added(self, lease: Lease) -> None:
-        log.info("lease added", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
-                 backend=lease.attrs.backend_type or "-")
-        await self.d.backend_call("add_peer", lease)
-
-    async def removed(self, lease: Lease) -> None:
-        log.info("lease removed", subnet=str(lease.subnet))
-        await self.d.backend_call("remove_peer", lease)
-
-
 class Daemon:
+    """pyflanneld's life: :meth:`run` starts (config, interface, backend, lease), then keeps the
+    lease, the book of leases and the converger running until a signal."""
+
     def __init__(self, opts: Options) -> None:
         self.o = opts
-        self.ready = False
         self.not_ready_reason = "starting"
         self.store: Store | None = None
         self.manager: SubnetManager | None = None
-        self.backend = None
-        self.rules = None
+        self.backend: Backend | None = None
+        self.rules: TrafficManager | None = None
+        self.converger: Converger | None = None
         self.config: NetworkConfig | None = None
-        self._lock = asyncio.Lock()
         self._tasks: dict[str, asyncio.Task] = {}
-        self._factories: dict[str, object] = {}
+        self._factories: dict[str, Callable[[], Coroutine[Any, Any, None]]] = {}
         self.started = time.monotonic()
 
     # -- helpers -------------------------------------------------------------------------------
     def settings(self) -> EtcdSettings:
+        """The etcd connection settings from the options; FatalError on bad endpoints."""
         try:
             return EtcdSettings.from_flags(
                 endpoints=self.o.etcd_endpoints, prefix=self.o.etcd_prefix, cafile=self.o.etcd_cafile,
@@ -96,29 +84,26 @@ class Daemon:
             raise FatalError(f"--etcd-endpoints: {e}") from None
 
     def readiness(self) -> tuple[bool, str]:
-        """(ready, detail) for /readyz. Not ready: why. Ready: rejected lease entries, if any (they
-        are someone else's problem and never programmed, so they do not make this host unready)."""
-        if not self.ready:
+        """(ready, detail) for /readyz. Not ready: the first false fact (before the converger runs,
+        the startup phase's reason). Ready: rejected lease entries, if any (they are someone else's
+        problem and never programmed, so they do not make this host unready)."""
+        if self.converger is None:
             return False, self.not_ready_reason
-        if self.manager and not self.manager.store_ok:
-            return False, f"datastore unreachable: {self.manager.store_error}"
-        ok, why = self.backend.readiness()
+        ok, why = self.converger.readiness()
         if not ok or self.manager is None or not self.manager.book.rejected:
             return ok, why
         return True, rejected_summary(self.manager.book.subnets_path, self.manager.book.rejected)
 
     def peers(self) -> list[dict]:
-        known = getattr(self.backend, "peers", {}) or {}
+        """/peers: the remote leases the backend has applied, sorted by subnet."""
+        known = self.backend.peers.values() if self.backend is not None else ()
         return [{"subnet": str(le.subnet), "PublicIP": str(le.attrs.public_ip),
                  "BackendType": le.attrs.backend_type, "BackendData": le.attrs.backend_data}
-                for le in sorted(known.values(), key=lambda le: le.subnet)]
+                for le in sorted(known, key=lambda le: le.subnet)]
 
-    async def backend_call(self, method: str, *args) -> None:
-        async with self._lock:
-            try:
-                await getattr(self.backend, method)(*args)
-            except Exception as e:  # noqa: BLE001 - one failing call must not stop the daemon
-                log.error("backend call failed", call=method, error=str(e) or type(e).__name__)
+    def _notify(self, full: bool) -> None:
+        if self.converger is not None:
+            self.converger.wake(full=full)
 
     # -- startup phases ------------------------------------------------------------------------
     async def get_config(self, settings: EtcdSettings) -> tuple[Store, NetworkConfig]:
@@ -182,28 +167,24 @@ class Daemon:
                 last, last_at = problem, time.monotonic()
             await asyncio.sleep(1)
 
-    async def external_interface(self) -> ExternalInterface:
-        try:
-            # pyroute2's synchronous IPRoute runs its own loop: keep it off ours.
-            found = await asyncio.to_thread(iface.select, self.o.iface, self.o.iface_regex, self.o.iface_can_reach)
-        except iface.InterfaceError as e:
-            raise FatalError(str(e)) from None
-        log.info("using interface", name=found.name, address=str(found.ip), mtu=found.mtu)
-        public = found.ip
-        if self.o.public_ip:
-            public = IPv4Address(self.o.public_ip)
-        else:
-            log.info("defaulting external address to interface address", public_ip=str(public))
+    async def resolve_interface(self) -> ExternalInterface:
+        """The external interface by the operator's rule, now (upstream LookupExtIface order);
+        raises iface.InterfaceError naming the flag when nothing matches."""
+        # pyroute2's synchronous IPRoute runs its own loop: keep it off ours.
+        found = await asyncio.to_thread(iface.select, self.o.iface, self.o.iface_regex, self.o.iface_can_reach)
+        public = IPv4Address(self.o.public_ip) if self.o.public_ip else found.ip
         return ExternalInterface(name=found.name, index=found.index, ip=found.ip, public_ip=public, mtu=found.mtu)
 
-    async def _write_subnet_env(self, lease: Lease) -> None:
-        assert self.config is not None
-        content = subnetenv.render(self.config.network, lease.subnet, self.mtu, self.o.ip_masq)
+    async def external_interface(self) -> ExternalInterface:
+        """The interface at startup: no match is fatal (the flags are wrong), as upstream."""
         try:
-            subnetenv.write(self.o.subnet_file, content)
-            log.info("wrote subnet file", path=self.o.subnet_file, subnet=str(lease.subnet), mtu=self.mtu)
-        except OSError as e:
-            log.warning("failed to write subnet file", path=self.o.subnet_file, error=str(e))
+            ext = await self.resolve_interface()
+        except iface.InterfaceError as e:
+            raise FatalError(str(e)) from None
+        log.info("using interface", name=ext.name, address=str(ext.ip), mtu=ext.mtu)
+        if not self.o.public_ip:
+            log.info("defaulting external address to interface address", public_ip=str(ext.public_ip))
+        return ext
 
     async def _setup_rules(self, lease: Lease, prev_net: IPv4Network | None, prev_sn: IPv4Network | None) -> None:
         """iptables or nftables rules (EnableNFTables), installed; RulesError if that mode cannot work."""
@@ -211,20 +192,30 @@ class Daemon:
         self.rules = traffic_manager(self.config, self.o, lease.subnet, prev_net, prev_sn)
         await self.rules.setup()
 
-    async def _on_lease_changed(self, lease: Lease) -> None:
-        prev_net, prev_sn = subnetenv.previous(self.o.subnet_file)
-        await self.backend_call("start", lease)
-        if self.rules is not None:
-            with contextlib.suppress(Exception):
-                await self.rules.close()
-            try:
-                await self._setup_rules(lease, prev_net, prev_sn)
-            except RulesError as e:
-                log.error("cannot install the rules for the new subnet", error=str(e))
-            self._spawn("iptables-resync", self.rules.run)
-        await self._write_subnet_env(lease)
+    async def _on_subnet(self, lease: Lease, previous: Lease | None) -> None:
+        """The converger moved the backend to a new own subnet: the rules follow (the blackhole
+        loop follows ``converger.applied`` by itself)."""
+        if self.rules is None:
+            return
+        assert self.config is not None
+        with contextlib.suppress(Exception):
+            await self.rules.close()
+        try:
+            await self._setup_rules(lease, self.config.network, previous.subnet if previous else None)
+        except RulesError as e:
+            log.error("cannot install the rules for the new subnet", error=str(e))
+        self._spawn("iptables-resync", self.rules.run)
 
-    def _spawn(self, name: str, factory) -> asyncio.Task:
+    def _on_ready(self) -> None:
+        assert self.converger is not None and self.converger.applied is not None and self.config is not None
+        assert self.backend is not None
+        elapsed = time.monotonic() - self.started
+        log.info("flannel is ready", subnet=str(self.converger.applied.subnet), backend=self.config.backend_type,
+                 public_ip=str(self.backend.ctx.ext.public_ip), seconds=round(elapsed, 3))
+        with contextlib.suppress(OSError):
+            sdnotify.notify("READY=1")
+
+    def _spawn(self, name: str, factory: Callable[[], Coroutine[Any, Any, None]]) -> asyncio.Task:
         """Run a restartable background loop; `factory()` makes a fresh coroutine (see _watch_tasks)."""
         old = self._tasks.pop(name, None)
         if old is not None:
@@ -234,24 +225,41 @@ class Daemon:
         self._tasks[name] = t
         return t
 
-    async def _reconcile_loop(self, interval: float) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            await self.backend_call("reconcile")
+    async def _interface_monitor(self) -> None:
+        """Link and address changes (a NIC deleted and re-created, an address moved): the converger
+        resolves the interface again. Our own devices (flannel*) are not news."""
+        from .netlink import NetlinkMonitor
+
+        mon = NetlinkMonitor(rcvbuf=1024 * 1024, groups=NetlinkMonitor.LINKS_AND_ADDRESSES)
+        try:
+            async for ev in mon.events():
+                if ev.kind == "link" and (ev.name or "").startswith("flannel"):
+                    continue
+                if self.converger is not None:
+                    self.converger.wake(iface=True)
+        finally:
+            mon.close()
 
     async def _blackhole_loop(self) -> None:
-        """--ip-blackhole-route: keep `blackhole <own subnet>` in place (checked every resync period)."""
+        """--ip-blackhole-route: keep `blackhole <own subnet>` in place (checked every resync
+        period); after a subnet change the old subnet's blackhole route goes."""
         from .netlink import Netlink, NetlinkError
 
         nl = Netlink()
+        current: IPv4Network | None = None
         try:
             while True:
-                sn = self.manager.lease.subnet
+                applied = self.converger.applied if self.converger is not None else None
+                sn = applied.subnet if applied is not None else None
                 try:
-                    if await nl.ensure_blackhole(sn):
+                    if current is not None and sn != current:
+                        await nl.delete_blackhole(current)
+                        log.info("blackhole route removed", subnet=str(current))
+                    current = sn
+                    if sn is not None and await nl.ensure_blackhole(sn):
                         log.info("blackhole route added", subnet=str(sn))
                 except NetlinkError as e:
-                    log.warning("cannot add blackhole route", subnet=str(sn), error=str(e))
+                    log.warning("cannot set the blackhole route", subnet=str(sn), error=str(e))
                 await asyncio.sleep(self.o.iptables_resync)
         finally:
             await nl.close()
@@ -278,6 +286,8 @@ class Daemon:
                 log.warning("network config in etcd is now invalid; keeping the running config", error=str(e))
 
     async def start(self) -> None:
+        """Config, interface, backend, lease (retried until they come), then the background work;
+        READY=1 follows from the converger once every readiness fact holds."""
         settings = self.settings()
         self.store, self.config = await self.get_config(settings)
         cfg = self.config
@@ -285,47 +295,45 @@ class Daemon:
         if os.geteuid() != 0 and cfg.backend_type.lower() != "alloc":
             raise FatalError("pyflanneld must run as root to program the kernel (devices, routes); "
                              "run it as root or as the systemd service")
+        prev_net, prev_sn = subnetenv.previous(self.o.subnet_file)
         cls = backend_class(cfg.backend_type)
+        ctx = BackendContext(config=cfg, backend_config=cfg.backend, ext=ext, options=self.o,
+                             previous_network=prev_net if prev_net is not None and prev_net != cfg.network else None)
         try:
-            self.backend = cls(BackendContext(config=cfg, backend_config=cfg.backend, ext=ext, options=self.o))
-            info = await self.backend.register()
+            self.backend = backend = cls(ctx)
+            info = await backend.register()
         except BackendError as e:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None
-        self.mtu = info.mtu
         attrs = LeaseAttrs(public_ip=ext.public_ip, backend_type=info.backend_type, backend_data=info.backend_data)
 
-        prev_net, prev_sn = subnetenv.previous(self.o.subnet_file)
-        self.manager = SubnetManager(
+        self.manager = manager = SubnetManager(
             self.store, cfg, ttl=int(self.o.subnet_lease_ttl), renew_margin=self.o.subnet_lease_renew_margin,
             prev_subnet=prev_sn, renew_retry=min(60.0, max(1.0, self.o.subnet_lease_ttl / 10)),
-            prefix=settings.prefix,
+            prefix=settings.prefix, notify=self._notify,
         )
 
         def not_ready(msg: str) -> None:
             self.not_ready_reason = msg
 
-        lease = await self.manager.acquire(attrs, on_error=not_ready)
+        lease = await manager.acquire(attrs, on_error=not_ready)
         try:
-            await self.backend.start(lease)
+            async with backend.lock:
+                await backend.start(lease)
         except BackendError as e:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None
         try:
             await self._setup_rules(lease, prev_net, prev_sn)
         except RulesError as e:
             raise FatalError(str(e)) from None
-        await self._write_subnet_env(lease)
-        self.ready = True
-        elapsed = time.monotonic() - self.started
-        log.info("flannel is ready", subnet=str(lease.subnet), backend=cfg.backend_type,
-                 public_ip=str(ext.public_ip), seconds=round(elapsed, 3))
-        with contextlib.suppress(OSError):
-            sdnotify.notify("READY=1")
-
-        feeder = _BackendFeeder(self)
-        self._spawn("watch", lambda: self.manager.watch(feeder))
-        self._spawn("lease", lambda: self.manager.keep_lease(self._on_lease_changed))
-        if self.backend.reconcile_interval:
-            self._spawn("reconcile", lambda: self._reconcile_loop(self.backend.reconcile_interval))
+        self.converger = Converger(
+            manager, backend, info, network=cfg.network, subnet_file=self.o.subnet_file, ip_masq=self.o.ip_masq,
+            period_s=backend.reconcile_interval or SAFETY_NET_PERIOD, resolve_ext=self.resolve_interface,
+            on_subnet=self._on_subnet, on_ready=self._on_ready)
+        self.converger.started(lease)
+        self._spawn("converge", self.converger.run)
+        self._spawn("watch", manager.watch)
+        self._spawn("lease", manager.keep_lease)
+        self._spawn("interface", self._interface_monitor)
         if self.rules is not None:
             self._spawn("iptables-resync", self.rules.run)
         self._spawn("config-recheck", self._config_recheck_loop)

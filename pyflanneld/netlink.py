@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import structlog
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
 log = structlog.get_logger()
@@ -128,7 +128,7 @@ class FdbEntry:
 class Event:
     """A netlink notification, reduced to what reconcilers look at."""
 
-    kind: str  # "link" | "route" | "neigh" | "fdb" | "overrun"
+    kind: str  # "link" | "route" | "neigh" | "fdb" | "addr" | "overrun"
     action: str  # "new" | "del" | "" (overrun)
     ifindex: int | None = None
     name: str | None = None
@@ -310,6 +310,11 @@ class Netlink:
         await self._call(f"add blackhole route {dst}", lambda i: i.route(
             "replace", dst=str(dst), type=RTN_BLACKHOLE, table=MAIN_TABLE, proto=RTPROT_BOOT))
         return True
+
+    async def delete_blackhole(self, dst: IPv4Network) -> None:
+        """``ip route del blackhole DST``; nothing when it is not there."""
+        await self._call(f"delete blackhole route {dst}", lambda i: i.route(
+            "del", dst=str(dst), type=RTN_BLACKHOLE, table=MAIN_TABLE), ok_if_gone=True)
 
     # --- neighbours (ARP) -------------------------------------------------------------------------
     async def neighbours(self, index: int) -> list[Neighbour]:
@@ -561,9 +566,12 @@ class NetlinkMonitor:
     """
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH
+    LINKS_AND_ADDRESSES = RTMGRP_LINK | RTMGRP_IPV4_IFADDR  # for following the external interface
 
-    def __init__(self, rcvbuf: int = 8 * 1024 * 1024, skip_new_entries: bool = False) -> None:
+    def __init__(self, rcvbuf: int = 8 * 1024 * 1024, skip_new_entries: bool = False,
+                 groups: int | None = None) -> None:
         self.rcvbuf = rcvbuf
+        self.groups = self.GROUPS if groups is None else groups
         self.skip = frozenset({RTM_NEWROUTE, RTM_NEWNEIGH}) if skip_new_entries else frozenset()
         self._sock: socket.socket | None = None
 
@@ -574,7 +582,7 @@ class NetlinkMonitor:
                 s.setsockopt(socket.SOL_SOCKET, 33, self.rcvbuf)  # SO_RCVBUFFORCE
             except OSError:
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
-            s.bind((0, self.GROUPS))
+            s.bind((0, self.groups))
             s.setblocking(False)
         except BaseException:
             s.close()
@@ -625,9 +633,11 @@ class NetlinkMonitor:
 
 
 RTM_NEWLINK, RTM_DELLINK = 16, 17
+RTM_NEWADDR, RTM_DELADDR = 20, 21
 IFLA_IFNAME = 3
 _RAW_EVENTS = {
     RTM_NEWLINK: ("link", "new"), RTM_DELLINK: ("link", "del"),
+    RTM_NEWADDR: ("addr", "new"), RTM_DELADDR: ("addr", "del"),
     RTM_NEWROUTE: ("route", "new"), RTM_DELROUTE: ("route", "del"),
     RTM_NEWNEIGH: ("neigh", "new"), RTM_DELNEIGH: ("neigh", "del"),
 }
@@ -674,6 +684,10 @@ def _raw_events(data: bytes, skip: frozenset[int] = frozenset()) -> list[Event]:
             name = _attrs(data, body + 16, end).get(IFLA_IFNAME)
             out.append(Event(what, action, ifindex=index,
                              name=name.split(b"\0", 1)[0].decode(errors="replace") if name is not None else None))
+        elif what == "addr" and end >= body + 8:
+            if data[body] != socket.AF_INET:
+                continue
+            out.append(Event(what, action, ifindex=struct.unpack_from("=i", data, body + 4)[0]))
         elif what == "route" and end >= body + 12:
             family, table = data[body], data[body + 4]
             if family != socket.AF_INET:

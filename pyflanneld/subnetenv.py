@@ -38,6 +38,15 @@ def write(path: str, content: str) -> None:
         raise
 
 
+def read_text(path: str) -> str:
+    """The file's text; "" when it does not exist. Other errors (EACCES, EIO) raise OSError."""
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
 def read(path: str) -> dict[str, str]:
     """KEY=VALUE lines (godotenv-like: comments, blank lines, optional quotes, `export`)."""
     out: dict[str, str] = {}

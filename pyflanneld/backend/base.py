@@ -1,24 +1,35 @@
 """The backend interface: one class per backend type, registered by name.
 
-Life cycle (driven by the daemon, all on its asyncio loop):
+Every backend is a peer-set backend: it holds ``peers`` (subnet → Lease, the remote leases it has
+applied, shown by ``/peers``) and makes its data plane (kernel entries, forwarder routes, a cloud
+route table) match them. Life cycle, driven by the daemon's converger (:mod:`pyflanneld.converge`),
+all on the daemon's asyncio loop:
 
 1. ``Backend(ctx)`` — no side effects.
 2. ``await register()`` → :class:`BackendInfo` (MTU, lease BackendType, BackendData). Runs before
-   the lease is written, so e.g. vxlan creates its device here to know its MAC.
-3. ``await start(own_lease)`` — the lease is ours; finish local setup (device address, …).
-4. ``await set_peers(leases)`` with the full snapshot of remote leases (never our own), then
-   ``await add_peer(lease)`` / ``await remove_peer(lease)`` per event. After a watch resync the
-   daemon calls ``set_peers`` again with the new snapshot; backends must make the kernel match it.
-5. ``await reconcile()`` every ``reconcile_interval`` seconds (0 = never); ``readiness()`` feeds
-   /readyz at any time.
+   the lease is written, so e.g. vxlan creates its device here to know its MAC. Runs again when
+   the external interface changed (``ctx.ext`` is then the new one): it must be idempotent.
+3. ``await start(own_lease)`` — the lease is ours; finish local setup (device address, …). Runs
+   again when the own subnet or the external interface changed.
+4. ``await update_peers(changed, removed, resync=…)`` — one batch of peer-set changes (the
+   converger coalesces whatever arrived while it was busy). Few changes go peer by peer
+   (``ensure_peer``/``drop_peer``, upstream's order); many, or ``resync=True``, go as one full pass
+   (``resync``) that makes the data plane equal to ``peers`` — removing stale entries too.
+   ``set_peers``, ``add_peer`` and ``remove_peer`` are the same for a snapshot or one event.
+5. ``await reconcile()`` — the safety-net full pass, every ``reconcile_interval`` seconds (0:
+   only with relists). ``readiness()`` feeds /readyz at any time.
 6. ``await close()`` on shutdown: stop background work; kernel state and leases stay.
 
-Backends that only need "make the kernel match this set of peers" can subclass
-:class:`PeerSetBackend` and implement ``ensure_peer``/``drop_peer``.
+``lock`` serialises all of this with the backend's own repair work: the public methods take it
+themselves; the converger holds it (``async with backend.lock``) around ``register`` and ``start``.
+A subclass implements ``register`` and, when peers need programming, ``ensure_peer``/``drop_peer``
+and ``resync``.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any, ClassVar
@@ -30,6 +41,10 @@ from ..subnet.lease import Lease
 
 log = structlog.get_logger()
 
+# Batches with more changes than this are applied as one full pass (batched kernel writes) rather
+# than peer by peer: 5,000 joins become three dumps and a few large netlink batches.
+BATCH_THRESHOLD = 16
+
 
 class BackendError(Exception):
     """A user-facing backend failure: the message names the cause and the fix."""
@@ -37,6 +52,8 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class ExternalInterface:
+    """The interface the overlay runs over, as resolved from --iface/--iface-regex/... now."""
+
     name: str
     index: int
     ip: IPv4Address  # the interface's own address
@@ -46,10 +63,15 @@ class ExternalInterface:
 
 @dataclass
 class BackendContext:
+    """What a backend is built from. ``ext`` is replaced when the external interface changes;
+    ``previous_network`` is FLANNEL_NETWORK of the last run's subnet.env when it differs from
+    the current Network (its leftovers are ours to remove), else None."""
+
     config: NetworkConfig
     backend_config: dict[str, Any]  # the "Backend" object, keys as given
     ext: ExternalInterface
     options: Any  # pyflanneld.options.Options
+    previous_network: IPv4Network | None = None
 
 
 @dataclass(frozen=True)
@@ -59,78 +81,117 @@ class BackendInfo:
     backend_data: Any = None
 
 
+def diff_peers(have: Mapping[IPv4Network, Lease], want: Iterable[Lease]) -> tuple[list[Lease], list[Lease]]:
+    """(changed, removed) that turn ``have`` into ``want``: new or different leases, and the
+    leases of ``have`` whose subnet is not wanted any more. O(len(have) + len(want))."""
+    wanted: dict[IPv4Network, Lease] = {}
+    changed = []
+    for le in want:
+        wanted[le.subnet] = le
+        old = have.get(le.subnet)
+        if old is not le and old != le:
+            changed.append(le)
+    removed = [le for sn, le in have.items() if sn not in wanted]
+    return changed, removed
+
+
 class Backend:
+    """Base of every backend: the peer set, its batching, and no-op hooks (see the module docstring)."""
+
     type_name: ClassVar[str] = ""
     reconcile_interval: ClassVar[float] = 0.0
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self.own_lease: Lease | None = None
+        self.peers: dict[IPv4Network, Lease] = {}
+        self.lock = asyncio.Lock()
+        self.have_snapshot = False  # a full peer set was given at least once (resync may remove entries)
 
     @property
     def network(self) -> IPv4Network:
         return self.ctx.config.network
 
+    # --- what a backend implements -----------------------------------------------------------
     async def register(self) -> BackendInfo:
+        """MTU and lease data for the current ``ctx.ext``; idempotent. Raises BackendError."""
         raise NotImplementedError
 
     async def start(self, own_lease: Lease) -> None:
+        """Set up for the own lease (again after a subnet or interface change). Raises BackendError."""
         self.own_lease = own_lease
 
-    async def set_peers(self, leases: list[Lease]) -> None:
-        pass
+    async def ensure_peer(self, lease: Lease) -> None:
+        """Program one remote lease (idempotent). Errors are logged by the caller, never raised on."""
 
-    async def add_peer(self, lease: Lease) -> None:
-        pass
+    async def drop_peer(self, lease: Lease) -> None:
+        """Undo ``ensure_peer`` for a lease that left (or changed)."""
 
-    async def remove_peer(self, lease: Lease) -> None:
-        pass
-
-    async def reconcile(self) -> None:
-        pass
+    async def resync(self, reason: str) -> None:
+        """Make the whole data plane match ``peers`` (called with ``lock`` held); default: nothing."""
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not) for /readyz, beyond the lease: e.g. a cloud route not yet in place."""
         return True, ""
 
     async def close(self) -> None:
-        pass
+        """Stop background work; kernel state and leases stay."""
 
+    # --- the peer set (called by the daemon; take the lock) -----------------------------------
+    async def update_peers(self, changed: Sequence[Lease], removed: Sequence[Lease], *,
+                           resync: bool = False, reason: str = "peers") -> None:
+        """Apply one batch: ``changed`` leases are new or differ from what ``peers`` holds (an old
+        lease of the same subnet is dropped first), ``removed`` are gone. ``resync``: the batch
+        completes a full snapshot — follow it with a full pass, which also removes stale entries."""
+        async with self.lock:
+            stale = []
+            for le in removed:
+                old = self.peers.pop(le.subnet, None)
+                stale.append(old or le)
+            for le in changed:
+                old = self.peers.get(le.subnet)
+                if old is not None and old.attrs != le.attrs:
+                    stale.append(old)
+                self.peers[le.subnet] = le
+            if resync:
+                self.have_snapshot = True
+            if resync or len(changed) + len(removed) > BATCH_THRESHOLD:
+                await self.resync(reason if resync else "batch")
+                return
+            for old in stale:
+                await self._safe(self.drop_peer, old)
+            for le in changed:
+                await self._safe(self.ensure_peer, le)
 
-class PeerSetBackend(Backend):
-    """A backend whose kernel state is a function of the set of peer leases."""
-
-    def __init__(self, ctx: BackendContext) -> None:
-        super().__init__(ctx)
-        self.peers: dict[IPv4Network, Lease] = {}
-
-    async def set_peers(self, leases: list[Lease]) -> None:
-        new = {le.subnet: le for le in leases}
-        for sn, old in list(self.peers.items()):
-            if sn not in new:
-                await self.remove_peer(old)
-        for le in leases:
-            if self.peers.get(le.subnet) != le:
-                await self.add_peer(le)
+    async def set_peers(self, leases: Sequence[Lease]) -> None:
+        """The full peer set (a snapshot): apply the difference, then a full pass."""
+        changed, removed = diff_peers(self.peers, leases)
+        await self.update_peers(changed, removed, resync=True, reason="set_peers")
 
     async def add_peer(self, lease: Lease) -> None:
-        old = self.peers.get(lease.subnet)
-        if old is not None and old.attrs != lease.attrs:
-            await self._safe(self.drop_peer, old)
-        self.peers[lease.subnet] = lease
-        await self._safe(self.ensure_peer, lease)
+        """One lease added or changed."""
+        await self.update_peers([lease], [])
 
     async def remove_peer(self, lease: Lease) -> None:
-        old = self.peers.pop(lease.subnet, None)
-        await self._safe(self.drop_peer, old or lease)
+        """One lease removed."""
+        await self.update_peers([], [lease])
+
+    async def reconcile(self) -> None:
+        """The safety-net full pass."""
+        async with self.lock:
+            await self.resync("timer")
 
     async def _safe(self, fn, lease: Lease) -> None:
-        """One bad peer never stops the others: log and carry on (reconcile retries)."""
+        """One bad peer never stops the others: log and carry on (the next full pass retries)."""
         try:
             await fn(lease)
         except Exception as e:  # noqa: BLE001
             log.warning("peer programming failed", subnet=str(lease.subnet),
                         public_ip=str(lease.attrs.public_ip), fn=fn.__name__, error=str(e))
+
+
+class PeerSetBackend(Backend):
+    """A backend that programs something per peer: implement ``ensure_peer`` and ``drop_peer``."""
 
     async def ensure_peer(self, lease: Lease) -> None:
         raise NotImplementedError
@@ -143,11 +204,13 @@ _REGISTRY: dict[str, type[Backend]] = {}
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make ``cls`` the backend for ``cls.type_name`` (case-insensitive)."""
     _REGISTRY[cls.type_name.lower()] = cls
     return cls
 
 
 def backend_class(type_name: str) -> type[Backend]:
+    """The backend class for a config's Backend.Type; BackendError when unknown."""
     from . import load_all  # noqa: F401  (import side effect: registrations)
 
     try:
@@ -157,6 +220,7 @@ def backend_class(type_name: str) -> type[Backend]:
 
 
 def registered_types() -> list[str]:
+    """The known Backend.Type names, sorted."""
     from . import load_all  # noqa: F401
 
     return sorted(_REGISTRY)

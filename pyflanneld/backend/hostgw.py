@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from ..netlink import BatchOp, Event, NetlinkError, Route
+from ..netlink import Event, NetlinkError, Route
 from ..subnet.lease import Lease
 from .base import BackendError, BackendInfo, register_backend
 from .kernelsync import KernelPeerBackend
@@ -84,21 +84,8 @@ class HostGWBackend(KernelPeerBackend):
     async def sync_entries(self) -> dict[str, int]:
         changes = {"added": 0, "removed": 0}
         want = {r.dst: r for r in (self.route(le) for le in list(self.peers.values())) if r is not None}
-        ok = set()
-        stale = []
-        for r in await self.nl.routes():
-            if not self.owns_route(r, {self.ctx.ext.index}):
-                continue
-            w = want.get(r.dst)
-            if w is not None and w.key == r.key:
-                ok.add(r.dst)
-            else:
-                stale.append((BatchOp.delete_route(r), "stale route removal", {"dst": str(r.dst), "via": str(r.gateway)}))
-        await self.apply(changes, "removed", stale)
+        ok = await self.sync_routes(changes, want, {self.ctx.ext.index}, "stale route removal", "route recovery")
         self._unreachable &= set(want) - ok  # a peer that is routed (or gone) is explained again next time
-        await self.apply(changes, "added", [
-            (BatchOp.replace_route(r), "route recovery", {"dst": str(dst), "via": str(r.gateway)})
-            for dst, r in want.items() if dst not in ok])
         return changes
 
     def entry_failed(self, what: str, err: NetlinkError, ctx: dict[str, Any]) -> None:

@@ -5,8 +5,9 @@ backend built on :class:`KernelPeerBackend` keeps one desired state — "the ent
 peer leases justify" — and one function, :meth:`KernelPeerBackend.sync`, that makes the kernel
 match it. That function runs
 
-* at start, from ``set_peers`` with the first snapshot: stale entries of peers that vanished while
-  the daemon was down are removed (flannel #2554);
+* with every full snapshot (start, relist, own-lease or interface change: ``update_peers(...,
+  resync=True)``) — stale entries of peers that vanished while the daemon was down are removed
+  (flannel #2554) — and for a large batch of changes (a burst of joins);
 * every ``reconcile_interval`` seconds (the daemon calls ``reconcile()``);
 * ~100 ms after a netlink notification that something of ours was deleted (route, ARP, FDB,
   the device itself), so hand-deleted entries come back well within the 10 s period.
@@ -14,14 +15,15 @@ match it. That function runs
 The passes send their changes in batches (``apply``: many requests per netlink message, ~7×
 cheaper per entry), so a start with thousands of peers programs them in well under a second.
 Single lease events still go the upstream way (``ensure_peer``/``drop_peer``, in upstream's order).
-Everything runs under one lock, so a reconcile never interleaves with an event.
+Everything runs under the backend's one lock, so a reconcile never interleaves with an event.
+The route part of a pass is the same for every kernel backend: :meth:`KernelPeerBackend.sync_routes`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from ipaddress import IPv4Network
 from typing import Any
 
@@ -72,7 +74,6 @@ class KernelPeerBackend(PeerSetBackend):
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
         self.nl = Netlink()
-        self._lock = asyncio.Lock()
         self._monitor_task: asyncio.Task | None = None
         self._repairs: set[asyncio.Task] = set()
         self._armed = False  # a repair pass is scheduled and has not started yet
@@ -82,30 +83,21 @@ class KernelPeerBackend(PeerSetBackend):
         # peers took hours.
         self._own_deletes: set[tuple[str, str]] = set()
         self._closed = False
-        # Until the first snapshot (set_peers) we do not know which entries are stale: a timer or
-        # event pass before it would remove every peer's entries of the previous run.
-        self._have_snapshot = False
+        self.sync_error = ""  # the last full pass's failure ("" when it succeeded): readiness
 
     # --- the daemon's interface -----------------------------------------------------------------
-    async def set_peers(self, leases: list[Lease]) -> None:
-        async with self._lock:
-            self._have_snapshot = True
-            self.peers = {le.subnet: le for le in leases}
-            self._forget_gone()
-            await self._sync("set_peers")
+    async def update_peers(self, changed: Sequence[Lease], removed: Sequence[Lease], **kw: Any) -> None:
+        await super().update_peers(changed, removed, **kw)
+        for le in removed:
+            self._forget(le.subnet)  # O(1): a burst of removals must not be quadratic
 
-    async def add_peer(self, lease: Lease) -> None:
-        async with self._lock:
-            await super().add_peer(lease)
+    async def resync(self, reason: str) -> None:
+        await self._sync(reason)
 
-    async def remove_peer(self, lease: Lease) -> None:
-        async with self._lock:
-            await super().remove_peer(lease)
-            self._forget(lease.subnet)  # O(1): a burst of removals must not be quadratic
-
-    async def reconcile(self) -> None:
-        async with self._lock:
-            await self._sync("timer")
+    def readiness(self) -> tuple[bool, str]:
+        if self.sync_error:
+            return False, f"{self.type_name} backend: {self.sync_error}"
+        return True, ""
 
     async def close(self) -> None:
         self._closed = True
@@ -140,18 +132,44 @@ class KernelPeerBackend(PeerSetBackend):
         self._own_deletes.add((kind, str(dst)))
 
     def owns_route(self, r: Route, devices: set[int]) -> bool:
-        """Is this a route of ours: main table, not the kernel's, inside the flannel Network, not the
-        own subnet (that one is on docker0/cni0), and on one of ``devices``? Routes on the external
-        interface count only with a gateway and a destination strictly inside the Network."""
+        """Is this a route of ours: main table, not the kernel's, inside the flannel Network (or the
+        previous run's Network, ``ctx.previous_network``), not the own subnet (that one is on
+        docker0/cni0), and on one of ``devices``? Routes on the external interface count only with a
+        gateway and a destination strictly inside the (previous) Network."""
         if r.table != MAIN_TABLE or r.proto == RTPROT_KERNEL or r.oif not in devices:
             return False
-        if not r.dst.subnet_of(self.network):
+        prev = self.ctx.previous_network
+        inside = r.dst.subnet_of(self.network) or (prev is not None and r.dst.subnet_of(prev))
+        if not inside:
             return False
         if self.own_lease is not None and r.dst == self.own_lease.subnet:
             return False
         if r.oif == self.ctx.ext.index:
-            return r.gateway is not None and r.dst.prefixlen > self.network.prefixlen
+            net = self.network if r.dst.subnet_of(self.network) else prev
+            return r.gateway is not None and r.dst.prefixlen > net.prefixlen
         return True
+
+    async def sync_routes(self, changes: dict[str, int], want: Mapping[IPv4Network, Route], devices: set[int],
+                          removed_what: str = "stale route removed", added_what: str = "route set") -> set[IPv4Network]:
+        """The route part of a full pass, shared by the kernel backends: routes of ours (see
+        ``owns_route``) on ``devices`` that ``want`` does not hold exactly are deleted, wanted
+        routes that are missing or differ are set (one batch each; counted in ``changes``).
+        Returns the destinations that were already in place."""
+        ok = set()
+        stale = []
+        for r in await self.nl.routes():
+            if not self.owns_route(r, devices):
+                continue
+            w = want.get(r.dst)
+            if w is not None and w.key == r.key:
+                ok.add(r.dst)
+            else:
+                stale.append((BatchOp.delete_route(r), removed_what, {"dst": str(r.dst), "via": str(r.gateway)}))
+        await self.apply(changes, "removed", stale)
+        await self.apply(changes, "added", [
+            (BatchOp.replace_route(r), added_what, {"dst": str(dst), "via": str(r.gateway)})
+            for dst, r in want.items() if dst not in ok])
+        return ok
 
     async def attempt(self, what: str, fn: Callable[[], Awaitable[Any]], **ctx: Any) -> bool:
         """Run one kernel change; log and return False on failure (one bad entry never stops the rest)."""
@@ -195,7 +213,9 @@ class KernelPeerBackend(PeerSetBackend):
         self._warned.discard(subnet)
 
     async def _sync(self, reason: str) -> None:
-        if not self._have_snapshot:
+        """One full pass (the lock is held). Until the first snapshot we do not know which entries
+        are stale: a timer or event pass before it would remove every peer of the previous run."""
+        if not self.have_snapshot:
             log.debug("reconcile skipped: no lease snapshot yet", reason=reason)
             return
         self._own_deletes.clear()  # a full pass settles everything; stale expectations must not linger
@@ -203,8 +223,13 @@ class KernelPeerBackend(PeerSetBackend):
         try:
             changes = await self.sync_entries()
         except (NetlinkError, BackendError) as e:
-            log.warning("reconcile failed", reason=reason, error=str(e))
+            if str(e) != self.sync_error:
+                log.warning("reconcile failed", reason=reason, error=str(e))
+            self.sync_error = str(e)
             return
+        if self.sync_error:
+            log.info("reconcile succeeded again", reason=reason)
+            self.sync_error = ""
         if any(changes.values()):
             log.info("kernel state reconciled", reason=reason, **changes)
 
@@ -235,6 +260,6 @@ class KernelPeerBackend(PeerSetBackend):
     async def _delayed_sync(self) -> None:
         await asyncio.sleep(EVENT_DEBOUNCE)
         self._armed = False  # events arriving from now on schedule another pass
-        async with self._lock:
+        async with self.lock:
             if not self._closed:
                 await self._sync("netlink event")

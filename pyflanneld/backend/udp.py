@@ -3,12 +3,14 @@
 * register(): MTU = interface MTU − 28 (IP + UDP header); the lease carries no BackendType.
 * start(): create the multi-queue TUN, give it ``<lease subnet IP>/32``, the MTU, link up, a route
   for the whole Network through it; start the worker processes (:mod:`pyflanneld.udpfwd`), bound to
-  ``<interface IP>:<Port>`` (default 8285).
+  ``<interface IP>:<Port>`` (default 8285), with the routes of every known peer. Called again after
+  a subnet or interface change: the old workers stop (in a thread: the loop never waits on them)
+  and new ones start with the whole peer set.
 * peers: every remote lease becomes a route ``subnet → PublicIP:Port`` in the workers — the remote
   port is our own configured port, as upstream; events are not filtered by BackendType (udp
-  leases have none).
-* reconcile(): restarts a worker that died. close(): stops the workers; the lease stays, and the
-  TUN (with its route) goes away with the process, as upstream's.
+  leases have none). A full pass (``resync``) sends the whole table and restarts dead workers.
+* close(): stops the workers; the lease stays, and the TUN (with its route) goes away with the
+  process, as upstream's.
 
 Environment: ``PYFLANNELD_UDP_WORKERS`` (default: number of CPUs); ``PYFLANNELD_UDP_OFFLOAD=0``
 turns off the TCP segmentation/coalescing (virtio-net TUN headers, UDP GSO/GRO, see
@@ -17,6 +19,8 @@ turns off the TCP segmentation/coalescing (virtio-net TUN headers, UDP GSO/GRO, 
 
 from __future__ import annotations
 
+import asyncio
+
 import structlog
 
 from ..subnet.lease import Lease
@@ -24,7 +28,7 @@ from ..udpfwd.control import Route
 from ..udpfwd.device import DeviceError, configure_tun
 from ..udpfwd.supervisor import Forwarder
 from ..udpfwd.tun import TunError
-from .base import Backend, BackendContext, BackendError, BackendInfo, register_backend
+from .base import BackendContext, BackendError, BackendInfo, PeerSetBackend, register_backend
 
 log = structlog.get_logger()
 
@@ -34,7 +38,7 @@ TUN_NAME = "flannel0"
 
 
 @register_backend
-class UdpBackend(Backend):
+class UdpBackend(PeerSetBackend):
     type_name = "udp"
     reconcile_interval = 5.0
 
@@ -56,9 +60,7 @@ class UdpBackend(Backend):
 
     async def start(self, own_lease: Lease) -> None:
         await super().start(own_lease)
-        if self.fwd is not None:  # a new subnet after a lost lease: new TUN address, new workers
-            self.fwd.stop()
-            self.fwd = None
+        await self._stop_forwarder()  # a new subnet or interface: new TUN address, new workers
         fwd = Forwarder(tun_name=TUN_NAME, bind_ip=self.ctx.ext.ip, port=self.port,
                         tun_ip=own_lease.subnet.network_address, mtu=self.mtu)
         try:
@@ -66,11 +68,12 @@ class UdpBackend(Backend):
             await configure_tun(TUN_NAME, own_lease.subnet.network_address, self.mtu, self.network,
                                 offload=fwd.offload)
         except TunError as e:
-            fwd.stop()
+            await asyncio.to_thread(fwd.stop)
             raise BackendError(f"failed to open TUN device: {e.strerror}") from None
         except DeviceError as e:
-            fwd.stop()
+            await asyncio.to_thread(fwd.stop)
             raise BackendError(str(e)) from None
+        fwd.routes = {le.subnet: self._route(le) for le in self.peers.values()}  # the workers start with them
         # Spawned from the loop's (main) thread: PR_SET_PDEATHSIG follows the spawning thread.
         fwd.start()
         self.fwd = fwd
@@ -78,32 +81,30 @@ class UdpBackend(Backend):
     def _route(self, lease: Lease) -> Route:
         return Route(lease.subnet, lease.attrs.public_ip, self.port)
 
-    def _is_own(self, lease: Lease) -> bool:
-        return self.own_lease is not None and lease.subnet == self.own_lease.subnet
-
-    async def set_peers(self, leases: list[Lease]) -> None:
-        if self.fwd is None:
-            return
-        self.fwd.set_routes(self._route(le) for le in leases if not self._is_own(le))
-        log.debug("udp routes set", count=len(self.fwd.routes))
-
-    async def add_peer(self, lease: Lease) -> None:
-        if self.fwd is None or self._is_own(lease):
-            return
-        self.fwd.add_route(self._route(lease))
+    async def ensure_peer(self, lease: Lease) -> None:
+        if self.fwd is not None:
+            self.fwd.add_route(self._route(lease))
         log.info("subnet added", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip))
 
-    async def remove_peer(self, lease: Lease) -> None:
-        if self.fwd is None or self._is_own(lease):
-            return
-        self.fwd.del_route(lease.subnet)
+    async def drop_peer(self, lease: Lease) -> None:
+        if self.fwd is not None:
+            self.fwd.del_route(lease.subnet)
         log.info("subnet removed", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip))
 
-    async def reconcile(self) -> None:
-        if self.fwd is not None:
-            self.fwd.check()
+    async def resync(self, reason: str) -> None:
+        if self.fwd is None:
+            return
+        self.fwd.check()
+        routes = {le.subnet: self._route(le) for le in self.peers.values()}
+        if routes != self.fwd.routes:
+            self.fwd.set_routes(routes.values())
+            log.info("udp routes set", reason=reason, count=len(routes))
 
     async def close(self) -> None:
-        if self.fwd is not None:
-            self.fwd.stop()
-            self.fwd = None
+        await self._stop_forwarder()
+
+    async def _stop_forwarder(self) -> None:
+        """Stop the workers without blocking the loop (Forwarder.stop waits up to a few seconds)."""
+        fwd, self.fwd = self.fwd, None
+        if fwd is not None:
+            await asyncio.to_thread(fwd.stop)

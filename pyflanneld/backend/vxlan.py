@@ -95,6 +95,7 @@ class VXLANBackend(KernelPeerBackend):
 
     async def start(self, own_lease: Lease) -> None:
         await super().start(own_lease)
+        self._direct.clear()  # the external interface may have changed: look again
         try:
             await self._configure_device()
         except NetlinkError as e:
@@ -153,12 +154,14 @@ class VXLANBackend(KernelPeerBackend):
         return created
 
     async def _configure_device(self) -> None:
-        """Upstream Configure: own subnet address /32 (others of the Network removed), link up."""
+        """Upstream Configure: own subnet address /32 (others of the Network, or of the previous
+        run's Network, removed), link up."""
         assert self.dev is not None and self.own_lease is not None
         want = IPv4Interface(f"{self.own_lease.subnet.network_address}/32")
         have = await self.nl.addresses(self.dev.index)
+        prev = self.ctx.previous_network
         for a in have:
-            if a != want and a.ip in self.network:
+            if a != want and (a.ip in self.network or (prev is not None and a.ip in prev)):
                 log.info("removing stale address", device=self.dev_name, address=str(a))
                 await self.nl.delete_address(self.dev.index, a)
         if want not in have:
@@ -304,20 +307,7 @@ class VXLANBackend(KernelPeerBackend):
             (BatchOp.replace_fdb(idx, mac, dst), "FDB entry set", {"mac": mac, "dst": str(dst)})
             for mac, dst in fdb - have_fdb])
         # 3. routes: on our device, or direct routes on the external interface
-        ok = set()
-        stale = []
-        for r in await nl.routes():
-            if not self.owns_route(r, {idx, self.ctx.ext.index}):
-                continue
-            want = routes.get(r.dst)
-            if want is not None and want.key == r.key:
-                ok.add(r.dst)
-            else:
-                stale.append((BatchOp.delete_route(r), "stale route removed", {"dst": str(r.dst), "via": str(r.gateway)}))
-        await self.apply(changes, "removed", stale)
-        await self.apply(changes, "added", [
-            (BatchOp.replace_route(r), "route set", {"dst": str(dst), "via": str(r.gateway)})
-            for dst, r in routes.items() if dst not in ok])
+        await self.sync_routes(changes, routes, {idx, self.ctx.ext.index})
         return changes
 
     def relevant(self, ev: Event) -> bool:

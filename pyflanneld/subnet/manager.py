@@ -1,41 +1,49 @@
-"""The subnet manager: network config, lease acquisition, renewal and the peer watch.
+"""The subnet manager: lease acquisition, renewal, the own key's fate, and the datastore reader.
 
-Datastore-neutral (talks to a :class:`~pyflanneld.subnet.store.Store`) and netlink-free: it speaks
-in NetworkConfig and Lease objects and hands peers to a sink (the daemon, which feeds the backend).
+Datastore-neutral (talks to a :class:`~pyflanneld.subnet.store.Store`) and netlink-free. It keeps
+two things current and tells its listener (``notify(full)``) whenever either changed:
+
+* the own lease (``lease``): acquired, renewed before expiry, followed when an operator reserves
+  it (no TTL: renewals stop) or un-reserves it, re-acquired when lost (deleted, expired, taken
+  over) — the same subnet when still free;
+* the book (:class:`~pyflanneld.subnet.leasebook.LeaseBook`): every subnet record of the store,
+  from a list and then the watch (a relist after compaction or a broken watch). ``book.accepted``
+  is the peer set; the own lease is never in it.
+
+The daemon's converger (:mod:`pyflanneld.converge`) turns that into kernel state; this module
+knows nothing of it. ``notify(True)`` asks for a full convergence (after a relist or a new own
+lease), ``notify(False)`` for the changes since the last one.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
+import json
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from dataclasses import replace
 from ipaddress import IPv4Network
-from typing import Protocol
 
 import structlog
 
 from ..config import ConfigError, NetworkConfig, parse_config
 from .allocate import Taken, choose_subnet, pool_size
 from .lease import Lease, LeaseAttrs, LeaseFormatError, lease_from_record, parse_subnet_key, subnet_key
-from .leasebook import Changes, LeaseBook
+from .leasebook import LeaseBook
 from .store import CompactedError, Record, Store, StoreError
 
 log = structlog.get_logger()
 
 
 class PoolExhausted(Exception):
-    pass
-
-
-class PeerSink(Protocol):
-    async def snapshot(self, leases: list[Lease]) -> None: ...
-    async def added(self, lease: Lease) -> None: ...
-    async def removed(self, lease: Lease) -> None: ...
+    """Every subnet of the pool is leased (the message says how to free one)."""
 
 
 class Backoff:
+    """Exponential backoff: ``next()`` gives first, 2×first, … up to limit seconds."""
+
     def __init__(self, first: float, limit: float) -> None:
         self.first, self.limit, self.delay = first, limit, first
 
@@ -48,10 +56,22 @@ class Backoff:
         self.delay = self.first
 
 
+def backend_identity(attrs: LeaseAttrs) -> tuple[str, str]:
+    """What tells two hosts with the same PublicIP apart: BackendType and BackendData, as JSON."""
+    return attrs.backend_type, json.dumps(attrs.backend_data, sort_keys=True)
+
+
 class SubnetManager:
+    """The own lease and the book of all leases (see the module docstring).
+
+    ttl/renew_margin/renew_retry in seconds. ``notify(full)`` is called (synchronously, it must
+    not block) after every change of the own lease or the book.
+    """
+
     def __init__(self, store: Store, cfg: NetworkConfig, *, ttl: int, renew_margin: float,
                  prev_subnet: IPv4Network | None = None, rng: random.Random | None = None,
-                 renew_retry: float = 60.0, prefix: str = "/coreos.com/network") -> None:
+                 renew_retry: float = 60.0, prefix: str = "/coreos.com/network",
+                 notify: Callable[[bool], None] | None = None) -> None:
         self.store = store
         self.cfg = cfg
         self.ttl = ttl
@@ -59,17 +79,35 @@ class SubnetManager:
         self.renew_retry = renew_retry
         self.prev_subnet = prev_subnet
         self.rng = rng or random.Random()
+        self.notify: Callable[[bool], None] = notify or (lambda full: None)
+        self.book = LeaseBook(cfg, prefix)
         self.lease: Lease | None = None
         self.attrs: LeaseAttrs | None = None
         self.store_ok = True
         self.store_error = ""
-        self.last_revision = 0
-        self._lost = asyncio.Event()
-        self._replan = asyncio.Event()  # the own key was reserved or released: plan the renewal again
-        # The validation gate: only its accepted leases reach the sink (the backend).
-        self.book = LeaseBook(cfg, prefix)
-        self._feed_lock = asyncio.Lock()  # one book change and its sink calls at a time
-        self._sink: PeerSink | None = None
+        self.synced = False  # the book holds a complete list (at least one relist succeeded)
+        self.problem = ""  # why there is no (new) lease yet: the last acquisition error
+        self.lost_reason = ""  # non-empty while the own lease is lost and being acquired again
+        # keys we are writing to acquire a lease: their watch events may come before the write
+        # returns, and must not make us our own peer
+        self.claiming: set[str] = set()
+        # subnet keys that another host with our PublicIP took from us: not reused (no flip-flop)
+        self.foreign: dict[str, tuple[str, str]] = {}
+        self._kick = asyncio.Event()
+        self._renew_now = False
+        self._rewrite_reserved = False
+
+    # -- state for readiness -------------------------------------------------------------------
+    def lease_state(self) -> tuple[bool, str]:
+        """(the lease is held and renewable, why not) — one fact of the daemon's readiness."""
+        if self.lease is None:
+            return False, self.problem or "acquiring a subnet lease"
+        if self.lost_reason:
+            why = f"own lease {self.lease.subnet} lost ({self.lost_reason}); acquiring a lease again"
+            return False, why + (f": {self.problem}" if self.problem else "")
+        if not self.store_ok:
+            return False, f"datastore unreachable: {self.store_error}"
+        return True, ""
 
     def _mark(self, ok: bool, error: str = "") -> None:
         if ok and not self.store_ok:
@@ -81,20 +119,34 @@ class SubnetManager:
         sn, sn6 = parse_subnet_key(rec.key)
         return Lease(sn, attrs, rec.expiration, not rec.has_ttl, sn6, rec.revision)
 
+    def _foreign_twin(self, le: Lease, attrs: LeaseAttrs) -> bool:
+        """A lease with our PublicIP that another host holds (it took it from us with another
+        backend identity): warned about once, never reused."""
+        seen = self.foreign.get(le.key)
+        return seen is not None and seen == backend_identity(le.attrs) != backend_identity(attrs)
+
+    async def _claim(self, key: str, write) -> Record | None:
+        self.claiming.add(key)
+        try:
+            return await write()
+        finally:
+            self.claiming.discard(key)
+            self.notify(False)
+
     async def try_acquire(self, attrs: LeaseAttrs) -> Lease:
         """One pass of upstream's algorithm; retries lost races itself. Raises PoolExhausted/StoreError."""
         value = attrs.to_json().encode()
         for _attempt in range(1000):
             recs, _rev = await self.store.list_subnets()
-            leases = _parse_quietly(recs)  # the watch's LeaseBook warns about bad ones
+            leases = _parse_quietly(recs)  # the book warns about bad ones
 
             # 1. A lease that already carries our PublicIP: reuse it.
             for le in leases:
-                if le.attrs.public_ip != attrs.public_ip:
+                if le.attrs.public_ip != attrs.public_ip or self._foreign_twin(le, attrs):
                     continue
                 if self.cfg.contains_subnet(le.subnet):
                     ttl = None if le.reserved else self.ttl
-                    rec = await self.store.put_subnet(le.key, value, ttl)
+                    rec = await self._claim(le.key, lambda le=le, ttl=ttl: self.store.put_subnet(le.key, value, ttl))
                     log.info("found lease for current IP, reusing", subnet=str(le.subnet),
                              public_ip=str(attrs.public_ip), reservation=le.reserved)
                     return self._lease_from_record(rec, attrs)
@@ -122,7 +174,8 @@ class SubnetManager:
                     f"{self.cfg.network} are leased; free one (delete a dead host's key under "
                     f"{self.book.subnets_path}) or enlarge Network/SubnetMin/SubnetMax"
                 )
-            rec = await self.store.create_subnet(subnet_key(cand), value, self.ttl)
+            key = subnet_key(cand)
+            rec = await self._claim(key, lambda key=key: self.store.create_subnet(key, value, self.ttl))
             if rec is None:
                 log.info("lost the race for a subnet, trying another", subnet=str(cand))
                 if cand == prev:
@@ -134,7 +187,8 @@ class SubnetManager:
         raise StoreError("could not acquire a subnet after 1000 lost races")
 
     async def acquire(self, attrs: LeaseAttrs, on_error: Callable[[str], None] | None = None) -> Lease:
-        """Acquire, retrying store errors and pool exhaustion with backoff; never gives up."""
+        """Acquire, retrying store errors and pool exhaustion with backoff; never gives up.
+        The new lease becomes ``lease`` (and the book's own lease) before the listener is told."""
         self.attrs = attrs
         backoff = Backoff(1.0, 30.0)
         last_err = ""
@@ -147,152 +201,212 @@ class SubnetManager:
                     log.error("failed to acquire lease", error=msg)
                     last_err = msg
                 self._mark(isinstance(e, PoolExhausted), msg if isinstance(e, StoreError) else "")
+                self.problem = msg
                 if on_error:
                     on_error(msg)
+                self.notify(False)
                 await asyncio.sleep(backoff.next())
                 continue
             self._mark(True)
+            self.problem = ""
             self.lease = lease
             self.prev_subnet = lease.subnet
-            self._lost.clear()
-            async with self._feed_lock:
-                await self._feed(self.book.set_own(lease), self._sink)
+            self.lost_reason = ""
+            self._rewrite_reserved = self._renew_now = False
+            self.book.set_own(lease)
+            self.notify(True)
             return lease
 
+    # -- the own key ---------------------------------------------------------------------------
+    def lose(self, reason: str) -> None:
+        """The own lease is gone (deleted, expired, taken over): acquire again (keep_lease)."""
+        if self.lease is None or self.lost_reason:
+            return
+        self.lost_reason = reason
+        self._kick.set()
+        self.notify(False)
+
+    def renew_now(self) -> None:
+        """Renew at once (e.g. the operator gave the key a TTL again)."""
+        self._renew_now = True
+        self._kick.set()
+
+    def _own_record(self, rec: Record | None, revision: int) -> None:
+        """What the store says about our key at ``revision`` (rec None: absent): follow it. News
+        older than our own last write of the key is stale and ignored."""
+        lease, attrs = self.lease, self.attrs
+        if lease is None or attrs is None or self.lost_reason or lease.key in self.claiming:
+            return
+        if revision < lease.revision:
+            return
+        if rec is None:
+            self.lose("deleted or expired")
+            return
+        try:
+            theirs = LeaseAttrs.from_json(rec.value)
+        except LeaseFormatError:
+            log.warning("own lease key overwritten with bad data; acquiring a lease again", subnet=str(lease.subnet))
+            self.lose("overwritten with bad data")
+            return
+        if theirs.public_ip != attrs.public_ip:
+            log.warning("own subnet was taken over by another host", subnet=str(lease.subnet),
+                        other=str(theirs.public_ip))
+            self.lose(f"taken over by {theirs.public_ip}")
+            return
+        if rec.value != attrs.to_json().encode():
+            if rec.has_ttl:  # another live host with our PublicIP (a copied --public-ip)
+                ident = backend_identity(theirs)
+                if self.foreign.get(lease.key) != ident:
+                    log.warning("another host with the same PublicIP took over our lease; two hosts share "
+                                "--public-ip? not taking it back", subnet=str(lease.subnet),
+                                public_ip=str(attrs.public_ip), ours=backend_identity(attrs)[1],
+                                theirs=ident[1])
+                self.foreign[lease.key] = ident
+                self.lose(f"taken over by another host with PublicIP {theirs.public_ip}")
+                return
+            # reserved by the operator with another value: ours goes back in, still without TTL
+            self._rewrite_reserved = True
+            self._kick.set()
+        reserved = not rec.has_ttl
+        if reserved != lease.reserved:
+            if reserved:
+                log.info("own lease is now a reservation; renewals stop", subnet=str(lease.subnet))
+            else:
+                log.info("own reservation released; renewing it as a lease", subnet=str(lease.subnet))
+                self._renew_now = True
+            self.lease = replace(lease, reserved=reserved, expiration=None if reserved else lease.expiration,
+                                 revision=rec.revision)
+            self._kick.set()
+
     # -- renewal -------------------------------------------------------------------------------
-    async def keep_lease(self, on_changed: Callable[[Lease], Awaitable[None]]) -> None:
-        """Renew before expiry; if the lease is lost, acquire again (same subnet if still free).
-        `on_changed` is called only when the re-acquired subnet differs."""
+    async def _sleep(self, seconds: float | None) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), seconds)
+        self._kick.clear()
+
+    async def keep_lease(self) -> None:
+        """Renew before expiry, follow reservations, and acquire again when the lease is lost
+        (the same subnet if still free; the listener hears of every new lease). Forever."""
         assert self.lease is not None and self.attrs is not None
         while True:
-            self._replan.clear()
             lease = self.lease
+            if self.lost_reason:
+                await self._reacquire(lease)
+                continue
+            if self._rewrite_reserved:
+                await self._write(lease, None, "own lease rewritten as a reservation")
+                continue
+            due = lease.expiration is not None and time.time() >= lease.expiration - self.renew_margin
+            if self._renew_now or (due and not lease.reserved):
+                await self._write(lease, self.ttl, "lease renewed")
+                continue
             if lease.reserved or lease.expiration is None:
                 wait = None
             else:
                 wait = max(0.0, lease.expiration - self.renew_margin - time.time())
                 log.debug("waiting to renew lease", subnet=str(lease.subnet), seconds=round(wait, 1))
-            lost = await self._wait_lost(wait)
-            if not lost and self._replan.is_set():
-                continue
-            if not lost:
-                try:
-                    rec = await self.store.renew_subnet(lease.key, self.attrs.to_json().encode(), self.ttl)
-                except StoreError as e:
-                    self._mark(False, str(e))
-                    log.warning("error renewing lease, trying again", subnet=str(lease.subnet),
-                                retry_in=self.renew_retry, error=str(e))
-                    if await self._wait_lost(self.renew_retry):
-                        lost = True
-                    else:
-                        continue
-                else:
-                    if rec is not None:
-                        self._mark(True)
-                        self.lease = self._lease_from_record(rec, self.attrs)
-                        log.info("lease renewed", subnet=str(lease.subnet),
-                                 expires_in=round(self.ttl))
-                        continue
-                    lost = True
-            log.warning("own lease lost (expired or deleted); acquiring again", subnet=str(lease.subnet))
-            self.prev_subnet = lease.subnet
-            new = await self.acquire(self.attrs)
-            if new.subnet == lease.subnet:
-                log.info("lease re-acquired, same subnet", subnet=str(new.subnet))
-                continue  # the kernel, the rules and subnet.env are all still right
+            await self._sleep(wait)
+
+    async def _write(self, lease: Lease, ttl: int | None, what: str) -> None:
+        """Renew (ttl) or rewrite without TTL (None) the own key if it still holds our value.
+        A store error waits ``renew_retry`` (a loss noticed meanwhile cuts the wait short)."""
+        assert self.attrs is not None
+        value = self.attrs.to_json().encode()
+        try:
+            if ttl is None:
+                rec = await self.store.put_subnet(lease.key, value, None)
+            else:
+                rec = await self.store.renew_subnet(lease.key, value, ttl)
+        except StoreError as e:
+            self._mark(False, str(e))
+            log.warning("error renewing lease, trying again", subnet=str(lease.subnet),
+                        retry_in=self.renew_retry, error=str(e))
+            await self._sleep(self.renew_retry)
+            return
+        self._mark(True)
+        if self.lease is not lease or self.lost_reason:
+            return  # changed while we wrote: the loop looks again
+        if rec is None:
+            self.lose("expired, deleted or overwritten")
+            return
+        self._renew_now = False
+        if ttl is None:
+            self._rewrite_reserved = False
+        self.lease = self._lease_from_record(rec, self.attrs)
+        log.info(what, subnet=str(lease.subnet), expires_in=ttl)
+
+    async def _reacquire(self, lease: Lease) -> None:
+        log.warning("own lease lost (expired or deleted); acquiring again", subnet=str(lease.subnet),
+                    reason=self.lost_reason)
+        self.prev_subnet = lease.subnet
+        assert self.attrs is not None
+        new = await self.acquire(self.attrs)
+        if new.subnet == lease.subnet:
+            log.info("lease re-acquired, same subnet", subnet=str(new.subnet))
+        else:
             log.warning("subnet changed after re-acquiring the lease; restart docker/CNI to move pods",
                         old=str(lease.subnet), new=str(new.subnet))
-            await on_changed(new)
 
-    async def _wait_lost(self, timeout: float | None) -> bool:
-        """True when the lease was lost; False after `timeout` s, or earlier when the own key was
-        reserved or released (`_replan`)."""
-        waits = {asyncio.ensure_future(self._lost.wait()), asyncio.ensure_future(self._replan.wait())}
-        try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        return self._lost.is_set()
-
-    def _own_reservation_changed(self, le: Lease) -> None:
-        """An operator reserved our subnet (its key lost the TTL: no more renewals, which would give
-        it one back) or released it (TTL again: renew now with ours, as a v3 event does not carry
-        the expiration). See `pyflanneld lease reserve|release`."""
-        assert self.lease is not None
-        if le.reserved:
-            log.info("own lease is now a reservation; renewals stop", subnet=str(le.subnet))
-            self.lease = dataclasses.replace(self.lease, reserved=True, expiration=None)
-        else:
-            log.info("own reservation released; renewing it as a lease", subnet=str(le.subnet))
-            self.lease = dataclasses.replace(self.lease, reserved=False, expiration=time.time())
-        self._replan.set()
-
-    # -- watch ---------------------------------------------------------------------------------
-    async def _feed(self, changes: Changes, sink: PeerSink | None) -> None:
-        """Hand the book's changes to the sink: removals first (a VtepMAC or subnet may move from
-        the removed lease to an added one), then additions."""
-        if sink is None:
+    async def set_attrs(self, attrs: LeaseAttrs) -> None:
+        """New lease data for the same subnet (e.g. a new PublicIP after an address change):
+        written to the own key at once, keeping the subnet and the reservation. Raises StoreError."""
+        lease = self.lease
+        if lease is None or self.lost_reason:
+            self.attrs = attrs  # the next acquisition uses it
             return
-        for le in changes.removed:
-            await sink.removed(le)
-        for le in changes.added:
-            await sink.added(le)
+        if attrs == self.attrs:
+            return
+        rec = await self.store.put_subnet(lease.key, attrs.to_json().encode(), None if lease.reserved else self.ttl)
+        self.attrs = attrs
+        self.lease = self._lease_from_record(rec, attrs)
+        log.info("lease updated", subnet=str(lease.subnet), public_ip=str(attrs.public_ip))
+        self._kick.set()
 
-    async def _relist(self, sink: PeerSink) -> int:
+    # -- the datastore reader ------------------------------------------------------------------
+    async def _relist(self) -> int:
         recs, rev = await self.store.list_subnets()
-        if self.lease and not any(r.key == self.lease.key for r in recs):
-            self._lost.set()
-        async with self._feed_lock:
-            self._sink = sink
-            self.book.reset(recs)
-            await sink.snapshot(list(self.book.accepted.values()))
+        self.book.reset(recs)
+        self.synced = True
+        log.info("peer leases listed", peers=len(self.book.accepted))
+        if self.lease is not None:
+            key = self.lease.key
+            self._own_record(next((r for r in recs if r.key == key), None), rev)
+        self.notify(True)
         return rev
 
-    async def watch(self, sink: PeerSink) -> None:
+    async def watch(self) -> None:
         """List, then watch from that revision + 1; relist on compaction or reconnect. Forever."""
         backoff = Backoff(0.1, 5.0)
         rev: int | None = None
         while True:
             try:
                 if rev is None:
-                    rev = await self._relist(sink)
+                    rev = await self._relist()
                     self._mark(True)
                     backoff.reset()
                 async for ev in self.store.watch_subnets(rev + 1):
                     rev = ev.record.revision
-                    self.last_revision = rev
-                    await self._on_event(ev.kind, ev.record, sink)
+                    self._on_event(ev.kind, ev.record)
                     backoff.reset()
             except CompactedError as e:
                 log.info("watch revision compacted; relisting", error=str(e))
                 rev = None
             except StoreError as e:
                 self._mark(False, str(e))
+                self.notify(False)
                 delay = backoff.next()
                 log.warning("watch failed; reconnecting", error=str(e), retry_in=round(delay, 2))
                 await asyncio.sleep(delay)
                 rev = None  # relist on reconnect: the diff covers anything missed, even data loss
 
-    async def _on_event(self, kind: str, rec: Record, sink: PeerSink) -> None:
-        own = self.lease
-        if own is not None and rec.key == own.key:
-            if kind == "delete":
-                self._lost.set()
-            else:
-                try:
-                    le = lease_from_record(rec)
-                except LeaseFormatError:
-                    le = None
-                if le is not None and self.attrs and le.attrs.public_ip != self.attrs.public_ip:
-                    log.warning("own subnet was taken over by another host", subnet=str(own.subnet),
-                                other=str(le.attrs.public_ip))
-                    self._lost.set()
-                elif le is not None and le.reserved != own.reserved:
-                    self._own_reservation_changed(le)
-        async with self._feed_lock:
-            changes = self.book.delete(rec.key) if kind == "delete" else self.book.put(rec)
-            await self._feed(changes, sink)
+    def _on_event(self, kind: str, rec: Record) -> None:
+        if kind == "delete":
+            self.book.delete(rec.key)
+        else:
+            self.book.put(rec)
+        if self.lease is not None and rec.key == self.lease.key:
+            self._own_record(None if kind == "delete" else rec, rec.revision)
+        self.notify(False)
 
 
 def _parse_quietly(recs: list[Record]) -> list[Lease]:
@@ -333,4 +447,4 @@ async def read_config(store: Store) -> NetworkConfig | None:
     return parse_config(raw)
 
 
-__all__ = ["SubnetManager", "PoolExhausted", "PeerSink", "read_config", "ConfigError", "Backoff"]
+__all__ = ["SubnetManager", "PoolExhausted", "read_config", "ConfigError", "Backoff", "backend_identity"]

@@ -1,0 +1,274 @@
+"""One convergence path: desired state against actual state, repaired by the same code whatever
+changed (Felix-style: the datastore reader signals, the converger coalesces and applies a batch).
+
+Desired state: the own lease and the peer set (``manager.lease``, ``manager.book.accepted``), the
+config, and the external interface as the operator's rule resolves it *now*. Actual state: what
+the backend has applied (``backend.peers`` and its data plane), subnet.env on disk, the device
+and its lower NIC. :meth:`Converger.converge` compares and repairs, for
+
+* startup (the first pass), a relist and a new own lease (``full``: the backend resyncs its whole
+  data plane, stale entries included) — a subnet change is a relist plus a convergence;
+* single lease events (only the differences: a join is programmed within milliseconds), however
+  many arrived while the previous pass ran (one batch: a burst of 5,000 joins is one pass);
+* a link or address change (``iface``: re-resolve the interface; on a change the backend is
+  registered and started again — VTEP on the new ifindex/address — and the lease's PublicIP
+  follows, keeping the subnet);
+* the safety-net timer (everything, every ``period_s``; sooner while a fact is false).
+
+Readiness is a conjunction of named facts (:data:`FACTS`): the first false one is /readyz's
+answer. READY=1 (``on_ready``) is sent the first time all hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from ipaddress import IPv4Network
+
+import structlog
+
+from . import subnetenv
+from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface, diff_peers
+from .subnet.lease import Lease, LeaseAttrs
+from .subnet.manager import SubnetManager
+from .subnet.store import StoreError
+
+log = structlog.get_logger()
+
+# The facts readiness is made of, in the order /readyz reports the first false one.
+FACTS = ("lease", "interface", "backend", "subnet.env", "converged")
+RETRY_S = 1.0  # a false fact is retried this soon (doubling up to the period)
+LOG_EACH_PEER = 10  # batches up to this size log one line per lease; larger ones one summary
+
+
+class Converger:
+    """Drives a backend, subnet.env and readiness from a :class:`SubnetManager` (see module doc).
+
+    resolve_ext: the operator's interface rule, evaluated now (raises on no match — the message is
+    the fact's reason). on_subnet(lease, previous_lease): called after the backend was started for
+    a new own subnet (traffic rules, blackhole route). on_ready(): the first time all facts hold.
+    """
+
+    def __init__(self, manager: SubnetManager, backend: Backend, info: BackendInfo, *,
+                 network: IPv4Network, subnet_file: str, ip_masq: bool, period_s: float,
+                 resolve_ext: Callable[[], Awaitable[ExternalInterface]] | None = None,
+                 on_subnet: Callable[[Lease, Lease | None], Awaitable[None]] | None = None,
+                 on_ready: Callable[[], None] | None = None) -> None:
+        self.m = manager
+        self.backend = backend
+        self.mtu = info.mtu
+        self.network = network
+        self.subnet_file = subnet_file
+        self.ip_masq = ip_masq
+        self.period_s = period_s
+        self.resolve_ext = resolve_ext
+        self.on_subnet = on_subnet
+        self.on_ready = on_ready
+        self.facts: dict[str, str] = {f: "starting" for f in FACTS}  # fact → why it is false ("" = true)
+        self.applied: Lease | None = None  # the own lease the backend and subnet.env were set up for
+        self.ready = False  # all facts held at least once (READY=1 sent)
+        self.passes = 0
+        self._event = asyncio.Event()
+        self._full = True
+        self._iface = True
+        self._restart = True  # the backend must be (re)started for the own lease
+        self._peers_done = False
+        self._last_full = 0.0
+        self._reported = ""
+        self._env_verified = ""  # the subnet.env content last written or read back
+
+    # -- signals ---------------------------------------------------------------------------------
+    def wake(self, full: bool = False, iface: bool = False) -> None:
+        """Something may have changed: run a pass soon (coalesced with whatever else arrives)."""
+        self._full |= full
+        self._iface |= iface
+        self._event.set()
+
+    def started(self, lease: Lease) -> None:
+        """The daemon started the backend for ``lease`` itself (at startup, where errors are fatal)."""
+        self.applied = lease
+        self._restart = False
+        self._set("backend")
+
+    # -- readiness -------------------------------------------------------------------------------
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, reason naming the first false fact), live: the lease fact is asked each time."""
+        ok, why = self.m.lease_state()
+        if not ok:
+            return False, why
+        for fact in FACTS[1:]:
+            if self.facts[fact]:
+                return False, self.facts[fact]
+        return self.backend.readiness()
+
+    def _set(self, fact: str, why: str = "") -> None:
+        self.facts[fact] = why
+
+    # -- the loop --------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Wait for a signal or the timer, converge, repeat. Forever (cancel to stop)."""
+        retry = RETRY_S
+        while True:
+            healthy = self.readiness()[0]
+            timeout = self.period_s if healthy else min(retry, self.period_s)
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout)
+            except TimeoutError:
+                self._iface = True  # the timer: look at everything
+                if time.monotonic() - self._last_full >= self.period_s:
+                    self._full = True
+            retry = RETRY_S if healthy else min(retry * 2, self.period_s)
+            self._event.clear()
+            full, iface = self._full, self._iface
+            self._full = self._iface = False
+            try:
+                await self.converge(full=full, iface=iface)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - a bug must not stop convergence; retried
+                log.error("convergence failed", error=repr(e))
+                self._set("converged", f"convergence failed: {e!r}")
+                self._full = True
+
+    async def converge(self, full: bool = False, iface: bool = False) -> None:
+        """One pass: interface, own lease, peers, subnet.env, readiness (see the module docstring)."""
+        self.passes += 1
+        if full:
+            self._last_full = time.monotonic()
+        if iface:
+            await self._check_interface()
+        lease = self.m.lease
+        if lease is not None and not self.m.lost_reason:
+            if self._restart or self.applied is None or lease.subnet != self.applied.subnet:
+                full |= await self._apply_own(lease)
+            if self.applied is not None and self.applied.subnet == lease.subnet:
+                await self._subnet_env(lease, check=full or iface)
+        if self.m.synced and self.applied is not None and not self._restart:
+            await self._apply_peers(full or not self._peers_done)
+        self._report()
+
+    # -- the parts -------------------------------------------------------------------------------
+    async def _check_interface(self) -> None:
+        if self.resolve_ext is None:
+            self._set("interface")
+            return
+        try:
+            ext = await self.resolve_ext()
+        except Exception as e:  # noqa: BLE001 - InterfaceError and its kin: the reason is the message
+            why = f"external interface: {e}"
+            if self.facts["interface"] != why:
+                log.warning("external interface not usable; waiting for it", error=str(e))
+            self._set("interface", why)
+            return
+        if self.facts["interface"]:
+            self._set("interface")
+        old = self.backend.ctx.ext
+        if ext == old and not self._restart:
+            return
+        if ext != old:
+            log.warning("external interface changed; moving the overlay to it", name=ext.name, index=ext.index,
+                        address=str(ext.ip), public_ip=str(ext.public_ip), old_index=old.index,
+                        old_address=str(old.ip))
+            self.backend.ctx.ext = ext
+        try:
+            async with self.backend.lock:
+                info = await self.backend.register()
+        except BackendError as e:
+            self._set("backend", f"{self.backend.type_name} backend: {e}")
+            self._restart = True
+            return
+        self.mtu = info.mtu
+        self._restart = True
+        attrs = LeaseAttrs(public_ip=ext.public_ip, backend_type=info.backend_type, backend_data=info.backend_data)
+        if self.m.attrs is not None and attrs != self.m.attrs:
+            try:
+                await self.m.set_attrs(attrs)
+            except StoreError as e:
+                self._set("backend", f"cannot update the lease for the new interface: {e}")
+                self.backend.ctx.ext = old  # look again next time: the change is not done
+                return
+
+    async def _apply_own(self, lease: Lease) -> bool:
+        """(Re)start the backend for the own lease; True when it was done (a full pass follows)."""
+        previous = self.applied
+        try:
+            async with self.backend.lock:
+                await self.backend.start(lease)
+        except Exception as e:  # noqa: BLE001 - BackendError, netlink errors: a false fact, retried
+            why = str(e) or type(e).__name__
+            if self.facts["backend"] != why:
+                log.error("backend setup failed; retrying", subnet=str(lease.subnet), error=why)
+            self._set("backend", f"{self.backend.type_name} backend: {why}")
+            self._restart = True
+            return False
+        if previous is not None and previous.subnet != lease.subnet:
+            log.info("backend moved to the new subnet", subnet=str(lease.subnet), old=str(previous.subnet))
+            if self.on_subnet is not None:
+                try:
+                    await self.on_subnet(lease, previous)
+                except Exception as e:  # noqa: BLE001 - the rules keep their own resync loop
+                    log.error("traffic rules for the new subnet failed", subnet=str(lease.subnet), error=str(e))
+        self._set("backend")
+        self.applied = lease
+        self._restart = False
+        return True
+
+    async def _apply_peers(self, full: bool) -> None:
+        claiming = self.m.claiming
+        want = [le for key, le in self.m.book.accepted.items() if key not in claiming]
+        changed, removed = diff_peers(self.backend.peers, want)
+        if not (changed or removed or full):
+            return
+        if len(changed) + len(removed) <= LOG_EACH_PEER:
+            for le in changed:
+                log.info("lease added", subnet=str(le.subnet), public_ip=str(le.attrs.public_ip),
+                         backend=le.attrs.backend_type or "-")
+            for le in removed:
+                log.info("lease removed", subnet=str(le.subnet))
+        else:
+            log.info("peer leases changed", added=len(changed), removed=len(removed), peers=len(want))
+        await self.backend.update_peers(changed, removed, resync=full, reason="converge")
+        if not self._peers_done:
+            self._peers_done = True
+            self._set("converged")
+
+    async def _subnet_env(self, lease: Lease, check: bool) -> None:
+        """Write subnet.env when it does not hold the lease, and verify by reading it back.
+        check: read the file even when it was verified with this content before (timer, repair)."""
+        want = subnetenv.render(self.network, lease.subnet, self.mtu, self.ip_masq)
+        if want == self._env_verified and not check:
+            return
+        try:
+            if subnetenv.read_text(self.subnet_file) != want:
+                subnetenv.write(self.subnet_file, want)
+                if subnetenv.read_text(self.subnet_file) != want:
+                    raise OSError(f"{self.subnet_file} does not hold what was written")
+                log.info("wrote subnet file", path=self.subnet_file, subnet=str(lease.subnet), mtu=self.mtu)
+        except OSError as e:
+            self._env_verified = ""
+            why = f"cannot write the subnet file {self.subnet_file}: {e.strerror or e}; fix it (pyflanneld retries)"
+            if self.facts["subnet.env"] != why:
+                log.error("failed to write subnet file; retrying", path=self.subnet_file, error=str(e.strerror or e))
+            self._set("subnet.env", why)
+            return
+        self._env_verified = want
+        self._set("subnet.env")
+
+    def _report(self) -> None:
+        ok, why = self.readiness()
+        if ok and not self.ready:
+            self.ready = True
+            self._reported = ""
+            if self.on_ready is not None:
+                self.on_ready()
+            return
+        if not self.ready:
+            return
+        now = "" if ok else why
+        if now != self._reported:
+            if ok:
+                log.info("ready again")
+            else:
+                log.warning("not ready", reason=why)
+            self._reported = now
