@@ -31,7 +31,7 @@ import structlog
 from . import subnetenv
 from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface, diff_peers
 from .subnet.lease import Lease, LeaseAttrs
-from .subnet.manager import SubnetManager
+from .subnet.manager import SubnetManager, wait_event
 from .subnet.store import StoreError
 
 log = structlog.get_logger()
@@ -48,14 +48,16 @@ class Converger:
     resolve_ext: the operator's interface rule, evaluated now (raises on no match — the message is
     the fact's reason). on_subnet(lease, previous_lease): called after the backend was started for
     a new own subnet (traffic rules, blackhole route). on_ready(): the first time all facts hold.
+    period_s: the safety-net timer; retry_s: the first retry of a false fact (doubling to period_s).
     """
 
     def __init__(self, manager: SubnetManager, backend: Backend, info: BackendInfo, *,
                  network: IPv4Network, subnet_file: str, ip_masq: bool, period_s: float,
                  resolve_ext: Callable[[], Awaitable[ExternalInterface]] | None = None,
                  on_subnet: Callable[[Lease, Lease | None], Awaitable[None]] | None = None,
-                 on_ready: Callable[[], None] | None = None) -> None:
+                 on_ready: Callable[[], None] | None = None, retry_s: float = RETRY_S) -> None:
         self.m = manager
+        self.retry_s = retry_s
         self.backend = backend
         self.mtu = info.mtu
         self.network = network
@@ -69,6 +71,7 @@ class Converger:
         self.applied: Lease | None = None  # the own lease the backend and subnet.env were set up for
         self.ready = False  # all facts held at least once (READY=1 sent)
         self.passes = 0
+        self._running = False  # a pass is under way
         self._event = asyncio.Event()
         self._full = True
         self._iface = True
@@ -108,20 +111,19 @@ class Converger:
     # -- the loop --------------------------------------------------------------------------------
     async def run(self) -> None:
         """Wait for a signal or the timer, converge, repeat. Forever (cancel to stop)."""
-        retry = RETRY_S
+        retry = self.retry_s
         while True:
             healthy = self.readiness()[0]
             timeout = self.period_s if healthy else min(retry, self.period_s)
-            try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except TimeoutError:
+            if not await wait_event(self._event, timeout):
                 self._iface = True  # the timer: look at everything
                 if time.monotonic() - self._last_full >= self.period_s:
                     self._full = True
-            retry = RETRY_S if healthy else min(retry * 2, self.period_s)
+            retry = self.retry_s if healthy else min(retry * 2, self.period_s)
             self._event.clear()
             full, iface = self._full, self._iface
             self._full = self._iface = False
+            self._running = True
             try:
                 await self.converge(full=full, iface=iface)
             except asyncio.CancelledError:
@@ -130,6 +132,8 @@ class Converger:
                 log.error("convergence failed", error=repr(e))
                 self._set("converged", f"convergence failed: {e!r}")
                 self._full = True
+            finally:
+                self._running = False
 
     async def converge(self, full: bool = False, iface: bool = False) -> None:
         """One pass: interface, own lease, peers, subnet.env, readiness (see the module docstring)."""

@@ -18,7 +18,6 @@ lease), ``notify(False)`` for the changes since the last one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import time
@@ -56,6 +55,17 @@ class Backoff:
         self.delay = self.first
 
 
+async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
+    """Wait until ``event`` is set or ``timeout_s`` passed (None: no limit); True if it was set.
+    Unlike ``wait_for`` on Python 3.11, a cancellation is never lost when both happen at once."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return event.is_set()
+
+
 def backend_identity(attrs: LeaseAttrs) -> tuple[str, str]:
     """What tells two hosts with the same PublicIP apart: BackendType and BackendData, as JSON."""
     return attrs.backend_type, json.dumps(attrs.backend_data, sort_keys=True)
@@ -67,6 +77,9 @@ class SubnetManager:
     ttl/renew_margin/renew_retry in seconds. ``notify(full)`` is called (synchronously, it must
     not block) after every change of the own lease or the book.
     """
+
+    ACQUIRE_BACKOFF_S = (1.0, 30.0)  # (first, limit) between failed acquisitions
+    WATCH_BACKOFF_S = (0.1, 5.0)  # between failed watches (upstream's)
 
     def __init__(self, store: Store, cfg: NetworkConfig, *, ttl: int, renew_margin: float,
                  prev_subnet: IPv4Network | None = None, rng: random.Random | None = None,
@@ -190,7 +203,7 @@ class SubnetManager:
         """Acquire, retrying store errors and pool exhaustion with backoff; never gives up.
         The new lease becomes ``lease`` (and the book's own lease) before the listener is told."""
         self.attrs = attrs
-        backoff = Backoff(1.0, 30.0)
+        backoff = Backoff(*self.ACQUIRE_BACKOFF_S)
         last_err = ""
         while True:
             try:
@@ -227,7 +240,7 @@ class SubnetManager:
         self.notify(False)
 
     def renew_now(self) -> None:
-        """Renew at once (e.g. the operator gave the key a TTL again)."""
+        """Renew at once (e.g. the operator gave the key a TTL again); a reservation stays as is."""
         self._renew_now = True
         self._kick.set()
 
@@ -280,8 +293,7 @@ class SubnetManager:
 
     # -- renewal -------------------------------------------------------------------------------
     async def _sleep(self, seconds: float | None) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._kick.wait(), seconds)
+        await wait_event(self._kick, seconds)
         self._kick.clear()
 
     async def keep_lease(self) -> None:
@@ -297,7 +309,9 @@ class SubnetManager:
                 await self._write(lease, None, "own lease rewritten as a reservation")
                 continue
             due = lease.expiration is not None and time.time() >= lease.expiration - self.renew_margin
-            if self._renew_now or (due and not lease.reserved):
+            if lease.reserved:
+                self._renew_now = False  # a reservation is never renewed (that would give it a TTL)
+            elif self._renew_now or due:
                 await self._write(lease, self.ttl, "lease renewed")
                 continue
             if lease.reserved or lease.expiration is None:
@@ -376,7 +390,7 @@ class SubnetManager:
 
     async def watch(self) -> None:
         """List, then watch from that revision + 1; relist on compaction or reconnect. Forever."""
-        backoff = Backoff(0.1, 5.0)
+        backoff = Backoff(*self.WATCH_BACKOFF_S)
         rev: int | None = None
         while True:
             try:
