@@ -80,6 +80,7 @@ class Converger:
         self._last_full = 0.0
         self._reported = ""
         self._env_verified = ""  # the subnet.env content last written or read back
+        self._attrs: LeaseAttrs | None = None  # lease data registered for a new interface, not yet written
 
     # -- signals ---------------------------------------------------------------------------------
     def wake(self, full: bool = False, iface: bool = False) -> None:
@@ -97,13 +98,18 @@ class Converger:
     # -- readiness -------------------------------------------------------------------------------
     def readiness(self) -> tuple[bool, str]:
         """(ready, reason naming the first false fact), live: the lease fact is asked each time."""
+        return self.first_false()[1:]
+
+    def first_false(self) -> tuple[str, bool, str]:
+        """(fact, ready, why): the first fact that does not hold, or ("", True, "")."""
         ok, why = self.m.lease_state()
         if not ok:
-            return False, why
+            return "lease", False, why
         for fact in FACTS[1:]:
             if self.facts[fact]:
-                return False, self.facts[fact]
-        return self.backend.readiness()
+                return fact, False, self.facts[fact]
+        ok, why = self.backend.readiness()
+        return ("", True, "") if ok else ("backend", False, why)
 
     def _set(self, fact: str, why: str = "") -> None:
         self.facts[fact] = why
@@ -144,6 +150,9 @@ class Converger:
             await self._check_interface()
         lease = self.m.lease
         if lease is not None and not self.m.lost_reason:
+            if self._attrs is not None:
+                await self._update_lease()
+                lease = self.m.lease
             if self._restart or self.applied is None or lease.subnet != self.applied.subnet:
                 full |= await self._apply_own(lease)
             if self.applied is not None and self.applied.subnet == lease.subnet:
@@ -165,7 +174,7 @@ class Converger:
                 log.warning("external interface not usable; waiting for it", error=str(e))
             self._set("interface", why)
             return
-        if self.facts["interface"]:
+        if self.facts["interface"] and self._attrs is None:
             self._set("interface")
         old = self.backend.ctx.ext
         if ext == old and not self._restart:
@@ -184,14 +193,24 @@ class Converger:
             return
         self.mtu = info.mtu
         self._restart = True
-        attrs = LeaseAttrs(public_ip=ext.public_ip, backend_type=info.backend_type, backend_data=info.backend_data)
-        if self.m.attrs is not None and attrs != self.m.attrs:
-            try:
-                await self.m.set_attrs(attrs)
-            except StoreError as e:
-                self._set("backend", f"cannot update the lease for the new interface: {e}")
-                self.backend.ctx.ext = old  # look again next time: the change is not done
-                return
+        self._attrs = LeaseAttrs(public_ip=ext.public_ip, backend_type=info.backend_type,
+                                 backend_data=info.backend_data)
+
+    async def _update_lease(self) -> None:
+        """The lease carries what the backend registered last (PublicIP, VtepMAC), same subnet."""
+        if self._attrs is None or self._attrs == self.m.attrs:
+            self._attrs = None
+            return
+        try:
+            await self.m.set_attrs(self._attrs)
+        except StoreError as e:
+            why = f"the lease does not carry the new interface address yet: {e}"
+            if self.facts["interface"] != why:
+                log.warning("cannot update the lease; retrying", error=str(e))
+            self._set("interface", why)
+            return
+        self._attrs = None
+        self._set("interface")
 
     async def _apply_own(self, lease: Lease) -> bool:
         """(Re)start the backend for the own lease; True when it was done (a full pass follows)."""
@@ -260,7 +279,9 @@ class Converger:
         self._set("subnet.env")
 
     def _report(self) -> None:
-        ok, why = self.readiness()
+        """READY=1 the first time all facts hold; afterwards one line per change of the first
+        false fact (its reason was logged where it arose)."""
+        fact, ok, _why = self.first_false()
         if ok and not self.ready:
             self.ready = True
             self._reported = ""
@@ -269,10 +290,9 @@ class Converger:
             return
         if not self.ready:
             return
-        now = "" if ok else why
-        if now != self._reported:
+        if fact != self._reported:
             if ok:
                 log.info("ready again")
             else:
-                log.warning("not ready", reason=why)
-            self._reported = now
+                log.warning("not ready", fact=fact)
+            self._reported = fact

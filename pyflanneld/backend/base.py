@@ -29,6 +29,8 @@ and ``resync``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
@@ -93,6 +95,34 @@ def diff_peers(have: Mapping[IPv4Network, Lease], want: Iterable[Lease]) -> tupl
             changed.append(le)
     removed = [le for sn, le in have.items() if sn not in wanted]
     return changed, removed
+
+
+async def in_daemon_thread(fn: Any, *args: Any) -> Any:
+    """Run a blocking call in a daemon thread and await its result. Unlike ``asyncio.to_thread``
+    (the loop's executor, whose threads ``asyncio.run`` waits for at exit), a call that hangs never
+    delays the daemon's exit."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future = loop.create_future()
+
+    def deliver(result: Any, error: BaseException | None) -> None:
+        if fut.done():
+            return  # the caller was cancelled meanwhile
+        if error is not None:
+            fut.set_exception(error)
+        else:
+            fut.set_result(result)
+
+    def work() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            error = e
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            loop.call_soon_threadsafe(deliver, result, error)
+
+    threading.Thread(target=work, name=getattr(fn, "__name__", "blocking"), daemon=True).start()
+    return await fut
 
 
 class Backend:

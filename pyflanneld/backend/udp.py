@@ -19,8 +19,6 @@ turns off the TCP segmentation/coalescing (virtio-net TUN headers, UDP GSO/GRO, 
 
 from __future__ import annotations
 
-import asyncio
-
 import structlog
 
 from ..subnet.lease import Lease
@@ -28,7 +26,14 @@ from ..udpfwd.control import Route
 from ..udpfwd.device import DeviceError, configure_tun
 from ..udpfwd.supervisor import Forwarder
 from ..udpfwd.tun import TunError
-from .base import BackendContext, BackendError, BackendInfo, PeerSetBackend, register_backend
+from .base import (
+    BackendContext,
+    BackendError,
+    BackendInfo,
+    PeerSetBackend,
+    in_daemon_thread,
+    register_backend,
+)
 
 log = structlog.get_logger()
 
@@ -68,10 +73,10 @@ class UdpBackend(PeerSetBackend):
             await configure_tun(TUN_NAME, own_lease.subnet.network_address, self.mtu, self.network,
                                 offload=fwd.offload)
         except TunError as e:
-            await asyncio.to_thread(fwd.stop)
+            await in_daemon_thread(fwd.stop)
             raise BackendError(f"failed to open TUN device: {e.strerror}") from None
         except DeviceError as e:
-            await asyncio.to_thread(fwd.stop)
+            await in_daemon_thread(fwd.stop)
             raise BackendError(str(e)) from None
         fwd.routes = {le.subnet: self._route(le) for le in self.peers.values()}  # the workers start with them
         # Spawned from the loop's (main) thread: PR_SET_PDEATHSIG follows the spawning thread.
@@ -107,4 +112,4 @@ class UdpBackend(PeerSetBackend):
         """Stop the workers without blocking the loop (Forwarder.stop waits up to a few seconds)."""
         fwd, self.fwd = self.fwd, None
         if fwd is not None:
-            await asyncio.to_thread(fwd.stop)
+            await in_daemon_thread(fwd.stop)

@@ -370,7 +370,9 @@ class SubnetManager:
             return
         if attrs == self.attrs:
             return
-        rec = await self.store.put_subnet(lease.key, attrs.to_json().encode(), None if lease.reserved else self.ttl)
+        value = attrs.to_json().encode()
+        rec = await self._claim(lease.key, lambda: self.store.put_subnet(
+            lease.key, value, None if lease.reserved else self.ttl))
         self.attrs = attrs
         self.lease = self._lease_from_record(rec, attrs)
         log.info("lease updated", subnet=str(lease.subnet), public_ip=str(attrs.public_ip))
