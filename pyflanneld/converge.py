@@ -76,6 +76,7 @@ class Converger:
         self._full = True
         self._iface = True
         self._restart = True  # the backend must be (re)started for the own lease
+        self._register = False  # the backend must be registered again (a failed attempt)
         self._peers_done = False
         self._last_full = 0.0
         self._reported = ""
@@ -120,11 +121,14 @@ class Converger:
         retry = self.retry_s
         while True:
             healthy = self.readiness()[0]
-            timeout = self.period_s if healthy else min(retry, self.period_s)
-            if not await wait_event(self._event, timeout):
-                self._iface = True  # the timer: look at everything
-                if time.monotonic() - self._last_full >= self.period_s:
-                    self._full = True
+            timeout = max(0.0, self._last_full + self.period_s - time.monotonic())  # the safety net is due
+            if not healthy:
+                timeout = min(timeout, retry)
+            woken = await wait_event(self._event, timeout)
+            if time.monotonic() >= self._last_full + self.period_s:
+                self._full = self._iface = True  # the safety net, however busy the events keep us
+            elif not woken:
+                self._iface = True  # a retry while a fact is false: look at everything but the kernel
             retry = self.retry_s if healthy else min(retry * 2, self.period_s)
             self._event.clear()
             full, iface = self._full, self._iface
@@ -177,7 +181,7 @@ class Converger:
         if self.facts["interface"] and self._attrs is None:
             self._set("interface")
         old = self.backend.ctx.ext
-        if ext == old and not self._restart:
+        if ext == old and not self._register:
             return
         if ext != old:
             log.warning("external interface changed; moving the overlay to it", name=ext.name, index=ext.index,
@@ -189,9 +193,10 @@ class Converger:
                 info = await self.backend.register()
         except BackendError as e:
             self._set("backend", f"{self.backend.type_name} backend: {e}")
-            self._restart = True
+            self._register = self._restart = True
             return
         self.mtu = info.mtu
+        self._register = False
         self._restart = True
         self._attrs = LeaseAttrs(public_ip=ext.public_ip, backend_type=info.backend_type,
                                  backend_data=info.backend_data)
