@@ -29,7 +29,7 @@ from ipaddress import IPv4Network
 import structlog
 
 from . import subnetenv
-from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface, diff_peers
+from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import SubnetManager, wait_event
 from .subnet.store import StoreError
@@ -81,6 +81,7 @@ class Converger:
         self._last_full = 0.0
         self._reported = ""
         self._env_verified = ""  # the subnet.env content last written or read back
+        self._applied: dict[str, Lease] = {}  # book key → the lease handed to the backend
         self._attrs: LeaseAttrs | None = None  # lease data registered for a new interface, not yet written
 
     # -- signals ---------------------------------------------------------------------------------
@@ -243,11 +244,25 @@ class Converger:
         return True
 
     async def _apply_peers(self, full: bool) -> None:
+        """Hand the backend the difference between the book's accepted leases and what it has
+        (by key and object identity: O(peers) string lookups, ~2 ms for 5,000)."""
         claiming = self.m.claiming
-        want = [le for key, le in self.m.book.accepted.items() if key not in claiming]
-        changed, removed = diff_peers(self.backend.peers, want)
-        if not (changed or removed or full):
+        accepted = self.m.book.accepted
+        applied = self._applied
+        changed_items = []
+        for key, le in accepted.items():
+            old = applied.get(key)
+            if old is le or key in claiming:
+                continue
+            if old is not None and old == le:
+                applied[key] = le  # the same lease as a new object (a relist): no change
+                continue
+            changed_items.append((key, le))
+        changed = [le for _, le in changed_items]
+        removed_keys = [key for key in applied if key not in accepted or key in claiming]
+        if not (changed or removed_keys or full):
             return
+        removed = [applied[key] for key in removed_keys]
         if len(changed) + len(removed) <= LOG_EACH_PEER:
             for le in changed:
                 log.info("lease added", subnet=str(le.subnet), public_ip=str(le.attrs.public_ip),
@@ -255,7 +270,10 @@ class Converger:
             for le in removed:
                 log.info("lease removed", subnet=str(le.subnet))
         else:
-            log.info("peer leases changed", added=len(changed), removed=len(removed), peers=len(want))
+            log.info("peer leases changed", added=len(changed), removed=len(removed), peers=len(accepted))
+        for key in removed_keys:
+            del applied[key]
+        applied.update(changed_items)
         await self.backend.update_peers(changed, removed, resync=full, reason="converge")
         if not self._peers_done:
             self._peers_done = True
