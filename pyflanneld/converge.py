@@ -40,6 +40,7 @@ log = structlog.get_logger()
 FACTS = ("lease", "interface", "backend", "subnet.env", "converged")
 RETRY_S = 1.0  # a false fact is retried this soon (doubling up to the period)
 LOG_EACH_PEER = 10  # batches up to this size log one line per lease; larger ones one summary
+IFACE_PERIOD_S = 10.0  # the interface is resolved again at least this often (and on link/address events)
 
 
 class Converger:
@@ -79,6 +80,7 @@ class Converger:
         self._register = False  # the backend must be registered again (a failed attempt)
         self._peers_done = False
         self._last_full = 0.0
+        self._last_iface = 0.0
         self._reported = ""
         self._env_verified = ""  # the subnet.env content last written or read back
         self._applied: dict[str, Lease] = {}  # book key → the lease handed to the backend
@@ -126,10 +128,11 @@ class Converger:
             if not healthy:
                 timeout = min(timeout, retry)
             woken = await wait_event(self._event, timeout)
-            if time.monotonic() >= self._last_full + self.period_s:
-                self._full = self._iface = True  # the safety net, however busy the events keep us
-            elif not woken:
-                self._iface = True  # a retry while a fact is false: look at everything but the kernel
+            now = time.monotonic()
+            if now >= self._last_full + self.period_s:
+                self._full = True  # the safety net, however busy the events keep us
+            if (not woken and not healthy) or now >= self._last_iface + IFACE_PERIOD_S:
+                self._iface = True  # a retry while a fact is false; the interface every 10 s
             retry = self.retry_s if healthy else min(retry * 2, self.period_s)
             self._event.clear()
             full, iface = self._full, self._iface
@@ -152,6 +155,7 @@ class Converger:
         if full:
             self._last_full = time.monotonic()
         if iface:
+            self._last_iface = time.monotonic()
             await self._check_interface()
         lease = self.m.lease
         if lease is not None and not self.m.lost_reason:

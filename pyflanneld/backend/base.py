@@ -14,7 +14,9 @@ all on the daemon's asyncio loop:
 4. ``await update_peers(changed, removed, resync=…)`` — one batch of peer-set changes (the
    converger coalesces whatever arrived while it was busy). Few changes go peer by peer
    (``ensure_peer``/``drop_peer``, upstream's order); many, or ``resync=True``, go as one full pass
-   (``resync``) that makes the data plane equal to ``peers`` — removing stale entries too.
+   (``resync``) that makes the data plane equal to ``peers`` — removing stale entries too. A
+   backend without ``resync`` gets every change peer by peer, and ``reconcile()`` after a
+   ``resync=True`` batch (the converger's relists and safety-net passes).
    ``set_peers``, ``add_peer`` and ``remove_peer`` are the same for a snapshot or one event.
 5. ``await reconcile()`` — the safety-net full pass, every ``reconcile_interval`` seconds (0:
    only with relists). ``readiness()`` feeds /readyz at any time.
@@ -185,13 +187,20 @@ class Backend:
                 self.peers[le.subnet] = le
             if resync:
                 self.have_snapshot = True
-            if resync or len(changed) + len(removed) > BATCH_THRESHOLD:
+            if self._full_pass and (resync or len(changed) + len(removed) > BATCH_THRESHOLD):
                 await self.resync(reason if resync else "batch")
                 return
             for old in stale:
                 await self._safe(self.drop_peer, old)
             for le in changed:
                 await self._safe(self.ensure_peer, le)
+        if resync and not self._full_pass:
+            await self.reconcile()  # a backend without a full pass has its own safety net
+
+    @property
+    def _full_pass(self) -> bool:
+        """Does this backend implement ``resync`` (a full pass over ``peers``)?"""
+        return type(self).resync is not Backend.resync
 
     async def set_peers(self, leases: Sequence[Lease]) -> None:
         """The full peer set (a snapshot): apply the difference, then a full pass."""

@@ -79,6 +79,7 @@ class SubnetManager:
     """
 
     ACQUIRE_BACKOFF_S = (1.0, 30.0)  # (first, limit) between failed acquisitions
+    WRITE_BOUND_S = 30.0  # a renewal without an answer for this long counts as failed
     WATCH_BACKOFF_S = (0.1, 5.0)  # between failed watches (upstream's)
 
     def __init__(self, store: Store, cfg: NetworkConfig, *, ttl: int, renew_margin: float,
@@ -107,6 +108,7 @@ class SubnetManager:
         # subnet keys that another host with our PublicIP took from us: not reused (no flip-flop)
         self.foreign: dict[str, tuple[str, str]] = {}
         self._kick = asyncio.Event()
+        self._lost = asyncio.Event()  # set while lost_reason is
         self._renew_now = False
         self._rewrite_reserved = False
 
@@ -225,6 +227,7 @@ class SubnetManager:
             self.lease = lease
             self.prev_subnet = lease.subnet
             self.lost_reason = ""
+            self._lost.clear()
             self._rewrite_reserved = self._renew_now = False
             self.book.set_own(lease)
             self.notify(True)
@@ -236,6 +239,7 @@ class SubnetManager:
         if self.lease is None or self.lost_reason:
             return
         self.lost_reason = reason
+        self._lost.set()
         self._kick.set()
         self.notify(False)
 
@@ -326,11 +330,25 @@ class SubnetManager:
         A store error waits ``renew_retry`` (a loss noticed meanwhile cuts the wait short)."""
         assert self.attrs is not None
         value = self.attrs.to_json().encode()
+        if ttl is None:
+            call = asyncio.ensure_future(self.store.put_subnet(lease.key, value, None))
+        else:
+            call = asyncio.ensure_future(self.store.renew_subnet(lease.key, value, ttl))
+        lost = asyncio.ensure_future(self._lost.wait())
         try:
-            if ttl is None:
-                rec = await self.store.put_subnet(lease.key, value, None)
-            else:
-                rec = await self.store.renew_subnet(lease.key, value, ttl)
+            # bounded, and cut short by a loss the watch noticed: a store call that never returns
+            # must not keep the lease keeper from acquiring again
+            await asyncio.wait({call, lost}, timeout=self.WRITE_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not call.done():
+                call.cancel()
+        try:
+            if call.cancelled():
+                if self.lost_reason:
+                    return
+                raise StoreError(f"no answer from the datastore within {self.WRITE_BOUND_S:.0f}s")
+            rec = call.result()
         except StoreError as e:
             self._mark(False, str(e))
             log.warning("error renewing lease, trying again", subnet=str(lease.subnet),
