@@ -3,6 +3,10 @@ SHELL := /bin/bash
 VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# make bench [REPEATS=3] [SCALE=0.1] [SCENARIOS="start burst"]: see `python -m bench --help`
+REPEATS ?= 1
+SCALE ?= 1
+SCENARIOS ?=
 APT_PKGS := etcd-server etcd-client iproute2 iptables nftables iperf3 tcpdump openssl curl procps iputils-ping \
             python3 python3-venv systemd
 
@@ -23,7 +27,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,cloud]'
+	$(PY) -m pip install -q -e '.[test,cloud,bench]'
 	@touch $@
 
 test: setup
@@ -36,7 +40,7 @@ demo: setup
 	$(PY) -m lab.demo
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench --repeats $(REPEATS) --scale $(SCALE) $(SCENARIOS)
 
 lint: setup
 	$(VENV)/bin/ruff check pyflanneld lab tests bench

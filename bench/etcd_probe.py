@@ -4,9 +4,13 @@
     python etcd_probe.py HOST:PORT joins PREFIX FIRST N GAP     # put N leases GAP s apart: "<t_sent> <t_acked> <key>"
     python etcd_probe.py HOST:PORT load PREFIX FIRST N          # put N leases as fast as etcd takes them
     python etcd_probe.py HOST:PORT unload PREFIX FIRST N        # delete them again
+        (load/unload print "start <unix time of the first request>" and, at the end,
+         "done N <seconds> <unix time the last answer arrived>")
 
 Lease i is subnet 10.<i // 256>.<i % 256>.0/24 with a vxlan BackendData (a MAC derived from i) and a
-PublicIP in 172.16.0.0/12, so each one is three kernel entries on a vxlan host. Printing goes to
+PublicIP in 172.16.0.0/12, so each one is three kernel entries on a vxlan host. Like a real
+flanneld's, the keys carry an etcd lease (one 24 h lease granted per run): watchers that look up
+its TTL (upstream does, per event) pay what they pay in production. Printing goes to
 stdout, flushed per line ("ready" first, once connected).
 """
 
@@ -20,6 +24,7 @@ import time
 import aetcd
 
 CONCURRENCY = 64
+LEASE_TTL_S = 24 * 3600
 
 
 def subnet_key(prefix: str, i: int) -> str:
@@ -49,13 +54,14 @@ async def main(argv: list[str]) -> None:
                 say(f"{time.time():.6f}", ev.kind, ev.kv.key.decode())
             return
         first, n = int(rest[0]), int(rest[1])
+        lease = None if mode == "unload" else await c.lease(LEASE_TTL_S)
         say("ready")
         if mode == "joins":
             gap = float(rest[2])
             for i in range(first, first + n):
                 key = subnet_key(prefix, i)
                 t0 = time.time()
-                await c.put(key.encode(), lease_value(i).encode())
+                await c.put(key.encode(), lease_value(i).encode(), lease=lease)
                 say(f"{t0:.6f} {time.time():.6f} {key}")
                 await asyncio.sleep(gap)
             return
@@ -65,13 +71,14 @@ async def main(argv: list[str]) -> None:
             async with sem:
                 key = subnet_key(prefix, i).encode()
                 if mode == "load":
-                    await c.put(key, lease_value(i).encode())
+                    await c.put(key, lease_value(i).encode(), lease=lease)
                 else:
                     await c.delete(key)
 
+        say(f"start {time.time():.6f}")
         t0 = time.monotonic()
         await asyncio.gather(*(one(i) for i in range(first, first + n)))
-        say(f"done {n} {time.monotonic() - t0:.3f}")
+        say(f"done {n} {time.monotonic() - t0:.3f} {time.time():.6f}")
 
 
 if __name__ == "__main__":

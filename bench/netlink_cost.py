@@ -145,7 +145,8 @@ def worker(mode: str, n: int) -> None:
 
 
 # -- the benchmark ----------------------------------------------------------------------------------
-def run() -> str:
+def bench_netlink_cost(run) -> list:
+    """The scenario (``run``: bench.flavours.Run, unused: this measures pyflanneld's adapter alone)."""
     from lab import Lab
 
     from .table import Table
@@ -188,7 +189,10 @@ def run() -> str:
           f"{t_dump:.2f} s every 10 s")
     t.note(f"batched is {t_adapter / N_ADAPTER / (t_batched / N_BATCHED):.0f}× cheaper per peer "
            "(timings exclude interpreter start and imports)")
-    return str(t)
+    return [t]
+
+
+SCENARIOS = {"netlink_cost": bench_netlink_cost}
 
 
 if __name__ == "__main__":

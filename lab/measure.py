@@ -8,7 +8,7 @@ Public API::
     ping_rtts_ms(src_pod, ip, count=100, interval_s=0.01) -> list[float]   # one per reply
     percentile(values, p) -> float                   # nearest rank, p in 0..100
 
-Used by `make demo` (lab/demo.py) and the benchmarks (bench/udp.py). Failures raise
+Used by `make demo` (lab/demo.py) and the benchmarks (bench/dataplane.py). Failures raise
 MeasureError with one line saying what did not work.
 """
 
