@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     found, missing = flavours()
     run = Run(args.repeats, args.scale, found, missing)
     load = os.getloadavg()
-    print(f"# pyflanneld side by side with upstream flanneld "
+    print(f"# pyflanneld ({found[0].version}) side by side with upstream flanneld "
           f"({found[-1].version if run.has_upstream else 'absent'})")
     print(f"machine: {os.cpu_count()} CPUs, kernel {platform.release()}, Python {platform.python_version()}; "
           f"load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; repeats {run.repeats}, scale {run.scale:g}")

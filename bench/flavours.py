@@ -1,7 +1,9 @@
 """The daemons under test and the shared measuring kit of the side-by-side benchmarks.
 
-A :class:`Flavour` is one flanneld implementation: ``pyflanneld`` (this repository's console script)
-or ``upstream`` (the real flanneld v0.20.2, ``$FLANNELD_UPSTREAM`` or the archive that
+A :class:`Flavour` is one flanneld implementation: ``pyflanneld`` (this repository's console script;
+with ``BENCH_PYFLANNELD_TREE=<dir>`` the pyflanneld package of another checkout instead, run with
+this venv's libraries: before/after figures of a change, e.g. main's tree against a branch's) or
+``upstream`` (the real flanneld v0.20.2, ``$FLANNELD_UPSTREAM`` or the archive that
 ``lab.upstream`` decompresses). Both run the same way: in a lab host namespace of their own, against
 the same etcd, with the same flags (``--etcd-endpoints --etcd-prefix --subnet-file --iface``) and
 network config.
@@ -45,19 +47,30 @@ class Flavour:
     name: str
     argv: tuple[str, ...]
     version: str
+    env: tuple[tuple[str, str], ...] = ()
 
     def start(self, host: Host, etcd, prefix: str, *args: str, env: dict[str, str] | None = None) -> Daemon:
         """Start it in ``host`` (``--iface eth0``, ``--etcd-prefix prefix``, lab subnet file)."""
         return start_daemon(host, "--etcd-prefix", prefix, "--iface", "eth0", *args, etcd=etcd,
-                            binary=list(self.argv), env=env)
+                            binary=list(self.argv), env={**dict(self.env), **(env or {})})
 
 
 def flavours() -> tuple[list[Flavour], str | None]:
     """(the flavours available, None) or ([pyflanneld], one line saying why upstream is missing)."""
-    argv = pyflanneld_argv()
-    if len(argv) == 1 and not Path(argv[0]).exists():
-        raise RuntimeError(f"pyflanneld not found at {argv[0]}: run `make setup` first")
-    ours = Flavour("pyflanneld", tuple(argv), "this tree")
+    tree = os.environ.get("BENCH_PYFLANNELD_TREE")
+    if tree:
+        if not (Path(tree) / "pyflanneld" / "__main__.py").is_file():
+            raise RuntimeError(f"BENCH_PYFLANNELD_TREE={tree}: no pyflanneld package there")
+        # -S: no site, so the venv's editable install of this tree does not shadow the other one;
+        # -P: nor does the working directory (python -m puts it first on sys.path)
+        site = next(p for p in sys.path if p.endswith("site-packages"))
+        ours = Flavour("pyflanneld", (sys.executable, "-S", "-P", "-m", "pyflanneld"), tree,
+                       (("PYTHONPATH", f"{Path(tree).resolve()}{os.pathsep}{site}"),))
+    else:
+        argv = pyflanneld_argv()
+        if len(argv) == 1 and not Path(argv[0]).exists():
+            raise RuntimeError(f"pyflanneld not found at {argv[0]}: run `make setup` first")
+        ours = Flavour("pyflanneld", tuple(argv), "this tree")
     given = os.environ.get("FLANNELD_UPSTREAM")
     binary = upstream_binary(UPSTREAM_VERSION)
     if binary is None:
