@@ -109,6 +109,9 @@ class OffloadWorker(Worker):
                 continue
             if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
                 self._complete_csum(p, ln, csum_start, csum_off)
+            if reads == 1:  # the first packet of a wake-up goes out at once (Worker._send_one)
+                self.stats.udp_tx += self._send_one(p, nh)
+                continue
             iov_q[2 * n + 1] = ln
             hdr_q[n * 8] = nh[0]
             n += 1

@@ -182,12 +182,29 @@ class Worker:
                 c = (c + 1) & 0xFFFF
             p[10] = c >> 8
             p[11] = c & 0xFF
+            if reads == 1:  # the first packet of a wake-up goes out at once: see _send_one
+                self.stats.udp_tx += self._send_one(p[:ln], nh)
+                continue
             iov_q[2 * n + 1] = ln
             hdr_q[n * 8] = nh[0]
             n += 1
         self.stats.tun_rx += reads
         if n:
             self.stats.udp_tx += tx.send(self.sock_fd, n)
+
+    def _send_one(self, pkt: memoryview, nh: tuple[int, tuple[str, int]]) -> int:
+        """Send one datagram now with a plain ``sendto``; 1 if it went out.
+
+        The first packet read after a wake-up is sent before the next read is tried, so a lone
+        packet (a ping, a request) never waits for the read that finds the queue empty; what
+        follows in the same wake-up is batched into one ``sendmmsg``. A refused datagram (a
+        firewall, no route) is dropped, as upstream drops a failed ``sendto``.
+        """
+        try:
+            self.sock.sendto(pkt, nh[1])
+            return 1
+        except OSError:
+            return 0
 
     def udp_to_tun(self) -> None:
         rx = self.rx
