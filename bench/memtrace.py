@@ -69,10 +69,12 @@ def _pymalloc() -> dict[str, int]:
         m = re.search(rf"^{re.escape(label)}\s*=\s*([\d,]+)", text, re.M)
         return int(m[1].replace(",", "")) if m else 0
 
-    arenas = re.search(r"^(\d+) arenas \* (\d+) bytes/arena", text, re.M)
-    return {"arenas": int(arenas[1]) * int(arenas[2]) if arenas else 0,
-            "allocated": field("# bytes in allocated blocks"),
-            "free": field("# bytes in available blocks") + field("# unused pools * 16384 bytes")}
+    def product(what: str) -> int:  # "<n> arenas * <size> bytes/arena", "<n> unused pools * <size> bytes"
+        m = re.search(rf"^(\d+) {what} \* (\d+) bytes", text, re.M)
+        return int(m[1]) * int(m[2]) if m else 0
+
+    return {"arenas": product("arenas"), "allocated": field("# bytes in allocated blocks"),
+            "free": field("# bytes in available blocks") + product("unused pools")}
 
 
 def _dump(out: Path) -> None:

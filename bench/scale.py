@@ -140,12 +140,13 @@ def bench_footprint(run: Run) -> list[Compare]:
     growth = {fl: None if fl is None else [b[fl]["VmRSS"] - a[fl]["VmRSS"] for a, b in zip(res[lo], res[hi], strict=True)]
               for fl in ("pyflanneld", up)}
     t = Compare(f"Idle footprint after sync (vxlan, {IDLE_S:.0f} s idle, median of {run.repeats})", run.has_upstream)
-    t.row(f"idle CPU, {lo:,} peer(s)", vals(lo, "pyflanneld", "cpu"), vals(lo, up, "cpu"), None, pct)
+    one = f"{lo:,} peer{'s' if lo != 1 else ''}"
+    t.row(f"idle CPU, {one}", vals(lo, "pyflanneld", "cpu"), vals(lo, up, "cpu"), None, pct)
     t.row(f"idle CPU, {hi:,} peers", vals(hi, "pyflanneld", "cpu"), vals(hi, up, "cpu"),
           goal_at_most(0.01, "≤ 1 % of a core"), pct)
-    t.row(f"VmRSS, {lo:,} peer(s)", vals(lo, "pyflanneld", "VmRSS"), vals(lo, up, "VmRSS"), None, mib)
+    t.row(f"VmRSS, {one}", vals(lo, "pyflanneld", "VmRSS"), vals(lo, up, "VmRSS"), None, mib)
     t.row(f"VmRSS, {hi:,} peers", vals(hi, "pyflanneld", "VmRSS"), vals(hi, up, "VmRSS"), ratio_at_most(1.6), mib)
-    t.row(f"memory growth {lo:,} → {hi:,} peers", growth["pyflanneld"], growth[up], ratio_at_most(1.5), mib)
+    t.row(f"memory growth {one} → {hi:,}", growth["pyflanneld"], growth[up], ratio_at_most(1.5), mib)
     t.row(f"VmHWM, {hi:,} peers", vals(hi, "pyflanneld", "VmHWM"), vals(hi, up, "VmHWM"), None, mib)
     t.note("both daemons run at once on the same leases (each also has the other's); CPU = utime+stime of the "
            "daemon process over the idle window, 100 % = one core; VmRSS at the window's end")
