@@ -1,9 +1,9 @@
 """Import only the parts of pyroute2 the daemon uses (its package ``__init__`` loads them all).
 
 ``import pyroute2.anything`` first runs ``pyroute2/__init__.py``, which imports NDB, IPDB, IPSet,
-IPVS, nl80211, devlink, conntrack, Plan9, ... to re-export them: +11 MiB resident and a third of
-the daemon's import time, for classes pyflanneld never uses (it needs ``pyroute2.iproute`` and
-``pyroute2.netlink``). :func:`install` registers ``pyroute2`` as a bare package (same ``__path__``,
+IPVS, nl80211, devlink, conntrack, Plan9, ... to re-export them: +11 MiB resident, of which ~6 MiB
+and a fifth of the daemon's import CPU are classes pyflanneld never uses (it needs
+``pyroute2.iproute`` and ``pyroute2.netlink``; ``python -m bench imports`` shows the figures). :func:`install` registers ``pyroute2`` as a bare package (same ``__path__``,
 its ``__init__`` not run), so those submodule imports load only what they import themselves, and
 the top-level names pyflanneld imports (:data:`LIGHT`) come from their own submodules. The first
 access to any other top-level name (``from pyroute2 import NDB``) runs the real ``__init__`` into

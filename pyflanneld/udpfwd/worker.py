@@ -11,8 +11,9 @@ Packet paths (upstream ``proxy_amd64.c`` semantics):
   the TUN; TTL − 1 (drop at 0); the raw IPv4 packet is the UDP payload, sent to next_hop:port.
 * UDP → TUN: TTL − 1 (drop at 0), write to the TUN.
 
-Reads are batched: up to ``--batch`` packets per readiness event, sent with one ``sendmmsg``;
-UDP is received with ``recvmmsg``. With ``--offload`` the TUN uses virtio-net headers and the
+Reads are batched: up to ``--batch`` packets per readiness event; the first is sent at once
+(``sendto``: a lone packet never waits for the read that finds the queue empty), the others with
+one ``sendmmsg``; UDP is received with ``recvmmsg``. With ``--offload`` the TUN uses virtio-net headers and the
 socket UDP GSO/GRO, see :mod:`.offload`.
 
 The worker dies with its parent (``PR_SET_PDEATHSIG``) and stops cleanly on SIGTERM/SIGINT or a
