@@ -9,7 +9,7 @@ SCALE ?= 1
 SCENARIOS ?=
 APT_PKGS := etcd-server etcd-client iproute2 iptables nftables iperf3 tcpdump openssl curl procps iputils-ping \
             python3 python3-venv systemd \
-            qemu-system-x86 busybox-static cpio kmod strongswan-charon strongswan-swanctl
+            qemu-system-x86 busybox-static cpio kmod strongswan-charon strongswan-swanctl wireguard-tools
 
 .PHONY: setup apt venv test unit demo bench lint clean
 

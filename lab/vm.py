@@ -68,6 +68,7 @@ INITRD_MODULES = ("virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_
 # loaded in the guest before the command runs (the backends' kernel features; the rest autoloads)
 GUEST_MODULES = ("wireguard", "ipip", "esp4", "xfrm_user", "xfrm4_tunnel", "tunnel4", "veth", "bridge", "vxlan")
 XZ_MAGIC = b"\xfd7zXZ\x00"
+GUEST_ENV = "PYFLANNELD_VM_GUEST"  # "1" in the environment of test runs inside the VM (tests/test_vm.py)
 MEMORY_MIB = 2048
 CPUS = 2
 

@@ -11,6 +11,8 @@ What it adds to pyroute2, so that backends read as the upstream behaviour they i
 * :meth:`Netlink.batch`, many neighbour/FDB/route changes at once: :class:`BatchOp` messages built
   with ``struct`` (the same bytes pyroute2 sends for the single calls), 256 per ``sendmsg`` on a
   raw socket of its own, acks matched by sequence number, per-op errors (~7× cheaper per entry);
+* WireGuard devices (the kernel's ``wireguard`` generic-netlink family, through pyroute2's
+  ``AsyncWireGuard``) as :class:`WgDevice`/:class:`WgPeer` values;
 * :class:`NetlinkMonitor`, an async iterator over link/route/neighbour events (raw socket, decoded
   with ``struct``) that survives socket overruns (it reports them as an ``overrun`` event: the caller then reconciles everything).
 
@@ -34,6 +36,7 @@ from typing import Any, TypeVar
 import structlog
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
+from pyroute2.netlink.generic.wireguard import AsyncWireGuard
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
@@ -125,6 +128,28 @@ class FdbEntry:
 
 
 @dataclass(frozen=True)
+class WgPeer:
+    """One WireGuard peer as flannel programs it (``wg set DEV peer KEY endpoint IP:PORT
+    allowed-ips NET [persistent-keepalive S] [preshared-key K]``); keys are base64 strings."""
+
+    public_key: str
+    endpoint: tuple[IPv4Address, int] | None = None
+    allowed_ips: tuple[IPv4Network, ...] = ()
+    keepalive_s: int = 0
+    preshared_key: str | None = None  # None: none (the kernel reports all zeros)
+
+
+@dataclass(frozen=True)
+class WgDevice:
+    """A WireGuard device's configuration (``wg show DEV``); keys are base64 strings."""
+
+    name: str
+    public_key: str | None
+    listen_port: int
+    peers: tuple[WgPeer, ...] = ()
+
+
+@dataclass(frozen=True)
 class Event:
     """A netlink notification, reduced to what reconcilers look at."""
 
@@ -144,6 +169,7 @@ class Netlink:
 
     def __init__(self, retries: int = RETRIES) -> None:
         self._ipr: AsyncIPRoute | None = None
+        self._wg: AsyncWireGuard | None = None  # opened on first use (needs the wireguard module)
         self._lock = asyncio.Lock()
         self.retries = retries
 
@@ -154,12 +180,13 @@ class Netlink:
         await self.close()
 
     async def close(self) -> None:
-        ipr, self._ipr = self._ipr, None
-        if ipr is not None:
-            try:
-                ipr.close()
-            except Exception:  # noqa: BLE001 - closing a broken socket
-                pass
+        socks, self._ipr, self._wg = (self._ipr, self._wg), None, None
+        for sock in socks:
+            if sock is not None:
+                try:
+                    sock.close()
+                except Exception:  # noqa: BLE001 - closing a broken socket
+                    pass
 
     async def _socket(self) -> AsyncIPRoute:
         if self._ipr is None:
@@ -168,17 +195,29 @@ class Netlink:
             self._ipr = ipr
         return self._ipr
 
-    async def _call(self, what: str, fn: Callable[[AsyncIPRoute], Awaitable[T]], *,
-                    ok_if_gone: bool = False) -> T | None:
-        """Run ``fn(ipr)``, retrying transient errors; a vanished object is None if ok_if_gone."""
+    async def _wg_socket(self) -> AsyncWireGuard:
+        if self._wg is None:
+            wg = AsyncWireGuard()
+            try:
+                await wg.setup_endpoint()  # resolves the "wireguard" generic-netlink family
+            except BaseException:
+                wg.close()
+                raise
+            self._wg = wg
+        return self._wg
+
+    async def _call(self, what: str, fn: Callable[[Any], Awaitable[T]], *,
+                    ok_if_gone: bool = False, socket_of: Callable[[], Awaitable[Any]] | None = None) -> T | None:
+        """Run ``fn(sock)`` (sock: the rtnetlink socket, or ``await socket_of()``), retrying transient
+        errors; a vanished object is None if ok_if_gone."""
         delay = RETRY_BASE_DELAY
         attempt = 0
         async with self._lock:
             while True:
                 attempt += 1
                 try:
-                    ipr = await self._socket()
-                    return await fn(ipr)
+                    sock = await (socket_of or self._socket)()
+                    return await fn(sock)
                 except PyNetlinkError as e:
                     code = e.code or 0
                     if ok_if_gone and code in GONE_ERRNOS:
@@ -217,30 +256,47 @@ class Netlink:
         msgs = await self._call(f"get link {name or index}", lambda i: i.link("get", **kw), ok_if_gone=True)
         return _link(msgs[0]) if msgs else None
 
-    async def create_vxlan(self, name: str, *, vni: int, local: IPv4Address, dev_index: int, port: int,
-                           learning: bool, gbp: bool, mac: str, mtu: int) -> Link:
-        """``ip link add NAME type vxlan id VNI local IP dev DEV dstport PORT [no]learning [gbp]``
-        with the MAC and MTU set at creation. Raises NetlinkError (EEXIST if it exists)."""
-        kw: dict[str, Any] = dict(
-            ifname=name, kind="vxlan", vxlan_id=vni, vxlan_local=str(local), vxlan_link=dev_index,
-            vxlan_port=port, vxlan_learning=1 if learning else 0, address=mac, mtu=mtu,
-        )
-        if gbp:
-            kw["vxlan_gbp"] = True
-        what = f"create vxlan device {name}"
+    async def _create_link(self, name: str, kind: str, module: str, **kw: Any) -> Link:
+        """``ip link add NAME type KIND ...``; a kernel without the device type is one line naming
+        the module to load. Raises NetlinkError (EEXIST if the name is taken)."""
+        what = f"create {kind} device {name}"
         try:
-            await self._call(what, lambda i: i.link("add", **kw))
+            await self._call(what, lambda i: i.link("add", ifname=name, kind=kind, **kw))
         except NetlinkError as e:
             if e.code == errno.EOPNOTSUPP:
                 raise NetlinkError(
-                    f"{what}: the kernel has no vxlan support (Operation not supported): load the vxlan "
-                    "module (modprobe vxlan) or choose another backend (e.g. host-gw, udp)", e.code
+                    f"{what}: the kernel has no {kind} device type (Operation not supported): load the "
+                    f"{module} module (modprobe {module}) or choose another backend (e.g. host-gw, udp)", e.code
                 ) from None
             raise
         link = await self.link(name=name)
         if link is None:
             raise NetlinkError(f"{what}: the device vanished right after creation", errno.ENODEV)
         return link
+
+    async def create_vxlan(self, name: str, *, vni: int, local: IPv4Address, dev_index: int, port: int,
+                           learning: bool, gbp: bool, mac: str, mtu: int) -> Link:
+        """``ip link add NAME type vxlan id VNI local IP dev DEV dstport PORT [no]learning [gbp]``
+        with the MAC and MTU set at creation. Raises NetlinkError (EEXIST if it exists)."""
+        kw: dict[str, Any] = dict(
+            vxlan_id=vni, vxlan_local=str(local), vxlan_link=dev_index,
+            vxlan_port=port, vxlan_learning=1 if learning else 0, address=mac, mtu=mtu,
+        )
+        if gbp:
+            kw["vxlan_gbp"] = True
+        return await self._create_link(name, "vxlan", "vxlan", **kw)
+
+    async def create_ipip(self, name: str, *, local: IPv4Address, mtu: int) -> Link:
+        """``ip link add NAME txqueuelen 0 mtu MTU type ipip mode any local IP nopmtudisc`` (remote
+        any): the attributes upstream's Go netlink sets (``ip -d link`` shows the same line).
+        Raises NetlinkError."""
+        return await self._create_link(name, "ipip", "ipip", ipip_local=str(local), ipip_proto=0,
+                                       ipip_pmtudisc=0, mtu=mtu, txqlen=0)
+
+    async def create_wireguard(self, name: str, *, mtu: int) -> Link:
+        """``ip link add NAME txqueuelen 0 mtu MTU type wireguard`` (as upstream's Go netlink); keys
+        and peers: :meth:`wg_set_device`, :meth:`wg_set_peer`. Raises NetlinkError."""
+        return await self._create_link(name, "wireguard", "wireguard", mtu=mtu, txqlen=0)
 
     async def set_link(self, index: int, **attrs: Any) -> None:
         """``ip link set`` (e.g. ``mtu=1450``, ``address=MAC``, ``state="up"``)."""
@@ -292,8 +348,11 @@ class Netlink:
         msgs = await self._call(f"route get {dst}", lambda i: i.route("get", dst=str(dst))) or []
         return [r for r in (_route(m) for m in msgs) if r is not None]
 
-    async def replace_route(self, r: Route) -> None:
+    async def replace_route(self, r: Route, *, scope: int | None = None) -> None:
+        """``ip route replace``; ``scope`` e.g. RT_SCOPE_LINK (default: the kernel's, universe)."""
         kw = _route_kw(r)
+        if scope is not None:
+            kw["scope"] = scope
         await self._call(f"replace route {_route_str(r)}", lambda i: i.route("replace", **kw))
 
     async def delete_route(self, r: Route) -> None:
@@ -362,12 +421,60 @@ class Netlink:
                          ok_if_gone=True)
 
 
+    # --- WireGuard (generic netlink) ---------------------------------------------------------------
+    async def _wg_call(self, what: str, fn: Callable[[AsyncWireGuard], Awaitable[T]], *,
+                       ok_if_gone: bool = False) -> T | None:
+        if self._wg is None:  # resolve the family first: its ENOENT is not "object gone"
+            async def noop(_: AsyncWireGuard) -> None:
+                return None
+
+            try:
+                await self._call(what, noop, socket_of=self._wg_socket)
+            except NetlinkError as e:
+                if e.code == errno.ENOENT:
+                    raise NetlinkError(f"{what}: the kernel has no wireguard support (generic netlink family "
+                                       "wireguard missing): load the wireguard module (modprobe wireguard)",
+                                       e.code) from None
+                raise
+        return await self._call(what, fn, ok_if_gone=ok_if_gone, socket_of=self._wg_socket)
+
+    async def wg_device(self, name: str) -> WgDevice | None:
+        """``wg show NAME``: the device's public key, listen port and peers; None if no such device."""
+        async def get(wg: AsyncWireGuard) -> list:
+            return [m async for m in await wg.info(name)]
+
+        msgs = await self._wg_call(f"get wireguard device {name}", get, ok_if_gone=True)
+        return _wg_device(name, msgs) if msgs else None
+
+    async def wg_set_device(self, name: str, *, private_key: str, listen_port: int) -> None:
+        """``wg set NAME private-key K listen-port P`` (key: base64)."""
+        await self._wg_call(f"configure wireguard device {name}",
+                            lambda wg: wg.set(name, private_key=private_key, listen_port=listen_port))
+
+    async def wg_set_peer(self, name: str, peer: WgPeer) -> None:
+        """Add or update one peer; its allowed IPs replace the old ones (``wg set NAME peer ...``)."""
+        spec: dict[str, Any] = {"public_key": peer.public_key, "replace_allowed_ips": True,
+                                "allowed_ips": [str(n) for n in peer.allowed_ips],
+                                "persistent_keepalive": peer.keepalive_s}
+        if peer.endpoint is not None:
+            spec["endpoint_addr"], spec["endpoint_port"] = str(peer.endpoint[0]), peer.endpoint[1]
+        if peer.preshared_key is not None:
+            spec["preshared_key"] = peer.preshared_key
+        await self._wg_call(f"set wireguard peer {peer.public_key} on {name}", lambda wg: wg.set(name, peer=spec))
+
+    async def wg_remove_peer(self, name: str, public_key: str) -> None:
+        """``wg set NAME peer KEY remove`` (a peer already gone is fine)."""
+        await self._wg_call(f"remove wireguard peer {public_key} from {name}",
+                            lambda wg: wg.set(name, peer={"public_key": public_key, "remove": True}),
+                            ok_if_gone=True)
+
+
 # --- batches of raw messages ----------------------------------------------------------------------
 
 NLM_F_REQUEST, NLM_F_ACK, NLM_F_REPLACE, NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
 NLMSG_ERROR = 2
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
-RT_SCOPE_UNIVERSE, RT_SCOPE_NOWHERE = 0, 255
+RT_SCOPE_UNIVERSE, RT_SCOPE_LINK, RT_SCOPE_NOWHERE = 0, 253, 255
 RTN_UNICAST = 1
 NDA_DST, NDA_LLADDR = 1, 2
 RTA_DST, RTA_OIF, RTA_GATEWAY, RTA_TABLE = 1, 4, 5, 15
@@ -727,6 +834,44 @@ def _link(m: Any) -> Link:
         up=bool(m["flags"] & 1),
         info=info,
     )
+
+
+_ZERO_KEY = "A" * 43 + "="  # base64 of 32 zero bytes: the kernel's "no preshared key"
+
+
+def _b64(v: Any) -> str | None:
+    if isinstance(v, bytes):
+        v = v.decode()
+    return v or None
+
+
+def _wg_device(name: str, msgs: list) -> WgDevice:
+    """Merge a WG_CMD_GET_DEVICE dump (a peer's allowed IPs may continue in the next message)."""
+    pub, port = None, 0
+    peers: dict[str, dict[str, Any]] = {}
+    for m in msgs:
+        pub = _b64(m.get("WGDEVICE_A_PUBLIC_KEY")) or pub
+        port = m.get("WGDEVICE_A_LISTEN_PORT") or port
+        for p in m.get("WGDEVICE_A_PEERS") or []:
+            key = _b64(p.get("WGPEER_A_PUBLIC_KEY"))
+            if key is None:
+                continue
+            d = peers.setdefault(key, {"allowed": []})
+            ep = p.get("WGPEER_A_ENDPOINT")
+            if ep and ep.get("family") == socket.AF_INET:
+                d["endpoint"] = (IPv4Address(ep["addr"]), int(ep["port"]))
+            if p.get("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL") is not None:
+                d["keepalive"] = p.get("WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL")
+            psk = _b64(p.get("WGPEER_A_PRESHARED_KEY"))
+            if psk is not None:
+                d["psk"] = None if psk == _ZERO_KEY else psk
+            for a in p.get("WGPEER_A_ALLOWEDIPS") or []:
+                addr = a.get("addr") if hasattr(a, "get") else None
+                if addr and ":" not in addr:
+                    d["allowed"].append(IPv4Network(addr, strict=False))
+    return WgDevice(name, pub, port, tuple(
+        WgPeer(k, d.get("endpoint"), tuple(d["allowed"]), d.get("keepalive") or 0, d.get("psk"))
+        for k, d in peers.items()))
 
 
 def _route(m: Any) -> Route | None:

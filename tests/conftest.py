@@ -6,13 +6,21 @@ Fixtures:
     etcd  -- an EtcdServer (v2 enabled) in the lab's switch namespace, healthy, = lab.etcd.
 Tests using either fixture are marked `lab` automatically (run only them: -m lab).
 After the session each (xdist) worker asserts that none of the namespaces it created remain.
+
+``tests/vm/`` holds scenarios that need Debian's kernel: they run inside the lab VM (lab/vm.py),
+started by ``tests/test_vm.py``, and are not collected on this machine.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from lab import netns
+from lab.vm import GUEST_ENV
+
+collect_ignore = [] if os.environ.get(GUEST_ENV) else ["vm"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

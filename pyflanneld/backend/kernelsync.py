@@ -43,7 +43,8 @@ EVENT_DEBOUNCE = 0.1
 def backend_options(ctx: BackendContext, spec: dict[str, tuple[type, Any]], label: str) -> dict[str, Any]:
     """Read typed ``Backend`` options like Go's json.Unmarshal into a struct (case-insensitive keys).
 
-    spec: {"VNI": (int, 1), ...}. A wrong JSON type is upstream's decode error, one line.
+    spec: {"VNI": (int, 1), "Mode": (str, "separate"), ...} (int, bool or str). A wrong JSON type is
+    upstream's decode error, one line.
     """
     out = {}
     for name, (typ, default) in spec.items():
@@ -51,12 +52,15 @@ def backend_options(ctx: BackendContext, spec: dict[str, tuple[type, Any]], labe
         if v is None:
             out[name] = default
             continue
-        ok = isinstance(v, bool) if typ is bool else (
-            isinstance(v, (int, float)) and not isinstance(v, bool) and int(v) == v)
+        if typ is bool or typ is str:
+            ok = isinstance(v, typ)
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and int(v) == v
         if not ok:
+            go_type = {bool: "bool", str: "string"}.get(typ, "int")
             raise BackendError(
                 f"error decoding {label} backend config: json: cannot unmarshal {json_type(v)} into Go struct "
-                f"field .{name} of type {'bool' if typ is bool else 'int'}"
+                f"field .{name} of type {go_type}"
             )
         out[name] = typ(v)
     return out

@@ -2,7 +2,7 @@
 
 import importlib
 
-for _mod in ("alloc", "vxlan", "hostgw", "udp", "awsvpc", "gce", "extension"):
+for _mod in ("alloc", "vxlan", "hostgw", "udp", "awsvpc", "gce", "extension", "wireguard", "ipip", "ipsec"):
     try:
         importlib.import_module(f"{__package__}.{_mod}")
     except ModuleNotFoundError as e:  # a backend not built yet, or its optional deps missing

@@ -22,13 +22,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address
 
 import structlog
 
 from ..netlink import VXLAN_DEFAULT_PORT, BatchOp, Event, Link, NetlinkError, Route, write_sysctl
 from ..subnet.lease import Lease, vtep_mac
 from .base import BackendContext, BackendError, BackendInfo, register_backend
+from .devaddr import ensure_own_address
+from .direct import DirectRouting
 from .kernelsync import KernelPeerBackend, backend_options
 
 log = structlog.get_logger()
@@ -65,7 +67,7 @@ class VXLANBackend(KernelPeerBackend):
         self.dev_name = "flannel.1"
         self.dev: Link | None = None
         self.mac: str | None = None
-        self._direct: dict[IPv4Address, bool] = {}  # PublicIP → directly reachable (DirectRouting)
+        self._direct = DirectRouting(self.nl, ctx.ext.index)
         self._bad_data: set = set()
 
     def _read_config(self) -> None:
@@ -157,18 +159,8 @@ class VXLANBackend(KernelPeerBackend):
         """Upstream Configure: own subnet address /32 (others of the Network, or of the previous
         run's Network, removed), link up."""
         assert self.dev is not None and self.own_lease is not None
-        want = IPv4Interface(f"{self.own_lease.subnet.network_address}/32")
-        have = await self.nl.addresses(self.dev.index)
-        prev = self.ctx.previous_network
-        for a in have:
-            if a != want and (a.ip in self.network or (prev is not None and a.ip in prev)):
-                log.info("removing stale address", device=self.dev_name, address=str(a))
-                await self.nl.delete_address(self.dev.index, a)
-        if want not in have:
-            await self.nl.add_address(self.dev.index, want)
-        if not self.dev.up:
-            await self.nl.set_link(self.dev.index, state="up")
-            self.dev = await self.nl.link(index=self.dev.index) or self.dev
+        self.dev = await ensure_own_address(self.nl, self.dev, self.own_lease.subnet, self.network,
+                                            self.ctx.previous_network)
 
     # --- desired state --------------------------------------------------------------------------
     async def entries(self, lease: Lease) -> PeerEntries | None:
@@ -183,25 +175,11 @@ class VXLANBackend(KernelPeerBackend):
                           subnet=str(lease.subnet), backend_data=lease.attrs.backend_data)
             return None
         sn, pub = lease.subnet, lease.attrs.public_ip
-        if self.direct_routing and await self._directly_reachable(pub):
+        if self.direct_routing and await self._direct.reachable(pub):
             return PeerEntries(Route(sn, pub, self.ctx.ext.index))
         assert self.dev is not None
         gw = sn.network_address
         return PeerEntries(Route(sn, gw, self.dev.index, onlink=True), arp=(gw, mac), fdb=(mac, pub))
-
-    async def _directly_reachable(self, ip: IPv4Address) -> bool:
-        """Upstream ip.DirectRouting: ``ip route get IP`` gives one route without gateway (here: and
-        on the external interface). Cached per PublicIP."""
-        known = self._direct.get(ip)
-        if known is None:
-            try:
-                routes = await self.nl.route_get(ip)
-            except NetlinkError as e:
-                log.error("direct routing check failed", public_ip=str(ip), error=str(e))
-                return False
-            known = len(routes) == 1 and routes[0].gateway is None and routes[0].oif == self.ctx.ext.index
-            self._direct[ip] = known
-        return known
 
     # --- the event path (upstream order) --------------------------------------------------------
     async def ensure_peer(self, lease: Lease) -> None:
@@ -261,8 +239,7 @@ class VXLANBackend(KernelPeerBackend):
     def _forget_gone(self) -> None:
         super()._forget_gone()
         self._bad_data &= set(self.peers)
-        live = {le.attrs.public_ip for le in self.peers.values()}
-        self._direct = {ip: v for ip, v in self._direct.items() if ip in live}
+        self._direct.keep_only(le.attrs.public_ip for le in self.peers.values())
 
     async def sync_entries(self) -> dict[str, int]:
         changes = {"device_recreated": 0, "added": 0, "removed": 0}
