@@ -13,6 +13,8 @@ What it adds to pyroute2, so that backends read as the upstream behaviour they i
   raw socket of its own, acks matched by sequence number, per-op errors (~7× cheaper per entry);
 * WireGuard devices (the kernel's ``wireguard`` generic-netlink family, through pyroute2's
   ``AsyncWireGuard``) as :class:`WgDevice`/:class:`WgPeer` values;
+* IPsec policies (:class:`XfrmPolicy`; ``NETLINK_XFRM`` messages built with ``struct``, pyroute2
+  has no XFRM support): dump, update, delete;
 * :class:`NetlinkMonitor`, an async iterator over link/route/neighbour events (raw socket, decoded
   with ``struct``) that survives socket overruns (it reports them as an ``overrun`` event: the caller then reconciles everything).
 
@@ -643,6 +645,123 @@ def run_batch(ops: Sequence[BatchOp], retries: int = RETRIES) -> list[NetlinkErr
     finally:
         s.close()
     return results
+
+
+# --- IPsec policies (NETLINK_XFRM) ----------------------------------------------------------------
+
+NETLINK_XFRM = 6
+XFRM_MSG_NEWPOLICY, XFRM_MSG_DELPOLICY, XFRM_MSG_GETPOLICY, XFRM_MSG_UPDPOLICY = 19, 20, 21, 25
+XFRMA_TMPL = 5
+XFRM_DIRS = {"in": 0, "out": 1, "fwd": 2}
+XFRM_MODE_TUNNEL = 1
+IPPROTO_ESP = 50
+XFRM_INF = 0xFFFFFFFFFFFFFFFF
+NLMSG_DONE = 3
+NLM_F_DUMP = 0x300
+_SELECTOR = struct.Struct("=16s16sHHHHHBBB3xiI")  # struct xfrm_selector (56 bytes)
+_POLICY_TAIL = struct.Struct("=IIBBBB4x")  # priority, index, dir, action, flags, share (+ pad): 168 in all
+_TMPL = struct.Struct("=16sIB3xH2x16sIBBBxIII")  # struct xfrm_user_tmpl (64 bytes)
+
+
+@dataclass(frozen=True)
+class XfrmPolicy:
+    """``ip xfrm policy ... src SRC dst DST dir DIR tmpl src TSRC dst TDST proto esp reqid R mode
+    tunnel`` (IPv4): what upstream's ipsec backend installs, three per peer (out, in, fwd)."""
+
+    src: IPv4Network
+    dst: IPv4Network
+    dir: str  # "in" | "out" | "fwd"
+    tmpl_src: IPv4Address
+    tmpl_dst: IPv4Address
+    reqid: int
+    proto: int = IPPROTO_ESP
+    mode: int = XFRM_MODE_TUNNEL
+    priority: int = 0
+
+    def __str__(self) -> str:
+        return (f"{self.src} -> {self.dst} dir {self.dir} tmpl {self.tmpl_src} -> {self.tmpl_dst} "
+                f"reqid {self.reqid}")
+
+
+def _selector(p: XfrmPolicy) -> bytes:
+    return _SELECTOR.pack(p.dst.network_address.packed.ljust(16, b"\0"), p.src.network_address.packed.ljust(16, b"\0"),
+                          0, 0, 0, 0, socket.AF_INET, p.dst.prefixlen, p.src.prefixlen, 0, 0, 0)
+
+
+def _policy_msg(p: XfrmPolicy) -> bytes:
+    """XFRM_MSG_UPDPOLICY as Go's netlink.XfrmPolicyUpdate builds it (infinite limits, all algorithms)."""
+    lft = struct.pack("=8Q", XFRM_INF, XFRM_INF, XFRM_INF, XFRM_INF, 0, 0, 0, 0) + bytes(32)  # cfg + cur
+    body = _selector(p) + lft + _POLICY_TAIL.pack(p.priority, 0, XFRM_DIRS[p.dir], 0, 0, 0)
+    tmpl = _TMPL.pack(p.tmpl_dst.packed.ljust(16, b"\0"), 0, p.proto, socket.AF_INET,
+                      p.tmpl_src.packed.ljust(16, b"\0"), p.reqid, p.mode, 0, 0, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF)
+    return body + _nla(XFRMA_TMPL, tmpl)
+
+
+def _parse_policy(body: bytes) -> XfrmPolicy | None:
+    """An XFRM_MSG_NEWPOLICY (dump) body → XfrmPolicy; None for IPv6, template-less or unusual ones."""
+    if len(body) < _SELECTOR.size + 96 + _POLICY_TAIL.size:
+        return None
+    daddr, saddr, _, _, _, _, family, plen_d, plen_s, _, _, _ = _SELECTOR.unpack_from(body, 0)
+    priority, _, dir_, _, _, _ = _POLICY_TAIL.unpack_from(body, _SELECTOR.size + 96)
+    dirs = {v: k for k, v in XFRM_DIRS.items()}
+    tmpl = _attrs(body, _SELECTOR.size + 96 + _POLICY_TAIL.size, len(body)).get(XFRMA_TMPL, b"")
+    if family != socket.AF_INET or dir_ not in dirs or len(tmpl) != _TMPL.size:
+        return None
+    tdst, _, proto, tfamily, tsrc, reqid, mode, _, _, _, _, _ = _TMPL.unpack(tmpl)
+    if tfamily != socket.AF_INET or plen_d > 32 or plen_s > 32:
+        return None
+    return XfrmPolicy(IPv4Network((IPv4Address(saddr[:4]), plen_s), strict=False),
+                      IPv4Network((IPv4Address(daddr[:4]), plen_d), strict=False), dirs[dir_],
+                      IPv4Address(tsrc[:4]), IPv4Address(tdst[:4]), reqid, proto, mode, priority)
+
+
+def _xfrm_request(kind: int, flags: int, body: bytes, what: str, ok_if_gone: bool = False) -> list[bytes]:
+    """Blocking: one request on a fresh NETLINK_XFRM socket; the bodies of the replies (a dump's
+    messages, none for an ack). Raises NetlinkError (one line)."""
+    s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_XFRM)
+    try:
+        s.settimeout(BATCH_ACK_TIMEOUT)
+        s.bind((0, 0))
+        s.send(struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | flags, 1, 0) + body)
+        out: list[bytes] = []
+        while True:
+            data = s.recv(1 << 20)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, off)
+                if length < 16:
+                    break
+                if mtype == NLMSG_DONE:
+                    return out
+                if mtype == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, off + 16)[0]
+                    if code == 0 or (ok_if_gone and code in GONE_ERRNOS):
+                        return out
+                    raise NetlinkError(_hint(code, what), code)
+                out.append(data[off + 16:off + length])
+                off += (length + 3) & ~3
+    except OSError as e:
+        raise NetlinkError(_hint(e.errno or 0, what), e.errno or 0) from None
+    finally:
+        s.close()
+
+
+async def xfrm_policies() -> list[XfrmPolicy]:
+    """``ip xfrm policy list``: the IPv4 policies with one template, in the caller's namespace."""
+    bodies = await asyncio.to_thread(_xfrm_request, XFRM_MSG_GETPOLICY, NLM_F_DUMP, bytes(64), "list xfrm policies")
+    return [p for p in (_parse_policy(b) for b in bodies) if p is not None]
+
+
+async def xfrm_update_policy(p: XfrmPolicy) -> None:
+    """``ip xfrm policy update ...`` (added if absent; upstream's XfrmPolicyAdd/Update)."""
+    await asyncio.to_thread(_xfrm_request, XFRM_MSG_UPDPOLICY, NLM_F_ACK, _policy_msg(p), f"update xfrm policy {p}")
+
+
+async def xfrm_delete_policy(p: XfrmPolicy) -> None:
+    """``ip xfrm policy delete src .. dst .. dir ..`` (already gone is fine)."""
+    body = _selector(p) + struct.pack("=IB3x", 0, XFRM_DIRS[p.dir])
+    await asyncio.to_thread(_xfrm_request, XFRM_MSG_DELPOLICY, NLM_F_ACK, body, f"delete xfrm policy {p}",
+                            ok_if_gone=True)
 
 
 def write_sysctl(key: str, value: str) -> bool:

@@ -103,7 +103,7 @@ def test_routes_direct_and_tunnelled_and_pod_traffic(mlab, cluster):  # noqa: F8
     def counts(packets: list[str]) -> tuple[int, int]:
         return sum(tunnel in p for p in packets), sum(direct in p for p in packets)
 
-    cap = Capture(h1.host)
+    cap = Capture(mlab.switch, f"v{h1.name}")  # the switch port: only what is on the wire
     try:
         assert pings(h1.node.pod, h4.node.pod.address, count=3)
         assert pings(h1.node.pod, h2.node.pod.address, count=3)

@@ -111,7 +111,7 @@ def test_peers_and_pod_traffic_encrypted(mlab, cluster):  # noqa: F811
     def to_peers(packets: list[str]) -> list[str]:
         return [p for p in packets if f" > {h2.node.ip}.{PORT}: UDP" in p or f" > {h3.node.ip}.{PORT}: UDP" in p]
 
-    cap = Capture(h1.host)
+    cap = Capture(mlab.switch, f"v{h1.name}")  # the switch port: only what is on the wire
     try:
         for dst in (h2, h3):
             assert pings(h1.node.pod, dst.node.pod.address, count=3), dst.name

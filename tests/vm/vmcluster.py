@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from e2e_helpers import PREFIX, Node, attach_pod, config, key_of, lines, wait_for
 
-from lab import Host, Lab, LabProcess, start_daemon
+from lab import Host, Lab, LabProcess, pyflanneld_argv, start_daemon
 from lab.upstream import missing_reason, upstream_binary
 
 READY_S = 180  # daemon start to subnet.env under emulation (typically 20-60 s)
@@ -63,9 +63,17 @@ def dump_logs(lab: Lab) -> str:
     return "\n".join(out)
 
 
-def start_cluster(lab: Lab, backend: dict, specs: list[tuple[str, str | None, bool]]) -> list[Member]:
+# Run a daemon with a /run of its own (a private mount namespace): ipsec's charon keeps its pid file
+# and VICI socket at fixed paths under /var/run, which the lab's hosts would otherwise share.
+PRIVATE_RUN = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o mode=0755 flannel-run /run && exec "$@"', "sh"]
+
+
+def start_cluster(lab: Lab, backend: dict, specs: list[tuple[str, str | None, bool]],
+                  wrap: list[str] | None = None) -> list[Member]:
     """Put the config, then start one daemon per (name, underlay subnet or None, upstream?) at once;
-    each host gets docker0 and a pod from its subnet.env. Skips when the upstream binary is absent."""
+    each host gets docker0 and a pod from its subnet.env. ``wrap``: argv prefix for every daemon
+    (e.g. PRIVATE_RUN). Skips when the upstream binary is absent."""
     up = upstream_binary(UPSTREAM)
     if up is None and any(s[2] for s in specs):
         pytest.skip(missing_reason(UPSTREAM))
@@ -81,7 +89,7 @@ def start_cluster(lab: Lab, backend: dict, specs: list[tuple[str, str | None, bo
                 continue
             key_file = lab.tmp / h.name / "wgkey"
             d = start_daemon(h, "--iface", "eth0", env={"WIREGUARD_KEY_FILE": str(key_file)},
-                             binary=str(up) if is_up else None)
+                             binary=[*(wrap or []), *([str(up)] if is_up else pyflanneld_argv())])
             started.append((i, h, d, is_up, key_file))
         for i, h, d, is_up, key_file in started:
             env = d.wait_subnet_env(timeout=READY_S)
@@ -123,11 +131,14 @@ def lease(lab: Lab, m: Member) -> dict:
 
 
 class Capture:
-    """``tcpdump -w`` on a host's interface; ``stop()`` returns the packets as ``tcpdump -n -r`` prints them."""
+    """``tcpdump -w`` on an interface of a lab namespace; ``stop()`` returns the packets as
+    ``tcpdump -n -r`` prints them. Capture on the switch's port of a host (``lab.switch``,
+    ``v<host>``) to see only the wire: on the host's own eth0, packets a tunnel decapsulates
+    (ESP) show up again in clear."""
 
     def __init__(self, host: Host, iface: str = "eth0", filt: str = "") -> None:
         self.host = host
-        self.pcap = host.lab.tmp / f"{host.name}-{iface}.pcap"
+        self.pcap = host.lab.tmp / f"{host.name}-{iface}-{time.monotonic_ns()}.pcap"
         self.proc: LabProcess = host.popen("tcpdump", "-n", "-U", "-i", iface, "-w", str(self.pcap),
                                            *filt.split(), name=f"tcpdump-{host.name}")
         wait_for(lambda: "listening on" in self.proc.log_text() or not self.proc.alive, 30,
