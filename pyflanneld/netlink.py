@@ -258,9 +258,9 @@ class Netlink:
         msgs = await self._call(f"get link {name or index}", lambda i: i.link("get", **kw), ok_if_gone=True)
         return _link(msgs[0]) if msgs else None
 
-    async def _create_link(self, name: str, kind: str, module: str, **kw: Any) -> Link:
+    async def _create_link(self, name: str, kind: str, **kw: Any) -> Link:
         """``ip link add NAME type KIND ...``; a kernel without the device type is one line naming
-        the module to load. Raises NetlinkError (EEXIST if the name is taken)."""
+        the module to load (named like the type). Raises NetlinkError (EEXIST if the name is taken)."""
         what = f"create {kind} device {name}"
         try:
             await self._call(what, lambda i: i.link("add", ifname=name, kind=kind, **kw))
@@ -268,7 +268,7 @@ class Netlink:
             if e.code == errno.EOPNOTSUPP:
                 raise NetlinkError(
                     f"{what}: the kernel has no {kind} device type (Operation not supported): load the "
-                    f"{module} module (modprobe {module}) or choose another backend (e.g. host-gw, udp)", e.code
+                    f"{kind} module (modprobe {kind}) or choose another backend (e.g. host-gw, udp)", e.code
                 ) from None
             raise
         link = await self.link(name=name)
@@ -286,19 +286,19 @@ class Netlink:
         )
         if gbp:
             kw["vxlan_gbp"] = True
-        return await self._create_link(name, "vxlan", "vxlan", **kw)
+        return await self._create_link(name, "vxlan", **kw)
 
     async def create_ipip(self, name: str, *, local: IPv4Address, mtu: int) -> Link:
         """``ip link add NAME txqueuelen 0 mtu MTU type ipip mode any local IP nopmtudisc`` (remote
         any): the attributes upstream's Go netlink sets (``ip -d link`` shows the same line).
         Raises NetlinkError."""
-        return await self._create_link(name, "ipip", "ipip", ipip_local=str(local), ipip_proto=0,
+        return await self._create_link(name, "ipip", ipip_local=str(local), ipip_proto=0,
                                        ipip_pmtudisc=0, mtu=mtu, txqlen=0)
 
     async def create_wireguard(self, name: str, *, mtu: int) -> Link:
         """``ip link add NAME txqueuelen 0 mtu MTU type wireguard`` (as upstream's Go netlink); keys
         and peers: :meth:`wg_set_device`, :meth:`wg_set_peer`. Raises NetlinkError."""
-        return await self._create_link(name, "wireguard", "wireguard", mtu=mtu, txqlen=0)
+        return await self._create_link(name, "wireguard", mtu=mtu, txqlen=0)
 
     async def set_link(self, index: int, **attrs: Any) -> None:
         """``ip link set`` (e.g. ``mtu=1450``, ``address=MAC``, ``state="up"``)."""

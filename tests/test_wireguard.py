@@ -124,6 +124,32 @@ def test_parse_public_key_cases():
         assert parse_public_key(bad) is None, bad
 
 
+def test_device_dump_merged_across_messages():
+    """A long dump continues a peer's allowed IPs in the next message; all-zero PSK means none."""
+    from pyflanneld.netlink import _wg_device
+
+    pub, peer = encode_key(ALICE_PUBLIC), encode_key(b"p" * 32)
+    zero = encode_key(bytes(32)).encode()
+
+    def allowed(addr):
+        return {"addr": addr}
+
+    msgs = [
+        {"WGDEVICE_A_PUBLIC_KEY": pub.encode(), "WGDEVICE_A_LISTEN_PORT": 51820, "WGDEVICE_A_PEERS": [
+            {"WGPEER_A_PUBLIC_KEY": peer.encode(), "WGPEER_A_PRESHARED_KEY": zero,
+             "WGPEER_A_ENDPOINT": {"family": 2, "addr": "192.168.100.2", "port": 51820},
+             "WGPEER_A_PERSISTENT_KEEPALIVE_INTERVAL": 25, "WGPEER_A_ALLOWEDIPS": [allowed("10.5.2.0/24")]}]},
+        {"WGDEVICE_A_PEERS": [{"WGPEER_A_PUBLIC_KEY": peer.encode(),
+                               "WGPEER_A_ALLOWEDIPS": [allowed("10.5.3.0/24"), allowed("fd00::/64")]}]},
+    ]
+    dev = _wg_device("flannel-wg", msgs)
+    assert (dev.public_key, dev.listen_port) == (pub, 51820)
+    (p,) = dev.peers
+    assert p.public_key == peer and p.endpoint == (IPv4Address("192.168.100.2"), 51820)
+    assert [str(n) for n in p.allowed_ips] == ["10.5.2.0/24", "10.5.3.0/24"] and p.keepalive_s == 25
+    assert p.preshared_key is None
+
+
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
                            lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=12), c, max_size=3),
                            max_leaves=8)

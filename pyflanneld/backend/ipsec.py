@@ -27,7 +27,16 @@ from typing import Any
 
 import structlog
 
-from ..netlink import Event, NetlinkError, XfrmPolicy, xfrm_delete_policy, xfrm_policies, xfrm_update_policy
+from ..netlink import (
+    IPPROTO_ESP,
+    XFRM_MODE_TUNNEL,
+    Event,
+    NetlinkError,
+    XfrmPolicy,
+    xfrm_delete_policy,
+    xfrm_policies,
+    xfrm_update_policy,
+)
 from ..subnet.lease import Lease
 from .base import BackendContext, BackendError, BackendInfo, register_backend
 from .charon import Charon, CharonError, find_charon
@@ -129,7 +138,7 @@ class IPsecBackend(KernelPeerBackend):
     def ours(self, p: XfrmPolicy) -> bool:
         """A policy this backend installs: reqid 11, ESP tunnel, between the own subnet and another
         subnet of the Network."""
-        if self.own_lease is None or p.reqid != REQID or p.proto != 50 or p.mode != 1:
+        if self.own_lease is None or p.reqid != REQID or p.proto != IPPROTO_ESP or p.mode != XFRM_MODE_TUNNEL:
             return False
         me = self.own_lease.subnet
         other = p.dst if p.src == me else p.src if p.dst == me else None
