@@ -26,8 +26,8 @@ from pyflanneld.backend.wgkey import (
     parse_key,
     public_key,
 )
-from pyflanneld.backend.wireguard import parse_public_key
-from pyflanneld.subnet.lease import LeaseAttrs
+from pyflanneld.subnet.lease import LeaseAttrs, check_backend_data
+from pyflanneld.subnet.lease import wg_public_key as parse_public_key
 
 # RFC 7748 section 6.1: Alice's X25519 key pair
 ALICE_PRIVATE = bytes.fromhex("77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a")
@@ -157,8 +157,17 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text()
 
 @given(json_values)
 def test_parse_public_key_never_raises(value):
-    got = parse_public_key({"PublicKey": value} if not isinstance(value, dict) else value)
+    data = {"PublicKey": value} if not isinstance(value, dict) else value
+    got = parse_public_key(data)
     assert got is None or len(parse_key(got)) == 32
+    assert (check_backend_data("wireguard", data) is None) == (got is not None)  # the gate agrees
+
+
+def test_gate_rejects_wireguard_lease_without_a_key():
+    assert check_backend_data("wireguard", {"PublicKey": encode_key(ALICE_PUBLIC)}) is None
+    assert check_backend_data("wireguard", {"PublicKey": "abc"}) == \
+        'BackendData.PublicKey: "abc" is not a base64 WireGuard key'
+    assert check_backend_data("wireguard", None) == "BackendData: a wireguard lease needs an object with PublicKey"
 
 
 # --- options and this kernel (lab) ---------------------------------------------------------------

@@ -14,7 +14,6 @@ file is made 0600 (logged).
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,11 +22,12 @@ from pathlib import Path
 import structlog
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from ..subnet.lease import parse_wg_key as parse_key  # the key format, shared with the lease check
+
 log = structlog.get_logger()
 
 DEFAULT_KEY_FILE = "/run/flannel/wgkey"
 KEY_FILE_ENV = "WIREGUARD_KEY_FILE"
-KEY_LEN = 32
 
 
 class WgKeyError(ValueError):
@@ -45,17 +45,6 @@ class KeyPair:
 def key_file_path(env: Mapping[str, str] = os.environ) -> Path:
     """``$WIREGUARD_KEY_FILE`` if set (even empty, like Go's LookupEnv), else /run/flannel/wgkey."""
     return Path(env[KEY_FILE_ENV]) if KEY_FILE_ENV in env else Path(DEFAULT_KEY_FILE)
-
-
-def parse_key(text: str) -> bytes:
-    """A base64 WireGuard key → its 32 bytes; ValueError (one line) if it is not one."""
-    try:
-        raw = base64.b64decode(text.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("not base64") from None
-    if len(raw) != KEY_LEN:
-        raise ValueError(f"{len(raw)} bytes instead of {KEY_LEN}")
-    return raw
 
 
 def encode_key(raw: bytes) -> str:

@@ -31,11 +31,11 @@ from ipaddress import IPv4Network
 import structlog
 
 from ..netlink import RT_SCOPE_LINK, Event, Link, NetlinkError, Route, WgPeer
-from ..subnet.lease import Lease
+from ..subnet.lease import Lease, wg_public_key
 from .base import BackendContext, BackendError, BackendInfo, register_backend
 from .devaddr import ensure_own_address
 from .kernelsync import KernelPeerBackend, backend_options
-from .wgkey import WgKeyError, encode_key, key_file_path, load_or_create, parse_key
+from .wgkey import WgKeyError, key_file_path, load_or_create, parse_key
 
 log = structlog.get_logger()
 
@@ -43,20 +43,6 @@ DEVICE = "flannel-wg"
 DEVICE_V6 = "flannel-wg-v6"  # phase 2 (IPv6)
 OVERHEAD = 80  # IPv6 header 40 (upstream reserves the larger one) + UDP 8 + WireGuard 32
 MODES = ("separate", "auto", "ipv4", "ipv6")
-
-
-def parse_public_key(backend_data: object) -> str | None:
-    """The PublicKey of a wireguard lease's BackendData (key matched case-insensitively like Go),
-    normalised base64 of 32 bytes; None when absent or not a WireGuard key."""
-    if not isinstance(backend_data, dict):
-        return None
-    key = next((v for k, v in backend_data.items() if isinstance(k, str) and k.lower() == "publickey"), None)
-    if not isinstance(key, str):
-        return None
-    try:
-        return encode_key(parse_key(key))
-    except ValueError:
-        return None
 
 
 @register_backend
@@ -185,7 +171,7 @@ class WireGuardBackend(KernelPeerBackend):
         """The WireGuard peer this remote lease justifies (None: not a usable wireguard lease)."""
         if self.skip_other_type(lease):
             return None
-        key = parse_public_key(lease.attrs.backend_data)
+        key = wg_public_key(lease.attrs.backend_data)
         if key is None:
             if lease.subnet not in self._bad_data:
                 self._bad_data.add(lease.subnet)
@@ -223,8 +209,8 @@ class WireGuardBackend(KernelPeerBackend):
     async def drop_peer(self, lease: Lease) -> None:
         if lease.attrs.backend_type != self.type_name:
             return
-        key = parse_public_key(lease.attrs.backend_data)
-        if key is None or any(parse_public_key(le.attrs.backend_data) == key  # another lease still uses it
+        key = wg_public_key(lease.attrs.backend_data)
+        if key is None or any(wg_public_key(le.attrs.backend_data) == key  # another lease still uses it
                               for sn, le in self.peers.items() if sn != lease.subnet):
             return
         log.info("subnet removed", subnet=str(lease.subnet))

@@ -7,6 +7,8 @@ Byte-compatible with upstream flanneld (pkg/lease, pkg/subnet): key `10.5.52.0-2
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import time
@@ -127,9 +129,46 @@ def _check_vxlan_data(data: Any) -> str | None:
     return None
 
 
+WG_KEY_LEN = 32
+
+
+def parse_wg_key(text: str) -> bytes:
+    """A base64 WireGuard key (``wg genkey``/``wg pubkey`` output) → its 32 bytes; ValueError (one
+    line) if it is not one."""
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("not base64") from None
+    if len(raw) != WG_KEY_LEN:
+        raise ValueError(f"{len(raw)} bytes instead of {WG_KEY_LEN}")
+    return raw
+
+
+def wg_public_key(data: Any) -> str | None:
+    """upstream wireguardLeaseAttrs {PublicKey string}: the key, normalised base64, or None."""
+    if not isinstance(data, dict):
+        return None
+    key = _fold(data).get("publickey")
+    if not isinstance(key, str):
+        return None
+    try:
+        return base64.b64encode(parse_wg_key(key)).decode()
+    except ValueError:
+        return None
+
+
+def _check_wireguard_data(data: Any) -> str | None:
+    if not isinstance(data, dict):
+        return "BackendData: a wireguard lease needs an object with PublicKey"
+    if wg_public_key(data) is None:
+        return f"BackendData.PublicKey: {_show(_fold(data).get('publickey'))} is not a base64 WireGuard key"
+    return None
+
+
 # BackendType → check of that type's BackendData (None: fine, else the problem). Types without an
-# entry (host-gw, udp/alloc "", ...) carry no BackendData the kernel depends on.
-BACKEND_DATA_CHECKS: dict[str, Callable[[Any], str | None]] = {"vxlan": _check_vxlan_data}
+# entry (host-gw, ipip, ipsec, udp/alloc "", ...) carry no BackendData the kernel depends on.
+BACKEND_DATA_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "vxlan": _check_vxlan_data, "wireguard": _check_wireguard_data}
 
 
 def check_backend_data(backend_type: str, data: Any) -> str | None:
