@@ -21,7 +21,7 @@ from ipaddress import IPv4Address
 
 import structlog
 
-from ..netlink import BatchOp, Event, Link, NetlinkError, Route
+from ..netlink import Event, Link, NetlinkError, Route
 from ..subnet.lease import Lease
 from .base import BackendContext, BackendError, BackendInfo, register_backend
 from .devaddr import ensure_own_address
@@ -147,20 +147,7 @@ class IPIPBackend(KernelPeerBackend):
             r = await self.route(lease)
             if r is not None:
                 want[r.dst] = r
-        ok = set()
-        stale = []
-        for r in await self.nl.routes():
-            if not self.owns_route(r, {self.dev.index, self.ctx.ext.index}):
-                continue
-            w = want.get(r.dst)
-            if w is not None and w.key == r.key:
-                ok.add(r.dst)
-            else:
-                stale.append((BatchOp.delete_route(r), "stale route removed", {"dst": str(r.dst), "via": str(r.gateway)}))
-        await self.apply(changes, "removed", stale)
-        await self.apply(changes, "added", [
-            (BatchOp.replace_route(r), "route set", {"dst": str(dst), "via": str(r.gateway)})
-            for dst, r in want.items() if dst not in ok])
+        await self.sync_routes(changes, want, {self.dev.index, self.ctx.ext.index})
         return changes
 
     def relevant(self, ev: Event) -> bool:
