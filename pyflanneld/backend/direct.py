@@ -38,6 +38,11 @@ class DirectRouting:
             self._known[ip] = known
         return known
 
+    def reset(self, ext_index: int) -> None:
+        """Forget every answer: the external interface may have changed (new ifindex or address)."""
+        self.ext_index = ext_index
+        self._known.clear()
+
     def keep_only(self, live: Iterable[IPv4Address]) -> None:
         """Forget the answers for PublicIPs not in ``live``."""
         keep = set(live)

@@ -60,6 +60,7 @@ class IPIPBackend(KernelPeerBackend):
 
     async def start(self, own_lease: Lease) -> None:
         await super().start(own_lease)
+        self._direct.reset(self.ctx.ext.index)  # the external interface may have changed: look again
         try:
             await self._configure_device()
         except NetlinkError as e:

@@ -97,7 +97,7 @@ class VXLANBackend(KernelPeerBackend):
 
     async def start(self, own_lease: Lease) -> None:
         await super().start(own_lease)
-        self._direct.clear()  # the external interface may have changed: look again
+        self._direct.reset(self.ctx.ext.index)  # the external interface may have changed: look again
         try:
             await self._configure_device()
         except NetlinkError as e:
