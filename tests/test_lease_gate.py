@@ -268,6 +268,44 @@ def test_case4_v2_directories_nested_under_subnets_are_no_leases(lab, etcd):
         assert bad not in text, (bad, text[-3000:])
 
 
+def test_case4_v3_keys_nested_under_subnets_are_no_leases(lab, etcd):
+    """v3 keys are flat, but `subnets/x/10.1.242.0-24` is under the prefix too. Read by its last path
+    element it stood in for the real lease of that name: the peer's traffic went to the nested key's
+    PublicIP, deleting it dropped the real peer, and one named like the own lease made the daemon
+    think it was taken over. Only direct children are leases, in the list and in the watch."""
+    h1 = lab.add_host("h1")
+    etcd.put(f"{PREFIX}/config", ALLOC)
+    d = start_daemon(h1, "--iface", "eth0", *HZ_ARGS)
+    own = IPv4Network(d.wait_subnet_env(timeout=30)["FLANNEL_SUBNET"], strict=False)
+
+    def peers() -> dict[str, str]:
+        code, body = http_get(h1, HZ, "/peers")
+        assert code == 200, body
+        return {p["subnet"]: p["PublicIP"] for p in json.loads(body)}
+
+    lease = '{"PublicIP":"192.168.100.%d","PublicIPv6":null}'
+    etcd.put(f"{PREFIX}/subnets/10.1.242.0-24", lease % 242)
+    wait_for(lambda: "10.1.242.0/24" in peers(), 15, "the real peer lease is applied")
+    for name in ("10.1.242.0-24", key_of(own).rsplit("/", 1)[1], "10.1.241.0-24"):
+        etcd.put(f"{PREFIX}/subnets/x/{name}", lease % 66)  # nested: not a lease
+    etcd.put(f"{PREFIX}/subnets/10.1.243.0-24", lease % 243)
+    wait_for(lambda: "10.1.243.0/24" in peers(), 15, "a lease after the nested ones is applied")
+    assert peers() == {"10.1.242.0/24": "192.168.100.242", "10.1.243.0/24": "192.168.100.243"}
+    etcd.delete(f"{PREFIX}/subnets/x/", prefix=True)
+    etcd.put(f"{PREFIX}/subnets/10.1.244.0-24", lease % 244)
+    wait_for(lambda: "10.1.244.0/24" in peers(), 15, "a lease after the deletes is applied")
+    assert set(peers()) == {"10.1.242.0/24", "10.1.243.0/24", "10.1.244.0/24"}  # the real peer stays
+    etcd.put(f"{PREFIX}/subnets/x/10.1.242.0-24", lease % 66)
+    d.restart()  # the list at start skips nested keys too
+    wait_for(lambda: d.log_text().count("peer leases listed") == 2, 30, "relisted after the restart")
+    assert peers() == {"10.1.242.0/24": "192.168.100.242", "10.1.243.0/24": "192.168.100.243",
+                       "10.1.244.0/24": "192.168.100.244"}
+    text = d.log_text()
+    assert d.alive
+    for bad in ("taken over", "own lease lost", "Traceback", "internal error"):
+        assert bad not in text, (bad, text[-3000:])
+
+
 def test_case5_public_ip_missing_number_or_boolean(lab, etcd):
     nodes = healthy_pair(lab, etcd)
     traffic = Traffic(*nodes)

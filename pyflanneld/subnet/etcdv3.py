@@ -278,16 +278,25 @@ class EtcdV3Store:
         return None if r is None else r.value
 
     def _record(self, kv) -> Record:
-        key = kv.key.decode("utf-8", "replace").rsplit("/", 1)[-1]
+        key = kv.key[len(self._subnets):].decode("utf-8", "replace")
         return Record(key=key, value=kv.value, has_ttl=kv.lease != 0, expiration=None, revision=kv.mod_revision,
                       create_revision=kv.create_revision)
 
+    def _is_lease(self, kv) -> bool:
+        """Only direct children of ``<prefix>/subnets/`` are leases. A key nested deeper
+        (``subnets/x/10.5.1.0-24``) is none: read by its last path element it would stand in for the
+        real lease of that name (peers' traffic redirected, the own lease "taken over")."""
+        return b"/" not in kv.key[len(self._subnets):]
+
     async def list_subnets(self) -> tuple[list[Record], int]:
         r = await self._call(lambda c: c.get_prefix(self._subnets))
-        recs = [self._record(kv) for kv in r.kvs]
+        recs = []
         for kv in r.kvs:
+            if not self._is_lease(kv):
+                continue
+            recs.append(self._record(kv))
             if kv.lease:
-                self._lease_ids[self._record(kv).key] = kv.lease
+                self._lease_ids[recs[-1].key] = kv.lease
         return recs, r.header.revision
 
     async def get_subnet(self, key: str) -> Record | None:
@@ -398,6 +407,8 @@ class EtcdV3Store:
         ep = self.endpoint
         try:
             async for ev in w:
+                if not self._is_lease(ev.kv):
+                    continue  # a key nested under subnets/: no lease (list_subnets skips it too)
                 rec = self._record(ev.kv)
                 if ev.kind == "PUT":
                     yield WatchEvent("put", rec)
