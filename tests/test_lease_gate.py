@@ -330,6 +330,88 @@ def test_case5_public_ip_missing_number_or_boolean(lab, etcd):
     no_crash(nodes)
 
 
+# --- etcd v2: createdIndex changes with every plain set ---------------------------------------------
+def v2_created_index(etcd, key: str) -> int:
+    return json.loads(etcd.curl(f"/v2/keys{PREFIX}/subnets/{key}").stdout)["node"]["createdIndex"]
+
+
+def flannel_routes(host) -> set[str]:
+    return {ln.strip() for ln in host.ip("route", "show").splitlines() if "flannel.1" in ln}
+
+
+def test_v2_upstream_v017_restart_keeps_its_lease_over_a_stray_overlap(lab, etcd):
+    """Upstream v0.17 renews and reuses its lease with a plain v2 set, which gives the key a new
+    createdIndex: a stray half of its subnet written before then looked "created first" and took
+    the upstream host's traffic, on running pyflanneld hosts and on ones started later."""
+    binary = upstream_binary("v0.17.0")
+    if binary is None:
+        pytest.skip(missing_reason("v0.17.0"))
+    etcd.v2_put(f"{PREFIX}/config", VXLAN)
+    h1, h2, h3 = (lab.add_host(h) for h in ("h1", "h2", "h3"))
+    up = start_daemon(h1, "--iface", "eth0", binary=str(binary))
+    sn1 = IPv4Network(up.wait_subnet_env(timeout=30)["FLANNEL_SUBNET"], strict=False)
+    key1, stray = f"{sn1.network_address}-24", f"{sn1.network_address}-25"
+    route1 = f"{sn1} via {sn1.network_address} dev flannel.1 onlink"
+    d2 = start_daemon(h2, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)
+    d2.wait_subnet_env(timeout=30)
+    wait_for(lambda: route1 in flannel_routes(h2), 20, "h2 programs the upstream host")
+    etcd.v2_put(f"{PREFIX}/subnets/{stray}", vx_value("192.168.100.99"))
+    n2 = Node(h2, d2, {}, None)
+    wait_rejected([n2], stray, {"h2": f"overlaps the lease {key1}, which was created first"})
+    before = v2_created_index(etcd, key1)
+    written = up.log_text().count("Wrote subnet file")
+    up.restart()  # reuses its lease (found by PublicIP) with a plain set
+    wait_for(lambda: up.log_text().count("Wrote subnet file") > written, 30, "upstream h1 restarted")
+    assert v2_created_index(etcd, key1) > v2_created_index(etcd, stray) > before  # what upstream does
+    etcd.v2_put(f"{PREFIX}/subnets/10.5.250.0-24", vx_value("192.168.100.250"))  # processed after the set
+    wait_for(lambda: "10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink" in flannel_routes(h2), 15,
+             "h2 applies a lease written after the upstream host's set")
+    d3 = start_daemon(h3, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)  # never saw the old index
+    d3.wait_subnet_env(timeout=30)
+    n3 = Node(h3, d3, {}, None)
+    wait_for(lambda: "10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink" in flannel_routes(h3), 15, "h3 listed")
+    for n in (n2, n3):
+        assert route1 in flannel_routes(n.host), n.host.name
+        assert not [r for r in flannel_routes(n.host) if r.startswith(f"{sn1.network_address}/25")]
+        assert rejected(n).keys() == {stray}, rejected(n)
+        assert rejected(n)[stray].startswith(f"subnet {sn1.network_address}/25 overlaps the lease {key1}, ")
+    # h2 remembers the older index ("created first"); h3 never saw it and goes by the config's shape
+    assert rejected(n2)[stray].endswith("which was created first")
+    assert "which fits the network config" in rejected(n3)[stray]
+    no_crash([n2, n3])
+
+
+def test_v2_own_writes_keep_the_created_index(lab, etcd):
+    """pyflanneld's own v2 writes update its key in place: a restart (lease reuse) keeps the
+    createdIndex, so a stray entry reusing the host's VtepMAC stays the one created later, on
+    running hosts and on ones started after the restart."""
+    etcd.v2_put(f"{PREFIX}/config", VXLAN)
+    h1, h2, h3 = (lab.add_host(h) for h in ("h1", "h2", "h3"))
+    d1 = start_daemon(h1, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)
+    sn1 = IPv4Network(d1.wait_subnet_env(timeout=30)["FLANNEL_SUBNET"], strict=False)
+    key1 = f"{sn1.network_address}-24"
+    mac1 = json.loads(etcd.v2_get(f"{PREFIX}/subnets/{key1}"))["BackendData"]["VtepMAC"]
+    d2 = start_daemon(h2, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)
+    d2.wait_subnet_env(timeout=30)
+    n2 = Node(h2, d2, {}, None)
+    stray = "10.5.250.0-24"
+    etcd.v2_put(f"{PREFIX}/subnets/{stray}", vx_value("192.168.100.250", mac1))
+    wait_rejected([n2], stray, {"h2": f"VtepMAC {mac1} is already the VtepMAC of the lease {key1}, created first"})
+    before = v2_created_index(etcd, key1)
+    d1.restart()
+    wait_for(lambda: d1.log_text().count("found lease for current IP, reusing") == 1, 30, "h1 reused its lease")
+    assert v2_created_index(etcd, key1) == before
+    d3 = start_daemon(h3, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)
+    d3.wait_subnet_env(timeout=30)
+    n3 = Node(h3, d3, {}, None)
+    for n in (n2, n3):
+        wait_for(lambda n=n: f"{mac1} dst {h1.address} self permanent" in fdb(n.host), 15, f"{n.host.name} FDB")
+        assert rejected(n).keys() == {stray}, rejected(n)
+        assert fdb(n.host) >= {f"{mac1} dst {h1.address} self permanent"}
+        assert f"{mac1} dst 192.168.100.250 self permanent" not in fdb(n.host)
+    no_crash([n2, n3])
+
+
 # --- the network config ----------------------------------------------------------------------------
 def test_case6_7_bad_config_numbers_and_cidrs_are_one_line_never_a_crash(lab, etcd):
     """At startup: the daemon says what is wrong (naming the field) and waits, /readyz says it too;

@@ -151,10 +151,37 @@ def test_overlap_first_created_wins_and_loser_returns_when_winner_goes():  # cas
 
 def test_an_older_key_wins_even_when_it_arrives_later():
     b = book()
-    b.put(rec("10.5.2.0-24", vx("192.168.100.2", "02:00:00:00:00:02"), 20))
-    ch = b.put(rec("10.5.2.0-23", vx("192.168.100.9", "02:00:00:00:00:09"), 3))  # created before
-    assert keys(ch.removed) == ["10.5.2.0-24"] and keys(ch.added) == ["10.5.2.0-23"]
-    assert "overlaps the lease 10.5.2.0-23" in b.rejected["10.5.2.0-24"]
+    b.put(rec("10.5.2.0-25", vx("192.168.100.2", "02:00:00:00:00:02"), 20))
+    ch = b.put(rec("10.5.2.0-26", vx("192.168.100.9", "02:00:00:00:00:09"), 3))  # created before
+    assert keys(ch.removed) == ["10.5.2.0-25"] and keys(ch.added) == ["10.5.2.0-26"]
+    assert "overlaps the lease 10.5.2.0-26, which was created first" in b.rejected["10.5.2.0-25"]
+
+
+def test_a_lease_of_the_configs_shape_wins_over_an_older_odd_one():
+    """etcd v2 gives a key a new createdIndex on every plain set (upstream v0.17's renewal and
+    restart): a host's /24 must not then lose to a stray /25 or /23 written in between — on any
+    host, including one that starts after the renewal and never saw the older index."""
+    b = book()
+    b.put(rec("10.5.2.0-25", vx("192.168.100.9", "02:00:00:00:00:09"), 3))
+    b.put(rec("10.5.4.0-23", vx("192.168.100.8", "02:00:00:00:00:08"), 4))
+    b.put(rec("10.5.7.0-24&fd80::-64", vx("192.168.100.7", "02:00:00:00:00:07"), 5))  # dual stack: not here
+    ch = b.put(rec("10.5.2.0-24", vx("192.168.100.2", "02:00:00:00:00:02"), 20))
+    assert keys(ch.removed) == ["10.5.2.0-25"] and keys(ch.added) == ["10.5.2.0-24"]
+    b.put(rec("10.5.5.0-24", vx("192.168.100.5", "02:00:00:00:00:05"), 21))
+    b.put(rec("10.5.7.0-24", vx("192.168.100.6", "02:00:00:00:00:06"), 22))
+    assert set(b.accepted) == {"10.5.2.0-24", "10.5.5.0-24", "10.5.7.0-24"}
+    fits = "which fits the network config (SubnetLen, SubnetMin..SubnetMax) and this one does not"
+    assert b.rejected["10.5.2.0-25"] == f"subnet 10.5.2.0/25 overlaps the lease 10.5.2.0-24, {fits}"
+    assert b.rejected["10.5.4.0-23"] == f"subnet 10.5.4.0/23 overlaps the lease 10.5.5.0-24, {fits}"
+    assert "overlaps the lease 10.5.7.0-24, which fits" in b.rejected["10.5.7.0-24&fd80::-64"]
+    # a VtepMAC too: the odd lease using a host's MAC loses, whichever was created first
+    b.put(rec("10.5.9.0-26", vx("192.168.100.9", "02:00:00:00:00:05"), 1))
+    assert b.rejected["10.5.9.0-26"] == ("BackendData.VtepMAC 02:00:00:00:00:05 is already the VtepMAC of the "
+                                         f"lease 10.5.5.0-24, {fits}")
+    # outside SubnetMin..SubnetMax is odd too (the first subnet of the Network is never handed out)
+    b.put(rec("10.5.0.0-24", vx("192.168.100.10", "02:00:00:00:00:10"), 30))
+    b.put(rec("10.5.0.0-25", vx("192.168.100.11", "02:00:00:00:00:11"), 31))
+    assert "10.5.0.0-24" in b.accepted and "created first" in b.rejected["10.5.0.0-25"]
 
 
 def test_duplicate_vtep_mac_rejected_and_freed():  # case 3
@@ -189,15 +216,16 @@ def test_own_subnet_and_own_mac_are_never_peers():
 
 
 def test_cascade_is_the_greedy_result():
-    """k=/25 (first), L=/24 over it, M=the other /25: k and M win. When k goes, L (older than M) wins."""
+    """k=/26 (first), L=/25 over it, M=the other /26 in L: k and M win. When k goes, L (older than M)
+    wins. (None of them has the config's /24 shape: creation order alone decides.)"""
     b = book()
-    b.put(rec("10.5.2.0-25", vx("192.168.100.1", "02:00:00:00:00:01"), 1))
-    b.put(rec("10.5.2.0-24", vx("192.168.100.2", "02:00:00:00:00:02"), 2))
-    b.put(rec("10.5.2.128-25", vx("192.168.100.3", "02:00:00:00:00:03"), 3))
-    assert set(b.accepted) == {"10.5.2.0-25", "10.5.2.128-25"}
-    ch = b.delete("10.5.2.0-25")
-    assert set(b.accepted) == {"10.5.2.0-24"}
-    assert set(keys(ch.removed)) == {"10.5.2.0-25", "10.5.2.128-25"} and keys(ch.added) == ["10.5.2.0-24"]
+    b.put(rec("10.5.2.0-26", vx("192.168.100.1", "02:00:00:00:00:01"), 1))
+    b.put(rec("10.5.2.0-25", vx("192.168.100.2", "02:00:00:00:00:02"), 2))
+    b.put(rec("10.5.2.64-26", vx("192.168.100.3", "02:00:00:00:00:03"), 3))
+    assert set(b.accepted) == {"10.5.2.0-26", "10.5.2.64-26"}
+    ch = b.delete("10.5.2.0-26")
+    assert set(b.accepted) == {"10.5.2.0-25"}
+    assert set(keys(ch.removed)) == {"10.5.2.0-26", "10.5.2.64-26"} and keys(ch.added) == ["10.5.2.0-25"]
 
 
 def test_renewal_with_the_same_value_is_no_change():
@@ -330,6 +358,55 @@ def _random_sequence(seq, own_subnet, rnd):
     for r in sorted(live.values(), key=lambda r: random.Random(rev).random()):
         third.put(r)
     assert dict(third.accepted) == dict(b.accepted)
+
+
+def greedy(records: dict[str, Record], own: Lease | None) -> set[str]:
+    """The documented rule, by brute force: candidates (valid alone, not the own key) in order
+    (config's shape first, then create revision, then key), each accepted unless it overlaps or
+    shares a VtepMAC with the own lease or one accepted before it."""
+    def mac(le: Lease) -> str | None:
+        return le.attrs.backend_data["VtepMAC"] if le.attrs.backend_type == "vxlan" else None
+
+    cands = []
+    for r in records.values():
+        if (own is not None and r.key == own.key) or not book().put(r).added:  # per-lease checks: above
+            continue
+        le = lease_from_record(r)
+        odd = not CFG.contains_subnet(le.subnet) or le.subnet6 is not None
+        cands.append(((odd, r.create_revision, r.key), le))
+    accepted: list[Lease] = [own] if own is not None else []
+    for _, le in sorted(cands, key=lambda t: t[0]):
+        if not any(le.subnet.overlaps(a.subnet) or (mac(le) and mac(le) == mac(a)) for a in accepted):
+            accepted.append(le)
+    return {le.key for le in accepted if le is not own}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["put", "put", "put", "renew", "delete", "own", "relist"]),
+                          st.sampled_from([*SUBNETS, "10.5.2.0-24&fd80::-64"]), st.sampled_from(MACS[:4])),
+                max_size=50))
+def test_random_sequences_accept_exactly_what_the_rule_says(seq):
+    """Not only no conflict among the accepted (the invariants), but nothing rejected that the rule
+    accepts. "renew" rewrites a key with a new create revision and no delete (etcd v2's plain set)."""
+    with capture_logs():
+        b = book()
+        live: dict[str, Record] = {}
+        own = None
+        for rev, (op, key, mac) in enumerate(seq, 1):
+            if op in ("put", "renew"):
+                old = live.get(key)
+                create = old.create_revision if old is not None and op == "put" else rev
+                live[key] = rec(key, vx(f"192.168.100.{rev % 200 + 2}", mac), create, rev)
+                b.put(live[key])
+            elif op == "delete":
+                live.pop(key, None)
+                b.delete(key)
+            elif op == "own":
+                own = None if own is not None else own_lease(key.split("&")[0].replace("-", "/"), mac)
+                b.set_own(own)
+            else:
+                b.reset(list(live.values()))
+            assert set(b.accepted) == greedy(live, own), (op, key)
 
 
 def test_readyz_lists_rejected_entries_bounded():

@@ -9,6 +9,13 @@ A silent partition (packets dropped, no RST) cannot hang the long poll: the sock
 keepalives (a dead path fails the read within ~25 s), and a poll that stays silent for
 WATCH_IDLE_S is re-issued from the same index (which fails, and makes the manager relist, when
 etcd is gone).
+
+createdIndex is no creation time in v2: a plain set on an existing key (upstream v0.17 renews and
+reuses its lease that way) replaces the node and gives it a new one. A newer index would make a
+host's own lease lose a conflict (LeaseBook: the first created wins) against a bad entry written
+since. So this store reports, as ``Record.create_revision``, the lowest createdIndex it has seen
+for a key while the key existed, and writes its own updates in place (``prevExist=true``, which
+keeps the index) — the behaviour of v3's create_revision.
 """
 
 from __future__ import annotations
@@ -78,6 +85,7 @@ class EtcdV2Store:
         self._idx = 0
         self._http: httpx.AsyncClient | None = None
         self.deadline = RequestDeadline(settings.timeout_s)
+        self._created: dict[str, int] = {}  # key → lowest createdIndex seen while the key existed
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -165,11 +173,26 @@ class EtcdV2Store:
     def _failed(self, what: str, d: dict) -> StoreError:
         return StoreError(self._problem(f"{what}: {d.get('message') or d.get('errorCode') or 'error'}"))
 
-    def _record(self, node: dict) -> Record:
+    def _record(self, node: dict, older: int | None = None) -> Record:
+        """A node as a Record. ``older``: a createdIndex the key had before this node replaced it
+        (the key never went away), kept when lower."""
         key = node["key"].rsplit("/", 1)[-1]
         val = (node.get("value") or "").encode()
+        created = int(node.get("createdIndex", 0))
+        if older is not None:
+            created = min(created, older)
+        self._created[key] = created
         return Record(key, val, "ttl" in node or "expiration" in node, _expiration(node),
-                      int(node.get("modifiedIndex", 0)), create_revision=int(node.get("createdIndex", 0)))
+                      int(node.get("modifiedIndex", 0)), create_revision=created)
+
+    def _answer_record(self, d: dict) -> Record:
+        """The Record of a write's or a watch event's answer: with a ``prevNode`` the key existed
+        before, and the lowest createdIndex known for it stays."""
+        node, prev = d["node"], d.get("prevNode")
+        if not isinstance(prev, dict):
+            return self._record(node)
+        known = [int(prev.get("createdIndex", 0)) or None, self._created.get(node["key"].rsplit("/", 1)[-1])]
+        return self._record(node, min((i for i in known if i is not None), default=None))
 
     async def get_config(self) -> bytes | None:
         r = await self._send("GET", "config")
@@ -191,7 +214,8 @@ class EtcdV2Store:
         if r.status_code != 200:
             raise self._failed("list subnets", d)
         nodes = [n for n in d["node"].get("nodes", []) if not n.get("dir")]
-        return [self._record(n) for n in nodes], index
+        known, self._created = self._created, {}
+        return [self._record(n, known.get(n["key"].rsplit("/", 1)[-1])) for n in nodes], index
 
     async def get_subnet(self, key: str) -> Record | None:
         r = await self._send("GET", f"subnets/{key}", params={"quorum": "true"})
@@ -200,7 +224,7 @@ class EtcdV2Store:
         d = self._json(r)
         if r.status_code != 200:
             raise self._failed(f"get {key}", d)
-        return self._record(d["node"])
+        return self._record(d["node"], self._created.get(key))
 
     async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         data = {"value": value.decode()}
@@ -212,17 +236,23 @@ class EtcdV2Store:
             return None
         if r.status_code not in (200, 201):
             raise self._failed(f"create {key}", d)
-        return self._record(d["node"])
+        return self._answer_record(d)
 
     async def put_subnet(self, key: str, value: bytes, ttl: int | None) -> Record:
+        """Update the key in place when it exists (a plain set would replace the node and give it
+        a new createdIndex), else create it."""
         data = {"value": value.decode()}
         if ttl:
             data["ttl"] = str(int(ttl))
-        r = await self._send("PUT", f"subnets/{key}", data=data)
-        d = self._json(r)
-        if r.status_code not in (200, 201):
-            raise self._failed(f"put {key}", d)
-        return self._record(d["node"])
+        for exists in ("true", "false", "true"):
+            r = await self._send("PUT", f"subnets/{key}", params={"prevExist": exists}, data=data)
+            d = self._json(r)
+            if d.get("errorCode") in (100, 105):  # not found / already exists: it just went or came
+                continue
+            if r.status_code not in (200, 201):
+                raise self._failed(f"put {key}", d)
+            return self._answer_record(d)
+        raise self._failed(f"put {key}", d)
 
     async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         data = {"value": value.decode()}
@@ -234,7 +264,7 @@ class EtcdV2Store:
             return None
         if r.status_code not in (200, 201):
             raise self._failed(f"renew {key}", d)
-        return self._record(d["node"])
+        return self._answer_record(d)
 
     async def delete_subnet(self, key: str) -> None:
         r = await self._send("DELETE", f"subnets/{key}")
@@ -288,9 +318,11 @@ class EtcdV2Store:
                 continue  # a directory, or a key nested deeper: not a lease (the list skips them too)
             action = d.get("action")
             if action in _PUT_ACTIONS:
-                yield WatchEvent("put", self._record(node))
+                yield WatchEvent("put", self._answer_record(d))
             elif action in _DEL_ACTIONS:
-                yield WatchEvent("delete", self._record(node))
+                rec = self._record(node)
+                self._created.pop(rec.key, None)
+                yield WatchEvent("delete", rec)
 
     async def close(self) -> None:
         await self._reset_client()

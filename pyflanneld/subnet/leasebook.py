@@ -15,11 +15,16 @@ Per lease (its record alone, plus the network config):
 
 Against the others (the set of valid leases, "candidates"):
   * no overlap with this host's own subnet, and no VtepMAC equal to this host's own;
-  * no overlap with, and no VtepMAC of, another accepted lease. Of two conflicting leases the one
-    created first wins: lower ``Record.create_revision``, then the key. The result is a function of
-    the candidates alone (greedy in that order), so it does not depend on the order events arrive
-    in, and a relist gives the same answer as the events did. When a winner goes, its losers are
-    evaluated again (and may win).
+  * no overlap with, and no VtepMAC of, another accepted lease. Of two conflicting leases a lease
+    the network config could have handed out (``NetworkConfig.contains_subnet``; no IPv6 part in an
+    IPv4-only network) wins over one it could not; among equals the one created first wins: lower
+    ``Record.create_revision``, then the key. Flannel hosts never write conflicting leases of the
+    config's shape (they would be the same key), so the config rule decides every overlap between a
+    host's lease and a stray one for all hosts alike, even when the host's key has a newer
+    create_revision than the stray's (etcd v2 gives a key a new createdIndex on every plain set,
+    which is how upstream v0.17 renews). The result is a function of the candidates alone (greedy
+    in that order), so it does not depend on the order events arrive in, and a relist gives the
+    same answer as the events did. When a winner goes, its losers are evaluated again (and may win).
 
 Each rejection is one structlog warning per key and change (value or reason), naming the etcd key
 and the problem; ``rejected`` keeps the reasons for /readyz. ``put``/``delete``/``reset``/
@@ -70,7 +75,7 @@ class _Cand:
 
     key: str
     lease: Lease
-    order: tuple[int, str]  # (create_revision, key): lower wins a conflict
+    order: tuple[bool, int, str]  # (not of the config's shape, create_revision, key): lower wins
     start: int  # first and last IPv4 address of the subnet, as ints
     end: int
     plen: int
@@ -204,8 +209,9 @@ class LeaseBook:
         problem = check_backend_data(bt, lease.attrs.backend_data)
         if problem:
             return problem
-        return _Cand(key=rec.key, lease=lease, order=(rec.create_revision, rec.key), start=start, end=end,
-                     plen=sn.prefixlen, mac=_mac_of(lease), revision=rec.revision)
+        odd = not self.cfg.contains_subnet(sn) or (lease.subnet6 is not None and not self.cfg.enable_ipv6)
+        return _Cand(key=rec.key, lease=lease, order=(odd, rec.create_revision, rec.key), start=start,
+                     end=end, plen=sn.prefixlen, mac=_mac_of(lease), revision=rec.revision)
 
     def _evaluate(self, key: str, bulk: bool = False) -> set[str]:
         """Re-run the per-lease checks of ``key``'s record (gone: drop it). Returns the keys whose
@@ -280,9 +286,13 @@ class LeaseBook:
 
     @staticmethod
     def _conflict_reason(c: _Cand, first: _Cand) -> str:
+        fits = "which fits the network config (SubnetLen, SubnetMin..SubnetMax) and this one does not"
+        created_first = first.order[1:] < c.order[1:]
         if c.start <= first.end and first.start <= c.end:
-            return f"subnet {c.lease.subnet} overlaps the lease {first.key}, which was created first"
-        return f"BackendData.VtepMAC {c.mac} is already the VtepMAC of the lease {first.key}, created first"
+            why = "which was created first" if created_first else fits
+            return f"subnet {c.lease.subnet} overlaps the lease {first.key}, {why}"
+        why = "created first" if created_first else fits
+        return f"BackendData.VtepMAC {c.mac} is already the VtepMAC of the lease {first.key}, {why}"
 
     def _conflicting(self, start: int, end: int, plen: int, mac: str | None, exclude: str | None) -> set[str]:
         """Keys of the candidates whose subnet overlaps [start, end] (a /plen) or whose VtepMAC is
