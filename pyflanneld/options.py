@@ -90,14 +90,57 @@ BY_NAME = {f.name: f for f in FLAGS}
 # What Go's strconv.ParseBool accepts: "--ip-masq true" is a stray argument, not a value.
 GO_BOOL_WORDS = frozenset({"1", "0", "t", "f", "T", "F", "true", "false", "TRUE", "FALSE", "True", "False"})
 SECRET_FLAGS = frozenset({"etcd-password"})  # never shown: logs, /readyz, errors
-# user:password@ at the start of a URL (scheme optional, as --etcd-endpoints accepts `user:pw@host`)
-_URL_PASSWORD_RE = re.compile(r"(?P<head>(?:^|(?<=[,\s]))(?:[A-Za-z][A-Za-z0-9+.-]*://)?[^/@:\s,]*:)[^\s,/]*@")
+_SCHEME_RE = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.-]*://")
+# [scheme://]host[:port][/path] without userinfo: a whole endpoint (host a name, IPv4 or [IPv6])
+_ENDPOINT_RE = re.compile(r"\s*(?:[A-Za-z][A-Za-z0-9+.-]*://|(?!\S*://))(?:\[[^\]@/\s]*\]|[^\s:/@\[\]]+)(?::\d+)?(?:/\S*)?\s*")
+
+
+def split_urls(spec: str) -> list[str]:
+    """A comma-separated list of URLs (``--etcd-endpoints``), keeping a ',' inside a password
+    together: a piece that is no complete ``[scheme://][userinfo@]host[:port]`` (``http://user:pa``)
+    takes the pieces after it up to one with an '@' (``ss@host``), and a piece that starts with '@'
+    always continues the one before. (A password whose part before a ',' is all digits, right after
+    the user name, is still ambiguous — ``http://h:1,2@x`` — so percent-encode such a ',' as %2C.)"""
+    pieces = spec.split(",")
+    out: list[str] = []
+    for i, piece in enumerate(pieces):
+        if out and (piece.startswith("@") or (
+                out[-1].strip() and not _ENDPOINT_RE.fullmatch(split_userinfo(out[-1])[1])
+                and any("@" in p for p in pieces[i:]))):
+            out[-1] += "," + piece
+        else:
+            out.append(piece)
+    return out
+
+
+def split_userinfo(url: str) -> tuple[str | None, str]:
+    """``scheme://user:password@host:port`` → (``user:password``, ``scheme://host:port``); (None,
+    url) without '@'. The userinfo runs to the LAST '@', so an unencoded '@', '/' or ' ' in the
+    password stays in it (a URL parser would cut it at the first '/' and show it as a port or path)."""
+    at = url.rfind("@")
+    if at < 0:
+        return None, url
+    m = _SCHEME_RE.match(url)
+    start = m.end() if m else len(url) - len(url.lstrip())
+    return url[start:at], url[:start] + url[at + 1:]
 
 
 def mask_url_passwords(text: str) -> str:
     """`http://user:pw@host:2379,https://b` → `http://user:***@host:2379,https://b`: the password
-    part of every URL's userinfo in text masked (the user name stays, to say which one is set)."""
-    return _URL_PASSWORD_RE.sub(lambda m: f"{m['head']}***@", text)
+    part of every URL's userinfo masked (the user name stays, to say which one is set), whatever
+    characters the password holds (split_urls, split_userinfo)."""
+    if "@" not in text:
+        return text
+    out = []
+    for url in split_urls(text):
+        userinfo, rest = split_userinfo(url)
+        if userinfo is None or ":" not in userinfo:
+            out.append(url)
+            continue
+        m = _SCHEME_RE.match(rest)
+        head = m.end() if m else len(rest) - len(rest.lstrip())
+        out.append(f"{rest[:head]}{userinfo.split(':', 1)[0]}:***@{rest[head:]}")
+    return ",".join(out)
 
 
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")

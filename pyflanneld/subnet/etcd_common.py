@@ -7,7 +7,7 @@ import posixpath
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from ..options import mask_url_passwords
+from ..options import mask_url_passwords, split_urls, split_userinfo
 from .etcd_tls import check_tls_files
 from .store import StoreError
 
@@ -109,24 +109,31 @@ def parse_endpoints(spec: str) -> tuple[tuple[Endpoint, ...], str | None, str | 
     """`http://a:2379,https://user:pw@b:2379` → (endpoints, username, password).
 
     username/password are the (percent-decoded) credentials found in the URLs, None when no URL
-    has any. Raises ValueError with a clear text, passwords masked, when an endpoint is malformed or
-    two endpoints carry different credentials."""
+    has any. The userinfo runs to the last '@' of an endpoint, so an unencoded '@', '/', ' ' or ','
+    in a password is read as part of it (options.split_urls/split_userinfo). Raises ValueError with
+    a clear text, passwords masked, when an endpoint is malformed, carries a password without a
+    user name, or two endpoints carry different credentials."""
     eps = []
     creds: set[tuple[str, str | None]] = set()
-    for raw in spec.split(","):
+    for raw in split_urls(spec):
         raw = raw.strip()
         if not raw:
             continue
         shown = mask_url_passwords(raw)
-        u = urlsplit(raw if "://" in raw else f"http://{raw}")
+        userinfo, hostpart = split_userinfo(raw)
+        u = urlsplit(hostpart if "://" in hostpart else f"http://{hostpart}")
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"invalid etcd endpoint {shown!r}: expected http(s)://host:port")
         try:
             port = u.port or 2379
         except ValueError:
             raise ValueError(f"invalid etcd endpoint {shown!r}: bad port") from None
-        if u.username is not None:
-            creds.add((unquote(u.username), None if u.password is None else unquote(u.password)))
+        if userinfo is not None:
+            user, colon, password = userinfo.partition(":")
+            if not user:
+                raise ValueError(f"etcd endpoint {shown!r} carries a password but no user name: write "
+                                 "http://USER:PASSWORD@host:port, or use --etcd-username/--etcd-password")
+            creds.add((unquote(user), unquote(password) if colon else None))
         eps.append(Endpoint(u.scheme, u.hostname, port))
     if not eps:
         raise ValueError("no etcd endpoint given: set --etcd-endpoints")
