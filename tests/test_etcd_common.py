@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import ssl
 from urllib.parse import quote, unquote
 
 import pytest
@@ -188,3 +189,21 @@ def test_garbage_cert_or_key_is_one_line(pki, tmp_path):
         _check(junk, files.client_key)
     with pytest.raises(StoreError, match="holds no usable PEM private key"):
         _check(files.client_cert, junk)
+
+
+def test_ca_file_not_in_pem_is_one_line_naming_it_and_the_fix(pki, tmp_path):
+    files, _ = pki
+    etcd_tls.check_ca_file(str(files.ca), files.ca.read_bytes())  # the real one: fine
+    der = tmp_path / "ca.der"
+    der.write_bytes(ssl.PEM_cert_to_DER_cert(files.ca.read_text()))
+    cases = {der: "is a DER (binary) certificate, not PEM; convert it: openssl x509 -inform DER",
+             tmp_path / "empty.pem": "is empty; give the CA certificate(s)",
+             tmp_path / "junk.pem": "holds no usable PEM certificate",
+             tmp_path / "key.pem": "holds no usable PEM certificate"}
+    (tmp_path / "empty.pem").write_text("\n")
+    (tmp_path / "junk.pem").write_bytes(b"\xff\xfe not a certificate")
+    (tmp_path / "key.pem").write_bytes(files.client_key.read_bytes())
+    for path, says in cases.items():
+        with pytest.raises(StoreError, match="^--etcd-cafile ") as e:
+            EtcdSettings.from_flags(endpoints="https://h:2379", prefix="/x", cafile=str(path)).read_tls_files()
+        assert says in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)

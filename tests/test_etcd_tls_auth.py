@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import ssl
 import time
 from ipaddress import IPv4Network
 from pathlib import Path
@@ -107,6 +108,28 @@ def test_wrong_ca_is_one_clear_line_then_recovers_when_fixed(lab, mtls, api):
     sn = subnet_of(d.wait_subnet_env(timeout=15))
     assert lease_in_store(etcd, api, sn)["PublicIP"] == h1.address
     assert d.alive and "Traceback" not in d.log_text()
+
+
+@pytest.mark.parametrize("api", ["v3", "v2"])
+def test_ca_file_in_der_is_one_clear_line_then_recovers_when_fixed(lab, mtls, api):
+    """A DER CA file (v2: the daemon exited with 'internal error: UnicodeDecodeError' and binary
+    bytes; v3: gRPC's 'Failed to create security handshaker') is named with the conversion to run."""
+    etcd, files = mtls
+    put_config(etcd, api)
+    ca = lab.tmp / "ca-in-use.crt"
+    ca.write_bytes(ssl.PEM_cert_to_DER_cert(files.ca.read_text()))
+    h1 = lab.add_host("h1")
+    d = start_daemon(h1, "--etcd-api", api, *tls_flags(files, ca=ca))
+    d.wait_log(r"level=error", timeout=15)
+    time.sleep(3)  # several retries (every second)
+    assert d.alive and d.subnet_env() is None
+    errs = error_lines(d.log_text())
+    assert len(errs) == 1, errs
+    assert f"--etcd-cafile {ca} is a DER (binary) certificate, not PEM; convert it: openssl x509" in errs[0]
+    shutil.copy(files.ca, ca)
+    sn = subnet_of(d.wait_subnet_env(timeout=15))
+    assert lease_in_store(etcd, api, sn)["PublicIP"] == h1.address
+    assert d.alive and "Traceback" not in d.log_text() and "internal error" not in d.log_text()
 
 
 @pytest.mark.parametrize("api", ["v3", "v2"])

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from ..options import mask_url_passwords, split_urls, split_userinfo
-from .etcd_tls import check_tls_files
+from .etcd_tls import check_ca_file, check_tls_files
 from .store import StoreError
 
 # Upper bound of the adaptive request deadline (RequestDeadline): a link slower than this is down.
@@ -85,10 +85,10 @@ class EtcdSettings:
     def read_tls_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(ca, key, cert) bytes, read afresh (a file fixed or rotated on disk is picked up).
 
-        Raises StoreError naming the flag and file when one cannot be read, when the client
-        certificate has expired or is not valid yet, or when the key does not belong to it (checked
-        here because etcd's TLS alert does not say which); warns once when the key is readable by
-        group or others (etcd_tls.check_tls_files)."""
+        Raises StoreError naming the flag and file when one cannot be read, when the CA file holds
+        no PEM certificate, when the client certificate has expired or is not valid yet, or when
+        the key does not belong to it (checked here because etcd's TLS alert does not say which);
+        warns once when the key is readable by group or others (etcd_tls)."""
         out = []
         for flag, path in (("--etcd-cafile", self.cafile), ("--etcd-keyfile", self.keyfile),
                            ("--etcd-certfile", self.certfile)):
@@ -101,6 +101,8 @@ class EtcdSettings:
             except OSError as e:
                 raise StoreError(f"cannot read {flag} {path}: {e.strerror}; fix the path or the file's permissions") from None
         ca, key, cert = out
+        if ca is not None:
+            check_ca_file(self.cafile, ca)
         check_tls_files(self.certfile, cert, self.keyfile, key)
         return ca, key, cert
 

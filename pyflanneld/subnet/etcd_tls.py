@@ -4,13 +4,15 @@ etcd answers an expired client certificate or a key that does not belong to it w
 alert ("bad certificate", "Unwrap failed"), which says nothing about which file is wrong. Checked
 before each connect with the `cryptography` package (imported only when a client certificate is
 configured): the validity period, that the key is the certificate's, and — as a warning, once per
-file — that the key is not readable by group or others.
+file — that the key is not readable by group or others. The CA file must hold PEM certificates
+(checked with the stdlib's ssl).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import ssl
 import stat
 
 import structlog
@@ -24,6 +26,23 @@ _warned_modes: set[tuple[str, int]] = set()
 
 def _fmt(t: datetime.datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def check_ca_file(cafile: str, ca_pem: bytes) -> None:
+    """Raise StoreError (one line naming the flag, the file and the fix) unless ``ca_pem`` holds PEM
+    certificates the TLS library loads. A DER file (what Windows and some CAs hand out) or an empty
+    one otherwise surfaced as an internal error (v2) or as gRPC's "Failed to create security
+    handshaker" (v3), neither naming the file's format."""
+    fix = "give the CA certificate(s) that signed etcd's server certificate, in PEM (BEGIN CERTIFICATE)"
+    if not ca_pem.strip():
+        raise StoreError(f"--etcd-cafile {cafile} is empty; {fix}")
+    if ca_pem[:1] == b"\x30":  # an ASN.1 SEQUENCE: a DER certificate
+        raise StoreError(f"--etcd-cafile {cafile} is a DER (binary) certificate, not PEM; convert it: "
+                         f"openssl x509 -inform DER -in {cafile} -out {cafile}.pem")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=ca_pem.decode("ascii", "ignore"))
+    except (ssl.SSLError, ValueError) as e:
+        raise StoreError(f"--etcd-cafile {cafile} holds no usable PEM certificate ({e}); {fix}") from None
 
 
 def check_tls_files(certfile: str, cert_pem: bytes | None, keyfile: str, key_pem: bytes | None,

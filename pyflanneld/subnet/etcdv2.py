@@ -92,7 +92,7 @@ class EtcdV2Store:
             verify: ssl.SSLContext | bool = True
             if self.s.tls:
                 ca, _key, _cert = self.s.read_tls_files()  # names the flag and file of any problem
-                ctx = ssl.create_default_context(cadata=ca.decode() if ca else None)
+                ctx = ssl.create_default_context(cadata=ca.decode("ascii", "ignore") if ca else None)
                 if self.s.certfile and self.s.keyfile:
                     ctx.load_cert_chain(self.s.certfile, self.s.keyfile)
                 verify = ctx
