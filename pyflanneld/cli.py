@@ -7,6 +7,7 @@ fatal setup error) — never a traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from ipaddress import IPv4Address
 
@@ -64,6 +65,12 @@ def validate(o: Options) -> None:
         raise OptionError("--etcd-certfile and --etcd-keyfile must be given together")
 
 
+def _sighup_while_starting(_signum: int, _frame: object) -> None:
+    import structlog
+
+    structlog.get_logger().info("SIGHUP received while starting: nothing to reload, pyflanneld keeps running")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
@@ -94,9 +101,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
     from . import log
-    from .daemon import run
 
     log.setup(opts.v, opts.log_format)
+    # The event loop's SIGHUP handler (daemon.run) comes only after the imports below, which take
+    # ~0.5 s on a busy host: a SIGHUP in that window (a reload right after a restart) killed the
+    # daemon without a word. Python handlers are not inherited across exec (SIG_IGN would be).
+    signal.signal(signal.SIGHUP, _sighup_while_starting)
+    from .daemon import run
+
     try:
         code = run(opts)
     except KeyboardInterrupt:
