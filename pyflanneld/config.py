@@ -223,21 +223,21 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
     net_start = int(network.network_address)
     net_end = int(network.broadcast_address)
 
+    # Upstream's zero value means "unset": absent, null or "0.0.0.0" (what Go marshals for an unset
+    # ip.IP4, e.g. a config dumped by a tool) all take the default.
     smin = d.get("SubnetMin")
-    if smin in (None, ""):
+    subnet_min = IPv4Address(0) if smin in (None, "") else _parse_v4_ip(smin, "SubnetMin")
+    if int(subnet_min) == 0:
         subnet_min = IPv4Address(net_start + size)
-    else:
-        subnet_min = _parse_v4_ip(smin, "SubnetMin")
-        if not network.overlaps(IPv4Network(f"{subnet_min}/32")):
-            raise ConfigError("SubnetMin is not in the range of the Network")
+    elif subnet_min not in network:
+        raise ConfigError("SubnetMin is not in the range of the Network")
 
     smax = d.get("SubnetMax")
-    if smax in (None, ""):
+    subnet_max = IPv4Address(0) if smax in (None, "") else _parse_v4_ip(smax, "SubnetMax")
+    if int(subnet_max) == 0:
         subnet_max = IPv4Address(net_end + 1 - size)
-    else:
-        subnet_max = _parse_v4_ip(smax, "SubnetMax")
-        if not network.overlaps(IPv4Network(f"{subnet_max}/32")):
-            raise ConfigError("SubnetMax is not in the range of the Network")
+    elif subnet_max not in network:
+        raise ConfigError("SubnetMax is not in the range of the Network")
 
     mask = (0xFFFFFFFF << (32 - subnet_len)) & 0xFFFFFFFF
     if int(subnet_min) & ~mask & 0xFFFFFFFF:

@@ -16,6 +16,12 @@ from pyflanneld.config import ConfigError, parse_config
     ('{"Network":"10.1.2.3/16"}', "10.1.0.0/16", 24, "10.1.1.0", "10.1.255.0"),  # host bits masked
     ('{"Network":"10.0.0.0/8","SubnetLen":20,"SubnetMin":"10.10.0.0","SubnetMax":"10.99.0.0"}',
      "10.0.0.0/8", 20, "10.10.0.0", "10.99.0.0"),
+    # upstream: a zero SubnetMin/SubnetMax is unset (Go marshals an unset ip.IP4 as "0.0.0.0")
+    ('{"Network":"10.1.0.0/16","SubnetMin":"0.0.0.0","SubnetMax":"0.0.0.0"}', "10.1.0.0/16", 24, "10.1.1.0",
+     "10.1.255.0"),
+    ('{"Network":"10.1.0.0/16","SubnetMin":null,"SubnetMax":""}', "10.1.0.0/16", 24, "10.1.1.0", "10.1.255.0"),
+    ('{"Network":"10.1.0.0/16","SubnetMin":"10.1.0.0","SubnetMax":"10.1.255.0"}', "10.1.0.0/16", 24, "10.1.0.0",
+     "10.1.255.0"),  # the Network's edges, given explicitly
 ])
 def test_defaults(raw, network, slen, smin, smax):
     c = parse_config(raw)
