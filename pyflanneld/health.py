@@ -36,6 +36,7 @@ import contextlib
 import errno
 import inspect
 import json
+import re
 import resource
 import socket
 import time
@@ -55,6 +56,7 @@ LISTEN_BACKLOG = 128
 ACCEPT_PAUSE_S = 0.5
 WARN_EVERY_S = 60.0
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ABSOLUTE_RE = re.compile(rb"(?i:https?)://[^/?#\s]+(/\S*)?")  # absolute-form: scheme://authority[/path]
 _TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
@@ -85,11 +87,18 @@ class BadRequest(Exception):
 def parse_request_head(head: bytes) -> tuple[str, str]:
     """``(method, path)`` from a request head (request line + headers, CRLF or LF line ends).
 
-    The path is the target without its query string. Raises BadRequest(400) for a malformed request
-    line, BadRequest(405) for a method other than GET or HEAD. Headers are not interpreted.
+    The path is the target without its query string; an absolute-form target
+    (``http://host:8081/healthz``, what a client sends through a proxy, and which RFC 9112 says a
+    server must accept, as Go's net/http does) is reduced to its path. Raises BadRequest(400) for a
+    malformed request line, BadRequest(405) for a method other than GET or HEAD. Headers are not
+    interpreted.
     """
     line = head.split(b"\n", 1)[0].rstrip(b"\r")
     parts = line.split(b" ")
+    if len(parts) == 3:
+        m = _ABSOLUTE_RE.fullmatch(parts[1])
+        if m:
+            parts[1] = m[1] or b"/"
     if len(parts) != 3 or not parts[0] or not set(parts[0]) <= _TOKEN \
             or not parts[1].startswith(b"/") or parts[2] not in (b"HTTP/1.0", b"HTTP/1.1"):
         raise BadRequest(400, "malformed request line")
@@ -158,21 +167,35 @@ class HealthServer:
 
     # --- life cycle -----------------------------------------------------------------------------
     async def start(self) -> None:
+        """Bind and listen. An empty host is every address, IPv6 and IPv4 (Go's ``:port``, what
+        upstream listens on for ``--healthz-ip=``), or every IPv4 one where IPv6 is off. Raises
+        OSError when it cannot bind (gaierror for a host that does not resolve)."""
+        try:
+            sock = self._bind(self.host or "::")
+        except OSError:
+            if self.host:
+                raise
+            sock = self._bind("0.0.0.0")
+        self._sock = sock
+        self._accepting = asyncio.create_task(self._accept_loop(), name="health-accept")
+        shown = f"[{self.host}]" if ":" in self.host else self.host
+        log.info("health server listening", address=f"{shown}:{self.port}", max_connections=self.max_connections)
+
+    def _bind(self, host: str) -> socket.socket:
         family, kind, proto, _name, addr = socket.getaddrinfo(
-            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+            host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # IPv4 too, as Go does
             sock.bind(addr)
             sock.listen(LISTEN_BACKLOG)
             sock.setblocking(False)
         except OSError:
             sock.close()
             raise
-        self._sock = sock
-        self._accepting = asyncio.create_task(self._accept_loop(), name="health-accept")
-        log.info("health server listening", address=f"{self.host}:{self.port}",
-                 max_connections=self.max_connections)
+        return sock
 
     async def close(self) -> None:
         tasks = [t for t in (self._accepting, *self._conns) if t is not None]

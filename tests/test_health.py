@@ -31,6 +31,10 @@ BAD_LOG = ("Traceback", "Unhandled exception", "out of system resource", "Too ma
     (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", ("GET", "/healthz")),
     (b"HEAD /readyz?verbose=1 HTTP/1.0\n\n", ("HEAD", "/readyz")),
     (b"GET /peers HTTP/1.1\r\n\r\n", ("GET", "/peers")),
+    # absolute-form (through a proxy; RFC 9112 3.2.2: a server must accept it, Go's net/http does)
+    (b"GET http://10.0.0.1:8471/healthz HTTP/1.1\r\n\r\n", ("GET", "/healthz")),
+    (b"HEAD HTTP://[fd00::1]:8471/readyz?x=1 HTTP/1.1\r\n\r\n", ("HEAD", "/readyz")),
+    (b"GET https://h HTTP/1.1\r\n\r\n", ("GET", "/")),
 ])
 def test_parse_request_head(head, want):
     assert parse_request_head(head) == want
@@ -40,6 +44,7 @@ def test_parse_request_head(head, want):
     (b"POST /healthz HTTP/1.1\r\n\r\n", 405), (b"DELETE / HTTP/1.1\r\n\r\n", 405),
     (b"GARBAGE\r\n\r\n", 400), (b"GET healthz HTTP/1.1\r\n\r\n", 400), (b"GET /healthz HTTP/2\r\n\r\n", 400),
     (b"GET  /healthz HTTP/1.1\r\n\r\n", 400), (b"G(T / HTTP/1.1\r\n\r\n", 400), (b"\r\n\r\n", 400),
+    (b"GET ftp://h/healthz HTTP/1.1\r\n\r\n", 400), (b"GET http:///healthz HTTP/1.1\r\n\r\n", 400),
 ])
 def test_bad_requests(head, status):
     with pytest.raises(BadRequest) as ei:
@@ -124,6 +129,21 @@ def test_health_port_answers_only_what_it_should(daemon):
     text = d.log_text()
     assert not [b for b in BAD_LOG if b in text]
     assert d.alive and http_get(h, PORT, "/healthz")[0] == 200
+
+
+def test_empty_healthz_ip_listens_on_every_address_and_proxies_absolute_form_works(lab, etcd):
+    """Upstream listens on Go's ":port" for --healthz-ip= (IPv6 and IPv4); pyflanneld exited with
+    'Name or service not known'. A request through a proxy carries an absolute-form target."""
+    etcd.put(f"{PREFIX}/config", config({"Type": "alloc"}))
+    h = lab.add_host("h1")
+    d = start_daemon(h, "--iface", "eth0", "--healthz-port", str(PORT), "--healthz-ip=")
+    d.wait_subnet_env()
+    for url in (f"http://127.0.0.1:{PORT}/healthz", f"http://[::1]:{PORT}/healthz", f"http://{h.address}:{PORT}/healthz"):
+        wait_for(lambda url=url: h.run("curl", "-s", "-g", url, check=False).stdout == "flanneld is running",
+                 timeout=10, what=url)
+    resp = raw(h, f"GET http://{h.address}:{PORT}/readyz HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")[1]
+    assert resp.startswith("HTTP/1.1 200 OK") and resp.endswith("flanneld is ready"), resp
+    assert d.alive and not [b for b in BAD_LOG if b in d.log_text()]
 
 
 def test_flood_under_a_low_fd_limit_neither_starves_nor_spills(lab, etcd):
