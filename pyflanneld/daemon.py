@@ -27,7 +27,7 @@ from .iptables_hints import IptablesHints
 from .options import Options
 from .subnet.etcd_common import EtcdSettings
 from .subnet.etcdv3 import EtcdV3Store
-from .subnet.lease import Lease, LeaseAttrs
+from .subnet.lease import Lease, LeaseAttrs, log_key
 from .subnet.manager import HOW_TO_SET, SubnetManager, read_config
 from .subnet.store import Store, StoreError
 from .trafficmngr import RulesError, TrafficManager, traffic_manager
@@ -421,7 +421,7 @@ def rejected_summary(subnets_path: str, rejected: Mapping[str, str], limit: int 
     n = len(rejected)
     lines = [f"{n} lease {'entry' if n == 1 else 'entries'} under {subnets_path} rejected (not programmed; "
              "correct or delete them):"]
-    lines += [f"  {k}: {why}" for k, why in sorted(rejected.items())[:limit]]
+    lines += [f"  {log_key(k)}: {why}" for k, why in sorted(rejected.items())[:limit]]
     if len(rejected) > limit:
         lines.append(f"  ... and {len(rejected) - limit} more")
     return "\n".join(lines)

@@ -409,6 +409,24 @@ def test_random_sequences_accept_exactly_what_the_rule_says(seq):
             assert set(b.accepted) == greedy(live, own), (op, key)
 
 
+def test_huge_or_multi_line_keys_are_shown_cut_and_escaped():
+    """etcd keys can be 1.5 MB and hold newlines: the warning, the reason and /readyz's line stay
+    one short line each (a 100 kB key made a 200 kB log line and /readyz answers of megabytes)."""
+    from pyflanneld.daemon import rejected_summary
+
+    b = book()
+    bad = ["x" * 100_000, "a\nflanneld is ready", "1" * 50_000 + ".1.1.1-24", "10.5.1.0-24&" + "a" * 10_000 + "-64"]
+    with capture_logs() as logs:
+        for i, k in enumerate(bad):
+            b.put(rec(k, GOOD, i + 1))
+    assert set(b.rejected) == set(bad)
+    for e in logs:
+        assert len(e["key"]) < 120 and "\n" not in e["key"] and len(e["error"]) < 300 and "\n" not in e["error"]
+    summary = rejected_summary(b.subnets_path, b.rejected)
+    assert len(summary.splitlines()) == 1 + len(bad) and len(summary) < 2000
+    assert "  'a\\nflanneld is ready': not a subnet key: 'a\\nflanneld is ready'" in summary
+
+
 def test_readyz_lists_rejected_entries_bounded():
     from pyflanneld.daemon import rejected_summary
 

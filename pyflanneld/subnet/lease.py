@@ -66,18 +66,32 @@ def parse_subnet_key(key: str) -> tuple[IPv4Network, IPv6Network | None]:
     name = key.rsplit("/", 1)[-1]
     m = _KEY_RE.fullmatch(name)
     if not m:
-        raise LeaseFormatError(f"not a subnet key: {name!r}")
+        raise LeaseFormatError(f"not a subnet key: {shown_key(name)}")
     if len(m[2]) > 2 or int(m[2]) > 31 or (m[4] is not None and (len(m[4]) > 3 or int(m[4]) > 127)):
-        raise LeaseFormatError(f"not a subnet key: {name!r} (prefix length out of range)")
+        raise LeaseFormatError(f"not a subnet key: {shown_key(name)} (prefix length out of range)")
     addr = _ipv4_int(m[1])
     if addr is None:
-        raise LeaseFormatError(f"not a subnet key: {name!r} ({m[1]!r} is not an IPv4 address)")
+        raise LeaseFormatError(f"not a subnet key: {shown_key(name)} ({shown_key(m[1])} is not an IPv4 address)")
     try:
         sn = IPv4Network((addr, int(m[2])))
         sn6 = IPv6Network(f"{m[3]}/{m[4]}") if m[3] else None
     except ValueError as e:
-        raise LeaseFormatError(f"not a subnet key: {name!r} ({e})") from None
+        raise LeaseFormatError(f"not a subnet key: {shown_key(name)} ({shown_key(str(e))[1:-1]})") from None
     return sn, sn6
+
+
+def shown_key(text: str, limit: int = 80) -> str:
+    """A key (or part of one) as messages show it: quoted, control characters escaped, at most
+    ``limit`` characters of it — an etcd key can be 1.5 MB long and hold newlines, which must not
+    become a 1.5 MB log line or extra lines in /readyz."""
+    r = repr(text[:limit])
+    return r[:-1] + "..." + r[-1] if len(text) > limit else r
+
+
+def log_key(key: str, limit: int = 80) -> str:
+    """A record's key for a log field or a /readyz line: as it is when short and printable, else
+    :func:`shown_key`."""
+    return key if len(key) <= limit and key.isprintable() else shown_key(key, limit)
 
 
 def parse_mac(value: Any) -> str | None:

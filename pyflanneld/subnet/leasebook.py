@@ -47,7 +47,7 @@ from types import MappingProxyType
 import structlog
 
 from ..config import NetworkConfig
-from .lease import Lease, LeaseFormatError, check_backend_data, lease_from_record, vtep_mac
+from .lease import Lease, LeaseFormatError, check_backend_data, lease_from_record, log_key, vtep_mac
 from .store import Record
 
 log = structlog.get_logger()
@@ -165,7 +165,7 @@ class LeaseBook:
         self._starts.sort()
         self._settle(set(self._cands))
         for key in self._accepted.keys() & old_rejected.keys():
-            log.info("lease entry accepted", key=self.subnets_path + key)
+            log.info("lease entry accepted", key=self._shown(key))
         self._before = {k: before.get(k) for k in before.keys() | self._accepted.keys()}
         return self._finish()
 
@@ -264,7 +264,7 @@ class LeaseBook:
             if reason is None:
                 self._set_accepted(key, c.lease)
                 if self._rejected.pop(key, None) is not None:
-                    log.info("lease entry accepted", key=self.subnets_path + key)
+                    log.info("lease entry accepted", key=self._shown(key))
             else:
                 self._set_accepted(key, None)
                 self._reject(key, reason, c.revision)
@@ -349,7 +349,10 @@ class LeaseBook:
         self._rejected[key] = reason
         if self._warned.get(key) != (revision, reason):
             self._warned[key] = (revision, reason)
-            log.warning("ignoring bad lease entry in etcd", key=self.subnets_path + key, error=reason)
+            log.warning("ignoring bad lease entry in etcd", key=self._shown(key), error=reason)
+
+    def _shown(self, key: str) -> str:
+        return self.subnets_path + log_key(key)
 
     def _finish(self) -> Changes:
         """The Changes of the operation that just ran (accepted before vs now, per touched key),
