@@ -306,6 +306,23 @@ def test_bad_option_type_is_one_line_error(lab):
                              "Go struct field .VNI of type int")
 
 
+@pytest.mark.parametrize(("option", "says"), [
+    ({"Port": 70000}, "Port 70000 is out of range 0-65535"), ({"Port": -5}, "Port -5 is out of range"),
+    ({"VNI": -1}, "VNI -1 is out of range 0-16777215"), ({"VNI": 1 << 24}, "VNI 16777216 is out of range"),
+    ({"MTU": 10}, "MTU 10 leaves the device less than 68"), ({"MTU": 100_000}, "MTU 100000 is out of range"),
+])
+def test_option_out_of_range_is_one_line_error(lab, option, says):
+    """These reached pyroute2's encoder: 'internal error: error("'H' format requires ...")' and a
+    pyroute2 traceback in the log (or a bare ERANGE/EINVAL from the kernel)."""
+    h = lab.add_host("h1")
+    p = BackendProc(h, json.dumps(cfg(**option)), log_dir=lab.tmp)
+    with pytest.raises(DriverError) as ei:
+        p.call("register")
+    p.close()
+    assert ei.value.type == "BackendError" and not any(h.link_exists(f"flannel.{v}") for v in (1, -1, 1 << 24))
+    assert str(ei.value).startswith(f"VXLAN backend config: {says}"), str(ei.value)
+
+
 def test_not_root_is_a_clear_error(lab):
     h = lab.add_host("h1")
     p = BackendProc(h, NET, log_dir=lab.tmp, user="65534")

@@ -36,6 +36,7 @@ from .kernelsync import KernelPeerBackend, backend_options
 log = structlog.get_logger()
 
 ENCAP_OVERHEAD = 50
+MIN_DEVICE_MTU = 68  # the kernel's minimum for an IPv4 device
 
 
 def random_mac() -> str:
@@ -76,6 +77,17 @@ class VXLANBackend(KernelPeerBackend):
             "VNI": (int, 1), "Port": (int, 0), "GBP": (bool, False), "Learning": (bool, False),
             "DirectRouting": (bool, False), "MTU": (int, 0),
         }, "VXLAN")
+        # Out of range, these reached the netlink encoder (struct.error: "internal error" and
+        # pyroute2's traceback) or came back as a bare ERANGE/EINVAL.
+        for name, low, high, what in (("VNI", 0, 0xFFFFFF, "a 24-bit VXLAN id"),
+                                      ("Port", 0, 0xFFFF, "a UDP port, 0 for the kernel's 8472"),
+                                      ("MTU", 0, 0xFFFF, "the underlay MTU, 0 for the interface's")):
+            if not low <= o[name] <= high:
+                raise BackendError(f"VXLAN backend config: {name} {o[name]} is out of range {low}-{high} ({what})")
+        if o["MTU"] and o["MTU"] - ENCAP_OVERHEAD < MIN_DEVICE_MTU:
+            raise BackendError(f"VXLAN backend config: MTU {o['MTU']} leaves the device less than "
+                               f"{MIN_DEVICE_MTU} after the {ENCAP_OVERHEAD}-byte VXLAN header; give the "
+                               "underlay's MTU (e.g. 1500), or 0 for the interface's")
         self.vni = o["VNI"]
         self.port = o["Port"] or VXLAN_DEFAULT_PORT
         self.gbp, self.learning, self.direct_routing = o["GBP"], o["Learning"], o["DirectRouting"]
