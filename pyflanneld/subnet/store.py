@@ -29,8 +29,9 @@ class Record:
     has_ttl: bool  # False: a key without TTL (reservation)
     expiration: float | None  # unix time when known
     revision: int  # v3 mod_revision / v2 modifiedIndex
-    # v3 create_revision / v2 createdIndex: when the key was created (0 when unknown). The LeaseBook
-    # lets the older of two conflicting leases win ("first writer wins").
+    # v3 create_revision / v2 createdIndex: when the key was created (0 when unknown; v2 renumbers a
+    # key on every plain set, so the v2 store reports the lowest index it saw while the key existed).
+    # The LeaseBook lets the older of two conflicting leases of the same kind win.
     create_revision: int = 0
 
 
