@@ -110,6 +110,13 @@ class Traffic:
     def __init__(self, a: Node, b: Node) -> None:
         self.pingers = [Pinger(a.pod, b.pod.address, interval=0.1), Pinger(b.pod, a.pod.address, interval=0.1)]
 
+    def wait_running(self, replies: int = 5, timeout: float = 30) -> None:
+        """Wait until each direction has had ``replies`` answers: call it while the bad key is in
+        etcd, so the traffic provably ran across it (the daemons handle a key in milliseconds)."""
+        for p in self.pingers:
+            wait_for(lambda p=p: len(re.findall(r"bytes from .*icmp_seq=", p.proc.log_text())) >= replies,
+                     timeout, f"{replies} ping replies from {p.pod.ns}")
+
     def assert_nothing_lost(self) -> None:
         results = [(p.stop(wait=0), p.lost()) for p in self.pingers]
         for (sent, _), lost in results:
@@ -149,6 +156,7 @@ def test_case1_lease_outside_network_never_touches_the_underlay(lab, etcd):
     assert_converged(nodes, etcd, timeout=0)
     for n in nodes:
         assert n.host.ping(etcd.ip), f"{n.host.name} lost its underlay"
+    traffic.wait_running()
     etcd.delete(key)
     wait_forgotten(nodes, "192.168.100.0-24")
     traffic.assert_nothing_lost()
@@ -170,6 +178,7 @@ def test_case2_lease_overlapping_a_peer_or_the_own_subnet(lab, etcd):
                                "h2": f"overlaps this host's own subnet {n2.subnet}"})
     assert_converged(nodes, etcd, timeout=0)
     # ... and deleting it must not delete h2's entries either
+    traffic.wait_running()
     etcd.delete(f"{PREFIX}/subnets/{bad}")
     wait_forgotten(nodes, bad)
     assert_converged(nodes, etcd, timeout=0)
@@ -201,6 +210,7 @@ def test_case3_lease_reusing_a_peers_vtep_mac(lab, etcd):
     wait_full_pass(n1)
     assert fdb(n1.host) == {f"{mac2} dst {n2.ip} self permanent"}  # ... nor flapping with reconciles
     assert_converged(nodes, etcd, timeout=0)
+    traffic.wait_running()
     etcd.delete(f"{PREFIX}/subnets/{bad}")
     wait_forgotten(nodes, bad)
     traffic.assert_nothing_lost()
@@ -222,6 +232,7 @@ def test_case4_deeply_nested_value_crashes_nothing(lab, etcd):
     for n in nodes:
         wait_for(lambda n=n: f"{good} via 10.5.240.0 dev flannel.1 onlink" in vxlan_state(n)["routes"], 15,
                  f"{n.host.name} programs {good}")
+    traffic.wait_running()
     etcd.delete(key_of(good))
     assert_converged(nodes, etcd)
     # a daemon starting while the key exists starts normally (it used to exit with RecursionError)
@@ -320,6 +331,7 @@ def test_case5_public_ip_missing_number_or_boolean(lab, etcd):
     for n in nodes:
         assert not [e for e in fdb(n.host) if " dst 0.0.0." in e], fdb(n.host)
     assert_converged(nodes, etcd, timeout=0)
+    traffic.wait_running()
     for key in bad:
         etcd.delete(f"{PREFIX}/subnets/{key}")
     for key in bad:
