@@ -5,9 +5,15 @@ unknown keys are ignored, a wrong JSON type is an error. `Backend` absent means 
 Error texts of `CheckNetworkConfig` are reproduced verbatim; where upstream's text does not say
 which field is wrong, it is prefixed with the field's name (``Network: invalid CIDR address: …``).
 
+IPv4 and IPv6 (upstream ``CheckNetworkConfig``): the IPv4 fields are checked when ``EnableIPv4``
+(default true), the IPv6 ones when ``EnableIPv6``; both off is "none defined stack" (upstream's
+main.go). With ``EnableIPv4: false`` (IPv6-only) the IPv4 fields are still decoded (a malformed
+value is an error, as for Go's decoder) but not checked, and :attr:`NetworkConfig.network` is
+None: there is no IPv4 network to route or masquerade.
+
 Beyond upstream: the JSON is decoded with bounds (jsondecode: depth, size, NaN/Infinity and
 out-of-range numbers are errors, never RecursionError/OverflowError), integer fields must be JSON
-integers in range (Go's uint), and SubnetMin must not be greater than SubnetMax.
+integers in range (Go's uint), and SubnetMin must not be greater than SubnetMax (IPv6 likewise).
 """
 
 from __future__ import annotations
@@ -34,7 +40,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class NetworkConfig:
-    network: IPv4Network
+    """A checked network config (upstream subnet.Config after CheckNetworkConfig).
+
+    IPv4 (``enable_ipv4``): ``network``, ``subnet_len``, ``subnet_min``/``subnet_max`` (the first
+    and last subnet's network address). With IPv4 off: ``network`` None, ``subnet_len`` 0 and
+    both bounds 0.0.0.0 (upstream's zero values). IPv6 (``enable_ipv6``): ``ipv6_network``,
+    ``ipv6_subnet_len``, ``ipv6_subnet_min``/``ipv6_subnet_max``; None/0 with IPv6 off.
+    """
+
+    network: IPv4Network | None
     subnet_len: int
     subnet_min: IPv4Address
     subnet_max: IPv4Address
@@ -57,10 +71,24 @@ class NetworkConfig:
         return default
 
     def contains_subnet(self, sn: IPv4Network) -> bool:
-        """Is `sn` a subnet this config could have handed out (right length, within min..max)?"""
+        """Is `sn` a subnet this config could have handed out (right length, within min..max)?
+        Upstream isSubnetConfigCompat; always False with IPv4 off."""
         return (
-            sn.prefixlen == self.subnet_len
+            self.network is not None
+            and sn.prefixlen == self.subnet_len
             and self.subnet_min <= sn.network_address <= self.subnet_max
+        )
+
+    def contains_subnet6(self, sn6: IPv6Network) -> bool:
+        """The IPv6 twin of :meth:`contains_subnet` (upstream isIPv6SubnetConfigCompat for a
+        non-empty subnet): right length, network address within IPv6SubnetMin..IPv6SubnetMax.
+        Always False with IPv6 off."""
+        return (
+            self.ipv6_network is not None
+            and self.ipv6_subnet_min is not None
+            and self.ipv6_subnet_max is not None
+            and sn6.prefixlen == self.ipv6_subnet_len
+            and self.ipv6_subnet_min <= sn6.network_address <= self.ipv6_subnet_max
         )
 
 
@@ -200,13 +228,35 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
 
     if not enable_ipv4 and not enable_ipv6:
         raise ConfigError("none defined stack: set EnableIPv4 or EnableIPv6 to true")
-    if not enable_ipv4:
-        raise ConfigError("IPv6-only networks are not supported with the etcd subnet manager; set EnableIPv4")
+    v4 = _parse_v4(d) if enable_ipv4 else _decode_v4(d)
+    v6 = _parse_v6(d) if enable_ipv6 else _decode_v6(d)
 
+    return NetworkConfig(
+        network=v4[0],
+        subnet_len=v4[1],
+        subnet_min=v4[2],
+        subnet_max=v4[3],
+        backend_type=backend_type,
+        backend=backend,
+        enable_ipv4=enable_ipv4,
+        enable_ipv6=enable_ipv6,
+        enable_nftables=enable_nft,
+        ipv6_network=v6[0],
+        ipv6_subnet_len=v6[1],
+        ipv6_subnet_min=v6[2],
+        ipv6_subnet_max=v6[3],
+        raw=raw,
+    )
+
+
+def _parse_v4(d: dict[str, Any]) -> tuple[IPv4Network, int, IPv4Address, IPv4Address]:
+    """The IPv4 part of upstream CheckNetworkConfig: (Network, SubnetLen, SubnetMin, SubnetMax)."""
     net_s = _typed(d, "Network", str, "ip.IP4Net")
     if not net_s:
         raise ConfigError("please define a correct Network parameter in the flannel config")
     network = _parse_v4_net(net_s)
+    if network.prefixlen == 0:  # upstream's IP4Net.Empty(): 0.0.0.0/0 is "no Network"
+        raise ConfigError("please define a correct Network parameter in the flannel config")
 
     subnet_len = _typed(d, "SubnetLen", int, "uint")
     if subnet_len:  # Go: zero value means "unset"
@@ -246,34 +296,34 @@ def parse_config(raw: str | bytes) -> NetworkConfig:
         raise ConfigError(f"SubnetMax is not on a SubnetLen boundary: {subnet_max}")
     if subnet_min > subnet_max:  # upstream accepts this and then finds no subnet to lease
         raise ConfigError(f"SubnetMin {subnet_min} is greater than SubnetMax {subnet_max}: no subnet to lease")
-
-    v6 = _parse_v6(d) if enable_ipv6 else (None, 0, None, None)
-
-    return NetworkConfig(
-        network=network,
-        subnet_len=subnet_len,
-        subnet_min=subnet_min,
-        subnet_max=subnet_max,
-        backend_type=backend_type,
-        backend=backend,
-        enable_ipv4=enable_ipv4,
-        enable_ipv6=enable_ipv6,
-        enable_nftables=enable_nft,
-        ipv6_network=v6[0],
-        ipv6_subnet_len=v6[1],
-        ipv6_subnet_min=v6[2],
-        ipv6_subnet_max=v6[3],
-        raw=raw,
-    )
+    return network, subnet_len, subnet_min, subnet_max
 
 
-def _parse_v6(d: dict[str, Any]):
+def _decode_v4(d: dict[str, Any]) -> tuple[None, int, IPv4Address, IPv4Address]:
+    """IPv4 off (IPv6-only): the IPv4 fields are decoded like Go's decoder would (a malformed
+    value is still an error) but not checked, and take upstream's zero values."""
+    net_s = _typed(d, "Network", str, "ip.IP4Net")
+    if net_s:
+        _parse_v4_net(net_s)
+    _typed(d, "SubnetLen", int, "uint")
+    for key in ("SubnetMin", "SubnetMax"):
+        if d.get(key) not in (None, ""):
+            _parse_v4_ip(d[key], key)
+    zero = IPv4Address(0)
+    return None, 0, zero, zero
+
+
+def _parse_v6(d: dict[str, Any]) -> tuple[IPv6Network, int, IPv6Address, IPv6Address]:
+    """The IPv6 part of upstream CheckNetworkConfig: (IPv6Network, IPv6SubnetLen, IPv6SubnetMin,
+    IPv6SubnetMax), with upstream's texts and checks in its order."""
     net_s = _typed(d, "IPv6Network", str, "ip.IP6Net")
     if not net_s:
         raise ConfigError("please define a correct IPv6Network parameter in the flannel config")
     net = _parse_cidr(net_s, "IPv6Network")
     if not isinstance(net, IPv6Network):
         raise ConfigError("invalid IPv6 CIDR format", "IPv6Network")
+    if net.prefixlen == 0:  # upstream's IP6Net.Empty(): ::/0 is "no IPv6Network"
+        raise ConfigError("please define a correct IPv6Network parameter in the flannel config")
     ln = _typed(d, "IPv6SubnetLen", int, "uint")
     if ln:
         if ln > 126:
@@ -310,3 +360,26 @@ def _parse_v6(d: dict[str, Any]):
     if mn > mx:
         raise ConfigError(f"IPv6SubnetMin {mn} is greater than IPv6SubnetMax {mx}: no subnet to lease")
     return net, ln, mn, mx
+
+
+def _decode_v6(d: dict[str, Any]) -> tuple[None, int, None, None]:
+    """IPv6 off: the IPv6 fields are decoded like Go's decoder would (a malformed value is an
+    error) but not checked; the config carries no IPv6 part."""
+    net_s = _typed(d, "IPv6Network", str, "ip.IP6Net")
+    if net_s:
+        _parse_cidr(net_s, "IPv6Network")
+    _typed(d, "IPv6SubnetLen", int, "uint")
+    for key in ("IPv6SubnetMin", "IPv6SubnetMax"):
+        v = d.get(key)
+        if v not in (None, "") and not (isinstance(v, str) and _is_ip(v)):
+            raise ConfigError("invalid IP address format", key)
+    return None, 0, None, None
+
+
+def _is_ip(s: str) -> bool:
+    """Would Go's net.ParseIP accept ``s`` (an IPv4 or IPv6 address, no zone)?"""
+    try:
+        IPv4Address(s) if ":" not in s else IPv6Address(s)
+    except ValueError:
+        return False
+    return "%" not in s

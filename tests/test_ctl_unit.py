@@ -46,6 +46,22 @@ def test_validate_json_and_yaml_from_file_and_stdin(tmp_path):
     assert line == "pyflanneld: stdin: invalid network config: SubnetMin is not in the range of the Network\n"
 
 
+def test_validate_accepts_dual_stack_and_ipv6_only_configs():
+    cp = run("config", "validate", "-f", "-", input="Network: 10.5.0.0/16\nEnableIPv6: true\nIPv6Network: fd80::/48\n"
+                                                   "Backend: {Type: vxlan}\n")
+    assert (cp.returncode, cp.stdout) == (0, "valid: vxlan backend, Network 10.5.0.0/16, 255 subnets /24 from "
+                                             "10.5.1.0 to 10.5.255.0, IPv6Network fd80::/48, 65535 subnets /64 from "
+                                             "fd80:0:0:1:: to fd80:0:0:ffff::\n")
+    assert cp.stderr == f"note: {configfile.IPV6_NOT_YET}\n"
+    cp = run("config", "validate", "-f", "-",
+             input='{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd80::/120","Backend":{"Type":"host-gw"}}')
+    assert (cp.returncode, cp.stdout) == (0, "valid: host-gw backend, IPv6 only, IPv6Network fd80::/120, 3 subnets "
+                                             "/122 from fd80::40 to fd80::c0\n")
+    line = one_line_error(run("config", "validate", "-f", "-", input="Network: 10.5.0.0/16\nEnableIPv6: true\n"
+                                                                   "IPv6Network: fd80::/48\nIPv6SubnetLen: 127\n"))
+    assert line == "pyflanneld: stdin: invalid network config: IPv6SubnetLen: SubnetLen must be less than /127\n"
+
+
 @pytest.mark.parametrize("cmd", [["config"], ["config", "get"], ["config", "validate"], ["config", "set"],
                                  ["leases"], ["lease"], ["lease", "reserve"], ["lease", "release"]])
 def test_help_everywhere(cmd):

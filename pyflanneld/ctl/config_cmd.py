@@ -7,7 +7,7 @@ import yaml
 
 from ..config import ConfigError, NetworkConfig
 from ..jsondecode import JSONValueError, decode_json
-from ..subnet.allocate import pool_size
+from ..subnet.allocate import lease_compatible, pool_size, pool_size6
 from ..subnet.lease import LeaseFormatError, parse_subnet_key
 from . import configfile
 from .connect import Connection, CtlError, etcd_options, run_async
@@ -21,8 +21,23 @@ def config() -> None:
 
 
 def _summary(cfg: NetworkConfig) -> str:
-    return (f"{cfg.backend_type} backend, Network {cfg.network}, {pool_size(cfg)} subnets "
-            f"/{cfg.subnet_len} from {cfg.subnet_min} to {cfg.subnet_max}")
+    """One line: the backend and, per enabled family, the network and its pool of subnets."""
+    parts = [f"{cfg.backend_type} backend"]
+    if cfg.network is not None:
+        parts.append(f"Network {cfg.network}, {pool_size(cfg)} subnets /{cfg.subnet_len} from {cfg.subnet_min} "
+                     f"to {cfg.subnet_max}")
+    else:
+        parts.append("IPv6 only")
+    if cfg.ipv6_network is not None:
+        parts.append(f"IPv6Network {cfg.ipv6_network}, {pool_size6(cfg)} subnets /{cfg.ipv6_subnet_len} from "
+                     f"{cfg.ipv6_subnet_min} to {cfg.ipv6_subnet_max}")
+    return ", ".join(parts)
+
+
+def _note_ipv6(cfg: NetworkConfig) -> None:
+    """Until the daemon runs IPv6: say so (stderr) for a config that enables it."""
+    if cfg.enable_ipv6:
+        click.echo(f"note: {configfile.IPV6_NOT_YET}", err=True)
 
 
 def _load_file(path: str) -> tuple[str, NetworkConfig]:
@@ -82,6 +97,7 @@ def validate(path: str) -> None:
     backend when the daemon starts, not here."""
     _, cfg = _load_file(path)
     click.echo(f"valid: {_summary(cfg)}")
+    _note_ipv6(cfg)
 
 
 @config.command("set")
@@ -93,6 +109,7 @@ def set_(etcd: Connection, path: str) -> None:
     Nothing is written when the file is invalid. Running daemons keep the config they started
     with until they are restarted (they log that it changed)."""
     raw, cfg = _load_file(path)
+    _note_ipv6(cfg)
 
     async def write():
         async with etcd.open() as (store, old):
@@ -105,11 +122,11 @@ def set_(etcd: Connection, path: str) -> None:
     outside = []
     for rec in records:
         try:
-            sn, _ = parse_subnet_key(rec.key)
+            sn, sn6 = parse_subnet_key(rec.key)
         except LeaseFormatError:
             continue
-        if not cfg.contains_subnet(sn):
-            outside.append(str(sn))
+        if not lease_compatible(cfg, sn, sn6):
+            outside.append(rec.key)
     if old == raw.encode():
         click.echo(f"unchanged: {etcd.config_key} (etcd {api}) already holds this config ({_summary(cfg)})")
     else:

@@ -1,8 +1,12 @@
 """Leases as stored in etcd: key names, the LeaseAttrs JSON, and lease events.
 
 Byte-compatible with upstream flanneld (pkg/lease, pkg/subnet): key `10.5.52.0-24`
-(dual stack `10.5.52.0-24&fc00:0:0:5::-64`), value
-`{"PublicIP":"…","PublicIPv6":null,"BackendType":"vxlan","BackendData":{…}}`.
+(dual stack `10.5.52.0-24&fc00:0:0:5::-64`, IPv6-only `0.0.0.0-0&fc00:0:0:5::-64`: upstream's
+etcd manager always writes an IPv4 part, its zero value when IPv4 is off), value
+`{"PublicIP":"…","PublicIPv6":null,"BackendType":"vxlan","BackendData":{…}}` — dual stack
+`{"PublicIP":"…","PublicIPv6":"fd99::2","BackendType":"vxlan","BackendData":{…},"BackendV6Data":{…}}`
+and IPv6-only `{"PublicIP":"0.0.0.0","PublicIPv6":"fd99::2","BackendType":"vxlan","BackendV6Data":{…}}`.
+IPv6 addresses are written as Go prints them (:func:`go_ip6_text`).
 """
 
 from __future__ import annotations
@@ -36,11 +40,23 @@ class LeaseFormatError(ValueError):
     """A subnet key or lease value that cannot be decoded; the message names the field."""
 
 
+def go_ip6_text(addr: IPv6Address) -> str:
+    """An IPv6 address as upstream prints it (pkg/ip/ip6net.go IP6.String, then Go's net.IP):
+    RFC 5952 text like Python's, except that a value in [2**24, 2**32) or in ::ffff:0:0/96 prints
+    as dotted IPv4 (``::ffff:10.0.0.1`` → ``10.0.0.1``). Used for keys, PublicIPv6 and subnet.env."""
+    v = int(addr)
+    if (1 << 24) <= v < (1 << 32) or v >> 32 == 0xFFFF:
+        return str(IPv4Address(v & 0xFFFFFFFF))
+    return str(addr)
+
+
 def subnet_key(subnet: IPv4Network, subnet6: IPv6Network | None = None) -> str:
-    """`10.1.15.0/24` → `10.1.15.0-24` (the last path element of the etcd key)."""
+    """`10.1.15.0/24` → `10.1.15.0-24` (the last path element of the etcd key); with an IPv6
+    subnet upstream's MakeSubnetKey dual form `10.1.15.0-24&fc00:0:0:f::-64`. For an IPv6-only
+    lease pass ``subnet`` = allocate.IPV4_OFF_SUBNET (0.0.0.0/0): `0.0.0.0-0&fc00:0:0:f::-64`."""
     key = f"{subnet.network_address}-{subnet.prefixlen}"
     if subnet6 is not None:
-        key += f"&{subnet6.network_address}-{subnet6.prefixlen}"
+        key += f"&{go_ip6_text(subnet6.network_address)}-{subnet6.prefixlen}"
     return key
 
 
@@ -120,26 +136,27 @@ def _fold(d: dict[str, Any]) -> dict[str, Any]:
     return {k.lower(): v for k, v in d.items()}
 
 
-def _check_vxlan_data(data: Any) -> str | None:
+def _check_vxlan_data(data: Any, field: str = "BackendData") -> str | None:
     """upstream vxlanLeaseAttrs {VNI uint16; VtepMAC hardwareAddr}; VtepMAC must be usable as a
-    remote VTEP: unicast and not all zeros."""
+    remote VTEP: unicast and not all zeros. ``field``: BackendData or BackendV6Data (the IPv6
+    device's, same shape), for the message."""
     if not isinstance(data, dict):
-        return "BackendData: a vxlan lease needs an object with VtepMAC"
+        return f"{field}: a vxlan lease needs an object with VtepMAC"
     d = _fold(data)
     raw_mac = d.get("vtepmac")
     if raw_mac is None:
-        return "BackendData.VtepMAC: missing"
+        return f"{field}.VtepMAC: missing"
     mac = parse_mac(raw_mac)
     if mac is None:
-        return f"BackendData.VtepMAC: {_show(raw_mac)} is not a 6-byte MAC address"
+        return f"{field}.VtepMAC: {_show(raw_mac)} is not a 6-byte MAC address"
     first = int(mac[:2], 16)
     if first & 1:
-        return f"BackendData.VtepMAC: {mac} is a multicast address"
+        return f"{field}.VtepMAC: {mac} is a multicast address"
     if mac == "00:00:00:00:00:00":
-        return f"BackendData.VtepMAC: {mac} is all zeros"
+        return f"{field}.VtepMAC: {mac} is all zeros"
     vni = d.get("vni")
     if vni is not None and (isinstance(vni, bool) or not isinstance(vni, int) or not 0 <= vni <= 0xFFFF):
-        return f"BackendData.VNI: {_show(vni)} is not an integer 0-65535"
+        return f"{field}.VNI: {_show(vni)} is not an integer 0-65535"
     return None
 
 
@@ -183,11 +200,22 @@ def _check_wireguard_data(data: Any) -> str | None:
 # entry (host-gw, ipip, ipsec, udp/alloc "", ...) carry no BackendData the kernel depends on.
 BACKEND_DATA_CHECKS: dict[str, Callable[[Any], str | None]] = {
     "vxlan": _check_vxlan_data, "wireguard": _check_wireguard_data}
+# The same for BackendV6Data (the IPv6 half of a dual-stack or IPv6-only lease).
+BACKEND_V6_DATA_CHECKS: dict[str, Callable[[Any], str | None]] = {
+    "vxlan": lambda data: _check_vxlan_data(data, "BackendV6Data"),
+}
 
 
 def check_backend_data(backend_type: str, data: Any) -> str | None:
     """Is ``data`` valid BackendData for ``backend_type``? None if so, else a one-line problem."""
     check = BACKEND_DATA_CHECKS.get(backend_type)
+    return check(data) if check else None
+
+
+def check_backend_v6_data(backend_type: str, data: Any) -> str | None:
+    """Is ``data`` valid BackendV6Data for ``backend_type``? None if so, else a one-line problem
+    (naming BackendV6Data)."""
+    check = BACKEND_V6_DATA_CHECKS.get(backend_type)
     return check(data) if check else None
 
 
@@ -213,19 +241,39 @@ def _check_public_ip(v: Any) -> IPv4Address:
     return IPv4Address(n)
 
 
+def _check_public_ipv6(v: Any) -> IPv6Address | None:
+    """Upstream decodes PublicIPv6 as *ip.IP6: null (no IPv6) or an address string; "" or a zone
+    (``fe80::1%eth0``) are refused as by Go's net.ParseIP, an IPv4 text too (it is no IPv6 peer)."""
+    if v is None:
+        return None
+    try:
+        if not isinstance(v, str) or "%" in v:
+            raise ValueError
+        return IPv6Address(v)
+    except ValueError:
+        raise LeaseFormatError(f"PublicIPv6: {_show(v)} is not an IPv6 address") from None
+
+
 @dataclass(frozen=True)
 class LeaseAttrs:
-    """upstream pkg/lease LeaseAttrs: what a host publishes in its lease value."""
+    """upstream pkg/lease LeaseAttrs: what a host publishes in its lease value.
+
+    ``public_ip``: 0.0.0.0 in an IPv6-only lease (upstream's zero IP4). ``public_ipv6`` and
+    ``backend_v6_data``: the IPv6 peer address and the IPv6 device's data (vxlan: the
+    ``flannel-v6.<VNI>`` MAC), None when the host publishes no IPv6.
+    """
 
     public_ip: IPv4Address
     backend_type: str = ""
     backend_data: Any = None  # decoded JSON (dict, str, …) or None
-    public_ipv6: str | None = None
+    public_ipv6: IPv6Address | None = None
     backend_v6_data: Any = None
 
     def to_json(self) -> str:
-        """Serialise in upstream's field order; empty fields omitted like Go's `omitempty`."""
-        d: dict[str, Any] = {"PublicIP": str(self.public_ip), "PublicIPv6": self.public_ipv6}
+        """Serialise in upstream's field order (PublicIP, PublicIPv6 — ``null`` when absent —,
+        BackendType, BackendData, BackendV6Data); empty fields omitted like Go's `omitempty`."""
+        pub6 = go_ip6_text(self.public_ipv6) if self.public_ipv6 is not None else None
+        d: dict[str, Any] = {"PublicIP": str(self.public_ip), "PublicIPv6": pub6}
         if self.backend_type:
             d["BackendType"] = self.backend_type
         if self.backend_data is not None:
@@ -237,8 +285,9 @@ class LeaseAttrs:
     @classmethod
     def from_json(cls, raw: str | bytes) -> LeaseAttrs:
         """Decode a lease value (bounded, see jsondecode). PublicIP must be an IPv4 string,
-        PublicIPv6 null or an IPv6 string, BackendType a string. BackendData is not checked here
-        (see :func:`check_backend_data`). Raises :class:`LeaseFormatError` naming the field."""
+        PublicIPv6 null or an IPv6 string, BackendType a string. BackendData/BackendV6Data are not
+        checked here (see :func:`check_backend_data`, :func:`check_backend_v6_data`). Raises
+        :class:`LeaseFormatError` naming the field."""
         try:
             d = decode_json(raw)
         except JSONValueError as e:
@@ -252,14 +301,7 @@ class LeaseAttrs:
             bt = ""
         if not isinstance(bt, str):
             raise LeaseFormatError(f"BackendType: {_show(bt)} is not a string")
-        pub6 = d.get("publicipv6")
-        if pub6 is not None:  # IPv6 leases are phase 2: checked for shape only
-            try:
-                if not isinstance(pub6, str):
-                    raise ValueError
-                IPv6Address(pub6)
-            except ValueError:
-                raise LeaseFormatError(f"PublicIPv6: {_show(pub6)} is not an IPv6 address") from None
+        pub6 = _check_public_ipv6(d.get("publicipv6"))
         return cls(
             public_ip=pub,
             backend_type=bt,

@@ -4,27 +4,37 @@ Everything read from etcd is untrusted. A key anyone can write must not reach th
 is a lease a flannel host could have written and does not collide with what is already in use:
 
 Per lease (its record alone, plus the network config):
-  * the key parses (``10.5.1.0-24``, dual stack ``10.5.1.0-24&fd80:0:0:1::-64``), the value decodes
-    (bounded JSON), PublicIP is an IPv4 string (missing, a number or a boolean are refused, as
-    upstream's ip.IP4 decoder refuses them), BackendType is a string;
-  * the subnet lies inside Network and is smaller than it (the IPv6 subnet inside IPv6Network once
-    IPv6 is configured); PublicIP is a unicast address (not 0.0.0.0, loopback or multicast);
+  * the key parses (``10.5.1.0-24``, dual stack ``10.5.1.0-24&fd80:0:0:1::-64``, IPv6-only
+    ``0.0.0.0-0&fd80:0:0:1::-64``), the value decodes (bounded JSON), PublicIP is an IPv4 string
+    (missing, a number or a boolean are refused, as upstream's ip.IP4 decoder refuses them),
+    PublicIPv6 null or an IPv6 string, BackendType is a string;
   * BackendType is a registered backend's name, or "" (udp and alloc leases carry none);
-  * BackendData is valid for that backend (lease.check_backend_data; vxlan: a unicast, non-zero
-    6-byte VtepMAC and a 16-bit VNI).
+  * IPv4 (``EnableIPv4``, the default): the subnet lies inside Network and is smaller than it;
+    PublicIP is a unicast address (not 0.0.0.0, loopback or multicast); BackendData is valid for
+    the backend (lease.check_backend_data; vxlan: a unicast, non-zero 6-byte VtepMAC and a 16-bit
+    VNI). With IPv4 off (IPv6-only) the IPv4 part is not looked at (upstream writes 0.0.0.0-0 and
+    PublicIP 0.0.0.0 there);
+  * IPv6 (``EnableIPv6``): a lease with an IPv6 subnet has it inside IPv6Network and smaller than
+    it, a PublicIPv6 that another host can reach (not ::, loopback, link-local or multicast) and a
+    valid BackendV6Data (lease.check_backend_v6_data): upstream skips a lease whose IPv6 half does
+    not decode, IPv4 included. A lease without IPv6 subnet is an IPv4-only peer in a dual-stack
+    network (kept for IPv4; upstream would crash on it) and no usable lease in an IPv6-only one.
+    With IPv6 off the IPv6 part is not looked at.
 
-Against the others (the set of valid leases, "candidates"):
-  * no overlap with this host's own subnet, and no VtepMAC equal to this host's own;
+Against the others (the set of valid leases, "candidates"), per enabled family:
+  * no overlap with this host's own subnet (IPv6 subnet), and no VtepMAC equal to this host's own
+    (the IPv6 device's VtepMAC: its own namespace, a v4 and a v6 MAC may be equal);
   * no overlap with, and no VtepMAC of, another accepted lease. Of two conflicting leases a lease
-    the network config could have handed out (``NetworkConfig.contains_subnet``; no IPv6 part in an
-    IPv4-only network) wins over one it could not; among equals the one created first wins: lower
-    ``Record.create_revision``, then the key. Flannel hosts never write conflicting leases of the
-    config's shape (they would be the same key), so the config rule decides every overlap between a
-    host's lease and a stray one for all hosts alike, even when the host's key has a newer
-    create_revision than the stray's (etcd v2 gives a key a new createdIndex on every plain set,
-    which is how upstream v0.17 renews). The result is a function of the candidates alone (greedy
-    in that order), so it does not depend on the order events arrive in, and a relist gives the
-    same answer as the events did. When a winner goes, its losers are evaluated again (and may win).
+    the network config could have handed out (``allocate.lease_compatible``: each enabled family's
+    part of the config's shape, no IPv6 part in an IPv4-only network) wins over one it could not;
+    among equals the one created first wins: lower ``Record.create_revision``, then the key.
+    Flannel hosts never write conflicting leases of the config's shape (they would be the same
+    key), so the config rule decides every overlap between a host's lease and a stray one for all
+    hosts alike, even when the host's key has a newer create_revision than the stray's (etcd v2
+    gives a key a new createdIndex on every plain set, which is how upstream v0.17 renews). The
+    result is a function of the candidates alone (greedy in that order), so it does not depend on
+    the order events arrive in, and a relist gives the same answer as the events did. When a
+    winner goes, its losers are evaluated again (and may win).
 
 Each rejection is one structlog warning per key and change (value or reason), naming the etcd key
 and the problem; ``rejected`` keeps the reasons for /readyz. ``put``/``delete``/``reset``/
@@ -41,13 +51,22 @@ import heapq
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
 
 import structlog
 
 from ..config import NetworkConfig
-from .lease import Lease, LeaseFormatError, check_backend_data, lease_from_record, log_key, vtep_mac
+from .allocate import lease_compatible
+from .lease import (
+    Lease,
+    LeaseFormatError,
+    check_backend_data,
+    check_backend_v6_data,
+    lease_from_record,
+    log_key,
+    vtep_mac,
+)
 from .store import Record
 
 log = structlog.get_logger()
@@ -69,6 +88,20 @@ class Changes:
         return bool(self.added or self.removed)
 
 
+Span = tuple[int, int, int]  # (first address, last address, prefix length) of a subnet, as ints
+
+
+@dataclass(frozen=True)
+class _Claims:
+    """What a lease holds that no other lease may hold too, per enabled family: its subnets (as
+    spans) and the VtepMACs of its vxlan devices. None: not claimed (family off, or not vxlan)."""
+
+    span: Span | None = None
+    span6: Span | None = None
+    mac: str | None = None
+    mac6: str | None = None
+
+
 @dataclass(eq=False)
 class _Cand:
     """A lease that passed the per-lease checks, with what the set checks need."""
@@ -76,15 +109,67 @@ class _Cand:
     key: str
     lease: Lease
     order: tuple[bool, int, str]  # (not of the config's shape, create_revision, key): lower wins
-    start: int  # first and last IPv4 address of the subnet, as ints
-    end: int
-    plen: int
-    mac: str | None  # normalised VtepMAC (vxlan leases only)
+    claims: _Claims
     revision: int  # mod revision: one warning per change
 
 
-def _mask(plen: int) -> int:
-    return (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
+class _Spans:
+    """The candidates' subnets of one family, for overlap queries: two CIDR blocks overlap iff one
+    contains the other; the containing ones are found by their (start, length), the contained ones
+    by their start (bisect in a sorted list)."""
+
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+        self.by_cidr: dict[tuple[int, int], set[str]] = {}  # (start, prefix length) → keys
+        self.starts: list[tuple[int, int, str]] = []  # (start, prefix length, key), sorted
+        self.plens: dict[int, int] = {}  # prefix length → number of candidates with it
+
+    def clear(self) -> None:
+        self.by_cidr.clear()
+        self.starts.clear()
+        self.plens.clear()
+
+    def add(self, span: Span, key: str, bulk: bool = False) -> None:
+        """Index ``key``'s subnet; ``bulk``: append unsorted (call :meth:`sort` after)."""
+        start, _end, plen = span
+        self.by_cidr.setdefault((start, plen), set()).add(key)
+        if bulk:
+            self.starts.append((start, plen, key))
+        else:
+            insort(self.starts, (start, plen, key))
+        self.plens[plen] = self.plens.get(plen, 0) + 1
+
+    def sort(self) -> None:
+        self.starts.sort()
+
+    def remove(self, span: Span, key: str) -> None:
+        start, _end, plen = span
+        keys = self.by_cidr[(start, plen)]
+        keys.discard(key)
+        if not keys:
+            del self.by_cidr[(start, plen)]
+        del self.starts[bisect_left(self.starts, (start, plen, key))]
+        self.plens[plen] -= 1
+        if not self.plens[plen]:
+            del self.plens[plen]
+
+    def overlapping(self, span: Span) -> set[str]:
+        """Keys whose subnet overlaps ``span``."""
+        start, end, plen = span
+        out: set[str] = set()
+        for p in self.plens:
+            if p < plen:
+                out |= self.by_cidr.get((start & _mask(p, self.bits), p), set())
+        i = bisect_left(self.starts, (start,))
+        while i < len(self.starts) and self.starts[i][0] <= end:
+            out.add(self.starts[i][2])
+            i += 1
+        return out
+
+
+def _mask(plen: int, bits: int = 32) -> int:
+    full = (1 << bits) - 1
+    return (full << (bits - plen)) & full
 
 
 def _registered_types() -> frozenset[str]:
@@ -110,15 +195,17 @@ class LeaseBook:
         self.prefix = prefix
         self.subnets_path = f"{prefix.rstrip('/')}/subnets/"
         self._types = frozenset(backend_types) if backend_types is not None else _registered_types()
-        self._net_span = _span(cfg.network)
+        self._v4 = cfg.enable_ipv4 and cfg.network is not None
+        self._v6 = cfg.enable_ipv6 and cfg.ipv6_network is not None
+        self._net_span = _span(cfg.network) if self._v4 else None
+        self._net6_span = _span(cfg.ipv6_network) if self._v6 else None
         self._own: Lease | None = None
-        self._own_mac: str | None = None
+        self._own_claims = _Claims()
         self._records: dict[str, Record] = {}
         self._cands: dict[str, _Cand] = {}
-        self._by_cidr: dict[tuple[int, int], set[str]] = {}  # (start, prefix length) → keys
-        self._starts: list[tuple[int, int, str]] = []  # (start, prefix length, key), sorted
-        self._plens: dict[int, int] = {}  # prefix length → number of candidates with it
-        self._by_mac: dict[str, set[str]] = {}
+        self._spans = _Spans(32)
+        self._spans6 = _Spans(128)
+        self._by_mac: dict[tuple[int, str], set[str]] = {}  # (IP version, VtepMAC) → keys
         self._accepted: dict[str, Lease] = {}
         self._rejected: dict[str, str] = {}
         self._warned: dict[str, tuple[int, str]] = {}  # key → (mod revision, reason) last warned
@@ -136,12 +223,11 @@ class LeaseBook:
         still in the book becomes a candidate like any other."""
         old = self._own
         self._own = lease
-        self._own_mac = _mac_of(lease) if lease is not None else None
+        self._own_claims = self._claims_of(lease) if lease is not None else _Claims()
         dirty: set[str] = set()
         for o in (old, lease):
             if o is not None:
-                start, end = _span(o.subnet)
-                dirty |= self._conflicting(start, end, o.subnet.prefixlen, _mac_of(o), None)
+                dirty |= self._conflicting(self._claims_of(o), None)
         for key in {o.key for o in (old, lease) if o is not None}:
             dirty |= self._evaluate(key)
         self._settle(dirty)
@@ -152,9 +238,8 @@ class LeaseBook:
         before = dict(self._accepted)
         self._records = {r.key: r for r in records}
         self._cands.clear()
-        self._by_cidr.clear()
-        self._starts.clear()
-        self._plens.clear()
+        self._spans.clear()
+        self._spans6.clear()
         self._by_mac.clear()
         self._accepted.clear()
         self._warned = {k: v for k, v in self._warned.items() if k in self._records}
@@ -162,7 +247,8 @@ class LeaseBook:
         self._rejected.clear()
         for key in self._records:
             self._evaluate(key, bulk=True)
-        self._starts.sort()
+        self._spans.sort()
+        self._spans6.sort()
         self._settle(set(self._cands))
         for key in self._accepted.keys() & old_rejected.keys():
             log.info("lease entry accepted", key=self._shown(key))
@@ -190,39 +276,69 @@ class LeaseBook:
             lease = lease_from_record(rec)
         except LeaseFormatError as e:
             return str(e)
-        sn, net = lease.subnet, self.cfg.network
-        start, end = _span(sn)
-        if not (self._net_span[0] <= start and end <= self._net_span[1]):
-            return f"subnet {sn} is outside the flannel Network {net}"
-        if sn.prefixlen <= net.prefixlen:
-            return f"subnet {sn} is the whole flannel Network, not one host's part of it"
-        # IPv6 (phase 2): with an IPv6Network configured, the IPv6 subnet must lie inside it.
-        net6 = self.cfg.ipv6_network
-        if lease.subnet6 is not None and net6 is not None and not lease.subnet6.subnet_of(net6):
-            return f"IPv6 subnet {lease.subnet6} is outside the flannel IPv6Network {net6}"
-        pub = lease.attrs.public_ip
-        if pub.is_unspecified or pub.is_loopback or pub.is_multicast or int(pub) == 0xFFFFFFFF:
-            return f"PublicIP: {pub} cannot be another host's address"
         bt = lease.attrs.backend_type
         if bt and bt not in self._types:
             return f"BackendType: unknown backend type {bt[:40]!r} (known: {', '.join(sorted(self._types))})"
-        problem = check_backend_data(bt, lease.attrs.backend_data)
+        problem = (self._check_v4(lease) if self._v4 else None) or (self._check_v6(lease) if self._v6 else None)
         if problem:
             return problem
-        odd = not self.cfg.contains_subnet(sn) or (lease.subnet6 is not None and not self.cfg.enable_ipv6)
-        return _Cand(key=rec.key, lease=lease, order=(odd, rec.create_revision, rec.key), start=start,
-                     end=end, plen=sn.prefixlen, mac=_mac_of(lease), revision=rec.revision)
+        odd = not lease_compatible(self.cfg, lease.subnet, lease.subnet6)
+        return _Cand(key=rec.key, lease=lease, order=(odd, rec.create_revision, rec.key),
+                     claims=self._claims_of(lease), revision=rec.revision)
+
+    def _check_v4(self, lease: Lease) -> str | None:
+        """The IPv4 half: subnet inside Network, PublicIP another host's, BackendData."""
+        sn, net = lease.subnet, self.cfg.network
+        start, end = _span(sn)[:2]
+        assert self._net_span is not None
+        if not (self._net_span[0] <= start and end <= self._net_span[1]):
+            return f"subnet {sn} is outside the flannel Network {net}"
+        if sn.prefixlen <= self._net_span[2]:
+            return f"subnet {sn} is the whole flannel Network, not one host's part of it"
+        pub = lease.attrs.public_ip
+        if pub.is_unspecified or pub.is_loopback or pub.is_multicast or int(pub) == 0xFFFFFFFF:
+            return f"PublicIP: {pub} cannot be another host's address"
+        return check_backend_data(lease.attrs.backend_type, lease.attrs.backend_data)
+
+    def _check_v6(self, lease: Lease) -> str | None:
+        """The IPv6 half: subnet inside IPv6Network, PublicIPv6 another host's, BackendV6Data."""
+        sn6, net6 = lease.subnet6, self.cfg.ipv6_network
+        if sn6 is None:
+            return None if self._v4 else f"no IPv6 subnet in the key: an IPv4-only lease in the IPv6-only network {net6}"
+        start, end = _span(sn6)[:2]
+        assert self._net6_span is not None
+        if not (self._net6_span[0] <= start and end <= self._net6_span[1]):
+            return f"IPv6 subnet {sn6} is outside the flannel IPv6Network {net6}"
+        if sn6.prefixlen <= self._net6_span[2]:
+            return f"IPv6 subnet {sn6} is the whole flannel IPv6Network, not one host's part of it"
+        pub6 = lease.attrs.public_ipv6
+        if pub6 is None:
+            return f"PublicIPv6: missing, but the lease has the IPv6 subnet {sn6}"
+        if pub6.is_unspecified or pub6.is_loopback or pub6.is_multicast or pub6.is_link_local:
+            return f"PublicIPv6: {pub6} cannot be another host's address"
+        return check_backend_v6_data(lease.attrs.backend_type, lease.attrs.backend_v6_data)
+
+    def _claims_of(self, lease: Lease) -> _Claims:
+        """The subnets and VtepMACs ``lease`` claims in this network's enabled families."""
+        vxlan = lease.attrs.backend_type == "vxlan"
+        v6 = self._v6 and lease.subnet6 is not None
+        return _Claims(
+            span=_span(lease.subnet) if self._v4 else None,
+            span6=_span(lease.subnet6) if v6 else None,  # type: ignore[arg-type]
+            mac=vtep_mac(lease.attrs.backend_data) if self._v4 and vxlan else None,
+            mac6=vtep_mac(lease.attrs.backend_v6_data) if v6 and vxlan else None,
+        )
 
     def _evaluate(self, key: str, bulk: bool = False) -> set[str]:
         """Re-run the per-lease checks of ``key``'s record (gone: drop it). Returns the keys whose
         status may change: the key and every candidate conflicting with its old or new version.
-        ``bulk`` (reset): index without keeping ``_starts`` sorted and without looking for
+        ``bulk`` (reset): index without keeping the span lists sorted and without looking for
         conflicts; the caller sorts and settles everything."""
         dirty: set[str] = set()
         old = self._cands.pop(key, None)
         if old is not None:
             self._unindex(old)
-            dirty |= self._conflicting(old.start, old.end, old.plen, old.mac, key)
+            dirty |= self._conflicting(old.claims, key)
         rec = self._records.get(key)
         own = self._own is not None and key == self._own.key
         if rec is None or own:
@@ -237,7 +353,7 @@ class LeaseBook:
         self._cands[key] = c
         self._index(c, bulk)
         if not bulk:
-            dirty |= self._conflicting(c.start, c.end, c.plen, c.mac, key)
+            dirty |= self._conflicting(c.claims, key)
         dirty.add(key)
         return dirty
 
@@ -254,7 +370,7 @@ class LeaseBook:
             _, key = heapq.heappop(heap)
             queued.discard(key)
             c = self._cands[key]
-            others = [self._cands[k] for k in self._conflicting(c.start, c.end, c.plen, c.mac, key)]
+            others = [self._cands[k] for k in self._conflicting(c.claims, key)]
             reason = self._own_conflict(c)
             if reason is None:
                 firsts = [d for d in others if d.order < c.order and d.key in self._accepted]
@@ -275,67 +391,69 @@ class LeaseBook:
                         queued.add(d.key)
 
     def _own_conflict(self, c: _Cand) -> str | None:
-        own = self._own
+        own, cl, ocl = self._own, c.claims, self._own_claims
         if own is None:
             return None
-        if c.lease.subnet.overlaps(own.subnet):
+        if _overlap(cl.span, ocl.span):
             return f"subnet {c.lease.subnet} overlaps this host's own subnet {own.subnet}"
-        if c.mac is not None and c.mac == self._own_mac:
-            return f"BackendData.VtepMAC {c.mac} is this host's own VtepMAC"
+        if _overlap(cl.span6, ocl.span6):
+            return f"IPv6 subnet {c.lease.subnet6} overlaps this host's own IPv6 subnet {own.subnet6}"
+        if cl.mac is not None and cl.mac == ocl.mac:
+            return f"BackendData.VtepMAC {cl.mac} is this host's own VtepMAC"
+        if cl.mac6 is not None and cl.mac6 == ocl.mac6:
+            return f"BackendV6Data.VtepMAC {cl.mac6} is this host's own IPv6 VtepMAC"
         return None
 
     @staticmethod
     def _conflict_reason(c: _Cand, first: _Cand) -> str:
         fits = "which fits the network config (SubnetLen, SubnetMin..SubnetMax) and this one does not"
         created_first = first.order[1:] < c.order[1:]
-        if c.start <= first.end and first.start <= c.end:
-            why = "which was created first" if created_first else fits
+        why, why_mac = ("which was created first", "created first") if created_first else (fits, fits)
+        cl, fcl = c.claims, first.claims
+        if _overlap(cl.span, fcl.span):
             return f"subnet {c.lease.subnet} overlaps the lease {first.key}, {why}"
-        why = "created first" if created_first else fits
-        return f"BackendData.VtepMAC {c.mac} is already the VtepMAC of the lease {first.key}, {why}"
+        if _overlap(cl.span6, fcl.span6):
+            return f"IPv6 subnet {c.lease.subnet6} overlaps the lease {first.key}, {why}"
+        if cl.mac is not None and cl.mac == fcl.mac:
+            return f"BackendData.VtepMAC {cl.mac} is already the VtepMAC of the lease {first.key}, {why_mac}"
+        return f"BackendV6Data.VtepMAC {cl.mac6} is already the IPv6 VtepMAC of the lease {first.key}, {why_mac}"
 
-    def _conflicting(self, start: int, end: int, plen: int, mac: str | None, exclude: str | None) -> set[str]:
-        """Keys of the candidates whose subnet overlaps [start, end] (a /plen) or whose VtepMAC is
-        ``mac``. Two CIDR blocks overlap iff one contains the other: the containing ones are found
-        by their (start, length), the contained ones by their start."""
+    def _conflicting(self, cl: _Claims, exclude: str | None) -> set[str]:
+        """Keys of the candidates whose claims intersect ``cl`` (an overlapping subnet of either
+        family, or the same VtepMAC on the same family's device)."""
         out: set[str] = set()
-        for p in self._plens:
-            if p < plen:
-                out |= self._by_cidr.get((start & _mask(p), p), set())
-        i = bisect_left(self._starts, (start,))
-        while i < len(self._starts) and self._starts[i][0] <= end:
-            out.add(self._starts[i][2])
-            i += 1
-        if mac is not None:
-            out |= self._by_mac.get(mac, set())
+        if cl.span is not None:
+            out |= self._spans.overlapping(cl.span)
+        if cl.span6 is not None:
+            out |= self._spans6.overlapping(cl.span6)
+        if cl.mac is not None:
+            out |= self._by_mac.get((4, cl.mac), set())
+        if cl.mac6 is not None:
+            out |= self._by_mac.get((6, cl.mac6), set())
         out.discard(exclude)
         return out
 
     # -- bookkeeping -----------------------------------------------------------------------------
     def _index(self, c: _Cand, bulk: bool = False) -> None:
-        self._by_cidr.setdefault((c.start, c.plen), set()).add(c.key)
-        if bulk:
-            self._starts.append((c.start, c.plen, c.key))
-        else:
-            insort(self._starts, (c.start, c.plen, c.key))
-        self._plens[c.plen] = self._plens.get(c.plen, 0) + 1
-        if c.mac is not None:
-            self._by_mac.setdefault(c.mac, set()).add(c.key)
+        cl = c.claims
+        if cl.span is not None:
+            self._spans.add(cl.span, c.key, bulk)
+        if cl.span6 is not None:
+            self._spans6.add(cl.span6, c.key, bulk)
+        for mac_key in _mac_keys(cl):
+            self._by_mac.setdefault(mac_key, set()).add(c.key)
 
     def _unindex(self, c: _Cand) -> None:
-        keys = self._by_cidr[(c.start, c.plen)]
-        keys.discard(c.key)
-        if not keys:
-            del self._by_cidr[(c.start, c.plen)]
-        del self._starts[bisect_left(self._starts, (c.start, c.plen, c.key))]
-        self._plens[c.plen] -= 1
-        if not self._plens[c.plen]:
-            del self._plens[c.plen]
-        if c.mac is not None:
-            macs = self._by_mac[c.mac]
+        cl = c.claims
+        if cl.span is not None:
+            self._spans.remove(cl.span, c.key)
+        if cl.span6 is not None:
+            self._spans6.remove(cl.span6, c.key)
+        for mac_key in _mac_keys(cl):
+            macs = self._by_mac[mac_key]
             macs.discard(c.key)
             if not macs:
-                del self._by_mac[c.mac]
+                del self._by_mac[mac_key]
 
     def _set_accepted(self, key: str, lease: Lease | None) -> None:
         if key not in self._before:
@@ -370,19 +488,23 @@ class LeaseBook:
         return ch
 
 
-def _subnet_order(le: Lease) -> tuple[int, int, str]:
-    return int(le.subnet.network_address), le.subnet.prefixlen, le.key
+def _subnet_order(le: Lease) -> tuple[int, int, int, str]:
+    return int(le.subnet.network_address), le.subnet.prefixlen, int(le.subnet6.network_address) if le.subnet6 else -1, le.key
 
 
-def _span(sn: IPv4Network) -> tuple[int, int]:
-    """First and last address of a subnet, as ints."""
+def _span(sn: IPv4Network | IPv6Network) -> Span:
+    """First and last address of a subnet, as ints, and its prefix length."""
     start = int(sn.network_address)
-    return start, start | (~_mask(sn.prefixlen) & 0xFFFFFFFF)
+    bits = sn.max_prefixlen
+    return start, start | (~_mask(sn.prefixlen, bits) & ((1 << bits) - 1)), sn.prefixlen
 
 
-def _mac_of(lease: Lease) -> str | None:
-    """The VtepMAC that a vxlan lease claims (other types claim none)."""
-    return vtep_mac(lease.attrs.backend_data) if lease.attrs.backend_type == "vxlan" else None
+def _overlap(a: Span | None, b: Span | None) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+def _mac_keys(cl: _Claims) -> list[tuple[int, str]]:
+    return [(v, m) for v, m in ((4, cl.mac), (6, cl.mac6)) if m is not None]
 
 
 __all__ = ["Changes", "LeaseBook"]
