@@ -12,6 +12,16 @@ The output file is byte-identical to what ``mk-docker-opts.sh`` writes, e.g. for
     DOCKER_OPT_MTU="--mtu=1472"
     DOCKER_OPTS=" --bip=10.1.74.1/24 --ip-masq=true --mtu=1472"
 
+Beyond the script (which ignores IPv6 in every upstream tag): when the file has
+``FLANNEL_IPV6_SUBNET`` (dual-stack or IPv6-only flannel), one more option pair is written, what
+docker's bridge needs to give containers addresses of the host's IPv6 subnet::
+
+    DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=fd80:0:0:48::/64"
+
+(the subnet's network, sorted with the others by name: the combined line reads
+``--bip=… --ip-masq=… --ipv6 --fixed-cidr-v6=… --mtu=…``). Without it the output is the script's,
+byte for byte; an IPv6-only file (no ``FLANNEL_SUBNET``) gives no ``--bip`` and no route check.
+
 Behaviour kept from the script: values in the env file override the process environment;
 ``DOCKER_OPT_*`` variables from the environment or the env file are emitted too (sorted by
 name, like ``set`` lists them); an existing value of the combined key is prepended; ``-h``,
@@ -38,6 +48,7 @@ both still print the usage and exit 1.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shlex
@@ -58,6 +69,7 @@ DEFAULT_PROG = "pyflanneld docker-opts"
 _OPT_PREFIX = "DOCKER_OPT_"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SUBNET_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+)$")
+_IPV6_SUBNET_RE = re.compile(r"^[0-9A-Fa-f:.]+/\d{1,3}$")
 
 
 
@@ -202,6 +214,9 @@ def build_output(opts: Options, variables: dict[str, str]) -> str:
     ipmasq = values.get("FLANNEL_IPMASQ", "")
     if subnet:
         values["DOCKER_OPT_BIP"] = f"--bip={subnet}"
+    subnet6 = values.get("FLANNEL_IPV6_SUBNET", "")
+    if subnet6:
+        values["DOCKER_OPT_IPV6"] = f"--ipv6 --fixed-cidr-v6={ipv6_cidr(subnet6)}"
     if mtu:
         values["DOCKER_OPT_MTU"] = f"--mtu={mtu}"
     if ipmasq and opts.ipmasq:
@@ -230,6 +245,18 @@ def build_output(opts: Options, variables: dict[str, str]) -> str:
     if opts.combined:
         lines.append(f'{opts.combined_key}="{combined}"\n')
     return "".join(lines)
+
+
+def ipv6_cidr(subnet6: str) -> str:
+    """``FLANNEL_IPV6_SUBNET`` (``fd80:0:0:48::1/64``) → the network docker's ``--fixed-cidr-v6``
+    takes (``fd80:0:0:48::/64``). Raises DockerOptsError for anything else."""
+    try:
+        if not _IPV6_SUBNET_RE.match(subnet6):
+            raise ValueError
+        return str(ipaddress.IPv6Network(subnet6, strict=False))
+    except ValueError:
+        raise DockerOptsError(f"FLANNEL_IPV6_SUBNET={subnet6} is not an IPv6 address/prefix such as "
+                              "fd80:0:0:48::1/64") from None
 
 
 def write_atomic(path: str, content: str) -> None:

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import os
 import tempfile
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from .subnet.lease import go_ip6_text
 
 
-def render(network: IPv4Network, subnet: IPv4Network, mtu: int, ipmasq: bool) -> str:
-    """Upstream's WriteSubnetFile order; FLANNEL_SUBNET is the subnet's first host address."""
-    gw = IPv4Address(int(subnet.network_address) + 1)
-    return (
-        f"FLANNEL_NETWORK={network}\n"
-        f"FLANNEL_SUBNET={gw}/{subnet.prefixlen}\n"
-        f"FLANNEL_MTU={mtu}\n"
-        f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}\n"
-    )
+def render(network: IPv4Network | None, subnet: IPv4Network | None, mtu: int, ipmasq: bool, *,
+           ipv6_network: IPv6Network | None = None, ipv6_subnet: IPv6Network | None = None) -> str:
+    """Upstream's WriteSubnetFile (pkg/subnet/subnet.go), in its order::
+
+        FLANNEL_NETWORK=10.5.0.0/16             (IPv4 on: network and subnet given)
+        FLANNEL_SUBNET=10.5.72.1/24
+        FLANNEL_IPV6_NETWORK=fd80::/48          (IPv6 on: ipv6_network and ipv6_subnet given)
+        FLANNEL_IPV6_SUBNET=fd80:0:0:48::1/64
+        FLANNEL_MTU=1450
+        FLANNEL_IPMASQ=false
+
+    The subnets are written as their first host address with the prefix length; IPv6 text as Go
+    prints it (:func:`~pyflanneld.subnet.lease.go_ip6_text`)."""
+    lines = []
+    if network is not None and subnet is not None:
+        gw = IPv4Address(int(subnet.network_address) + 1)
+        lines += [f"FLANNEL_NETWORK={network}", f"FLANNEL_SUBNET={gw}/{subnet.prefixlen}"]
+    if ipv6_network is not None and ipv6_subnet is not None:
+        gw6 = IPv6Address(int(ipv6_subnet.network_address) + 1)
+        lines += [f"FLANNEL_IPV6_NETWORK={go_ip6_text(ipv6_network.network_address)}/{ipv6_network.prefixlen}",
+                  f"FLANNEL_IPV6_SUBNET={go_ip6_text(gw6)}/{ipv6_subnet.prefixlen}"]
+    lines += [f"FLANNEL_MTU={mtu}", f"FLANNEL_IPMASQ={'true' if ipmasq else 'false'}"]
+    return "".join(f"{ln}\n" for ln in lines)
 
 
 def write(path: str, content: str) -> None:
@@ -74,12 +90,24 @@ def read(path: str) -> dict[str, str]:
 def previous(path: str) -> tuple[IPv4Network | None, IPv4Network | None]:
     """(FLANNEL_NETWORK, subnet of FLANNEL_SUBNET) from an earlier run, when present and valid."""
     env = read(path)
-    net = sn = None
+    return _cidr(env, "FLANNEL_NETWORK", IPv4Network), _cidr(env, "FLANNEL_SUBNET", IPv4Network)
+
+
+def previous_ipv6(path: str) -> tuple[IPv6Network | None, IPv6Network | None]:
+    """(FLANNEL_IPV6_NETWORK, subnet of FLANNEL_IPV6_SUBNET) from an earlier run, when present and
+    valid (upstream ReadIP6CIDRFromSubnetFile: host bits dropped): the previous IPv6 subnet to ask
+    for again, and what the ip6tables rules of the earlier run were made for."""
+    env = read(path)
+    return _cidr(env, "FLANNEL_IPV6_NETWORK", IPv6Network), _cidr(env, "FLANNEL_IPV6_SUBNET", IPv6Network)
+
+
+def _cidr(env: dict[str, str], key: str, cls: type[IPv4Network] | type[IPv6Network]):
+    """``env[key]`` as a ``cls`` network (host bits dropped); None when absent, a list (upstream's
+    multi-network form) or not a CIDR of that family (Go's ParseCIDR: a prefix length is needed)."""
+    value = env.get(key, "")
+    if "/" not in value or "," in value or "%" in value:
+        return None
     try:
-        if env.get("FLANNEL_NETWORK") and "," not in env["FLANNEL_NETWORK"]:
-            net = IPv4Network(env["FLANNEL_NETWORK"], strict=False)
-        if env.get("FLANNEL_SUBNET") and "," not in env["FLANNEL_SUBNET"]:
-            sn = IPv4Network(env["FLANNEL_SUBNET"], strict=False)
+        return cls(value, strict=False)
     except ValueError:
-        pass
-    return net, sn
+        return None

@@ -70,11 +70,27 @@ GOLDEN = {
         DEFAULT_OUT,
     ),
     "empty env file": ([], {}, "", 'DOCKER_OPTS=""\n'),
+    # IPv6 (beyond the script, which ignores FLANNEL_IPV6_*): docker's --ipv6 and the subnet's network
     "IPv6 only: no --bip": (
         [],
         {},
         "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:5::1/64\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n",
-        'DOCKER_OPT_IPMASQ="--ip-masq=true"\nDOCKER_OPT_MTU="--mtu=1450"\nDOCKER_OPTS=" --ip-masq=true --mtu=1450"\n',
+        'DOCKER_OPT_IPMASQ="--ip-masq=true"\nDOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=fc00:0:0:5::/64"\n'
+        'DOCKER_OPT_MTU="--mtu=1450"\nDOCKER_OPTS=" --ip-masq=true --ipv6 --fixed-cidr-v6=fc00:0:0:5::/64 --mtu=1450"\n',
+    ),
+    "dual stack": (
+        [],
+        {},
+        SAMPLE_ENV.replace("FLANNEL_MTU", "FLANNEL_IPV6_NETWORK=fc00::/48\nFLANNEL_IPV6_SUBNET=fc00:0:0:5::1/64\n"
+                                          "FLANNEL_MTU"),
+        BIP + IPMASQ + 'DOCKER_OPT_IPV6="--ipv6 --fixed-cidr-v6=fc00:0:0:5::/64"\n' + MTU
+        + 'DOCKER_OPTS=" --bip=10.1.74.1/24 --ip-masq=true --ipv6 --fixed-cidr-v6=fc00:0:0:5::/64 --mtu=1472"\n',
+    ),
+    "dual stack -c -m": (
+        ["-c", "-m"],
+        {},
+        SAMPLE_ENV + "FLANNEL_IPV6_SUBNET=fd80:0:0:48::1/64\n",
+        'DOCKER_OPTS=" --bip=10.1.74.1/24 --ipv6 --fixed-cidr-v6=fd80:0:0:48::/64 --mtu=1472"\n',
     ),
 }
 
@@ -90,6 +106,12 @@ def test_build_output_golden(case: str, tmp_path: Path) -> None:
     variables = dict(environ)
     variables.update(dockeropts.parse_env_file(str(env_file)))
     assert dockeropts.build_output(dockeropts.parse_args(flags), variables) == want
+
+
+@pytest.mark.parametrize("bad", ["fc00:0:0:5::1", "10.1.74.1/24", "fc00::/129", "zz::/64", "fe80::1%eth0/64"])
+def test_bad_ipv6_subnet_is_one_line(bad: str) -> None:
+    with pytest.raises(dockeropts.DockerOptsError, match=r"FLANNEL_IPV6_SUBNET=.* is not an IPv6 address/prefix"):
+        dockeropts.build_output(dockeropts.parse_args([]), {"FLANNEL_IPV6_SUBNET": bad})
 
 
 def test_parse_args_defaults() -> None:

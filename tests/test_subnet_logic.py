@@ -2,7 +2,7 @@
 
 import json
 import random
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
 
@@ -77,6 +77,40 @@ def test_subnet_env_golden(tmp_path):
     assert (p.stat().st_mode & 0o777) == 0o644
     assert subnetenv.previous(str(p)) == (IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24"))
     assert [x.name for x in p.parent.iterdir()] == ["subnet.env"]  # no temp file left
+
+
+def test_subnet_env_dual_stack_and_ipv6_only_golden(tmp_path):
+    """Upstream WriteSubnetFile: the IPv6 pair after the IPv4 one, before FLANNEL_MTU; no IPv4 lines
+    with IPv4 off."""
+    net6, sn6 = IPv6Network("fd80::/48"), IPv6Network("fd80:0:0:48::/64")
+    dual = subnetenv.render(IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24"), 1450, True,
+                            ipv6_network=net6, ipv6_subnet=sn6)
+    assert dual == ("FLANNEL_NETWORK=10.5.0.0/16\nFLANNEL_SUBNET=10.5.72.1/24\n"
+                    "FLANNEL_IPV6_NETWORK=fd80::/48\nFLANNEL_IPV6_SUBNET=fd80:0:0:48::1/64\n"
+                    "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=true\n")
+    only6 = subnetenv.render(None, None, 1450, False, ipv6_network=net6, ipv6_subnet=sn6)
+    assert only6 == ("FLANNEL_IPV6_NETWORK=fd80::/48\nFLANNEL_IPV6_SUBNET=fd80:0:0:48::1/64\n"
+                     "FLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n")
+    p = tmp_path / "subnet.env"
+    subnetenv.write(str(p), dual)
+    assert subnetenv.previous_ipv6(str(p)) == (net6, sn6)
+    assert subnetenv.previous(str(p)) == (IPv4Network("10.5.0.0/16"), IPv4Network("10.5.72.0/24"))
+    subnetenv.write(str(p), only6)
+    assert subnetenv.previous_ipv6(str(p)) == (net6, sn6) and subnetenv.previous(str(p)) == (None, None)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("FLANNEL_IPV6_SUBNET=fd80:0:0:48::1/64\n", (None, IPv6Network("fd80:0:0:48::/64"))),
+    ('export FLANNEL_IPV6_NETWORK="fd80::/48"\n', (IPv6Network("fd80::/48"), None)),
+    ("FLANNEL_IPV6_SUBNET=10.5.72.1/24\nFLANNEL_IPV6_NETWORK=fd80::\n", (None, None)),  # wrong family, no prefix
+    ("FLANNEL_IPV6_SUBNET=fd80:0:0:48::1/64,fd81::1/64\n", (None, None)),
+    ("FLANNEL_IPV6_SUBNET=fe80::1%eth0/64\n", (None, None)),
+    ("FLANNEL_SUBNET=10.5.72.1/24\n", (None, None)),
+])
+def test_previous_ipv6_subnet_is_read_leniently(tmp_path, text, want):
+    p = tmp_path / "subnet.env"
+    p.write_text(text)
+    assert subnetenv.previous_ipv6(str(p)) == want
 
 
 def test_subnet_env_read_tolerates_godotenv_syntax(tmp_path):
