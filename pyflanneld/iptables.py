@@ -1,6 +1,9 @@
-"""Masquerade and forward rules: upstream ``pkg/trafficmngr/iptables`` (IPv4), kept in place better.
+"""Masquerade and forward rules: upstream ``pkg/trafficmngr/iptables``, kept in place better.
 
-Rules are exactly upstream's (chains, comments, order; the list the upstream e2e suite diffs):
+Rules are exactly upstream's (chains, comments, order; the list the upstream e2e suite diffs), for
+IPv4 with ``iptables`` and, for the IPv6 network, the same chains with ``ip6tables``
+(:class:`TrafficRules` with ``iptables="ip6tables"``; the multicast range never masqueraded is
+``ff00::/8`` there, upstream MasqIP6Rules):
 
 * ``--ip-masq``: nat ``POSTROUTING -j FLANNEL-POSTRTG`` and in ``FLANNEL-POSTRTG`` the kube-proxy
   mark RETURN, pod↔cluster RETURNs, and two MASQUERADE rules (``--random-fully`` when iptables
@@ -28,7 +31,7 @@ import re
 import shutil
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import structlog
 
@@ -41,8 +44,11 @@ MASQ_COMMENT = '-m comment --comment "flanneld masq"'
 FWD_COMMENT = '-m comment --comment "flanneld forward"'
 POSTRTG = "FLANNEL-POSTRTG"
 FWD = "FLANNEL-FWD"
-MISSING_IPTABLES = ("iptables not found: install the iptables package (apt-get install iptables), "
+MISSING_IPTABLES = ("{tool} not found: install the iptables package (apt-get install iptables), "
                     "or run without --ip-masq and with --iptables-forward-rules=false")
+# IP version → the multicast range that is never masqueraded
+MULTICAST = {4: "224.0.0.0/4", 6: "ff00::/8"}
+Network = IPv4Network | IPv6Network
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,9 @@ class RuleSet:
         return [self.jump, *self.rules]
 
 
-def masq_rules(network: IPv4Network, subnet: IPv4Network, fully_random: bool) -> RuleSet:
-    """Upstream masqRules(cluster_cidr=network, pod_cidr=subnet)."""
+def masq_rules(network: Network, subnet: Network, fully_random: bool) -> RuleSet:
+    """Upstream masqRules(cluster_cidr=network, pod_cidr=subnet), or MasqIP6Rules for an IPv6
+    network (the same rules with ``ff00::/8``; load them with ip6tables)."""
     n, s = network, subnet
     rf = " --random-fully" if fully_random else ""
     c = MASQ_COMMENT
@@ -73,13 +80,13 @@ def masq_rules(network: IPv4Network, subnet: IPv4Network, fully_random: bool) ->
         f"-A {POSTRTG} -s {s} -d {n} {c} -j RETURN",
         f"-A {POSTRTG} -s {n} -d {s} {c} -j RETURN",
         f"-A {POSTRTG} ! -s {n} -d {s} {c} -j RETURN",
-        f"-A {POSTRTG} -s {n} ! -d 224.0.0.0/4 {c} -j MASQUERADE{rf}",
+        f"-A {POSTRTG} -s {n} ! -d {MULTICAST[n.version]} {c} -j MASQUERADE{rf}",
         f"-A {POSTRTG} ! -s {n} -d {n} {c} -j MASQUERADE{rf}",
     ))
 
 
-def forward_rules(network: IPv4Network) -> RuleSet:
-    """Upstream forwardRules(network)."""
+def forward_rules(network: Network) -> RuleSet:
+    """Upstream forwardRules(network) (IPv4 or IPv6: the same rules)."""
     c = FWD_COMMENT
     return RuleSet("filter", FWD, f"-A FORWARD {c} -j {FWD}", (
         f"-A {FWD} -s {network} {c} -j ACCEPT",
@@ -138,11 +145,15 @@ class TrafficRules:
     (the resync loop, every ``resync`` seconds); ``await close()`` on shutdown (rules stay).
     ``cleanup``, when given, runs at the end of ``setup()``: the daemon passes the removal of the
     nftables mode's tables (:func:`pyflanneld.nftables.remove_tables`).
+
+    IPv6: ``TrafficRules(ipv6_network, own_ipv6_subnet, ..., iptables="ip6tables",
+    iptables_restore="ip6tables-restore")`` (previous network/subnet from FLANNEL_IPV6_*); the
+    daemon gets both through :func:`pyflanneld.trafficmngr.traffic_manager`.
     """
 
-    def __init__(self, network: IPv4Network, own_subnet: IPv4Network, ip_masq: bool,
+    def __init__(self, network: Network, own_subnet: Network, ip_masq: bool,
                  fully_random: bool = True, forward_rules: bool = True, resync: float = 5,
-                 prev_network: IPv4Network | None = None, prev_subnet: IPv4Network | None = None,
+                 prev_network: Network | None = None, prev_subnet: Network | None = None,
                  iptables: str = "iptables", iptables_restore: str = "iptables-restore",
                  cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
         self.network = network
@@ -171,7 +182,7 @@ class TrafficRules:
     async def _install(self) -> None:
         if shutil.which(self.iptables) is None or shutil.which(self.iptables_restore) is None:
             if self.ip_masq or self.forward:
-                log.error(MISSING_IPTABLES)
+                log.error(MISSING_IPTABLES.format(tool="ip6tables" if self.network.version == 6 else "iptables"))
             self.available = False
             return
         self.rulesets = []
@@ -206,13 +217,14 @@ class TrafficRules:
                 if state.matches(rs):
                     continue
                 if not initial:
-                    log.warning("iptables rules differ from the expected ones; restoring", table=rs.table,
-                                chain=rs.chain, found=len(state.rules), expected=len(rs.rules),
+                    log.warning("iptables rules differ from the expected ones; restoring", tool=self.iptables,
+                                table=rs.table, chain=rs.chain, found=len(state.rules), expected=len(rs.rules),
                                 jumps=state.jumps)
                 await run_command([self.iptables_restore, "--noflush", "-w"], stdin=restore_payload(rs, state))
             except RulesError as e:
                 ok = False
-                log.error("failed to ensure iptables rules", table=rs.table, chain=rs.chain, error=str(e))
+                log.error("failed to ensure iptables rules", tool=self.iptables, table=rs.table, chain=rs.chain,
+                          error=str(e))
         return ok
 
     async def check(self) -> bool:

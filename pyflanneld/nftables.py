@@ -185,6 +185,9 @@ def listing_matches(objs: list[dict[str, Any]], table: Table) -> bool:
 class NftRules:
     """Install upstream's nftables ruleset and keep it in place (a :class:`~pyflanneld.trafficmngr.TrafficManager`).
 
+    ``network``/``own_subnet``: the IPv4 pair (None for IPv6-only); ``network6``/``own_subnet6``:
+    the IPv6 pair when IPv6 is on (its chains go into ``ip6 flannel-ipv6``).
+
     ``await setup()`` once (after the lease, before subnet.env) — raises :class:`RulesError` when
     nft is missing or the kernel refuses the ruleset (upstream exits then too) —, then
     ``await run()`` as a task (check and repair every ``resync`` seconds); ``await close()`` on
@@ -192,10 +195,13 @@ class NftRules:
     passes the removal of the iptables chains (:func:`pyflanneld.iptables.remove_chains`).
     """
 
-    def __init__(self, network: IPv4Network, own_subnet: IPv4Network, ip_masq: bool,
+    def __init__(self, network: IPv4Network | None, own_subnet: IPv4Network | None, ip_masq: bool,
                  fully_random: bool = True, forward_rules: bool = True, resync: float = 5,
-                 nft: str = "nft", cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
-        self.networks: list[tuple[Network, Network]] = [(network, own_subnet)]
+                 nft: str = "nft", cleanup: Callable[[], Awaitable[None]] | None = None, *,
+                 network6: IPv6Network | None = None, own_subnet6: IPv6Network | None = None) -> None:
+        # (Network, own subnet) per IP version in use: IPv4 unless None (IPv6-only), IPv6 when given
+        pairs = [(network, own_subnet), (network6, own_subnet6)]
+        self.networks: list[tuple[Network, Network]] = [(n, s) for n, s in pairs if n is not None and s is not None]
         self.ip_masq = ip_masq
         self.fully_random = fully_random
         self.forward = forward_rules

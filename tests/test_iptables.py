@@ -7,14 +7,14 @@ import time
 
 import pytest
 from backend_harness import PYTHON, wait_for
-from test_iptables_rules import GOLDEN_FWD, GOLDEN_MASQ
+from test_iptables_rules import GOLDEN_FWD, GOLDEN_FWD6, GOLDEN_MASQ, GOLDEN_MASQ6
 
 pytestmark = pytest.mark.lab
 
 # Runs inside the namespace: TrafficRules(**args).setup(), then run() when resync > 0.
 DRIVER = """
 import asyncio, json, sys
-from ipaddress import IPv4Network as N
+from ipaddress import ip_network as N
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 from pyflanneld.iptables import TrafficRules
@@ -33,9 +33,9 @@ asyncio.run(main())
 """
 
 
-def ours(host, table: str) -> list[str]:
+def ours(host, table: str, tool: str = "iptables") -> list[str]:
     """`iptables -t TABLE -S` lines that are flannel's (jump rules + our chains), kernel order."""
-    out = host.run("iptables", "-w", "-t", table, "-S").stdout.splitlines()
+    out = host.run(tool, "-w", "-t", table, "-S").stdout.splitlines()
     return [ln for ln in out if "FLANNEL-" in ln and ln.startswith("-A")]
 
 
@@ -151,3 +151,98 @@ def test_missing_iptables_is_one_clear_line(lab):
     assert len(err) == 1 and "iptables not found: install the iptables package" in err[0], cp.stderr
     assert "Traceback" not in cp.stderr
     assert ours(h, "nat") == []
+
+
+# --- ip6tables (issue 13.6) ------------------------------------------------------------------------
+V6 = {"network": "fd80::/48", "own_subnet": "fd80:0:0:1::/64", "iptables": "ip6tables",
+      "iptables_restore": "ip6tables-restore"}
+
+# traffic_manager() for a dual-stack config, set up and kept in place (FamilyRules)
+TM_DRIVER = """
+import asyncio, sys
+from ipaddress import ip_network as N
+from types import SimpleNamespace
+import structlog
+structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+from pyflanneld.config import parse_config
+from pyflanneld.trafficmngr import traffic_manager
+cfg = parse_config('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd80::/48"%s}' % sys.argv[1])
+opts = SimpleNamespace(ip_masq=True, ip_masq_fully_random_disable=False, iptables_forward_rules=True,
+                       iptables_resync=0.5)
+async def main():
+    t = traffic_manager(cfg, opts, N("10.5.1.0/24"), own_subnet6=N("fd80:0:0:1::/64"))
+    await t.setup()
+    print("SETUP-DONE", flush=True)
+    await t.run()
+asyncio.run(main())
+"""
+
+
+def test_ip6tables_rules_equal_golden_and_are_restored(lab):
+    h = lab.add_host("h1")
+    setup_rules(h, **V6)
+    assert ours(h, "nat", "ip6tables") == GOLDEN_MASQ6
+    assert ours(h, "filter", "ip6tables") == GOLDEN_FWD6
+    assert ours(h, "nat") == [] and ours(h, "filter") == []  # nothing in the IPv4 tables
+    p = resync_loop(h, **V6)
+    h.run("ip6tables", "-w", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+    assert wait_for(lambda: ours(h, "nat", "ip6tables") == GOLDEN_MASQ6, timeout=5), ours(h, "nat", "ip6tables")
+    assert "tool=ip6tables" in p.log_text() and "restoring" in p.log_text()
+
+
+def test_dual_stack_traffic_manager_keeps_both_families_rules(lab):
+    h = lab.add_host("h1")
+    p = h.popen(PYTHON, "-c", TM_DRIVER, "", name="rules")
+    assert wait_for(lambda: "SETUP-DONE" in p.log_text(), timeout=15), p.log_text()
+    assert ours(h, "nat") == GOLDEN_MASQ and ours(h, "filter") == GOLDEN_FWD
+    assert ours(h, "nat", "ip6tables") == GOLDEN_MASQ6 and ours(h, "filter", "ip6tables") == GOLDEN_FWD6
+    h.run("ip6tables", "-w", "-F", "FLANNEL-FWD")
+    h.run("iptables", "-w", "-t", "nat", "-F", "FLANNEL-POSTRTG")
+    assert wait_for(lambda: ours(h, "filter", "ip6tables") == GOLDEN_FWD6 and ours(h, "nat") == GOLDEN_MASQ,
+                    timeout=5), (ours(h, "filter", "ip6tables"), ours(h, "nat"))
+
+
+def test_missing_ip6tables_names_the_tool(lab):
+    h = lab.add_host("h1")
+    cp = setup_rules(h, **dict(V6, iptables="ip6tables-not-installed", iptables_restore="x-not-installed"))
+    err = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "ip6tables not found: install the iptables package" in err[0], cp.stderr
+
+
+# upstream's ip6 table (pkg/trafficmngr/nftables, as nft 1.0.6 lists it), for fd80::/48 and fd80:0:0:1::/64
+UPSTREAM_NFT_V6 = """table ip6 flannel-ipv6 {
+	comment "rules for flannel-ipv6"
+	chain postrtg {
+		comment "chain to manage traffic masquerading by flannel"
+		type nat hook postrouting priority srcnat; policy accept;
+		meta mark 0x00004000 return
+		ip6 saddr fd80:0:0:1::/64 ip6 daddr fd80::/48 return
+		ip6 saddr fd80::/48 ip6 daddr fd80:0:0:1::/64 return
+		ip6 saddr != fd80:0:0:1::/64 ip6 daddr fd80::/48 return
+		ip6 saddr fd80::/48 ip6 daddr != ff00::/8 masquerade fully-random
+		ip6 saddr != fd80::/48 ip6 daddr fd80::/48 masquerade fully-random
+	}
+
+	chain forward {
+		comment "chain to accept flannel traffic"
+		type filter hook forward priority filter; policy accept;
+		ip6 saddr fd80::/48 accept
+		ip6 daddr fd80::/48 accept
+	}
+}
+"""
+
+
+def test_dual_stack_nftables_mode_fills_the_ip6_table_and_removes_ip6tables_chains(lab):
+    h = lab.add_host("h1")
+    setup_rules(h, **V6)  # left over from iptables mode
+    assert ours(h, "nat", "ip6tables") == GOLDEN_MASQ6
+    p = h.popen(PYTHON, "-c", TM_DRIVER, ',"EnableNFTables":true', name="rules")
+    assert wait_for(lambda: "SETUP-DONE" in p.log_text(), timeout=15), p.log_text()
+    assert h.run("nft", "list", "table", "ip6", "flannel-ipv6").stdout == UPSTREAM_NFT_V6
+    assert "ip saddr 10.5.1.0/24 ip daddr 10.5.0.0/16 return" in h.run("nft", "list", "table", "ip",
+                                                                       "flannel-ipv4").stdout
+    assert ours(h, "nat", "ip6tables") == [] and ours(h, "filter", "ip6tables") == []
+    h.run("nft", "flush", "chain", "ip6", "flannel-ipv6", "postrtg")
+    assert wait_for(lambda: h.run("nft", "list", "table", "ip6", "flannel-ipv6").stdout == UPSTREAM_NFT_V6,
+                    timeout=5)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 from pyflanneld.iptables import (
     ChainState,
@@ -115,3 +115,32 @@ def test_delete_payload():
         '-D FLANNEL-POSTRTG -s 10.5.1.0/24 -d 10.5.0.0/16 -m comment --comment "flanneld masq" -j RETURN',
         "COMMIT",
     ]
+
+
+# --- ip6tables (issue 13.6): the same chains for the IPv6 network, ff00::/8 never masqueraded ----------
+NET6 = IPv6Network("fd80::/48")
+SUB6 = IPv6Network("fd80:0:0:1::/64")
+GOLDEN_MASQ6 = [
+    '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
+    '-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG -s fd80:0:0:1::/64 -d fd80::/48 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG -s fd80::/48 -d fd80:0:0:1::/64 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG ! -s fd80::/48 -d fd80:0:0:1::/64 -m comment --comment "flanneld masq" -j RETURN',
+    '-A FLANNEL-POSTRTG -s fd80::/48 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully',
+    '-A FLANNEL-POSTRTG ! -s fd80::/48 -d fd80::/48 -m comment --comment "flanneld masq" -j MASQUERADE --random-fully',
+]
+GOLDEN_FWD6 = [
+    '-A FORWARD -m comment --comment "flanneld forward" -j FLANNEL-FWD',
+    '-A FLANNEL-FWD -s fd80::/48 -m comment --comment "flanneld forward" -j ACCEPT',
+    '-A FLANNEL-FWD -d fd80::/48 -m comment --comment "flanneld forward" -j ACCEPT',
+]
+
+
+def test_ip6tables_rules_match_upstreams_ipv6_rules():
+    rs = masq_rules(NET6, SUB6, fully_random=True)
+    assert (rs.table, rs.chain, rs.parent) == ("nat", "FLANNEL-POSTRTG", "POSTROUTING")
+    assert rs.golden() == GOLDEN_MASQ6
+    assert masq_rules(NET6, SUB6, fully_random=False).golden() == [r.removesuffix(" --random-fully")
+                                                                  for r in GOLDEN_MASQ6]
+    assert forward_rules(NET6).golden() == GOLDEN_FWD6
+    assert supports_random_fully("ip6tables v1.8.9 (nf_tables)")

@@ -21,7 +21,7 @@ from pyflanneld.nftables import (
     tables,
 )
 from pyflanneld.rulecmd import RulesError
-from pyflanneld.trafficmngr import traffic_manager
+from pyflanneld.trafficmngr import FamilyRules, traffic_manager
 
 NET = IPv4Network("10.5.0.0/16")
 SUB = IPv4Network("10.5.1.0/24")
@@ -109,3 +109,28 @@ def test_traffic_manager_follows_enable_nftables():
     ipt = traffic_manager(parse_config('{"Network": "10.5.0.0/16"}'), opts, SUB)
     assert isinstance(nft, NftRules) and isinstance(ipt, TrafficRules)
     assert nft.cleanup is not None and ipt.cleanup is not None  # each removes the other mode's rules
+
+
+def test_traffic_manager_takes_the_ipv6_pair():
+    """Issue 13.6: dual stack gets the ip6tables rules too (a second TrafficRules with ip6tables),
+    nftables mode fills its ip6 table; IPv6-only has no IPv4 rules at all."""
+    opts = SimpleNamespace(ip_masq=True, ip_masq_fully_random_disable=False, iptables_forward_rules=True,
+                           iptables_resync=5)
+    net6, sub6 = IPv6Network("fd80::/48"), IPv6Network("fd80:0:0:1::/64")
+    dual = '{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd80::/48"%s}'
+    ipt = traffic_manager(parse_config(dual % ""), opts, SUB, own_subnet6=sub6, prev_subnet6=IPv6Network("fd80:0:0:9::/64"))
+    assert isinstance(ipt, FamilyRules)
+    v4, v6 = ipt.managers
+    assert (v4.iptables, v4.network, v4.own_subnet) == ("iptables", NET, SUB)
+    assert (v6.iptables, v6.iptables_restore, v6.network, v6.own_subnet) == ("ip6tables", "ip6tables-restore", net6, sub6)
+    assert v6.prev_subnet == IPv6Network("fd80:0:0:9::/64")
+    assert v4.cleanup is None and v6.cleanup is not None  # the nftables tables go once, at the end
+    nft = traffic_manager(parse_config(dual % ',"EnableNFTables":true'), opts, SUB, own_subnet6=sub6)
+    assert isinstance(nft, NftRules) and nft.networks == [(NET, SUB), (net6, sub6)]
+    only6 = '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd80::/48"%s}'
+    ipt6 = traffic_manager(parse_config(only6 % ""), opts, None, own_subnet6=sub6)
+    assert isinstance(ipt6, TrafficRules) and ipt6.iptables == "ip6tables" and ipt6.cleanup is not None
+    nft6 = traffic_manager(parse_config(only6 % ',"EnableNFTables":true'), opts, None, own_subnet6=sub6)
+    assert nft6.networks == [(net6, sub6)]
+    v4_table, v6_table = tables(nft6.networks, True, True, True)
+    assert v4_table.chains == () and [c.name for c in v6_table.chains] == ["postrtg", "forward"]
