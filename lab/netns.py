@@ -10,8 +10,10 @@ Public API::
         lab.tmp           # Path of the lab's private temp dir (logs, data dirs)
         lab.switch        # Host for the switch namespace "<id>-sw" (bridge br0,
                           # 192.168.100.254/24, also 192.168.101.254/24 once a host needs it)
-        h1 = lab.add_host("h1", mtu=None, subnet="192.168.100.0/24")
+        h1 = lab.add_host("h1", mtu=None, subnet="192.168.100.0/24", ipv6=False)
         h1.ns, h1.name, h1.address ("192.168.100.1"), h1.iface ("eth0"), h1.gateway, h1.prefixlen, h1.mtu
+        h1.address6       # None, or with ipv6=True "fd99::1" (fd99::/64 on the switch, default
+                          # route via fd99::fe; fd98::/64 for the second underlay)
         h1.run("ping", "-c1", "x", check=True, timeout=10, input=None, env=None) -> CompletedProcess
         h1.sh("echo $x")                        -> CompletedProcess (bash -c)
         h1.ip("route", "show")                  -> str   (ip -n NS ...)
@@ -21,10 +23,12 @@ Public API::
         h1.popen("iperf3", "-s", log_path=None, env=None) -> LabProcess (tracked, killed on close)
         h1.ping("192.168.100.2", count=1, timeout=1) -> bool
         h1.link_exists("flannel.1") -> bool
-        br = h1.make_bridge("docker0", "10.5.1.1/24", mtu=1450)
-            -> Bridge: .name, .address ("10.5.1.1"), .interface (IPv4Interface), .network, .mtu
+        br = h1.make_bridge("docker0", "10.5.1.1/24", mtu=1450, cidr6=None)
+            -> Bridge: .name, .address ("10.5.1.1"), .interface (IPv4Interface), .network, .mtu,
+               .interface6 (IPv6Interface or None, e.g. from cidr6="fd80:0:0:1::1/64")
         pod = lab.add_pod(h1, "p1", bridge="docker0")
-            -> Pod (a Host): ns "<id>-h1p1", .address ("10.5.1.2"), .gateway ("10.5.1.1"), .host
+            -> Pod (a Host): ns "<id>-h1p1", .address ("10.5.1.2"), .gateway ("10.5.1.1"), .host,
+               .address6 ("fd80:0:0:1::2" when the bridge has an IPv6 address, default route via it)
         pod.ping("10.5.2.2") -> bool
         p = lab.spawn(ns, argv, env=None, log_path=None, name=None) -> LabProcess
         p.pid, p.alive, p.returncode, p.log_path, p.log_text(), p.wait(timeout),
@@ -35,6 +39,10 @@ Public API::
         lab.hosts (name -> Host), lab.pods (ns -> Pod), lab.processes, lab.mtu
         lab.namespaces -> list[str]                 # this lab's namespaces that exist
         lab.close()                                 # idempotent
+
+IPv6 is opt-in (existing tests see no change): ``add_host(..., ipv6=True)`` gives eth0 a ULA
+(``nodad``: usable at once) on the switch's IPv6 segment and a default IPv6 route; the switch's br0
+gets ``fd99::fe/64`` the first time a host asks for it.
 
 Cleanup: close() stops every tracked process (SIGTERM to its process group, SIGKILL after 2 s),
 also kills any other process still inside the lab's namespaces, deletes the namespaces and the
@@ -68,6 +76,8 @@ REGISTRY_DIR = Path("/run/pyflanneld-lab")
 UNDERLAY = ipaddress.ip_network("192.168.100.0/24")
 UNDERLAY_GW = "192.168.100.254"
 SECOND_UNDERLAY = ipaddress.ip_network("192.168.101.0/24")
+# the IPv6 twin of each underlay segment (opt-in: add_host(..., ipv6=True)); host n gets <net>::n
+UNDERLAY6 = {UNDERLAY: ipaddress.IPv6Network("fd99::/64"), SECOND_UNDERLAY: ipaddress.IPv6Network("fd98::/64")}
 STOP_GRACE = 2.0
 
 _open_labs: set[Lab] = set()
@@ -337,6 +347,7 @@ class Bridge:
     interface: ipaddress.IPv4Interface  # e.g. 10.5.1.1/24
     mtu: int
     _used: set[ipaddress.IPv4Address] = field(default_factory=set)
+    interface6: ipaddress.IPv6Interface | None = None  # e.g. fd80:0:0:1::1/64 (dual-stack pods)
 
     @property
     def address(self) -> str:
@@ -354,16 +365,26 @@ class Bridge:
                 return ipaddress.IPv4Interface(f"{a}/{self.network.prefixlen}")
         raise LabError(f"bridge {self.name} on {self.host.name}: no free address left in {self.network}")
 
+    def address6_for(self, v4: ipaddress.IPv4Interface) -> ipaddress.IPv6Interface | None:
+        """The pod's IPv6 address next to its IPv4 one: same host number in the bridge's IPv6
+        subnet (10.5.1.2 → fd80:0:0:1::2); None when the bridge has no IPv6 address."""
+        if self.interface6 is None:
+            return None
+        n = int(v4.ip) - int(self.network.network_address)
+        return ipaddress.IPv6Interface(f"{self.interface6.network.network_address + n}/{self.interface6.network.prefixlen}")
+
 
 class Host:
     """A network namespace of the lab (a simulated host, the switch, or a pod)."""
 
     def __init__(self, lab: Lab, name: str, ns: str, address: str | None = None, prefixlen: int = 24,
-                 gateway: str | None = None, iface: str = "eth0", mtu: int | None = None):
+                 gateway: str | None = None, iface: str = "eth0", mtu: int | None = None,
+                 address6: str | None = None):
         self.lab = lab
         self.name = name
         self.ns = ns
         self.address = address
+        self.address6 = address6
         self.prefixlen = prefixlen
         self.gateway = gateway
         self.iface = iface
@@ -430,17 +451,20 @@ class Host:
             time.sleep(0.05)
 
     # --- bridges for pods -------------------------------------------------------------------
-    def make_bridge(self, name: str, cidr: str, mtu: int | str | None = None) -> Bridge:
-        """Create a docker0-like bridge with address cidr (e.g. FLANNEL_SUBNET "10.5.1.1/24")."""
+    def make_bridge(self, name: str, cidr: str, mtu: int | str | None = None, cidr6: str | None = None) -> Bridge:
+        """Create a docker0-like bridge with address cidr (e.g. FLANNEL_SUBNET "10.5.1.1/24") and,
+        for dual-stack pods, cidr6 (e.g. FLANNEL_IPV6_SUBNET "fd80:0:0:1::1/64")."""
         addr = ipaddress.IPv4Interface(cidr)
+        addr6 = ipaddress.IPv6Interface(cidr6) if cidr6 else None
         mtu_val = int(mtu) if mtu is not None else 1500
         ip_batch([
             f"link add {name} type bridge",
             f"link set {name} mtu {mtu_val}",
             f"addr add {addr} dev {name}",
+            *([f"addr add {addr6} dev {name} nodad"] if addr6 else []),
             f"link set {name} up",
         ], ns=self.ns)
-        br = Bridge(self, name, addr, mtu_val)
+        br = Bridge(self, name, addr, mtu_val, interface6=addr6)
         self.bridges[name] = br
         return br
 
@@ -451,9 +475,10 @@ class Host:
 class Pod(Host):
     """A pod namespace with eth0 on a bridge of its host; default route via the bridge address."""
 
-    def __init__(self, lab: Lab, name: str, ns: str, host: Host, bridge: Bridge, address: str, prefixlen: int):
+    def __init__(self, lab: Lab, name: str, ns: str, host: Host, bridge: Bridge, address: str, prefixlen: int,
+                 address6: str | None = None):
         super().__init__(lab, name, ns, address=address, prefixlen=prefixlen, gateway=bridge.address,
-                         mtu=bridge.mtu)
+                         mtu=bridge.mtu, address6=address6)
         self.host = host
         self.bridge_dev = bridge
 
@@ -473,6 +498,7 @@ class Lab:
         self.etcds: list = []
         self._next_ip: dict[ipaddress.IPv4Network, int] = {UNDERLAY: 1, SECOND_UNDERLAY: 1}
         self._second_underlay = False
+        self._ipv6_segments: set[ipaddress.IPv6Network] = set()
         self.closed = False
         self.id = self._claim_id(id)
         self.tmp = Path(tempfile.mkdtemp(prefix=f"pyflanneld-lab-{self.id}-", dir=_tmp_root()))
@@ -554,11 +580,26 @@ class Lab:
         )
         self._second_underlay = True
 
-    def add_host(self, name: str, mtu: int | None = None, subnet: str | None = None) -> Host:
+    def _enable_ipv6_segment(self, net6: ipaddress.IPv6Network) -> str:
+        """The switch's address on an IPv6 underlay segment (added once, forwarding on): the
+        hosts' default IPv6 gateway."""
+        gw6 = str(net6.network_address + 0xFE)
+        if net6 not in self._ipv6_segments:
+            cmds = [f"addr add {gw6}/{net6.prefixlen} dev br0 nodad"]
+            if not self._ipv6_segments:  # a link-local usable at once (br0's own is still in DAD)
+                cmds.append("addr add fe80::fe/64 dev br0 nodad")
+            ip_batch(cmds, ns=self.switch.ns)
+            self.switch.sysctl("net.ipv6.conf.all.forwarding", 1)
+            self._ipv6_segments.add(net6)
+        return gw6
+
+    def add_host(self, name: str, mtu: int | None = None, subnet: str | None = None, ipv6: bool = False) -> Host:
         """Add host namespace "<id>-<name>" with eth0 on the switch.
 
         subnet: "192.168.100.0/24" (default, same L2/L3 segment as everyone) or "192.168.101.0/24"
         (same bridge, other IP subnet: reaches the others only through the switch's router).
+        ipv6: also an IPv6 underlay: eth0 gets fd99::<n>/64 (fd98::<n>/64 on the second subnet),
+        n as in the IPv4 address, a default IPv6 route via the switch, IPv6 forwarding on.
         """
         if not name or len(f"v{name}") > 15 or not name.replace("_", "").isalnum():
             raise LabError(f"host name {name!r}: use 1-14 letters/digits")
@@ -580,14 +621,24 @@ class Lab:
             f"link add v{name} type veth peer name eth0 netns {ns}",
             f"link set v{name} master br0 mtu {mtu} up",
         ], ns=self.switch.ns)
+        addr6 = None
+        v6_cmds = []
+        if ipv6:
+            net6 = UNDERLAY6[net]
+            gw6 = self._enable_ipv6_segment(net6)
+            addr6 = str(net6.network_address + n)
+            v6_cmds = [f"addr add {addr6}/{net6.prefixlen} dev eth0 nodad", f"route add default via {gw6}"]
         ip_batch([
             "link set lo up",
             f"link set eth0 mtu {mtu} up",
             f"addr add {addr}/{net.prefixlen} dev eth0",
             f"route add default via {gw}",
+            *v6_cmds,
         ], ns=ns)
-        host = Host(self, name, ns, address=addr, prefixlen=net.prefixlen, gateway=gw, mtu=mtu)
+        host = Host(self, name, ns, address=addr, prefixlen=net.prefixlen, gateway=gw, mtu=mtu, address6=addr6)
         host.sysctl("net.ipv4.ip_forward", 1)
+        if ipv6:
+            host.sysctl("net.ipv6.conf.all.forwarding", 1)
         self.hosts[name] = host
         return host
 
@@ -604,13 +655,19 @@ class Lab:
             f"link add v{name} type veth peer name eth0 netns {ns}",
             f"link set v{name} master {bridge} mtu {br.mtu} up",
         ], ns=host.ns)
+        addr6 = br.address6_for(addr)
+        v6_cmds = []
+        if addr6 is not None and br.interface6 is not None:
+            v6_cmds = [f"addr add {addr6} dev eth0 nodad", f"route add default via {br.interface6.ip}"]
         ip_batch([
             "link set lo up",
             f"link set eth0 mtu {br.mtu} up",
             f"addr add {addr} dev eth0",
             f"route add default via {br.address}",
+            *v6_cmds,
         ], ns=ns)
-        pod = Pod(self, name, ns, host, br, str(addr.ip), addr.network.prefixlen)
+        pod = Pod(self, name, ns, host, br, str(addr.ip), addr.network.prefixlen,
+                  address6=str(addr6.ip) if addr6 is not None else None)
         host.pods[name] = pod
         self.pods[ns] = pod
         return pod

@@ -54,6 +54,23 @@ def test_second_underlay_subnet_reaches_others_only_through_the_router(lab):
     assert "192.168.101.0/24" not in h1.ip("route", "show")
 
 
+def test_opt_in_ipv6_underlay_and_dual_stack_pods(lab):
+    h1, h2 = lab.add_host("h1", ipv6=True), lab.add_host("h2", ipv6=True)
+    h3 = lab.add_host("h3")  # not asked for: IPv4 only, as before
+    h4 = lab.add_host("h4", subnet="192.168.101.0/24", ipv6=True)
+    assert (h1.address6, h2.address6, h3.address6, h4.address6) == ("fd99::1", "fd99::2", None, "fd98::1")
+    assert "default via fd99::fe dev eth0" in h1.ip("-6", "route", "show")
+    assert not [a for a in h3.ip_json("-6", "addr", "show", "eth0")[0]["addr_info"] if a["scope"] == "global"]
+    assert h1.ping(h2.address6) and h1.ping(h4.address6)  # at once: no address waits for DAD
+    assert h1.sysctl("net.ipv6.conf.all.forwarding") == "1"
+    h1.make_bridge("docker0", "10.5.1.1/24", cidr6="fd80:0:0:1::1/64")
+    p1 = lab.add_pod(h1, "p1")
+    assert (p1.address, p1.address6) == ("10.5.1.2", "fd80:0:0:1::2")
+    assert p1.ping("fd80:0:0:1::1") and p1.ping(h1.address6)
+    h2.make_bridge("docker0", "10.5.2.1/24")
+    assert lab.add_pod(h2, "p1").address6 is None
+
+
 def test_etcd_reachable_from_a_host(lab, etcd):
     h1 = lab.add_host("h1")
     assert etcd.endpoint.startswith("http://192.168.100.254:")
