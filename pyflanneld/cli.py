@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 from . import __version__
 from .options import BY_NAME, MAX_LEASE_TTL_S, OptionError, Options, UsageError, parse_args, usage
@@ -47,6 +47,14 @@ def validate(o: Options) -> None:
         except ValueError:
             raise OptionError(f"--public-ip {o.public_ip!r} is not an IPv4 address (no prefix length: "
                               "e.g. --public-ip 192.168.1.10)") from None
+    if o.public_ipv6:
+        try:
+            if "%" in o.public_ipv6:
+                raise ValueError
+            IPv6Address(o.public_ipv6)
+        except ValueError:
+            raise OptionError(f"invalid public IPv6 address: {o.public_ipv6} (an IPv6 address without prefix "
+                              "length or zone, e.g. --public-ipv6 2001:db8::10)") from None
     if not 0 <= o.healthz_port <= 65535:
         raise OptionError(f"--healthz-port {o.healthz_port} is out of range (0..65535)")
     if o.iptables_resync < 1:

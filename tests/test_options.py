@@ -123,7 +123,9 @@ def test_usage_errors(argv, fragment):
     (["--public-ip=10.0.0.1/24"], "not an IPv4 address"),
     (["--kube-subnet-mgr"], "Kubernetes subnet manager mode is not supported"),
     (["--kube-api-url=https://k"], "not supported"),
-    (["--public-ipv6=fd00::1"], "IPv6"),
+    (["--public-ipv6=10.0.0.1"], "invalid public IPv6 address: 10.0.0.1"),
+    (["--public-ipv6=fd00::1/64"], "invalid public IPv6 address: fd00::1/64"),
+    (["--public-ipv6=fe80::1%eth0"], "invalid public IPv6 address"),
     (["--subnet-lease-ttl=30m"], "must be shorter than --subnet-lease-ttl"),
     (["--etcd-cafile=/nonexistent/ca.pem"], "cannot read --etcd-cafile /nonexistent/ca.pem"),
     (["--etcd-certfile=/etc/hostname"], "must be given together"),
@@ -132,6 +134,16 @@ def test_usage_errors(argv, fragment):
 def test_value_errors(argv, fragment):
     with pytest.raises(OptionError, match=fragment):
         validate(parse_args(argv, {}))
+
+
+def test_public_ipv6_is_accepted_from_flag_and_env():
+    """Issue 13.2: --public-ipv6 (FLANNELD_PUBLIC_IPV6) is parsed and checked like upstream's."""
+    o = parse_args(["--public-ipv6=2001:db8::10"], {})
+    validate(o)
+    assert o.public_ipv6 == "2001:db8::10"
+    o = parse_args([], {"FLANNELD_PUBLIC_IPV6": "fd99::2"})
+    validate(o)
+    assert o.public_ipv6 == "fd99::2"
 
 
 def test_short_ttl_with_duration_margin_is_valid():
