@@ -18,6 +18,11 @@ What it adds to pyroute2, so that backends read as the upstream behaviour they i
 * :class:`NetlinkMonitor`, an async iterator over link/route/neighbour events (raw socket, decoded
   with ``struct``) that survives socket overruns (it reports them as an ``overrun`` event: the caller then reconciles everything).
 
+IPv4 and IPv6: addresses, routes, neighbours and FDB destinations are ``ipaddress`` values of
+either family, and the family of each call follows from them (an IPv6 vxlan ``local``, neighbour,
+FDB ``dst``, route, ``/128`` address or route lookup is the same call with IPv6 values); listings
+take ``family=`` (default IPv4, what the IPv4 backends reconcile).
+
 All single calls go through one socket, serialised by a lock: the daemon is one asyncio loop and netlink
 replies must not interleave. Only the namespace of the calling process is touched.
 """
@@ -32,7 +37,17 @@ import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+    ip_address,
+    ip_interface,
+    ip_network,
+)
 from typing import Any, TypeVar
 
 import structlog
@@ -45,6 +60,9 @@ from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 log = structlog.get_logger()
 
 T = TypeVar("T")
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+IPInterface = IPv4Interface | IPv6Interface
 
 MAIN_TABLE = 254
 RTPROT_KERNEL = 2
@@ -93,8 +111,10 @@ class Link:
 
 @dataclass(frozen=True)
 class Route:
-    dst: IPv4Network
-    gateway: IPv4Address | None = None
+    """A route (IPv4 or IPv6: ``dst`` and ``gateway`` of one family)."""
+
+    dst: IPNetwork
+    gateway: IPAddress | None = None
     oif: int | None = None
     onlink: bool = False
     table: int = MAIN_TABLE
@@ -108,7 +128,7 @@ class Route:
 
 @dataclass(frozen=True)
 class Neighbour:
-    ip: IPv4Address
+    ip: IPAddress  # IPv4 (ARP) or IPv6 (NDP)
     mac: str
     state: int
 
@@ -120,7 +140,7 @@ class Neighbour:
 @dataclass(frozen=True)
 class FdbEntry:
     mac: str
-    dst: IPv4Address | None  # remote VTEP (NDA_DST); None for entries without one
+    dst: IPAddress | None  # remote VTEP (NDA_DST, IPv4 or IPv6); None for entries without one
     state: int = NUD_PERMANENT
 
     @property
@@ -276,14 +296,19 @@ class Netlink:
             raise NetlinkError(f"{what}: the device vanished right after creation", errno.ENODEV)
         return link
 
-    async def create_vxlan(self, name: str, *, vni: int, local: IPv4Address, dev_index: int, port: int,
-                           learning: bool, gbp: bool, mac: str, mtu: int) -> Link:
+    async def create_vxlan(self, name: str, *, vni: int, local: IPAddress, dev_index: int, port: int,
+                           learning: bool, gbp: bool, mac: str, mtu: int | None) -> Link:
         """``ip link add NAME type vxlan id VNI local IP dev DEV dstport PORT [no]learning [gbp]``
-        with the MAC and MTU set at creation. Raises NetlinkError (EEXIST if it exists)."""
+        with the MAC and MTU set at creation (``mtu`` None: the kernel's, as upstream leaves the
+        IPv6 device's). ``local`` IPv6: an IPv6 underlay (IFLA_VXLAN_LOCAL6, upstream's
+        ``flannel-v6.<VNI>``). Raises NetlinkError (EEXIST if it exists)."""
         kw: dict[str, Any] = dict(
-            vxlan_id=vni, vxlan_local=str(local), vxlan_link=dev_index,
-            vxlan_port=port, vxlan_learning=1 if learning else 0, address=mac, mtu=mtu,
+            vxlan_id=vni, vxlan_link=dev_index,
+            vxlan_port=port, vxlan_learning=1 if learning else 0, address=mac,
         )
+        kw["vxlan_local6" if local.version == 6 else "vxlan_local"] = str(local)
+        if mtu is not None:
+            kw["mtu"] = mtu
         if gbp:
             kw["vxlan_gbp"] = True
         return await self._create_link(name, "vxlan", **kw)
@@ -309,14 +334,17 @@ class Netlink:
         await self._call(f"delete link {index}", lambda i: i.link("del", index=index), ok_if_gone=True)
 
     # --- addresses --------------------------------------------------------------------------------
-    async def addresses(self, index: int) -> list[IPv4Interface]:
+    async def addresses(self, index: int, family: int = socket.AF_INET) -> list[IPInterface]:
+        """The link's addresses of ``family`` (AF_INET6: link-local ones included)."""
         msgs = await self._dump(f"list addresses of link {index}",
-                                lambda i: i.addr("dump", index=index, family=socket.AF_INET))
+                                lambda i: i.addr("dump", index=index, family=family))
         # IFA_LOCAL first: for a point-to-point address IFA_ADDRESS is the peer's (see iface.address_of)
-        return [IPv4Interface(f"{m.get('local') or m.get('address')}/{m['prefixlen']}") for m in msgs
-                if m.get("index") == index and (m.get("local") or m.get("address"))]
+        return [ip_interface(f"{m.get('local') or m.get('address')}/{m['prefixlen']}") for m in msgs
+                if m.get("index") == index and m.get("family") == family and (m.get("local") or m.get("address"))]
 
-    async def add_address(self, index: int, addr: IPv4Interface) -> None:
+    async def add_address(self, index: int, addr: IPInterface) -> None:
+        """``ip addr add ADDR/LEN dev IDX`` (IPv4, or IPv6 e.g. the vxlan device's ``/128``); already
+        there is fine."""
         async def add(i: AsyncIPRoute) -> None:
             try:
                 await i.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
@@ -326,16 +354,17 @@ class Netlink:
 
         await self._call(f"add address {addr} to link {index}", add)
 
-    async def delete_address(self, index: int, addr: IPv4Interface) -> None:
+    async def delete_address(self, index: int, addr: IPInterface) -> None:
         await self._call(f"delete address {addr} from link {index}",
                          lambda i: i.addr("del", index=index, address=str(addr.ip),
                                           prefixlen=addr.network.prefixlen),
                          ok_if_gone=True)
 
     # --- routes -----------------------------------------------------------------------------------
-    async def routes(self, table: int = MAIN_TABLE) -> list[Route]:
-        """IPv4 routes of a table (main by default); multipath/unusual routes are skipped."""
-        msgs = await self._dump("list routes", lambda i: i.route("dump", family=socket.AF_INET, table=table))
+    async def routes(self, table: int = MAIN_TABLE, family: int = socket.AF_INET) -> list[Route]:
+        """Routes of ``family`` (IPv4 by default) in a table (main by default); multipath/unusual
+        routes are skipped."""
+        msgs = await self._dump("list routes", lambda i: i.route("dump", family=family, table=table))
         out = []
         for m in msgs:
             if (m.get("table") or m.get("RTA_TABLE")) != table:
@@ -345,8 +374,8 @@ class Netlink:
                 out.append(r)
         return out
 
-    async def route_get(self, dst: IPv4Address) -> list[Route]:
-        """``ip route get DST``: what the kernel would use."""
+    async def route_get(self, dst: IPAddress) -> list[Route]:
+        """``ip route get DST`` (IPv4 or IPv6): what the kernel would use."""
         msgs = await self._call(f"route get {dst}", lambda i: i.route("get", dst=str(dst))) or []
         return [r for r in (_route(m) for m in msgs) if r is not None]
 
@@ -378,24 +407,27 @@ class Netlink:
             "del", dst=str(dst), type=RTN_BLACKHOLE, table=MAIN_TABLE), ok_if_gone=True)
 
     # --- neighbours (ARP) -------------------------------------------------------------------------
-    async def neighbours(self, index: int) -> list[Neighbour]:
+    async def neighbours(self, index: int, family: int = socket.AF_INET) -> list[Neighbour]:
+        """The link's ARP (AF_INET, default) or NDP (AF_INET6) entries."""
         msgs = await self._dump(f"list neighbours of link {index}",
-                                lambda i: i.neigh("dump", ifindex=index, family=socket.AF_INET))
-        return [Neighbour(IPv4Address(m.get("dst")), (m.get("lladdr") or "").lower(), m["state"])
-                for m in msgs if m.get("ifindex") == index and m.get("dst")]
+                                lambda i: i.neigh("dump", ifindex=index, family=family))
+        return [Neighbour(ip_address(m.get("dst")), (m.get("lladdr") or "").lower(), m["state"])
+                for m in msgs if m.get("ifindex") == index and m.get("family") == family and m.get("dst")]
 
-    async def replace_neighbour(self, index: int, ip: IPv4Address, mac: str) -> None:
-        """``ip neigh replace IP lladdr MAC dev IDX nud permanent``."""
+    async def replace_neighbour(self, index: int, ip: IPAddress, mac: str) -> None:
+        """``ip [-6] neigh replace IP lladdr MAC dev IDX nud permanent``."""
         await self._call(f"replace neighbour {ip} lladdr {mac} dev {index}",
                          lambda i: i.neigh("replace", ifindex=index, dst=str(ip), lladdr=mac,
-                                           state=NUD_PERMANENT))
+                                           state=NUD_PERMANENT, family=_family(ip)))
 
-    async def delete_neighbour(self, index: int, ip: IPv4Address) -> None:
+    async def delete_neighbour(self, index: int, ip: IPAddress) -> None:
         await self._call(f"delete neighbour {ip} dev {index}",
-                         lambda i: i.neigh("del", ifindex=index, dst=str(ip)), ok_if_gone=True)
+                         lambda i: i.neigh("del", ifindex=index, dst=str(ip), family=_family(ip)), ok_if_gone=True)
 
     # --- bridge FDB (vxlan remote VTEPs) ----------------------------------------------------------
-    async def fdb(self, index: int) -> list[FdbEntry]:
+    async def fdb(self, index: int, family: int = socket.AF_INET) -> list[FdbEntry]:
+        """The link's FDB entries whose remote (dst) is of ``family`` (IPv4 by default; AF_INET6
+        for an IPv6 vxlan device), and those without a remote."""
         msgs = await self._dump(f"list fdb of link {index}", lambda i: i.fdb("dump", ifindex=index))
         out = []
         for m in msgs:
@@ -403,19 +435,21 @@ class Netlink:
                 continue
             dst = m.get("dst")
             try:
-                dst_ip = IPv4Address(dst) if dst else None
-            except ValueError:  # an IPv6 remote: not ours
+                dst_ip = ip_address(dst) if dst else None
+            except ValueError:
+                continue
+            if dst_ip is not None and _family(dst_ip) != family:  # the other family's remote: not asked for
                 continue
             out.append(FdbEntry((m.get("lladdr") or "").lower(), dst_ip, m.get("state", 0)))
         return out
 
-    async def replace_fdb(self, index: int, mac: str, dst: IPv4Address) -> None:
+    async def replace_fdb(self, index: int, mac: str, dst: IPAddress) -> None:
         """``bridge fdb replace MAC dev IDX dst DST self permanent``."""
         await self._call(f"replace fdb {mac} dst {dst} dev {index}",
                          lambda i: i.fdb("replace", ifindex=index, lladdr=mac, dst=str(dst),
                                          state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF))
 
-    async def delete_fdb(self, index: int, mac: str, dst: IPv4Address | None) -> None:
+    async def delete_fdb(self, index: int, mac: str, dst: IPAddress | None) -> None:
         kw: dict[str, Any] = {"ifindex": index, "lladdr": mac}
         if dst is not None:
             kw["dst"] = str(dst)
@@ -513,24 +547,26 @@ class BatchOp:
     delete: bool = False  # a vanished object (ESRCH/ENOENT/...) counts as done
 
     @staticmethod
-    def replace_neighbour(index: int, ip: IPv4Address, mac: str) -> BatchOp:
-        body = struct.pack("=BxxxiHBB", socket.AF_INET, index, NUD_PERMANENT, 0, 0)
+    def replace_neighbour(index: int, ip: IPAddress, mac: str) -> BatchOp:
+        """``ip [-6] neigh replace IP lladdr MAC dev IDX nud permanent``."""
+        body = struct.pack("=BxxxiHBB", _family(ip), index, NUD_PERMANENT, 0, 0)
         body += _nla(NDA_DST, ip.packed) + _nla(NDA_LLADDR, _mac(mac))
         return BatchOp(f"replace neighbour {ip} lladdr {mac} dev {index}", _nlmsg(RTM_NEWNEIGH, _REPLACE, body))
 
     @staticmethod
-    def delete_neighbour(index: int, ip: IPv4Address) -> BatchOp:
-        body = struct.pack("=BxxxiHBB", socket.AF_INET, index, NUD_PERMANENT, 0, 0) + _nla(NDA_DST, ip.packed)
+    def delete_neighbour(index: int, ip: IPAddress) -> BatchOp:
+        body = struct.pack("=BxxxiHBB", _family(ip), index, NUD_PERMANENT, 0, 0) + _nla(NDA_DST, ip.packed)
         return BatchOp(f"delete neighbour {ip} dev {index}", _nlmsg(RTM_DELNEIGH, 0, body), delete=True)
 
     @staticmethod
-    def replace_fdb(index: int, mac: str, dst: IPv4Address) -> BatchOp:
+    def replace_fdb(index: int, mac: str, dst: IPAddress) -> BatchOp:
+        """``bridge fdb replace MAC dev IDX dst DST self permanent`` (DST IPv4 or IPv6)."""
         body = struct.pack("=BxxxiHBB", AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
         body += _nla(NDA_LLADDR, _mac(mac)) + _nla(NDA_DST, dst.packed)
         return BatchOp(f"replace fdb {mac} dst {dst} dev {index}", _nlmsg(RTM_NEWNEIGH, _REPLACE, body))
 
     @staticmethod
-    def delete_fdb(index: int, mac: str, dst: IPv4Address | None) -> BatchOp:
+    def delete_fdb(index: int, mac: str, dst: IPAddress | None) -> BatchOp:
         body = struct.pack("=BxxxiHBB", AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
         body += _nla(NDA_LLADDR, _mac(mac))
         if dst is not None:
@@ -539,7 +575,7 @@ class BatchOp:
 
     @staticmethod
     def replace_route(r: Route) -> BatchOp:
-        """``ip route replace DST via GW dev OIF [onlink] proto boot`` (a gateway is required)."""
+        """``ip [-6] route replace DST via GW dev OIF [onlink] proto boot`` (a gateway is required)."""
         if r.gateway is None:
             raise ValueError(f"batched route {r.dst} needs a gateway")
         return BatchOp(f"replace route {_route_str(r)}",
@@ -555,7 +591,7 @@ class BatchOp:
 
 def _rtmsg(r: Route, proto: int, scope: int, kind: int) -> bytes:
     table = r.table if r.table < 256 else 252  # RT_TABLE_COMPAT; RTA_TABLE carries the real one
-    body = struct.pack("=BBBBBBBBI", socket.AF_INET, r.dst.prefixlen, 0, 0, table, proto, scope, kind,
+    body = struct.pack("=BBBBBBBBI", _family(r.dst), r.dst.prefixlen, 0, 0, table, proto, scope, kind,
                        RTNH_F_ONLINK if r.onlink else 0)
     body += _nla(RTA_DST, r.dst.network_address.packed) + _nla(RTA_TABLE, struct.pack("=I", r.table))
     if r.gateway is not None:
@@ -994,14 +1030,17 @@ def _wg_device(name: str, msgs: list) -> WgDevice:
 
 
 def _route(m: Any) -> Route | None:
-    if m.get("family") != socket.AF_INET or m.get("RTA_MULTIPATH") is not None:
+    family = m.get("family")
+    if family not in (socket.AF_INET, socket.AF_INET6) or m.get("RTA_MULTIPATH") is not None:
         return None
-    dst = m.get("RTA_DST") or "0.0.0.0"
+    dst = m.get("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
     gw = m.get("RTA_GATEWAY")
     try:
-        net = IPv4Network(f"{dst}/{m['dst_len']}", strict=False)
-        gw_ip = IPv4Address(gw) if gw else None
+        net = ip_network(f"{dst}/{m['dst_len']}", strict=False)
+        gw_ip = ip_address(gw) if gw else None
     except ValueError:
+        return None
+    if net.version != (4 if family == socket.AF_INET else 6):
         return None
     return Route(
         dst=net,
@@ -1011,6 +1050,11 @@ def _route(m: Any) -> Route | None:
         table=m.get("RTA_TABLE") or m.get("table") or 0,
         proto=m.get("proto", 0),
     )
+
+
+def _family(x: IPAddress | IPNetwork) -> int:
+    """AF_INET or AF_INET6 for an address or network."""
+    return socket.AF_INET6 if x.version == 6 else socket.AF_INET
 
 
 def _route_kw(r: Route, add: bool = True) -> dict[str, Any]:

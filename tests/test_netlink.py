@@ -247,3 +247,94 @@ def test_monitor_decodes_events_and_can_skip_new_entries(lab):
     assert skipped.startswith("True ")
     assert "('route', 'new'" not in skipped and "('neigh', 'new'" not in skipped, skipped
     assert repr(ours[2]) in skipped and repr(ours[3]) in skipped, skipped
+
+
+# --- IPv6 (issue 13.5): what vxlan and host-gw need, programmed for real ------------------------------
+# Runs in a host with the lab's IPv6 underlay: argv = own public IPv6, own /64, peer public IPv6, peer /64,
+# own and peer VtepMAC. Makes flannel-v6.1 the way upstream does (IPv6 local, /128, accept_ra 0) and
+# programs the peer with the single calls, 50 more peers with a batch; prints what the listings see.
+V6_PEER = """
+import asyncio, json, socket, sys
+from ipaddress import IPv6Address as A, IPv6Interface as I, IPv6Network as N
+from pyflanneld.netlink import BatchOp, Netlink, Route, write_sysctl
+pub, own, peer_pub, peer, mac, peer_mac = sys.argv[1:7]
+own, peer = N(own), N(peer)
+V6 = socket.AF_INET6
+def extra(i):
+    sn = N(f"fd80:0:1:{i:x}::/64")
+    return sn, "02:be:00:00:01:%02x" % i, A(f"fd99::1:{i:x}")
+async def main():
+    async with Netlink() as nl:
+        eth0 = await nl.link(name="eth0")
+        dev = await nl.create_vxlan("flannel-v6.1", vni=1, local=A(pub), dev_index=eth0.index, port=8472,
+                                    learning=False, gbp=False, mac=mac, mtu=None)
+        assert write_sysctl("net/ipv6/conf/flannel-v6.1/accept_ra", "0")
+        await nl.add_address(dev.index, I(f"{own.network_address}/128"))
+        await nl.add_address(dev.index, I(f"{own.network_address}/128"))  # again: fine
+        await nl.set_link(dev.index, state="up")
+        gw = peer.network_address
+        await nl.replace_neighbour(dev.index, gw, peer_mac)
+        await nl.replace_fdb(dev.index, peer_mac, A(peer_pub))
+        await nl.replace_route(Route(peer, gw, dev.index, onlink=True))
+        ops = []
+        for sn, m, p in map(extra, range(1, 51)):
+            ops += [BatchOp.replace_neighbour(dev.index, sn.network_address, m), BatchOp.replace_fdb(dev.index, m, p),
+                    BatchOp.replace_route(Route(sn, sn.network_address, dev.index, onlink=True))]
+        assert await nl.batch(ops) == [None] * len(ops)
+        dels = []
+        for sn, m, p in map(extra, range(26, 51)):
+            dels += [BatchOp.delete_neighbour(dev.index, sn.network_address), BatchOp.delete_fdb(dev.index, m, p),
+                     BatchOp.delete_route(Route(sn, sn.network_address, dev.index, onlink=True))]
+        assert await nl.batch(dels * 2) == [None] * len(dels) * 2  # twice: gone is fine
+        sn, m, p = extra(25)
+        await nl.delete_neighbour(dev.index, sn.network_address)
+        await nl.delete_fdb(dev.index, m, p)
+        await nl.delete_route(Route(sn, sn.network_address, dev.index, onlink=True))
+        await nl.delete_route(Route(sn, sn.network_address, dev.index, onlink=True))
+        link = await nl.link(name="flannel-v6.1")
+        print(json.dumps({
+            "local6": str(link.info.get("IFLA_VXLAN_LOCAL6")),
+            "addrs": sorted(str(a) for a in await nl.addresses(dev.index, V6) if not a.is_link_local),
+            "addrs4": [str(a) for a in await nl.addresses(dev.index)],
+            "neigh": sorted((str(n.ip), n.mac) for n in await nl.neighbours(dev.index, V6) if n.permanent),
+            "neigh4": len(await nl.neighbours(dev.index)),
+            "fdb": sorted((f.mac, str(f.dst)) for f in await nl.fdb(dev.index, V6) if f.dst is not None),
+            "fdb4": [f.mac for f in await nl.fdb(dev.index) if f.dst is not None],
+            "routes": sorted(str(r.dst) for r in await nl.routes(family=V6) if r.oif == dev.index and r.onlink),
+            "routes4": [str(r.dst) for r in await nl.routes() if r.oif == dev.index],
+            "get": [(str(r.dst), str(r.gateway), r.oif == dev.index) for r in await nl.route_get(peer.network_address + 5)],
+            "get_pub": [(str(r.gateway), r.oif == eth0.index) for r in await nl.route_get(A(peer_pub))],
+        }))
+asyncio.run(main())
+"""
+
+
+@pytest.mark.lab
+def test_ipv6_vxlan_neighbour_fdb_route_and_address_program_the_kernel(lab):
+    h1, h2 = lab.add_host("h1", ipv6=True), lab.add_host("h2", ipv6=True)
+    macs = ("0e:2a:00:00:06:01", "0e:2a:00:00:06:02")
+    subnets = ("fd80:0:0:1::/64", "fd80:0:0:2::/64")
+    seen = []
+    for me, other, i in ((h1, h2, 0), (h2, h1, 1)):
+        cp = me.run(PYTHON, "-c", V6_PEER, me.address6, subnets[i], other.address6, subnets[1 - i], macs[i],
+                    macs[1 - i], check=False, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        seen.append(json.loads(cp.stdout))
+    s = seen[0]
+    extra = [(f"fd80:0:1:{i:x}::", "02:be:00:00:01:%02x" % i, f"fd99::1:{i:x}") for i in range(1, 25)]
+    assert s["local6"] == "fd99::1"
+    assert s["addrs"] == ["fd80:0:0:1::/128"] and s["addrs4"] == []
+    assert s["neigh"] == sorted([["fd80:0:0:2::", macs[1]]] + [[n, m] for n, m, _ in extra])
+    assert s["fdb"] == sorted([[macs[1], "fd99::2"]] + [[m, p] for _, m, p in extra])
+    assert s["routes"] == sorted(["fd80:0:0:2::/64"] + [f"{n}/64" for n, _, _ in extra])
+    assert (s["neigh4"], s["fdb4"], s["routes4"]) == (0, [], [])  # the IPv4 listings stay IPv4
+    assert s["get"] == [["fd80:0:0:2::5/128", "fd80:0:0:2::", True]]
+    assert s["get_pub"] == [["None", True]]  # on-link: what DirectRouting looks for
+    # what an operator sees, upstream's entries exactly
+    routes = h1.ip("-6", "-d", "route", "show", "dev", "flannel-v6.1")
+    assert "unicast fd80:0:0:2::/64 via fd80:0:0:2:: proto boot scope global metric 1024 onlink" in routes
+    assert f"fd80:0:0:2:: lladdr {macs[1]} PERMANENT" in h1.ip("-6", "neigh", "show", "dev", "flannel-v6.1")
+    assert f"{macs[1]} dst fd99::2 self permanent" in h1.bridge("fdb", "show", "dev", "flannel-v6.1")
+    assert h1.run("cat", "/proc/sys/net/ipv6/conf/flannel-v6.1/accept_ra").stdout.strip() == "0"
+    # and the overlay carries traffic over the IPv6 underlay (once DAD has finished on the /128s)
+    assert h1.wait_ping("fd80:0:0:2::", timeout=10) and h2.wait_ping("fd80:0:0:1::", timeout=10)

@@ -8,7 +8,7 @@ about their order, so the test fixes it to compare bytes). Pure: no root, no ker
 from __future__ import annotations
 
 import socket
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import pytest
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
@@ -40,7 +40,8 @@ def neigh_fields(family: int, index: int, state: int, flags: int = 0) -> dict:
 
 
 def route_fields(r: Route, proto: int, scope: int, kind: int) -> dict:
-    return {"family": socket.AF_INET, "dst_len": r.dst.prefixlen, "src_len": 0, "tos": 0,
+    family = socket.AF_INET6 if r.dst.version == 6 else socket.AF_INET
+    return {"family": family, "dst_len": r.dst.prefixlen, "src_len": 0, "tos": 0,
             "table": r.table if r.table < 256 else 252, "proto": proto, "scope": scope, "type": kind,
             "flags": 4 if r.onlink else 0}
 
@@ -89,6 +90,8 @@ def test_delete_fdb_is_pyroute2s_encoding(dst):
     Route(IPv4Network("10.5.3.0/24"), IPv4Address("10.5.3.0"), 11, onlink=True),  # vxlan
     Route(IPv4Network("10.5.4.0/24"), IPv4Address("192.168.100.4"), 2),  # host-gw / DirectRouting
     Route(IPv4Network("10.5.5.0/24"), IPv4Address("192.168.100.5"), 2, table=1000),  # table > 255
+    Route(IPv6Network("fd80:0:0:3::/64"), IPv6Address("fd80:0:0:3::"), 12, onlink=True),  # vxlan, IPv6
+    Route(IPv6Network("fd80:0:0:4::/64"), IPv6Address("fd99::4"), 2),  # host-gw / DirectRouting, IPv6
 ])
 def test_replace_route_is_pyroute2s_encoding(route):
     op = BatchOp.replace_route(route)
@@ -99,6 +102,8 @@ def test_replace_route_is_pyroute2s_encoding(route):
 @pytest.mark.parametrize("route", [
     Route(IPv4Network("10.5.3.0/24"), IPv4Address("10.5.3.0"), 11, onlink=True),
     Route(IPv4Network("10.5.6.0/24"), None, 11),  # no gateway: any scope (RT_SCOPE_NOWHERE)
+    Route(IPv6Network("fd80:0:0:3::/64"), IPv6Address("fd80:0:0:3::"), 12, onlink=True),
+    Route(IPv6Network("fd80:0:0:6::/64"), None, 12),
 ])
 def test_delete_route_is_pyroute2s_encoding(route):
     op = BatchOp.delete_route(route)
@@ -110,3 +115,31 @@ def test_delete_route_is_pyroute2s_encoding(route):
 def test_replace_route_without_gateway_is_refused():
     with pytest.raises(ValueError, match="needs a gateway"):
         BatchOp.replace_route(Route(IPv4Network("10.5.6.0/24"), None, 11))
+
+
+# --- IPv6 (issue 13.5): the same messages with AF_INET6 neighbours and 16-byte addresses ------------
+V6_PEER, V6_PUBLIC = IPv6Address("fd80:0:0:3::"), IPv6Address("fd99::3")
+
+
+def test_replace_ipv6_neighbour_is_pyroute2s_encoding():
+    op = BatchOp.replace_neighbour(12, V6_PEER, MAC)
+    want = pyroute2_bytes(ndmsg, RTM_NEWNEIGH, REPLACE, neigh_fields(socket.AF_INET6, 12, NUD_PERMANENT),
+                          [("NDA_DST", str(V6_PEER)), ("NDA_LLADDR", MAC)])
+    assert op.msg == want and not op.delete and len(op.msg) == 16 + 12 + 20 + 12
+
+
+def test_delete_ipv6_neighbour_is_pyroute2s_encoding():
+    op = BatchOp.delete_neighbour(12, V6_PEER)
+    want = pyroute2_bytes(ndmsg, RTM_DELNEIGH, REQUEST_ACK, neigh_fields(socket.AF_INET6, 12, NUD_PERMANENT),
+                          [("NDA_DST", str(V6_PEER))])
+    assert op.msg == want and op.delete
+
+
+def test_ipv6_fdb_is_pyroute2s_encoding():
+    op = BatchOp.replace_fdb(12, MAC, V6_PUBLIC)
+    fields = neigh_fields(AF_BRIDGE, 12, NUD_PERMANENT | NUD_NOARP, NTF_SELF)
+    assert op.msg == pyroute2_bytes(ndmsg, RTM_NEWNEIGH, REPLACE, fields,
+                                    [("NDA_LLADDR", MAC), ("NDA_DST", str(V6_PUBLIC))])
+    op = BatchOp.delete_fdb(12, MAC, V6_PUBLIC)
+    assert op.msg == pyroute2_bytes(ndmsg, RTM_DELNEIGH, REQUEST_ACK, fields,
+                                    [("NDA_LLADDR", MAC), ("NDA_DST", str(V6_PUBLIC))]) and op.delete
