@@ -53,6 +53,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
+from typing import NamedTuple
 
 import structlog
 
@@ -91,8 +92,7 @@ class Changes:
 Span = tuple[int, int, int]  # (first address, last address, prefix length) of a subnet, as ints
 
 
-@dataclass(frozen=True)
-class _Claims:
+class _Claims(NamedTuple):
     """What a lease holds that no other lease may hold too, per enabled family: its subnets (as
     spans) and the VtepMACs of its vxlan devices. None: not claimed (family off, or not vxlan)."""
 
@@ -279,17 +279,19 @@ class LeaseBook:
         bt = lease.attrs.backend_type
         if bt and bt not in self._types:
             return f"BackendType: unknown backend type {bt[:40]!r} (known: {', '.join(sorted(self._types))})"
-        problem = (self._check_v4(lease) if self._v4 else None) or (self._check_v6(lease) if self._v6 else None)
+        claims = self._claims_of(lease)
+        problem = ((self._check_v4(lease, claims.span) if claims.span is not None else None)
+                   or (self._check_v6(lease, claims.span6) if self._v6 else None))
         if problem:
             return problem
         odd = not lease_compatible(self.cfg, lease.subnet, lease.subnet6)
-        return _Cand(key=rec.key, lease=lease, order=(odd, rec.create_revision, rec.key),
-                     claims=self._claims_of(lease), revision=rec.revision)
+        return _Cand(key=rec.key, lease=lease, order=(odd, rec.create_revision, rec.key), claims=claims,
+                     revision=rec.revision)
 
-    def _check_v4(self, lease: Lease) -> str | None:
+    def _check_v4(self, lease: Lease, span: Span) -> str | None:
         """The IPv4 half: subnet inside Network, PublicIP another host's, BackendData."""
         sn, net = lease.subnet, self.cfg.network
-        start, end = _span(sn)[:2]
+        start, end, _plen = span
         assert self._net_span is not None
         if not (self._net_span[0] <= start and end <= self._net_span[1]):
             return f"subnet {sn} is outside the flannel Network {net}"
@@ -300,12 +302,12 @@ class LeaseBook:
             return f"PublicIP: {pub} cannot be another host's address"
         return check_backend_data(lease.attrs.backend_type, lease.attrs.backend_data)
 
-    def _check_v6(self, lease: Lease) -> str | None:
+    def _check_v6(self, lease: Lease, span6: Span | None) -> str | None:
         """The IPv6 half: subnet inside IPv6Network, PublicIPv6 another host's, BackendV6Data."""
         sn6, net6 = lease.subnet6, self.cfg.ipv6_network
-        if sn6 is None:
+        if sn6 is None or span6 is None:
             return None if self._v4 else f"no IPv6 subnet in the key: an IPv4-only lease in the IPv6-only network {net6}"
-        start, end = _span(sn6)[:2]
+        start, end, _plen = span6
         assert self._net6_span is not None
         if not (self._net6_span[0] <= start and end <= self._net6_span[1]):
             return f"IPv6 subnet {sn6} is outside the flannel IPv6Network {net6}"
@@ -440,8 +442,10 @@ class LeaseBook:
             self._spans.add(cl.span, c.key, bulk)
         if cl.span6 is not None:
             self._spans6.add(cl.span6, c.key, bulk)
-        for mac_key in _mac_keys(cl):
-            self._by_mac.setdefault(mac_key, set()).add(c.key)
+        if cl.mac is not None:
+            self._by_mac.setdefault((4, cl.mac), set()).add(c.key)
+        if cl.mac6 is not None:
+            self._by_mac.setdefault((6, cl.mac6), set()).add(c.key)
 
     def _unindex(self, c: _Cand) -> None:
         cl = c.claims
@@ -449,7 +453,9 @@ class LeaseBook:
             self._spans.remove(cl.span, c.key)
         if cl.span6 is not None:
             self._spans6.remove(cl.span6, c.key)
-        for mac_key in _mac_keys(cl):
+        for mac_key in ((4, cl.mac), (6, cl.mac6)):
+            if mac_key[1] is None:
+                continue
             macs = self._by_mac[mac_key]
             macs.discard(c.key)
             if not macs:
@@ -494,17 +500,12 @@ def _subnet_order(le: Lease) -> tuple[int, int, int, str]:
 
 def _span(sn: IPv4Network | IPv6Network) -> Span:
     """First and last address of a subnet, as ints, and its prefix length."""
-    start = int(sn.network_address)
-    bits = sn.max_prefixlen
-    return start, start | (~_mask(sn.prefixlen, bits) & ((1 << bits) - 1)), sn.prefixlen
+    start, plen = int(sn.network_address), sn.prefixlen
+    return start, start | ((1 << (sn.max_prefixlen - plen)) - 1), plen
 
 
 def _overlap(a: Span | None, b: Span | None) -> bool:
     return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
-
-
-def _mac_keys(cl: _Claims) -> list[tuple[int, str]]:
-    return [(v, m) for v, m in ((4, cl.mac), (6, cl.mac6)) if m is not None]
 
 
 __all__ = ["Changes", "LeaseBook"]
