@@ -9,6 +9,7 @@ that field. Fast (no etcd, no kernel): runs in ``make test`` and ``make unit``.
 from __future__ import annotations
 
 import json
+import re
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
@@ -38,13 +39,19 @@ ODD = ["1e400", "-1e400", "NaN", "Infinity", "-Infinity", "1" * 50, "-0", "1E2",
        "[" * 100_000 + "]" * 100_000, "[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), '"\\ud800"', '"\\u0000"']
 
 
+# a JSON string or a null token: the first null outside strings is where an odd literal goes
+_STRING_OR_NULL = re.compile(r'"(?:[^"\\]|\\.)*"|null')
+
+
 @st.composite
 def json_texts(draw, value_strategy=values):
-    """JSON text of an arbitrary value; sometimes with one odd literal in place of a scalar."""
+    """JSON text of an arbitrary value; sometimes with one odd literal in place of a scalar (a null
+    value, never the letters "null" inside a string: that would make the text no JSON at all)."""
     text = json.dumps(draw(value_strategy))
     if draw(st.booleans()):
         odd = draw(st.sampled_from(ODD))
-        text = text.replace("null", odd, 1) if "null" in text else odd
+        m = next((m for m in _STRING_OR_NULL.finditer(text) if m.group() == "null"), None)
+        text = text[:m.start()] + odd + text[m.end():] if m else odd
     return text
 
 
