@@ -48,7 +48,8 @@ class TrafficManager(Protocol):
 
 class FamilyRules:
     """Several traffic managers driven as one (the iptables and the ip6tables rules of a
-    dual-stack host), in order."""
+    dual-stack host): ``setup``, ``ensure``, ``check`` and ``close`` call each in order (``ensure``
+    every one even after a failure), ``run`` runs their resync loops side by side."""
 
     def __init__(self, managers: Sequence[TrafficManager]) -> None:
         self.managers = list(managers)
