@@ -11,9 +11,9 @@ APT_PKGS := etcd-server etcd-client iproute2 iptables nftables iperf3 tcpdump op
             python3 python3-venv systemd \
             qemu-system-x86 busybox-static cpio kmod strongswan-charon strongswan-swanctl wireguard-tools
 
-.PHONY: setup apt venv test unit demo bench lint clean
+.PHONY: setup apt venv promtool test unit demo bench lint clean
 
-setup: apt venv
+setup: apt venv promtool
 
 # Debian packages: only installed when something is missing (apt-get update is slow).
 apt:
@@ -24,6 +24,17 @@ apt:
 	fi
 
 venv: $(VENV)/.installed
+
+# promtool (checks docs/prometheus.yml and the alert rules in tests/test_metrics.py), taken out of
+# Debian's prometheus package without installing it: the package is a server (96 MB, a service
+# that starts itself); only its promtool binary (static, 48 MB) is kept, in the venv.
+promtool: $(VENV)/bin/promtool
+
+$(VENV)/bin/promtool: | $(VENV)/.installed
+	@tmp=$$(mktemp -d) && cd $$tmp && \
+	{ apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus; }; } && \
+	dpkg-deb --fsys-tarfile prometheus_*.deb | tar -x ./usr/bin/promtool && \
+	install -m 755 usr/bin/promtool $(CURDIR)/$@ && cd / && rm -rf $$tmp
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)

@@ -28,7 +28,7 @@ from ipaddress import IPv4Network
 
 import structlog
 
-from . import subnetenv
+from . import metrics, subnetenv
 from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import SubnetManager, wait_event
@@ -214,6 +214,7 @@ class Converger:
         try:
             await self.m.set_attrs(self._attrs)
         except StoreError as e:
+            metrics.DATASTORE_ERRORS.labels("update").inc()
             why = f"the lease does not carry the new interface address yet: {e}"
             if self.facts["interface"] != why:
                 log.warning("cannot update the lease; retrying", error=str(e))
@@ -250,6 +251,7 @@ class Converger:
     async def _apply_peers(self, full: bool) -> None:
         """Hand the backend the difference between the book's accepted leases and what it has
         (by key and object identity: O(peers) string lookups, ~2 ms for 5,000)."""
+        arrived = metrics.LEASE_EVENTS.take()  # every event before now is in this batch
         claiming = self.m.claiming
         accepted = self.m.book.accepted
         applied = self._applied
@@ -279,6 +281,7 @@ class Converger:
             del applied[key]
         applied.update(changed_items)
         await self.backend.update_peers(changed, removed, resync=full, reason="converge")
+        metrics.LEASE_EVENTS.programmed(arrived, (key for key, _ in changed_items))
         if not self._peers_done:
             self._peers_done = True
             self._set("converged")

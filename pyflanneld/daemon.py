@@ -18,11 +18,11 @@ from typing import Any
 
 import structlog
 
-from . import __version__, iface, sdnotify, subnetenv
+from . import __version__, iface, metrics, sdnotify, subnetenv
 from .backend import Backend, BackendContext, BackendError, ExternalInterface, backend_class, registered_types
 from .config import ConfigError, NetworkConfig, parse_config
 from .converge import Converger
-from .health import HealthServer
+from .health import HealthServer, Response
 from .iptables_hints import IptablesHints
 from .options import Options
 from .subnet.etcd_common import EtcdSettings
@@ -101,6 +101,22 @@ class Daemon:
                  "BackendType": le.attrs.backend_type, "BackendData": le.attrs.backend_data}
                 for le in sorted(known, key=lambda le: le.subnet)]
 
+    def metrics_state(self) -> metrics.State:
+        """What the /metrics gauges show now (readiness as /readyz, the applied peers, the own lease)."""
+        lease = self.manager.lease if self.manager is not None else None
+        backend = self.backend
+        return metrics.State(
+            ready=self.readiness()[0], backend=backend.type_name if backend is not None else "",
+            peers=len(backend.peers) if backend is not None else 0,
+            subnet=str(lease.subnet) if lease is not None else "",
+            public_ip=str(lease.attrs.public_ip) if lease is not None else "",
+            lease_expiry_s=lease.expiration if lease is not None and not lease.reserved else None)
+
+    async def serve_metrics(self) -> Response:
+        """/metrics: Prometheus text format (see :mod:`pyflanneld.metrics`)."""
+        forwarder = await self.backend.forwarder_counters() if self.backend is not None else {}
+        return Response(200, metrics.render(self.metrics_state(), forwarder), metrics.CONTENT_TYPE)
+
     def _notify(self, full: bool) -> None:
         if self.converger is not None:
             self.converger.wake(full=full)
@@ -137,6 +153,7 @@ class Daemon:
                 except StoreError as e:
                     if store is v2 and v3 is not None and problem == "":
                         continue  # v3 answered "no config": v2 is only a fallback, its errors don't matter
+                    metrics.DATASTORE_ERRORS.labels("config").inc()
                     # each store's message names its API ("etcd v3 API at …"): keep both
                     problem = f"{problem}; {e}" if problem else f"cannot read the network config: {e}"
                     continue
@@ -255,9 +272,12 @@ class Daemon:
                     if current is not None and sn != current:
                         await nl.delete_blackhole(current)
                         log.info("blackhole route removed", subnet=str(current))
+                    repairing = current is not None and sn == current  # it was in place before
                     current = sn
                     if sn is not None and await nl.ensure_blackhole(sn):
                         log.info("blackhole route added", subnet=str(sn))
+                        if repairing:
+                            metrics.KERNEL_REPAIRS.labels("route").inc()
                 except NetlinkError as e:
                     log.warning("cannot set the blackhole route", subnet=str(sn), error=str(e))
                 await asyncio.sleep(self.o.iptables_resync)
@@ -272,6 +292,7 @@ class Daemon:
             try:
                 raw = await self.store.get_config()
             except StoreError:
+                metrics.DATASTORE_ERRORS.labels("config").inc()
                 continue
             text = (raw or b"").decode("utf-8", "replace")
             if text == self.config.raw or text == warned:
@@ -362,6 +383,7 @@ class Daemon:
         try:
             if self.o.healthz_port:
                 health = HealthServer(self.o.healthz_ip, self.o.healthz_port, self.readiness, self.peers)
+                health.add_route("/metrics", self.serve_metrics)
                 try:
                     await health.start()
                 except OSError as e:

@@ -35,6 +35,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 import structlog
 
+from . import metrics
 from .rulecmd import RulesError, run_command
 
 log = structlog.get_logger()
@@ -221,6 +222,8 @@ class TrafficRules:
                                 table=rs.table, chain=rs.chain, found=len(state.rules), expected=len(rs.rules),
                                 jumps=state.jumps)
                 await run_command([self.iptables_restore, "--noflush", "-w"], stdin=restore_payload(rs, state))
+                if not initial:
+                    metrics.KERNEL_REPAIRS.labels("rule").inc()
             except RulesError as e:
                 ok = False
                 log.error("failed to ensure iptables rules", tool=self.iptables, table=rs.table, chain=rs.chain,

@@ -546,6 +546,14 @@ class BatchOp:
     msg: bytes
     delete: bool = False  # a vanished object (ESRCH/ENOENT/...) counts as done
 
+    @property
+    def entry(self) -> str:
+        """The kind of kernel entry this changes: "route", "neigh" (ARP) or "fdb" (read from the
+        message: its type, and the family of a neighbour message)."""
+        if struct.unpack_from("=H", self.msg, 4)[0] in (RTM_NEWROUTE, RTM_DELROUTE):
+            return "route"
+        return "fdb" if self.msg[16] == AF_BRIDGE else "neigh"
+
     @staticmethod
     def replace_neighbour(index: int, ip: IPAddress, mac: str) -> BatchOp:
         """``ip [-6] neigh replace IP lladdr MAC dev IDX nud permanent``."""

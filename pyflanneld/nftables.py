@@ -52,6 +52,7 @@ from typing import Any
 
 import structlog
 
+from . import metrics
 from .rulecmd import RulesError, run_command
 
 log = structlog.get_logger()
@@ -239,6 +240,7 @@ class NftRules:
                 return True
             log.warning("nftables rules differ from the expected ones; restoring", tables=drifted)
             await self._apply()
+            metrics.KERNEL_REPAIRS.labels("rule").inc(len(drifted))
             return True
         except RulesError as e:
             log.error("failed to ensure nftables rules", error=str(e))

@@ -29,3 +29,14 @@ def test_pyroute2_imported_first_is_left_as_it_is():
     out = run_python("import pyroute2, sys\nfull = sys.modules['pyroute2']\nimport pyflanneld.netlink\n"
                      "print(sys.modules['pyroute2'] is full, 'pyroute2.ndb' in sys.modules)")
     assert out.split() == ["True", "True"]
+
+
+def test_the_daemon_loads_prometheus_client_without_its_http_servers():
+    out = run_python(
+        "import sys, pyflanneld.daemon\n"
+        "print(sorted(m for m in ('prometheus_client.metrics', 'prometheus_client.exposition', 'http.server',"
+        " 'wsgiref.simple_server') if m in sys.modules))\n"
+        "from prometheus_client import generate_latest, Counter\n"
+        "from prometheus_client.exposition import generate_latest as g\n"
+        "print(generate_latest is g, Counter.__module__)")
+    assert out.split("\n")[:2] == ["['prometheus_client.metrics']", "True prometheus_client.metrics"]

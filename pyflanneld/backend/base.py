@@ -139,6 +139,9 @@ class Backend:
         self.peers: dict[IPv4Network, Lease] = {}
         self.lock = asyncio.Lock()
         self.have_snapshot = False  # a full peer set was given at least once (resync may remove entries)
+        # True while a full pass runs that applies no lease change (the safety net, a relist that
+        # changed nothing, a repair after a netlink event): whatever it changes had drifted.
+        self.repairing = True
 
     @property
     def network(self) -> IPv4Network:
@@ -169,6 +172,11 @@ class Backend:
     async def close(self) -> None:
         """Stop background work; kernel state and leases stay."""
 
+    async def forwarder_counters(self) -> dict[str, int]:
+        """A userspace forwarder's packet counters for /metrics (udp: its workers' Stats summed,
+        see :func:`pyflanneld.metrics.forwarder_families`); {} for a kernel data plane."""
+        return {}
+
     # --- the peer set (called by the daemon; take the lock) -----------------------------------
     async def update_peers(self, changed: Sequence[Lease], removed: Sequence[Lease], *,
                            resync: bool = False, reason: str = "peers") -> None:
@@ -188,6 +196,7 @@ class Backend:
             if resync:
                 self.have_snapshot = True
             if self._full_pass and (resync or len(changed) + len(removed) > BATCH_THRESHOLD):
+                self.repairing = not (changed or removed)
                 await self.resync(reason if resync else "batch")
                 return
             for old in stale:
@@ -218,6 +227,7 @@ class Backend:
     async def reconcile(self) -> None:
         """The safety-net full pass."""
         async with self.lock:
+            self.repairing = True
             await self.resync("timer")
 
     async def _safe(self, fn, lease: Lease) -> None:

@@ -29,6 +29,7 @@ from typing import Any
 
 import structlog
 
+from .. import metrics
 from ..config import json_type
 from ..netlink import MAIN_TABLE, RTPROT_KERNEL, BatchOp, Event, Netlink, NetlinkError, NetlinkMonitor, Route
 from ..subnet.lease import Lease
@@ -197,10 +198,12 @@ class KernelPeerBackend(PeerSetBackend):
         if not ops:
             return
         results = await self.nl.batch([op for op, _, _ in ops])
-        for (_, what, ctx), err in zip(ops, results, strict=True):
+        for (op, what, ctx), err in zip(ops, results, strict=True):
             if err is None:
                 changes[kind] += 1
                 log.debug(what, **ctx)
+                if self.repairing:
+                    metrics.KERNEL_REPAIRS.labels(op.entry).inc()
             else:
                 self.entry_failed(what, err, ctx)
 
@@ -266,4 +269,5 @@ class KernelPeerBackend(PeerSetBackend):
         self._armed = False  # events arriving from now on schedule another pass
         async with self.lock:
             if not self._closed:
+                self.repairing = True
                 await self._sync("netlink event")

@@ -24,7 +24,7 @@ import structlog
 from ..subnet.lease import Lease
 from ..udpfwd.control import Route
 from ..udpfwd.device import DeviceError, configure_tun
-from ..udpfwd.supervisor import Forwarder
+from ..udpfwd.supervisor import Forwarder, add_counters
 from ..udpfwd.tun import TunError
 from .base import (
     BackendContext,
@@ -55,6 +55,7 @@ class UdpBackend(PeerSetBackend):
             raise BackendError(f"udp backend: invalid Port {port!r}: use a number 1-65535 (default 8285)")
         self.port = int(port) or DEFAULT_PORT
         self.fwd: Forwarder | None = None
+        self._counted: dict[str, int] = {}  # the counters of the forwarders this daemon stopped
 
     @property
     def mtu(self) -> int:
@@ -99,7 +100,8 @@ class UdpBackend(PeerSetBackend):
     async def resync(self, reason: str) -> None:
         if self.fwd is None:
             return
-        self.fwd.check()
+        async with self.fwd.polling:  # a restart closes the control socket of the dead worker
+            self.fwd.check()
         routes = {le.subnet: self._route(le) for le in self.peers.values()}
         if routes != self.fwd.routes:
             self.fwd.set_routes(routes.values())
@@ -108,8 +110,17 @@ class UdpBackend(PeerSetBackend):
     async def close(self) -> None:
         await self._stop_forwarder()
 
+    async def forwarder_counters(self) -> dict[str, int]:
+        """The workers' packet counters, summed over every forwarder this daemon ran."""
+        total = dict(self._counted)
+        if self.fwd is not None:
+            add_counters(total, await self.fwd.poll_counters())
+        return total
+
     async def _stop_forwarder(self) -> None:
         """Stop the workers without blocking the loop (Forwarder.stop waits up to a few seconds)."""
         fwd, self.fwd = self.fwd, None
         if fwd is not None:
-            await in_daemon_thread(fwd.stop)
+            async with fwd.polling:
+                await in_daemon_thread(fwd.stop)
+            add_counters(self._counted, fwd.totals())

@@ -26,6 +26,7 @@ from ipaddress import IPv4Address
 
 import structlog
 
+from .. import metrics
 from ..netlink import VXLAN_DEFAULT_PORT, BatchOp, Event, Link, NetlinkError, Route, write_sysctl
 from ..subnet.lease import Lease, vtep_mac
 from .base import BackendContext, BackendError, BackendInfo, register_backend
@@ -155,6 +156,7 @@ class VXLANBackend(KernelPeerBackend):
             if link.mac != mac:
                 raise BackendError(f"{self.dev_name}'s mac address wanted: {mac}, but got: {link.mac}")
             if self.mac is not None:
+                metrics.KERNEL_REPAIRS.labels("device").inc()
                 log.warning("vxlan device recreated", device=self.dev_name, mac=mac)
         else:
             if self.mac is not None and link.mac != self.mac:  # someone changed our VtepMAC

@@ -57,6 +57,7 @@ from typing import NamedTuple
 
 import structlog
 
+from .. import metrics
 from ..config import NetworkConfig
 from .allocate import lease_compatible
 from .lease import (
@@ -473,6 +474,7 @@ class LeaseBook:
         self._rejected[key] = reason
         if self._warned.get(key) != (revision, reason):
             self._warned[key] = (revision, reason)
+            metrics.LEASES_REJECTED.inc()
             log.warning("ignoring bad lease entry in etcd", key=self._shown(key), error=reason)
 
     def _shown(self, key: str) -> str:

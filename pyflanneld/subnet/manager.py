@@ -27,6 +27,7 @@ from ipaddress import IPv4Network
 
 import structlog
 
+from .. import metrics
 from ..config import ConfigError, NetworkConfig, parse_config
 from .allocate import Taken, choose_subnet, pool_size
 from .lease import Lease, LeaseAttrs, LeaseFormatError, lease_from_record, parse_subnet_key, subnet_key
@@ -212,6 +213,8 @@ class SubnetManager:
                 lease = await self.try_acquire(attrs)
             except (StoreError, PoolExhausted) as e:
                 msg = str(e)
+                if isinstance(e, StoreError):
+                    metrics.DATASTORE_ERRORS.labels("acquire").inc()
                 if msg != last_err:
                     log.error("failed to acquire lease", error=msg)
                     last_err = msg
@@ -350,6 +353,7 @@ class SubnetManager:
                 raise StoreError(f"no answer from the datastore within {self.WRITE_BOUND_S:.0f}s")
             rec = call.result()
         except StoreError as e:
+            metrics.DATASTORE_ERRORS.labels("renew").inc()
             self._mark(False, str(e))
             log.warning("error renewing lease, trying again", subnet=str(lease.subnet),
                         retry_in=self.renew_retry, error=str(e))
@@ -364,6 +368,8 @@ class SubnetManager:
         self._renew_now = False
         if ttl is None:
             self._rewrite_reserved = False
+        else:
+            metrics.LEASE_RENEWALS.inc()
         self.lease = self._lease_from_record(rec, self.attrs)
         log.info(what, subnet=str(lease.subnet), expires_in=ttl)
 
@@ -426,6 +432,8 @@ class SubnetManager:
                 log.info("watch revision compacted; relisting", error=str(e))
                 rev = None
             except StoreError as e:
+                metrics.DATASTORE_ERRORS.labels("watch").inc()
+                metrics.WATCH_RECONNECTS.inc()
                 self._mark(False, str(e))
                 self.notify(False)
                 delay = backoff.next()
@@ -437,6 +445,7 @@ class SubnetManager:
         if kind == "delete":
             self.book.delete(rec.key)
         else:
+            metrics.LEASE_EVENTS.arrived(rec.key)
             self.book.put(rec)
         if self.lease is not None and rec.key == self.lease.key:
             self._own_record(None if kind == "delete" else rec, rec.revision)

@@ -108,6 +108,7 @@ class MsgBatch:
         self.hdr_i = memoryview(self.hdrs).cast("B").cast("I")
         self.control_mv = memoryview(self.control).cast("B")
         self.addr = ctypes.addressof(self.hdrs)
+        self.refused_bytes = 0  # send(): the bytes of the datagrams the kernel refused in the last call
 
     # --- receive -----------------------------------------------------------------------------
 
@@ -158,16 +159,19 @@ class MsgBatch:
         """``sendmmsg`` slots 0..n-1 (blocking when the socket buffer is full); returns how many went out.
 
         A datagram the kernel refuses (e.g. EPERM from a firewall, ENETUNREACH) is skipped, like
-        upstream logs and drops a failed ``sendto``.
+        upstream logs and drops a failed ``sendto``; ``refused_bytes`` adds up their lengths.
         """
-        done = 0
+        done = refused = 0
+        self.refused_bytes = 0
         while done < n:
             r = _sendmmsg(fd, self.addr + done * 64, n - done, 0)
             if r < 0:
                 err = ctypes.get_errno()
                 if err == 4:  # EINTR
                     continue
+                self.refused_bytes += self.iov_q[2 * done + 1]
+                refused += 1
                 done += 1  # the first message failed: drop it and go on
                 continue
             done += r
-        return done
+        return done - refused

@@ -68,6 +68,7 @@ class OffloadWorker(Worker):
         batch = self.batch
         n = 0
         reads = 0
+        queued = 0  # bytes in the n slots queued for sendmmsg
         while n < batch and reads < batch:
             try:
                 ln = readv(fd, lists[n]) - VNET_HDR_LEN
@@ -77,6 +78,7 @@ class OffloadWorker(Worker):
             s = slots[n]
             if ln < 20 or s[PKT] >> 4 != 4:
                 self.stats.bad += 1
+                self.drop_tx(max(ln, 0))
                 continue
             p = s[PKT:PKT + ln]
             dst = _U32.unpack_from(p, 16)[0]
@@ -94,6 +96,7 @@ class OffloadWorker(Worker):
             ttl = p[8]
             if ttl <= 1:
                 self.stats.ttl_drop += 1
+                self.drop_tx(ln)
                 continue
             p[8] = ttl - 1
             c = (p[10] << 8 | p[11]) + 0x100
@@ -103,9 +106,9 @@ class OffloadWorker(Worker):
             p[11] = c & 0xFF
             if gso_type & 0x7F == VIRTIO_NET_HDR_GSO_TCPV4 and gso_size:
                 if n:  # keep order: what was read before goes out first
-                    self.stats.udp_tx += tx.send(self.sock_fd, n)
+                    self.flush(n, queued)
                 self.segment(n, ln, gso_size, gso_type, nh[1])
-                n = 0
+                n = queued = 0
                 continue
             if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
                 self._complete_csum(p, ln, csum_start, csum_off)
@@ -115,9 +118,10 @@ class OffloadWorker(Worker):
             iov_q[2 * n + 1] = ln
             hdr_q[n * 8] = nh[0]
             n += 1
+            queued += ln
         self.stats.tun_rx += reads
         if n:
-            self.stats.udp_tx += tx.send(self.sock_fd, n)
+            self.flush(n, queued)
 
     @staticmethod
     def _complete_csum(p: memoryview, ln: int, start: int, off: int) -> None:
@@ -135,6 +139,7 @@ class OffloadWorker(Worker):
         total, seg_len = gso.segment(self.tx.buf, slot * SLOT + PKT, ln, mss, self.out)
         if not total:
             self.stats.bad += 1
+            self.drop_tx(ln)
             return
         self._send_gso(total, seg_len, dest)
 
@@ -145,20 +150,25 @@ class OffloadWorker(Worker):
         cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("H", seg_len))]
         pos = 0
         sent = 0
+        lost = 0  # bytes of the calls the kernel refused
         while pos < total:
             end = min(total, pos + per_call * seg_len)
+            segments = -(-(end - pos) // seg_len)
             try:
                 if end - pos > seg_len:
                     self.sock.sendmsg([mv[pos:end]], cmsg, 0, dest)
                 else:
                     self.sock.sendto(mv[pos:end], dest)
-                sent += -(-(end - pos) // seg_len)
+                sent += segments
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ECONNREFUSED,
                                    errno.EINVAL, errno.EMSGSIZE, errno.EIO, errno.ENOBUFS):
                     raise
+                self.drop_tx(end - pos, segments)
+                lost += end - pos
             pos = end
         self.stats.udp_tx += sent
+        self.stats.tx_bytes += total - lost
         self.stats.gso += 1
 
     # --- UDP → TUN -------------------------------------------------------------------------
@@ -175,6 +185,7 @@ class OffloadWorker(Worker):
             ln = hdr_i[i * 16 + 14]
             if ln < 20 or rx.truncated(i):
                 self.stats.bad += 1
+                self.drop_rx(ln)
                 i += 1
                 continue
             g = rx.gro_size(i)
@@ -196,10 +207,12 @@ class OffloadWorker(Worker):
         p = s[off:off + ln]
         if ln < 20 or p[0] >> 4 != 4:
             self.stats.bad += 1
+            self.drop_rx(ln)
             return
         ttl = p[8]
         if ttl <= 1:
             self.stats.ttl_drop += 1
+            self.drop_rx(ln)
             return
         p[8] = ttl - 1
         c = (p[10] << 8 | p[11]) + 0x100
@@ -211,12 +224,14 @@ class OffloadWorker(Worker):
         try:
             os.write(self.tun, s[off - VNET_HDR_LEN:off + ln])
             self.stats.tun_tx += 1
+            self.stats.rx_bytes += ln
         except BlockingIOError:
-            pass
+            self.drop_rx(ln)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EIO):
                 raise
             self.stats.bad += 1
+            self.drop_rx(ln)
 
     def coalesce(self, i: int, ln: int, g: int, j: int = -1) -> bool:
         """UDP_GRO buffer(s) of ``g``-byte segments: one TSO write if they are one TCP flow in order.
@@ -225,20 +240,23 @@ class OffloadWorker(Worker):
         writes nothing when the two do not merge. Without: falls back to segment by segment.
         """
         if j >= 0:
-            n = gso.coalesce(self.rx.buf, i * SLOT + PKT, ln, g, self.coal, j * SLOT + PKT,
-                             self.rx.hdr_i[j * 16 + 14])
+            ln_j = self.rx.hdr_i[j * 16 + 14]
+            n = gso.coalesce(self.rx.buf, i * SLOT + PKT, ln, g, self.coal, j * SLOT + PKT, ln_j)
             if not n:
                 return False
+            packets, nbytes = -(-ln // g) - (-ln_j // g), ln + ln_j  # as the segments came in
         else:
             n = gso.coalesce(self.rx.buf, i * SLOT + PKT, ln, g, self.coal)
             if not n:
                 self.stats.split += 1
                 self._write_segments(self.rx.slots[i], ln, g)
                 return True
+            packets, nbytes = -(-ln // g), ln
         cm = self.coal_mv
         ttl = cm[VNET_HDR_LEN + 8]
         if ttl <= 1:
             self.stats.ttl_drop += 1
+            self.drop_rx(nbytes, packets)
             return True
         cm[VNET_HDR_LEN + 8] = ttl - 1
         c = (cm[VNET_HDR_LEN + 10] << 8 | cm[VNET_HDR_LEN + 11]) + 0x100
@@ -248,12 +266,14 @@ class OffloadWorker(Worker):
         cm[VNET_HDR_LEN + 11] = c & 0xFF
         try:
             os.write(self.tun, cm[:n])
-            self.stats.tun_tx += 1
+            self.stats.tun_tx += packets
+            self.stats.rx_bytes += nbytes
             self.stats.gso += 1
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EIO, errno.EAGAIN):
                 raise
             self.stats.bad += 1
+            self.drop_rx(nbytes, packets)
         return True
 
     def _write_segments(self, s: memoryview, ln: int, g: int) -> None:
@@ -269,6 +289,7 @@ class OffloadWorker(Worker):
 
     def no_route(self, pkt: memoryview) -> None:
         self.stats.no_route += 1
+        self.drop_tx(len(pkt))
         icmp = net_unreachable(pkt, self.tun_ip)
         if icmp is not None:
             try:

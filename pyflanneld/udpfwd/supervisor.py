@@ -16,6 +16,7 @@ Spawn workers from the thread that will outlive them (the daemon's main thread):
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import importlib.util
 import itertools
@@ -62,6 +63,7 @@ class _WorkerProc:
     proc: subprocess.Popen
     ctl: socket.socket
     started: float = field(default_factory=time.monotonic)
+    counters: dict[str, int] = field(default_factory=dict)  # its Stats as last polled
 
 
 class ForwarderError(Exception):
@@ -85,6 +87,8 @@ class Forwarder:
         self.workers: list[_WorkerProc] = []
         self.holder_fd: int | None = None
         self._tokens = itertools.count(1)
+        self.retired: dict[str, int] = {}  # the last polled counters of workers that exited, summed
+        self.polling = asyncio.Lock()  # held by poll_counters: take it to close control sockets meanwhile
 
     # --- device ------------------------------------------------------------------------------
 
@@ -172,6 +176,7 @@ class Forwarder:
             if wp.proc.poll() is not None:
                 log.warning("udp worker exited; restarting it", worker=wp.index, pid=wp.proc.pid,
                             rc=wp.proc.returncode)
+                add_counters(self.retired, wp.counters)
                 wp.ctl.close()
                 self.workers[i] = self._spawn(wp.index)
                 restarted += 1
@@ -232,6 +237,46 @@ class Forwarder:
                         del pending[fd]
         return [out[i] for i in sorted(out)]
 
+    async def poll_counters(self, timeout: float = 1.0) -> dict[str, int]:
+        """The workers' counters (:class:`~pyflanneld.udpfwd.worker.Stats`) summed, those of
+        workers that exited included (the totals never go down), for /metrics. Asks every worker
+        (a ping on its control socket, answered between two packet batches) on the running loop,
+        never blocking it; a worker that does not answer within ``timeout`` seconds counts with
+        its last answer. The daemon's loop must be the only reader of the control sockets
+        (:meth:`sync` is for a forwarder without a loop)."""
+        async with self.polling:
+            token = next(self._tokens)
+            loop = asyncio.get_running_loop()
+
+            async def ask(wp: _WorkerProc) -> None:
+                self._send(wp, control.encode_ping(token))
+                while True:
+                    msg = await loop.sock_recv(wp.ctl, control.MAX_MSG)
+                    if not msg:
+                        return  # exited: check() restarts it
+                    if msg[:1] == control.PING:
+                        tok, stats = control.decode_pong(msg)
+                        if tok == token:
+                            wp.counters = {k: v for k, v in stats.items() if k not in ("pid", "routes")}
+                            return
+
+            tasks = [asyncio.ensure_future(ask(wp)) for wp in self.workers]
+            if tasks:
+                _done, pending = await asyncio.wait(tasks, timeout=timeout)
+                for t in pending:
+                    t.cancel()
+                for t in tasks:
+                    if t.done() and not t.cancelled() and t.exception() is not None:
+                        log.debug("udp worker did not answer a counter poll", error=str(t.exception()))
+        return self.totals()
+
+    def totals(self) -> dict[str, int]:
+        """The counters as last polled, summed over all workers (exited ones included)."""
+        total = dict(self.retired)
+        for wp in self.workers:
+            add_counters(total, wp.counters)
+        return total
+
     def wait_ready(self, timeout: float = 10.0) -> None:
         self.sync(timeout)
 
@@ -270,6 +315,7 @@ class Forwarder:
                 wp.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 pass
+            add_counters(self.retired, wp.counters)
             wp.ctl.close()
         if self.workers:
             log.info("udp forwarder stopped", device=self.tun_name, workers=len(self.workers))
@@ -277,3 +323,9 @@ class Forwarder:
         if close_device and self.holder_fd is not None:
             os.close(self.holder_fd)
             self.holder_fd = None
+
+
+def add_counters(total: dict[str, int], counters: dict[str, int]) -> None:
+    """total += counters, key by key."""
+    for k, v in counters.items():
+        total[k] = total.get(k, 0) + v

@@ -71,7 +71,19 @@ def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
 
 
 class Stats:
-    __slots__ = ("tun_rx", "udp_tx", "udp_rx", "tun_tx", "no_route", "ttl_drop", "bad", "ctl", "gso", "split")
+    """A worker's counters (sent to the daemon in each pong; /metrics sums them over the workers).
+
+    Per direction, in inner IPv4 packets as carried one per UDP datagram (a TSO super-packet counts
+    as the segments it is sent as): egress (TUN → UDP) forwarded ``udp_tx`` packets / ``tx_bytes``,
+    dropped ``tx_drop`` / ``tx_drop_bytes``; ingress (UDP → TUN) forwarded ``tun_tx`` / ``rx_bytes``,
+    dropped ``rx_drop`` / ``rx_drop_bytes``. Reads and why packets were dropped: ``tun_rx`` (TUN
+    reads), ``udp_rx`` (datagrams received), ``no_route``, ``ttl_drop``, ``bad`` (malformed, or
+    refused by the TUN); ``ctl`` control messages, ``gso`` super-packets sent or written, ``split`` GRO
+    buffers that could not be coalesced.
+    """
+
+    __slots__ = ("tun_rx", "udp_tx", "udp_rx", "tun_tx", "no_route", "ttl_drop", "bad", "ctl", "gso", "split",
+                 "tx_bytes", "rx_bytes", "tx_drop", "tx_drop_bytes", "rx_drop", "rx_drop_bytes")
 
     def __init__(self) -> None:
         for k in self.__slots__:
@@ -154,6 +166,7 @@ class Worker:
         batch = self.batch
         n = 0
         reads = 0
+        queued = 0  # bytes in the n slots queued for sendmmsg
         while n < batch and reads < batch:
             try:
                 ln = readv(fd, lists[n])
@@ -163,6 +176,7 @@ class Worker:
             p = slots[n]
             if ln < 20 or p[0] >> 4 != 4:
                 self.stats.bad += 1
+                self.drop_tx(ln)
                 continue
             dst = _U32(p, 16)[0]
             nh = None
@@ -176,6 +190,7 @@ class Worker:
             ttl = p[8]
             if ttl <= 1:
                 self.stats.ttl_drop += 1
+                self.drop_tx(ln)
                 continue
             p[8] = ttl - 1
             c = (p[10] << 8 | p[11]) + 0x100
@@ -189,9 +204,30 @@ class Worker:
             iov_q[2 * n + 1] = ln
             hdr_q[n * 8] = nh[0]
             n += 1
+            queued += ln
         self.stats.tun_rx += reads
         if n:
-            self.stats.udp_tx += tx.send(self.sock_fd, n)
+            self.flush(n, queued)
+
+    def flush(self, n: int, nbytes: int) -> None:
+        """``sendmmsg`` the first ``n`` tx slots (``nbytes`` in all) and count what went out."""
+        tx = self.tx
+        sent = tx.send(self.sock_fd, n)
+        self.stats.udp_tx += sent
+        self.stats.tx_bytes += nbytes
+        if sent < n:
+            self.stats.tx_bytes -= tx.refused_bytes
+            self.drop_tx(tx.refused_bytes, n - sent)
+
+    def drop_tx(self, nbytes: int, packets: int = 1) -> None:
+        """Count ``packets`` egress packets (``nbytes`` in all) as dropped."""
+        self.stats.tx_drop += packets
+        self.stats.tx_drop_bytes += nbytes
+
+    def drop_rx(self, nbytes: int, packets: int = 1) -> None:
+        """Count ``packets`` ingress packets (``nbytes`` in all) as dropped."""
+        self.stats.rx_drop += packets
+        self.stats.rx_drop_bytes += nbytes
 
     def _send_one(self, pkt: memoryview, nh: tuple[int, tuple[str, int]]) -> int:
         """Send one datagram now with a plain ``sendto``; 1 if it went out.
@@ -203,9 +239,11 @@ class Worker:
         """
         try:
             self.sock.sendto(pkt, nh[1])
-            return 1
         except OSError:
+            self.drop_tx(len(pkt))
             return 0
+        self.stats.tx_bytes += len(pkt)
+        return 1
 
     def udp_to_tun(self) -> None:
         rx = self.rx
@@ -218,15 +256,18 @@ class Worker:
         write = os.write
         fd = self.tun
         sent = 0
+        sent_bytes = 0
         for i in range(n):
             ln = hdr_i[i * 16 + 14]
             p = slots[i]
             if ln < 20 or ln > rx.slot_size or p[0] >> 4 != 4:
                 self.stats.bad += 1
+                self.drop_rx(ln)
                 continue
             ttl = p[8]
             if ttl <= 1:
                 self.stats.ttl_drop += 1
+                self.drop_rx(ln)
                 continue
             p[8] = ttl - 1
             c = (p[10] << 8 | p[11]) + 0x100
@@ -237,16 +278,20 @@ class Worker:
             try:
                 write(fd, p[:ln])
                 sent += 1
+                sent_bytes += ln
             except BlockingIOError:
-                pass
+                self.drop_rx(ln)
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.EIO):
                     raise
                 self.stats.bad += 1
+                self.drop_rx(ln)
         self.stats.tun_tx += sent
+        self.stats.rx_bytes += sent_bytes
 
     def no_route(self, pkt: memoryview) -> None:
         self.stats.no_route += 1
+        self.drop_tx(len(pkt))
         icmp = net_unreachable(pkt, self.tun_ip)
         if icmp is not None:
             try:
