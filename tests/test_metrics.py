@@ -48,11 +48,12 @@ def scrape(host, port: int = PORT) -> dict[str, float]:
 
 
 def wait_metric(host, series: str, pred, what: str, timeout: float = 20) -> dict[str, float]:
-    """Scrape until pred(value of series) holds; the last scrape."""
+    """Scrape until pred(value of series) holds (the daemon may not listen yet); the last scrape."""
     last: dict[str, dict[str, float]] = {}
 
     def ok():
-        last["m"] = scrape(host)
+        code, body = http_get(host, PORT, "/metrics")
+        last["m"] = parse(body) if code == 200 else {}
         return series in last["m"] and pred(last["m"][series])
 
     wait_for(ok, timeout=timeout, interval=0.2, what=f"{what} ({series} now {last.get('m', {}).get(series)})")
@@ -133,6 +134,18 @@ def test_vxlan_metrics_follow_what_happened(lab, etcd):
     m = wait_metric(h1, 'pyflanneld_peers{backend="vxlan"}', lambda v: v == 2, "h3 programmed")
     assert m["pyflanneld_peer_programming_seconds_count"] == 2
     assert m['pyflanneld_datastore_errors_total{op="watch"}'] == 0
+
+
+def test_nftables_table_restored_counts_a_rule_repair(lab, etcd):
+    etcd.put("/coreos.com/network/config", json.dumps({"Network": "10.5.0.0/16", "EnableNFTables": True,
+                                                        "Backend": {"Type": "host-gw"}}))
+    h1 = lab.add_host("h1")
+    start_daemon(h1, "--iface", "eth0", "--healthz-port", str(PORT), "--ip-masq", "--iptables-resync", "1")
+    m = wait_metric(h1, "pyflanneld_ready", lambda v: v == 1, "ready")
+    assert m[REPAIRS % "rule"] == 0 and m['pyflanneld_peers{backend="host-gw"}'] == 0
+    h1.run("nft", "delete", "table", "ip", "flannel-ipv4")
+    wait_metric(h1, REPAIRS % "rule", lambda v: v == 1, "the table restored")
+    assert "flannel-ipv4" in h1.run("nft", "list", "tables").stdout
 
 
 # --- the datastore: errors, reconnects, readiness --------------------------------------------------

@@ -21,6 +21,7 @@ from ipaddress import IPv4Address
 
 import structlog
 
+from .. import metrics
 from ..netlink import Event, Link, NetlinkError, Route
 from ..subnet.lease import Lease
 from .base import BackendContext, BackendError, BackendInfo, register_backend
@@ -86,6 +87,7 @@ class IPIPBackend(KernelPeerBackend):
         if link is None:
             link = await self.nl.create_ipip(DEVICE, local=self.ctx.ext.ip, mtu=self.mtu)
             if self.dev is not None:
+                metrics.KERNEL_REPAIRS.labels("device").inc()
                 log.warning("ipip device recreated", device=DEVICE)
         elif link.mtu != self.mtu:
             log.info("setting the device's MTU", device=DEVICE, old_mtu=link.mtu, mtu=self.mtu)

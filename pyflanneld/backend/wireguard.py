@@ -30,6 +30,7 @@ from ipaddress import IPv4Network
 
 import structlog
 
+from .. import metrics
 from ..netlink import RT_SCOPE_LINK, Event, Link, NetlinkError, Route, WgPeer
 from ..subnet.lease import Lease, wg_public_key
 from .base import BackendContext, BackendError, BackendInfo, register_backend
@@ -147,6 +148,7 @@ class WireGuardBackend(KernelPeerBackend):
         if link is None:
             link = await self.nl.create_wireguard(DEVICE, mtu=self.mtu)
             if self.dev is not None:
+                metrics.KERNEL_REPAIRS.labels("device").inc()
                 log.warning("wireguard device recreated", device=DEVICE)
         elif link.mtu != self.mtu:
             await self.nl.set_link(link.index, mtu=self.mtu)
