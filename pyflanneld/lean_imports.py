@@ -7,7 +7,7 @@ and a fifth of the daemon's import CPU are classes pyflanneld never uses (it nee
 ``pyroute2.iproute`` and ``pyroute2.netlink``; ``python -m bench imports`` shows the figures).
 ``prometheus_client/__init__.py`` imports its ``exposition`` module, whose HTTP servers pull in
 http.server, email, urllib.request and wsgiref (+1.8 MiB); :mod:`pyflanneld.metrics` needs only
-``metrics``, ``metrics_core``, ``registry`` and ``utils`` (~0.1 MiB).
+``metrics``, ``metrics_core``, ``registry`` and ``utils`` (+0.15 MiB).
 
 :func:`install` registers each of them as a bare package (same ``__path__``, its ``__init__`` not
 run), so those submodule imports load only what they import themselves, and the top-level names
