@@ -265,6 +265,7 @@ class Forwarder:
                 _done, pending = await asyncio.wait(tasks, timeout=timeout)
                 for t in pending:
                     t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)  # their reads end before the lock goes
                 for t in tasks:
                     if t.done() and not t.cancelled() and t.exception() is not None:
                         log.debug("udp worker did not answer a counter poll", error=str(t.exception()))
