@@ -21,7 +21,7 @@ Public API::
 ``python -m lab.vm prepare`` fills the cache; ``python -m lab.vm run -- CMD ...`` runs one command
 and exits with its status.
 
-How (see ../shared/reference/kernel-vm-facts.md for what was tried):
+How:
 
 * kernel: ``apt-get download`` of the package behind ``linux-image-amd64``, ``dpkg-deb -x``,
   ``depmod -b``; the uncompressed ``vmlinux`` (the XZ stream inside ``vmlinuz``) boots directly

@@ -17,7 +17,8 @@ from pyflanneld.iptables import (
 NET = IPv4Network("10.5.0.0/16")
 SUB = IPv4Network("10.5.1.0/24")
 
-# upstream e2e/rules.go as given in flannel-upstream-facts.md §6, for Network 10.5.0.0/16, podCIDR 10.5.1.0/24
+# upstream flannel's rules (pkg/trafficmngr/iptables/iptables.go), the golden list its e2e suite asserts
+# (e2e/rules.go), for Network 10.5.0.0/16, podCIDR 10.5.1.0/24
 GOLDEN_MASQ = [
     '-A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG',
     '-A FLANNEL-POSTRTG -m mark --mark 0x4000/0x4000 -m comment --comment "flanneld masq" -j RETURN',

@@ -1,6 +1,5 @@
 """Pure subnet logic: keys, lease JSON, allocation, subnet.env format."""
 
-import json
 import random
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
@@ -12,6 +11,9 @@ from pyflanneld.subnet.allocate import MAX_CANDIDATES, Taken, choose_subnet, fre
 from pyflanneld.subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
 
 CFG = parse_config('{"Network":"10.1.0.0/16"}')
+# The example lease value of upstream's Documentation/reservations.md, byte for byte.
+UPSTREAM_LEASE = ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
+                  '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
 
 
 def test_subnet_key_roundtrip():
@@ -29,8 +31,7 @@ def test_bad_subnet_keys(bad):
 
 def test_lease_json_is_upstreams():
     a = LeaseAttrs(IPv4Address("192.168.64.3"), "vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"})
-    assert a.to_json() == ('{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan",'
-                           '"BackendData":{"VNI":1,"VtepMAC":"c6:d2:32:6f:8f:44"}}')
+    assert a.to_json() == UPSTREAM_LEASE
     assert LeaseAttrs(IPv4Address("10.0.0.1")).to_json() == '{"PublicIP":"10.0.0.1","PublicIPv6":null}'
     back = LeaseAttrs.from_json(a.to_json())
     assert back == a
@@ -122,8 +123,16 @@ def test_subnet_env_read_tolerates_godotenv_syntax(tmp_path):
     assert subnetenv.previous(str(p)) == (None, None)
 
 
-def test_lease_json_stable_for_cas():
-    # renewal compares the stored value byte for byte: serialisation must be deterministic
-    a = LeaseAttrs(IPv4Address("10.0.0.1"), "vxlan", {"VtepMAC": "aa:bb:cc:dd:ee:ff", "VNI": 1})
-    assert a.to_json() == a.to_json()
-    assert json.loads(a.to_json())["BackendData"] == {"VtepMAC": "aa:bb:cc:dd:ee:ff", "VNI": 1}
+def test_lease_json_bytes_for_cas():
+    """Renewal compares the stored value byte for byte (etcd compare-and-swap): our serialisation
+    is exactly upstream's, and a value read from etcd serialises back to the same bytes."""
+    a = LeaseAttrs(IPv4Address("192.168.64.3"), "vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"})
+    assert a.to_json() == UPSTREAM_LEASE
+    assert LeaseAttrs.from_json(UPSTREAM_LEASE).to_json() == UPSTREAM_LEASE
+    assert LeaseAttrs.from_json(UPSTREAM_LEASE.encode()).to_json() == UPSTREAM_LEASE
+    # another writer's spacing and field order: upstream's field order, compact, BackendData's own
+    # key order kept (Go re-marshals it as raw JSON: compacted, not reordered)
+    other = ('{"BackendData": {"VtepMAC": "aa:bb:cc:dd:ee:ff", "VNI": 1}, "BackendType": "vxlan", '
+             '"PublicIPv6": null, "PublicIP": "10.0.0.1"}')
+    assert LeaseAttrs.from_json(other).to_json() == ('{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"vxlan",'
+                                                     '"BackendData":{"VtepMAC":"aa:bb:cc:dd:ee:ff","VNI":1}}')
