@@ -27,6 +27,7 @@ from pathlib import Path
 from lab import Host, Lab, start_daemon
 from lab.cluster import Daemon, pyflanneld_argv
 from lab.upstream import missing_reason, upstream_binary
+from lab.wait import WaitTimeout, wait_for
 
 HERE = Path(__file__).parent
 PROBE = str(HERE / "etcd_probe.py")
@@ -154,15 +155,12 @@ def run_ns(pids: Sequence[int]) -> int:
 
 # -- waiting ----------------------------------------------------------------------------------------
 def wait(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.005):
-    """Poll ``pred`` until truthy (returned) or raise RuntimeError naming ``what`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"benchmark: timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
+    """lab.wait.wait_for (pred's truthy value), with the benchmarks' failure: RuntimeError naming
+    ``what`` after ``timeout`` s (a scenario catches it and goes on with the others)."""
+    try:
+        return wait_for(pred, timeout, what, interval)
+    except WaitTimeout as e:
+        raise RuntimeError(f"benchmark: {e}") from None
 
 
 def wait_subnet_env(d: Daemon, timeout: float = 60) -> float:

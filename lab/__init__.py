@@ -1,7 +1,7 @@
 """The test lab: simulated hosts and pods in network namespaces, real etcd, flanneld runner.
 
 See netns.py (Lab, Host, Pod), etcd.py (EtcdServer, EtcdCluster, make_tls_certs) and
-cluster.py (start_daemon, Daemon) for the API.
+cluster.py (start_daemon, Daemon) for the API, and wait.py (wait_for) for the one way to wait.
 
 This package lives beside ``pyflanneld`` (it is not installed with it): tests, ``make demo`` and
 ``make bench`` import it from the repository root. Importing it puts that root on ``PYTHONPATH``,
@@ -20,8 +20,10 @@ if str(ROOT) not in _paths:
 from .cluster import Daemon, parse_env_file, pyflanneld_argv, start_daemon  # noqa: E402 (after the set-up above)
 from .etcd import EtcdCluster, EtcdServer, TlsFiles, make_tls_certs  # noqa: E402
 from .netns import Bridge, Host, Lab, LabError, LabProcess, Pod  # noqa: E402
+from .wait import WaitTimeout, wait_for, wait_timed  # noqa: E402
 
 __all__ = [
     "Bridge", "Daemon", "EtcdCluster", "EtcdServer", "Host", "Lab", "LabError", "LabProcess", "Pod",
-    "TlsFiles", "make_tls_certs", "parse_env_file", "pyflanneld_argv", "start_daemon",
+    "TlsFiles", "WaitTimeout", "make_tls_certs", "parse_env_file", "pyflanneld_argv", "start_daemon", "wait_for",
+    "wait_timed",
 ]

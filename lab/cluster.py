@@ -26,11 +26,11 @@ from __future__ import annotations
 import re
 import shutil
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .netns import Host, LabError, LabProcess
+from .wait import wait_for
 
 
 def pyflanneld_argv() -> list[str]:
@@ -127,39 +127,25 @@ class Daemon:
             return None
 
     def wait_subnet_env(self, timeout: float = 10) -> dict[str, str]:
-        """Wait until the subnet file exists with FLANNEL_SUBNET; raise LabError (with log tail)
-        if the daemon exits first or the time runs out."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Wait until the subnet file exists with FLANNEL_SUBNET and return it; LabError (with the
+        log's tail) if the daemon exits first, lab.wait.WaitTimeout when the time runs out."""
+        def ready() -> dict[str, str] | None:
+            alive = self.alive  # read before the file: a file written just before exit still counts
             env = self.subnet_env()
             if env and "FLANNEL_SUBNET" in env:
                 return env
-            if not self.alive:
+            if not alive:
                 raise LabError(f"{self.host.name}: daemon exited with {self.returncode} before writing "
                                f"{self.subnet_file}; log:\n{self.log_text()[-3000:]}")
-            if time.monotonic() >= deadline:
-                raise LabError(f"{self.host.name}: no {self.subnet_file} after {timeout}s; log:\n"
-                               f"{self.log_text()[-3000:]}")
-            time.sleep(0.02)
+            return None
+
+        return wait_for(ready, timeout, f"{self.host.name}'s {self.subnet_file}", interval=0.02,
+                        detail=lambda: f"log:\n{self.log_text()[-3000:]}")
 
     def wait_log(self, pattern: str, timeout: float = 10) -> re.Match:
-        """Wait until regex pattern appears in the log; raise LabError on timeout/exit."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log_text())
-            if m:
-                return m
-            if not self.alive:
-                m = rx.search(self.log_text())
-                if m:
-                    return m
-                raise LabError(f"{self.host.name}: daemon exited with {self.returncode} before logging "
-                               f"{pattern!r}; log:\n{self.log_text()[-3000:]}")
-            if time.monotonic() >= deadline:
-                raise LabError(f"{self.host.name}: {pattern!r} not in log after {timeout}s; log:\n"
-                               f"{self.log_text()[-3000:]}")
-            time.sleep(0.02)
+        """Wait until regex pattern appears in the log; LabError if the daemon exits first,
+        lab.wait.WaitTimeout on timeout (see LabProcess.wait_log)."""
+        return self.process.wait_log(pattern, timeout, what=f"{self.host.name}'s daemon")
 
     def wait_exit(self, timeout: float = 10) -> int:
         return self.process.wait(timeout=timeout)

@@ -21,9 +21,8 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
-import time
 
-from .netns import UNDERLAY_GW, Lab, LabError, LabProcess
+from .netns import UNDERLAY_GW, Lab, LabProcess
 
 
 async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float) -> None:
@@ -100,11 +99,7 @@ class DelayProxy:
         argv = [sys.executable, "-m", "lab.delayproxy", self.ip, str(self.port), self.target[0],
                 str(self.target[1]), str(self.delay_s)]
         self.process = self.lab.spawn(self.ns, argv, name=f"delayproxy-{self.port}")
-        deadline = time.monotonic() + timeout
-        while "listening" not in self.process.log_text():
-            if not self.process.alive or time.monotonic() > deadline:
-                raise LabError(f"delay proxy on {self.address} did not start: {self.process.log_text()[-2000:]}")
-            time.sleep(0.02)
+        self.process.wait_log("listening", timeout, what=f"the delay proxy on {self.address}")
         return self
 
     def stop(self) -> None:

@@ -92,16 +92,9 @@ def run_backend(name: str, backend: dict) -> tuple[bool, Figures | None]:
         print(f"(3 daemons ready {ready_s:.2f} s after start, etcd included)\n")
 
         # Converged within a second of the last lease; give the watches that moment.
-        def reach(a, b):
-            for _ in range(20):
-                if a.ping(b.address, count=1, timeout=1):
-                    return True
-                time.sleep(0.1)
-            return False
-
         pairs = [(a, b) for a in pods for b in pods if a is not b]
         with ThreadPoolExecutor(max_workers=8) as ex:
-            results = dict(zip(pairs, ex.map(lambda p: reach(*p), pairs), strict=True))
+            results = dict(zip(pairs, ex.map(lambda p: p[0].wait_ping(p[1].address, timeout=20), pairs), strict=True))
         header = ["from \\ to"] + [f"{p.host.name}/{p.name} {p.address}" for p in pods]
         matrix = []
         for a in pods:

@@ -53,6 +53,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .netns import UNDERLAY_GW, Lab, LabError, LabProcess, run
+from .wait import WaitTimeout, wait_for
 
 PORT_RANGE = (20000, 40000)
 _BIND_ERRORS = ("address already in use", "bind:")
@@ -274,7 +275,7 @@ class EtcdServer:
             try:
                 self.wait_healthy(timeout)
                 return self
-            except LabError:
+            except (LabError, WaitTimeout):
                 log = self.process.log_text().lower() if self.process else ""
                 bind_failed = any(e in log for e in _BIND_ERRORS)
                 if not (bind_failed and self._auto_ports and attempt < 4):
@@ -289,18 +290,16 @@ class EtcdServer:
         return cp.returncode == 0 and '"health":"true"' in cp.stdout.replace(" ", "")
 
     def wait_healthy(self, timeout: float = 10) -> None:
-        """Poll /health every 20 ms; raise LabError with the etcd log tail on timeout or exit."""
-        deadline = time.monotonic() + timeout
-        while True:
+        """Poll /health every 20 ms; LabError with the etcd log's tail if etcd exits,
+        lab.wait.WaitTimeout (with that tail too) on timeout."""
+        def healthy() -> bool:
             if self.process is not None and not self.process.alive:
                 raise LabError(f"etcd {self.name} exited with {self.process.returncode}: "
                                f"{self.process.log_text()[-2000:]}")
-            if self.healthy():
-                return
-            if time.monotonic() >= deadline:
-                log = self.process.log_text()[-2000:] if self.process else ""
-                raise LabError(f"etcd {self.name} not healthy after {timeout}s at {self.endpoint}: {log}")
-            time.sleep(0.02)
+            return self.healthy()
+
+        wait_for(healthy, timeout, f"etcd {self.name} healthy at {self.endpoint}", interval=0.02,
+                 detail=lambda: self.process.log_text()[-2000:] if self.process else "")
 
     def stop(self, timeout: float = 5) -> int | None:
         """SIGTERM and wait (SIGKILL after timeout). Returns the exit code."""
@@ -525,14 +524,7 @@ class EtcdCluster:
     def wait_leader(self, timeout: float = 10) -> EtcdServer:
         """Wait until the live members agree on a live leader (e.g. after killing the old one).
         Note: a write that was forwarded to a dead leader is lost and times out on the client."""
-        deadline = time.monotonic() + timeout
-        while True:
-            leader = self.leader()
-            if leader is not None:
-                return leader
-            if time.monotonic() >= deadline:
-                raise LabError(f"etcd cluster has no agreed live leader after {timeout}s")
-            time.sleep(0.05)
+        return wait_for(self.leader, timeout, "the etcd cluster's live members to agree on a live leader")
 
     def stop(self) -> None:
         for m in self.members:

@@ -59,12 +59,12 @@ import random
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import uuid
 from typing import Any
 
 from .netns import Host, LabError, LabProcess
+from .wait import WaitTimeout, wait_for
 
 DEFAULT_ROUTE_LIMIT = 50
 VANISHING: set[tuple[str, str]] = set()  # (table, cidr) to delete when the next ReplaceRoute for it arrives
@@ -203,17 +203,18 @@ def drive(endpoint: str, region: str) -> None:
                                             **creds)
         return clients[service]
 
-    deadline = time.monotonic() + 30
-    while True:  # wait for the server
+    def answering() -> bool:
         try:
             httpx.get(f"{endpoint}/moto-api/", timeout=1, trust_env=False)
-            break
         except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                print(json.dumps({"error": {"code": "NotReady", "message": f"{endpoint} not answering"}}),
-                      flush=True)
-                return
-            time.sleep(0.05)
+            return False
+        return True
+
+    try:
+        wait_for(answering, 30, f"the fake EC2 server at {endpoint}")
+    except WaitTimeout:
+        print(json.dumps({"error": {"code": "NotReady", "message": f"{endpoint} not answering"}}), flush=True)
+        return
     print(json.dumps({"ok": "ready"}), flush=True)
 
     for line in sys.stdin:
@@ -298,13 +299,15 @@ class Ec2Server:
         box: list[str] = []
         t = threading.Thread(target=lambda: box.append(self._driver.stdout.readline()), daemon=True)  # type: ignore[union-attr]
         t.start()
-        deadline = time.monotonic() + timeout
-        while t.is_alive() and time.monotonic() < deadline:
-            if watch is not None and not watch.alive:
-                return {"error": {"code": "ServerExited", "message": f"exit {watch.returncode}"}}
-            t.join(0.05)
+        try:
+            wait_for(lambda: not t.is_alive() or (watch is not None and not watch.alive), timeout,
+                     "an answer from the fakeec2 driver")
+        except WaitTimeout:
+            raise LabError(f"fakeec2 driver gave no answer within {timeout}s") from None
+        if t.is_alive():  # the server died first
+            return {"error": {"code": "ServerExited", "message": f"exit {watch.returncode}"}}  # type: ignore[union-attr]
         if not box or not box[0]:
-            raise LabError(f"fakeec2 driver gave no answer within {timeout}s")
+            raise LabError("fakeec2 driver closed its output without an answer")
         return json.loads(box[0])
 
     def call(self, op: str, service: str = "ec2", **args: Any) -> Any:

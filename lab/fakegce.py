@@ -77,6 +77,7 @@ from typing import Any
 
 from .fakemeta import LINK_LOCAL, QuickHTTPServer
 from .netns import Host, LabError, LabProcess
+from .wait import wait_for
 
 LINK = "https://www.googleapis.com/compute/v1/"
 SCOPE_RW = "https://www.googleapis.com/auth/compute"
@@ -506,11 +507,9 @@ class GceServer:
         for _ in range(5):
             self.process = self.host.popen(sys.executable, "-m", "lab.fakegce", "api", "--port",
                                            str(self.port), name=f"fakegce-{self.port}")
-            deadline = time.monotonic() + timeout
-            while "listening" not in self.process.log_text() and self.process.alive:
-                if time.monotonic() > deadline:
-                    raise LabError(f"fakegce not listening after {timeout}s: {self.process.log_text()[-2000:]}")
-                time.sleep(0.02)
+            proc = self.process
+            wait_for(lambda p=proc: "listening" in p.log_text() or not p.alive, timeout, "fakegce listening",
+                     interval=0.02, detail=lambda p=proc: p.log_text()[-2000:])
             if self.process.alive:
                 return self
             if "in use" not in self.process.log_text():

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .netns import Host, LabError, LabProcess
+from .netns import Host, LabProcess
 
 LINK_LOCAL = "169.254.169.254"
 LOST_ANSWER_HOLD = 30.0  # seconds a "lost" token answer is held back (clients time out well before)
@@ -57,13 +57,7 @@ def start_metadata_server(host: Host, argv: Sequence[str], timeout: float = 15,
     if f"inet {address}/" not in present:
         host.ip("addr", "add", f"{address}/32", "dev", "lo")
     proc = host.popen(*argv, name=f"{host.name}-metadata")
-    deadline = time.monotonic() + timeout
-    while "listening" not in proc.log_text():
-        if not proc.alive:
-            raise LabError(f"metadata server on {host.name} exited: {proc.log_text()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise LabError(f"metadata server on {host.name} not listening after {timeout}s")
-        time.sleep(0.02)
+    proc.wait_log("listening", timeout, what=f"the metadata server on {host.name}")
     return proc
 
 

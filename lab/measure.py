@@ -18,10 +18,10 @@ import contextlib
 import json
 import math
 import re
-import time
 from collections.abc import Iterator
 
 from .netns import Host, LabError, LabProcess
+from .wait import WaitTimeout
 
 
 class MeasureError(LabError):
@@ -40,11 +40,10 @@ def iperf3_server(dst: Host, timeout_s: float = 10) -> Iterator[LabProcess]:
     stops it on exit."""
     srv = dst.popen("iperf3", "-s", "-1", "--forceflush", "-B", dst.address, name=f"iperf3-s-{dst.name}")
     try:
-        deadline = time.monotonic() + timeout_s
-        while "listening" not in srv.log_text().lower():
-            if not srv.alive or time.monotonic() > deadline:
-                raise MeasureError(f"iperf3 server in {dst.ns} did not start: {srv.log_text()[-300:]!r}")
-            time.sleep(0.02)
+        try:
+            srv.wait_log("(?i)listening", timeout_s, what=f"the iperf3 server in {dst.ns}")
+        except (LabError, WaitTimeout):
+            raise MeasureError(f"iperf3 server in {dst.ns} did not start: {srv.log_text()[-300:]!r}") from None
         yield srv
     finally:
         srv.stop()

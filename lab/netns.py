@@ -60,6 +60,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -70,6 +71,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .wait import WaitTimeout, wait_for
 
 NS_DIR = Path("/run/netns")
 REGISTRY_DIR = Path("/run/pyflanneld-lab")
@@ -186,12 +189,12 @@ def _kill_pids(pids: Iterable[int], sig: int) -> None:
 
 
 def _wait_pids_gone(pids: Iterable[int], deadline: float) -> list[int]:
-    left = list(pids)
-    while left and time.monotonic() < deadline:
-        left = [p for p in left if _pid_alive(p)]
-        if left:
-            time.sleep(0.02)
-    return [p for p in left if _pid_alive(p)]
+    """Wait until none of pids is alive or the monotonic deadline passes; the pids still alive."""
+    pids = list(pids)
+    with contextlib.suppress(WaitTimeout):
+        wait_for(lambda: not any(_pid_alive(p) for p in pids), max(0.0, deadline - time.monotonic()),
+                 "processes to exit", interval=0.02)
+    return [p for p in pids if _pid_alive(p)]
 
 
 def _destroy(namespaces: Sequence[str], procs: Sequence[LabProcess] = ()) -> None:
@@ -303,6 +306,22 @@ class LabProcess:
     def wait(self, timeout: float | None = None) -> int:
         """Wait for exit; raise subprocess.TimeoutExpired if still running after timeout."""
         return self.popen.wait(timeout=timeout)
+
+    def wait_log(self, pattern: str, timeout: float = 10, what: str | None = None) -> re.Match:
+        """Wait until regex ``pattern`` appears in the log and return the match. LabError (with the
+        log's tail) if the process exits without logging it; lab.wait.WaitTimeout after ``timeout`` s."""
+        rx = re.compile(pattern)
+
+        def found() -> re.Match | None:
+            alive = self.alive  # read before the log: a line written just before exit still counts
+            m = rx.search(self.log_text())
+            if m is None and not alive:
+                raise LabError(f"{what or self.name} exited with {self.returncode} before logging {pattern!r}; "
+                               f"log:\n{self.log_text()[-3000:]}")
+            return m
+
+        return wait_for(found, timeout, f"{pattern!r} in the log of {what or self.name}", interval=0.02,
+                        detail=lambda: f"log:\n{self.log_text()[-3000:]}")
 
     def signal(self, sig: int) -> None:
         """Send sig to the process group (the process and whatever it forked, even once the
@@ -440,15 +459,12 @@ class Host:
                       check=False, timeout=count * (interval + timeout) + 5)
         return cp.returncode == 0
 
-    def wait_ping(self, ip: str, timeout: float = 5) -> bool:
-        """Ping once per attempt until a reply or timeout; True on success."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.ping(ip, count=1, timeout=0.5):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.05)
+    def wait_ping(self, ip: str, timeout: float = 30) -> bool:
+        """Ping once per attempt until a reply or timeout; True on success, False on timeout."""
+        try:
+            return wait_for(lambda: self.ping(ip, count=1, timeout=0.5), timeout, f"a reply from {ip}")
+        except WaitTimeout:
+            return False
 
     # --- bridges for pods -------------------------------------------------------------------
     def make_bridge(self, name: str, cidr: str, mtu: int | str | None = None, cidr6: str | None = None) -> Bridge:

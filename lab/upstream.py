@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 from . import ROOT
+from .wait import WaitTimeout, wait_for
 
 VERSIONS = ("v0.20.2", "v0.17.0")  # v0.20.2: etcd v3; v0.17.0: etcd v2 (start etcd with --enable-v2)
 CACHE = Path(os.environ.get("PYFLANNELD_UPSTREAM_CACHE", "/var/tmp/pyflanneld-upstream"))
@@ -78,17 +79,13 @@ def settle(daemon, converged, timeout: float, what: str, poll_s: float = 0.1) ->
     as another event is never programmed. A test about pyflanneld must not fail on that, so when
     ``converged()`` is still false after ``timeout`` seconds the upstream daemon is restarted once
     (it lists every lease at start) and waited for again. Returns True when the restart was needed;
-    raises AssertionError naming ``what`` if it still does not converge. ``daemon`` is a
-    lab.cluster.Daemon.
+    raises lab.wait.WaitTimeout (an AssertionError) naming ``what`` if it still does not converge.
+    ``daemon`` is a lab.cluster.Daemon.
     """
-    import time
-
-    for attempt in range(2):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if converged():
-                return attempt == 1
-            time.sleep(poll_s)
-        if attempt == 0:
-            daemon.restart()
-    raise AssertionError(f"timed out waiting for {what} (upstream restarted once after {timeout}s)")
+    try:
+        wait_for(converged, timeout, what, interval=poll_s)
+        return False
+    except WaitTimeout:
+        daemon.restart()
+    wait_for(converged, timeout, f"{what} (upstream restarted once after {timeout} s)", interval=poll_s)
+    return True
