@@ -2,6 +2,7 @@
 
     python etcd_probe.py HOST:PORT watch PREFIX                 # one line per event: "<unix time> PUT|DELETE <key>"
     python etcd_probe.py HOST:PORT joins PREFIX FIRST N GAP     # put N leases GAP s apart: "<t_sent> <t_acked> <key>"
+    python etcd_probe.py HOST:PORT leaves PREFIX FIRST N GAP    # delete them GAP s apart, the same lines
     python etcd_probe.py HOST:PORT load PREFIX FIRST N          # put N leases as fast as etcd takes them
     python etcd_probe.py HOST:PORT unload PREFIX FIRST N        # delete them again
         (load/unload print "start <unix time of the first request>" and, at the end,
@@ -54,14 +55,17 @@ async def main(argv: list[str]) -> None:
                 say(f"{time.time():.6f}", ev.kind, ev.kv.key.decode())
             return
         first, n = int(rest[0]), int(rest[1])
-        lease = None if mode == "unload" else await c.lease(LEASE_TTL_S)
+        lease = None if mode in ("unload", "leaves") else await c.lease(LEASE_TTL_S)
         say("ready")
-        if mode == "joins":
+        if mode in ("joins", "leaves"):
             gap = float(rest[2])
             for i in range(first, first + n):
                 key = subnet_key(prefix, i)
                 t0 = time.time()
-                await c.put(key.encode(), lease_value(i).encode(), lease=lease)
+                if mode == "joins":
+                    await c.put(key.encode(), lease_value(i).encode(), lease=lease)
+                else:
+                    await c.delete(key.encode())
                 say(f"{t0:.6f} {time.time():.6f} {key}")
                 await asyncio.sleep(gap)
             return

@@ -11,7 +11,8 @@ One lab, one local etcd, one prefix; a host per flavour, both synced before anyt
 * ``join`` — JOINS leases put GAP_S apart (``etcd_probe.py joins`` records each put's send time);
   ``ip -ts monitor route`` in each host stamps the route's arrival on flannel.1 (vxlan programs
   ARP → FDB → route, so the route is the last of the three). A plain aetcd watch client in a
-  third namespace gives the raw etcd watch latency of the same run.
+  third namespace gives the raw etcd watch latency of the same run. Then the same leases are
+  deleted GAP_S apart (``etcd_probe.py leaves``): lease DELETE → the route's "Deleted" line.
 """
 
 from __future__ import annotations
@@ -128,17 +129,42 @@ def bench_burst(run: Run) -> list[Compare]:
 
 
 # -- join latency -----------------------------------------------------------------------------------
-_TS = re.compile(r"^\[(\S+)\]\s+(\d+\.\d+\.\d+\.\d+/\d+) .*dev flannel\.1")
+_TS = re.compile(r"^\[(\S+)\]\s+(Deleted )?(\d+\.\d+\.\d+\.\d+/\d+) .*dev flannel\.1")
 
 
-def _route_times(text: str, wanted: dict[str, float]) -> dict[str, float]:
-    """subnet → unix time its route first appeared, from ``ip -ts monitor route`` output."""
+def _route_times(text: str, wanted: dict[str, float], deleted: bool = False) -> dict[str, float]:
+    """subnet → unix time its route first appeared (deleted: went), from ``ip -ts monitor route``."""
     out = {}
     for ln in text.splitlines():
         m = _TS.match(ln)
-        if m and m[2] in wanted and m[2] not in out:
-            out[m[2]] = datetime.fromisoformat(m[1]).timestamp()
+        if m and bool(m[2]) == deleted and m[3] in wanted and m[3] not in out:
+            out[m[3]] = datetime.fromisoformat(m[1]).timestamp()
     return out
+
+
+def _sent(out: str) -> dict[str, float]:
+    """subnet → unix time its request was sent, from ``etcd_probe.py joins|leaves`` output."""
+    sent = {}
+    for ln in out.splitlines():
+        p = ln.split()
+        if len(p) == 3:
+            sent[p[2].rsplit("/", 1)[1].replace("-", "/")] = float(p[0])
+    return sent
+
+
+def _latencies(mons: dict, sent: dict[str, float], deleted: bool = False) -> dict[str, dict]:
+    """flavour → {"lat": seconds from request to route change, "missing": routes that never changed}:
+    all routes, or what there is after 30 s (upstream drops watch events)."""
+    res = {}
+    deadline = time.monotonic() + 30
+    for k, m in mons.items():
+        while True:
+            got = _route_times(m.log_text(), sent, deleted)
+            if len(got) == len(sent) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        res[k] = {"lat": [got[sn] - t0 for sn, t0 in sent.items() if sn in got], "missing": len(sent) - len(got)}
+    return res
 
 
 def join_once(lab: Lab, etcd, run: Run, n: int, tag: str) -> dict[str, list[float]]:
@@ -151,11 +177,7 @@ def join_once(lab: Lab, etcd, run: Run, n: int, tag: str) -> dict[str, list[floa
         wait(lambda: "ready" in raw.log_text(), 30, "the raw watch client", 0.05)
         time.sleep(0.5)
         out = run_probe(lab, etcd, "joins", prefix, FIRST_JOIN, n, GAP_S, name=f"j{tag}-writer")
-        sent = {}
-        for ln in out.splitlines():
-            p = ln.split()
-            if len(p) == 3:
-                sent[p[2].rsplit("/", 1)[1].replace("-", "/")] = float(p[0])
+        sent = _sent(out)
         if len(sent) != n:
             raise RuntimeError(f"join writer: {len(sent)} of {n} puts: {out[-500:]}")
 
@@ -167,17 +189,15 @@ def join_once(lab: Lab, etcd, run: Run, n: int, tag: str) -> dict[str, list[floa
                     got.setdefault(p[2].rsplit("/", 1)[1].replace("-", "/"), float(p[0]))
             return got
 
-        res = {}
-        deadline = time.monotonic() + 30
-        for k, m in mons.items():
-            while True:  # all routes, or what there is after 30 s (upstream drops watch events)
-                got = _route_times(m.log_text(), sent)
-                if len(got) == n or time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
-            res[k] = {"lat": [got[sn] - t0 for sn, t0 in sent.items() if sn in got], "missing": n - len(got)}
+        res = _latencies(mons, sent)
         got_w = wait(lambda: (lambda g: g if len(g) == n else None)(watched()), 10, "all raw watch events", 0.1)
         res["raw"] = [got_w[sn] - t0 for sn, t0 in sent.items()]
+        out = run_probe(lab, etcd, "leaves", prefix, FIRST_JOIN, n, GAP_S, name=f"j{tag}-deleter")
+        gone = _sent(out)
+        if len(gone) != n:
+            raise RuntimeError(f"leave writer: {len(gone)} of {n} deletes: {out[-500:]}")
+        for k, v in _latencies(mons, gone, deleted=True).items():
+            res[k]["leave"] = v
         return res
     finally:
         for p in (*mons.values(), raw):
@@ -204,14 +224,23 @@ def bench_join(run: Run) -> list[Compare]:
     def missing(flavour: str | None):
         return None if flavour is None else [x[flavour]["missing"] for x in runs]
 
+    def leave(flavour: str | None, p: float):
+        if flavour is None:
+            return None
+        if any(not x[flavour]["leave"]["lat"] for x in runs):
+            return Failed("no route removed at all")
+        return [percentile(x[flavour]["leave"]["lat"], p) for x in runs]
+
     up = "upstream" if run.has_upstream else None
-    t = Compare(f"Join latency: lease PUT → route on flannel.1, {n} joins {GAP_S * 1000:.0f} ms apart, "
+    t = Compare(f"Join latency: lease PUT → route on flannel.1, {n} joins {GAP_S * 1000:.0f} ms apart, then leaves, "
                 f"both daemons running (vxlan, median of {run.repeats})", run.has_upstream)
     t.row("p50", col("pyflanneld", 50), col(up, 50), None, ms)
     t.row("p99", col("pyflanneld", 99), col(up, 99), ratio_at_most(1), ms)
     t.row("max", col("pyflanneld", None), col(up, None), None, ms)
     t.row("joins never programmed (30 s)", missing("pyflanneld"), missing(up), at_most(0, "0"), count, ratio=False)
-    t.note("percentiles over the joins that were programmed")
+    t.row("leave p50 (lease DELETE → route gone)", leave("pyflanneld", 50), leave(up, 50), None, ms)
+    t.row("leave p99", leave("pyflanneld", 99), leave(up, 99), None, ms)
+    t.note("percentiles over the joins that were programmed (leaves: over the routes removed)")
     raw50, raw99 = (percentile(x["raw"], 50) for x in runs), (percentile(x["raw"], 99) for x in runs)
     t.note(f"raw etcd watch (plain aetcd client, same run): p50 {ms(min(raw50))}, p99 {ms(max(raw99))} "
            "(best / worst over repeats)")

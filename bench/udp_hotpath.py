@@ -8,18 +8,26 @@ per packet, less the harness's own cost per round (the same loop with the worker
 is what the worker's Python code and its system calls cost — the part of a forwarder hop that
 does not depend on the machine's other load. Runs in a lab namespace (loopback only).
 
+Also the route updates: the forwarder (``python -m pyflanneld.udpfwd --commands``, 2 workers) in
+the namespace takes UPDATES route adds/deletes, each followed by ``sync``, which answers once every
+worker has applied it; the wall time from the command to that answer (what a lease event costs
+the data plane before the new route forwards).
+
     python -m bench udp_hotpath
     python bench/udp_hotpath.py worker          # internal: the measurement, inside the namespace
 """
 
 from __future__ import annotations
 
+import select
 import socket
 import struct
+import subprocess
 import sys
 import time
 
 ROUNDS = 20000
+UPDATES = 200
 PING = bytes.fromhex("4500005400004000400100000a050102" "0a050202") + b"\x08\x00" + bytes(62)
 
 
@@ -77,13 +85,47 @@ def measure(offload: bool) -> dict[str, float]:
     return out
 
 
+def route_updates(host, n: int) -> list[float]:
+    """Seconds from a route command to the forwarder's ``sync`` answer (every worker applied it), n times."""
+    argv = ["ip", "netns", "exec", host.ns, sys.executable, "-m", "pyflanneld.udpfwd", "--network", "10.5.0.0/16",
+            "--subnet", "10.5.1.0/24", "--bind", host.address, "--port", "8285", "--mtu", "1472",
+            "--workers", "2", "--commands"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, bufsize=1, start_new_session=True)
+
+    def answer() -> str:
+        if not select.select([proc.stdout], [], [], 30)[0]:
+            raise RuntimeError("the udp forwarder did not answer within 30 s")
+        return proc.stdout.readline().strip()
+
+    try:
+        if answer() != "ready":
+            raise RuntimeError("the udp forwarder did not start")
+        took = []
+        for i in range(n):
+            line = "add 10.5.3.0/24 192.168.100.3" if i % 2 == 0 else "del 10.5.3.0/24"
+            t0 = time.perf_counter()
+            proc.stdin.write(f"{line}\nsync\n")
+            proc.stdin.flush()
+            if answer() != "ok":
+                raise RuntimeError("the udp forwarder did not confirm a route update")
+            took.append(time.perf_counter() - t0)
+        return took
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def bench_udp_hotpath(run) -> list:
-    """The scenario: both worker kinds, measured in a lab namespace (``run``: bench.flavours.Run)."""
+    """The scenario: both worker kinds, measured in a lab namespace (``run``: bench.flavours.Run),
+    and the forwarder's route updates."""
     from lab import Lab
+    from lab.measure import percentile
 
     from .table import Table
 
     rows = {}
+    updates: list[list[float]] = []
     with Lab() as lab:
         h = lab.add_host("hot")
         for kind in ("offload", "per-packet"):
@@ -92,13 +134,21 @@ def bench_udp_hotpath(run) -> list:
                 out = h.run(sys.executable, __file__, "worker", kind, timeout=300).stdout
                 samples.append({k: float(v) for k, v in (ln.split("=") for ln in out.split())})
             rows[kind] = samples
+        for _ in range(run.repeats):
+            updates.append(route_updates(h, run.n(UPDATES)))
     t = Table(f"udp worker code path per small packet (CPU time, {ROUNDS:,} packets per direction, no wake-ups)",
               ["worker", "tun → udp", "udp → tun"])
     for kind, samples in rows.items():
         t.add(kind, *(f"{min(s[d] for s in samples):.1f} µs" for d in ("tun→udp", "udp→tun")))
     t.note("CPU time of the worker's Python code and its system calls per packet (best of the repeats), "
            "less the harness loop's own cost: the share of a forwarder hop that is ours, whatever the load")
-    return [t]
+    u = Table(f"udp forwarder route updates: command → every worker applied it ({len(updates[0])} adds/deletes, "
+              "2 workers)", ["repeat", "p50", "p99", "max"])
+    for i, took in enumerate(updates, 1):
+        u.add(i, *(f"{v * 1000:.1f} ms" for v in (percentile(took, 50), percentile(took, 99), max(took))))
+    u.note("wall time (it depends on the machine's load): the supervisor's command, the workers' control "
+           "messages, the sync answer")
+    return [t, u]
 
 
 SCENARIOS = {"udp_hotpath": bench_udp_hotpath}
