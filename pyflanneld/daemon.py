@@ -182,6 +182,8 @@ class Daemon:
             if problem != last or time.monotonic() - last_at > 30:
                 log.error("couldn't fetch network config, retrying every second", error=problem)
                 last, last_at = problem, time.monotonic()
+            else:  # -v 1 shows each of the silent retries
+                log.debug("network config still not fetched; retrying", error=problem)
             await asyncio.sleep(1)
 
     async def resolve_interface(self) -> ExternalInterface:
@@ -295,6 +297,7 @@ class Daemon:
                 metrics.DATASTORE_ERRORS.labels("config").inc()
                 continue
             text = (raw or b"").decode("utf-8", "replace")
+            log.debug("network config rechecked", running=text == self.config.raw)
             if text == self.config.raw or text == warned:
                 continue
             warned = text

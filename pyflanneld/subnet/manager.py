@@ -218,6 +218,8 @@ class SubnetManager:
                 if msg != last_err:
                     log.error("failed to acquire lease", error=msg)
                     last_err = msg
+                else:  # -v 1 shows each of the silent retries
+                    log.debug("still no lease; retrying", error=msg)
                 self._mark(isinstance(e, PoolExhausted), msg if isinstance(e, StoreError) else "")
                 self.problem = msg
                 if on_error:
