@@ -23,13 +23,12 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-PYTHON = str(REPO / ".venv" / "bin" / "python")
+PYTHON = sys.executable  # the interpreter running the tests (the lab starts its processes with it too)
 
 
 def lease_json(subnet: str, public_ip: str, backend_type: str = "vxlan", backend_data: Any = None,
@@ -153,16 +152,6 @@ def connect(nodes: list[Node]) -> None:
     """Every node gets the others' leases as its first snapshot (set_peers)."""
     for n in nodes:
         n.proc.call("set_peers", leases=[m.lease for m in nodes if m is not n])
-
-
-def wait_for(pred: Callable[[], Any], timeout: float = 5.0, interval: float = 0.05) -> Any:
-    """Poll pred until truthy; return its value, or the last (falsy) value after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v or time.monotonic() >= deadline:
-            return v
-        time.sleep(interval)
 
 
 def lines(text: str) -> set[str]:

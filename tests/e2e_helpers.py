@@ -1,38 +1,35 @@
 """Helpers for the end-to-end backend tests: real pyflanneld daemons on lab hosts, a docker0-like
 bridge and a pod per host (what Docker/CNI does with subnet.env), and the kernel state read back
 the way an operator reads it (``ip``, ``bridge``, ``iptables``), compared line by line with what
-upstream flannel programs (flannel-upstream-facts.md §5/§6).
+upstream flannel programs:
 
-Expected values are written out here from the facts, never computed with pyflanneld's own code.
+- vxlan (upstream pkg/backend/vxlan/vxlan_network.go, device.go): per peer lease a PERMANENT ARP
+  entry ``<peer subnet address> lladdr <peer VtepMAC>``, an FDB entry ``<VtepMAC> dst <peer PublicIP>
+  self permanent`` and the route ``<peer subnet> via <peer subnet address> dev flannel.1 onlink``;
+  with DirectRouting and a peer on the same L2 segment the plain route ``via <peer PublicIP>``
+  instead. flannel.<VNI> has the subnet's network address as /32, MTU = underlay MTU − 50.
+- host-gw (upstream pkg/backend/hostgw/hostgw.go, route_network.go): ``<peer subnet> via <peer
+  PublicIP> dev <external interface>``.
+- iptables (upstream pkg/trafficmngr/iptables/iptables.go; the golden lists of upstream's e2e
+  suite, e2e/rules.go): chains FLANNEL-POSTRTG (nat) and FLANNEL-FWD (filter), below.
+
+Expected values are written out here, never computed with pyflanneld's own code.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from ipaddress import IPv4Network
-from typing import Any
 
 from lab import Daemon, Host, Lab, Pod, start_daemon
+from lab.wait import WaitTimeout, wait_for  # the tests import wait_for from here too
 
 PREFIX = "/coreos.com/network"
 NETWORK = "10.5.0.0/16"
-POLL = 0.05
-
-
-def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = POLL) -> float:
-    """Poll pred until truthy; return the seconds it took. AssertionError naming `what` on timeout."""
-    start = time.monotonic()
-    while True:
-        if pred():
-            return time.monotonic() - start
-        if time.monotonic() - start >= timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def config(backend: dict, network: str = NETWORK) -> str:
@@ -165,8 +162,9 @@ def mentions(node: Node, gone: Node, mac: str) -> list[str]:
 
 
 # --- traffic ---------------------------------------------------------------------------------------
-def ping_all(pods: list[Pod], timeout: float = 3) -> list[str]:
-    """Every pod pings every other pod (in parallel); returns the pairs that got no reply."""
+def ping_all(pods: list[Pod], timeout: float = 30) -> list[str]:
+    """Every pod pings every other pod (in parallel) until a reply, for up to `timeout` s each;
+    returns the pairs that got none."""
     pairs = [(a, b) for a in pods for b in pods if a is not b]
     with ThreadPoolExecutor(max_workers=len(pairs)) as ex:
         ok = list(ex.map(lambda ab: ab[0].wait_ping(ab[1].address, timeout=timeout), pairs))
@@ -197,9 +195,8 @@ class Pinger:
 
     def stop(self, wait: float = 0) -> tuple[int, int]:
         """Wait up to `wait` s for ping to end by itself, else SIGINT it; (transmitted, received)."""
-        deadline = time.monotonic() + wait
-        while self.proc.alive and time.monotonic() < deadline:
-            time.sleep(POLL)
+        with contextlib.suppress(WaitTimeout):
+            wait_for(lambda: not self.proc.alive, wait, "ping to end by itself")
         if self.proc.alive:
             self.proc.signal(2)  # SIGINT: ping prints its summary
         self.proc.wait(10)
@@ -207,6 +204,10 @@ class Pinger:
         m = re.search(r"(\d+) packets transmitted, (\d+) received", text)
         assert m, f"no ping summary:\n{text[-2000:]}"
         return int(m[1]), int(m[2])
+
+    def replies(self) -> int:
+        """Echo replies received so far."""
+        return len(re.findall(r"bytes from .*icmp_seq=", self.proc.log_text()))
 
     def lost(self) -> list[int]:
         """After stop(): icmp_seq numbers that never got a reply, except the last one sent (it may
@@ -223,7 +224,7 @@ class Pinger:
         return float(m[1]) if m else None
 
 
-# --- iptables (facts §6, upstream e2e/rules.go) ----------------------------------------------------
+# --- iptables (upstream pkg/trafficmngr/iptables/iptables.go; golden lists of e2e/rules.go) ------
 def golden_postrtg(network: str, subnet: str) -> list[str]:
     c = '-m comment --comment "flanneld masq"'
     return [

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from ipaddress import IPv4Network
 
 import pytest
 import yaml
-from helpers import key_of, subnet_of, wait_for
+from helpers import key_of, subnet_of, wait_config_rechecks, wait_for
 
 from lab.cluster import pyflanneld_argv, start_daemon
 from lab.etcd import EtcdServer, make_tls_certs
@@ -102,7 +101,7 @@ def test_config_set_from_yaml_get_back_and_a_daemon_uses_it(lab, etcd, api, tmp_
 
     # the daemon takes a /26 from it
     d = start_daemon(h1, "--iface", "eth0", "--etcd-api", api)
-    sn = subnet_of(d.wait_subnet_env(timeout=20))
+    sn = subnet_of(d.wait_subnet_env(timeout=30))
     assert sn.prefixlen == 26 and sn.subnet_of(IPv4Network("10.1.0.0/16"))
 
 
@@ -198,7 +197,7 @@ def test_reserve_and_release(lab, etcd, api):
     put_raw(etcd, api, f"{PREFIX}/config", ALLOC)
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
     d1 = start_daemon(h1, "--iface", "eth0", "--etcd-api", api)
-    sn1 = subnet_of(d1.wait_subnet_env(timeout=20))
+    sn1 = subnet_of(d1.wait_subnet_env(timeout=30))
     k1 = key_of(sn1)
     value1 = get_raw(etcd, api, k1)
     assert key_ttl(etcd, api, k1) > 0  # an ordinary lease
@@ -220,7 +219,7 @@ def test_reserve_and_release(lab, etcd, api):
     d1.stop()
     d1.subnet_file.unlink()
     d1 = d1.restart()
-    assert subnet_of(d1.wait_subnet_env(timeout=20)) == sn1
+    assert subnet_of(d1.wait_subnet_env(timeout=30)) == sn1
     assert key_ttl(etcd, api, k1) is None
 
     # a free subnet reserved for a host not started yet: that host takes it when it starts
@@ -229,7 +228,7 @@ def test_reserve_and_release(lab, etcd, api):
     assert cp.returncode == 0, cp.stderr
     assert json.loads(get_raw(etcd, api, key_of(free))) == {"PublicIP": h2.address, "PublicIPv6": None}
     d2 = start_daemon(h2, "--iface", "eth0", "--etcd-api", api)
-    assert subnet_of(d2.wait_subnet_env(timeout=20)) == free
+    assert subnet_of(d2.wait_subnet_env(timeout=30)) == free
     assert key_ttl(etcd, api, key_of(free)) is None
 
     # refusals write nothing; bad usage is exit 2
@@ -283,19 +282,20 @@ def test_a_running_host_keeps_its_reservation_and_renews_once_released(lab, etcd
     put_raw(etcd, api, f"{PREFIX}/config", ALLOC)
     h1 = lab.add_host("h1")
     d1 = start_daemon(h1, "--iface", "eth0", "--etcd-api", api, "--subnet-lease-ttl", "20s",
-                      "--subnet-lease-renew-margin", "15s")
-    sn1 = subnet_of(d1.wait_subnet_env(timeout=20))
-    d1.wait_log(r"lease renewed", timeout=20)
+                      "--subnet-lease-renew-margin", "15s", "-v", "1", env={"PYFLANNELD_CONFIG_RECHECK": "0.5"})
+    sn1 = subnet_of(d1.wait_subnet_env(timeout=30))
+    d1.wait_log(r"lease renewed", timeout=30)
     assert ctl(h1, etcd, "lease", "reserve", sn1, "--public-ip", h1.address, api=api).returncode == 0
-    d1.wait_log(r"own lease is now a reservation", timeout=10)
+    d1.wait_log(r"own lease is now a reservation", timeout=30)
     renewals = d1.log_text().count("lease renewed")
-    time.sleep(7)  # past the next renewal (due 5 s after the last one)
+    wait_config_rechecks(d1, 14)  # 7 s of the daemon's time: past the next renewal (due 5 s after the last)
     assert key_ttl(etcd, api, key_of(sn1)) is None
     assert d1.log_text().count("lease renewed") == renewals
 
     assert ctl(h1, etcd, "lease", "release", sn1, "--ttl", "1h", api=api).returncode == 0
-    d1.wait_log(r"own reservation released", timeout=10)
-    wait_for(lambda: d1.log_text().count("lease renewed") > renewals, 10, 0.1, "a renewal after the release")
+    d1.wait_log(r"own reservation released", timeout=30)
+    wait_for(lambda: d1.log_text().count("lease renewed") > renewals,
+             30, "a renewal after the release", interval=0.1)
     assert 0 < key_ttl(etcd, api, key_of(sn1)) <= 20  # the daemon's own TTL again
     assert d1.alive and subnet_of(d1.subnet_env()) == sn1
 

@@ -3,15 +3,16 @@
 Each test: a lab (switch + hosts in namespaces), a real etcd, ``pyflanneld`` started with
 ``start_daemon`` on every host, docker0 and a pod per host from subnet.env. What is asserted is
 what an operator sees: ``ip -d link``, ``bridge fdb``, ``ip neigh``, ``ip route``, ``iptables -S``
-— exact lines, as upstream flannel programs them (flannel-upstream-facts.md §5, §6) — and pod to
-pod pings. Backend-level behaviour (options, bad data, rollbacks) is in test_vxlan/test_hostgw.
+— exact lines, as upstream flannel programs them (see e2e_helpers: upstream's vxlan and host-gw
+backends, and the golden iptables lists of its e2e suite) — and pod to pod pings. Backend-level
+behaviour (options, bad data, rollbacks) is in test_vxlan/test_hostgw. Timeouts are bounds for
+correctness; how fast things happen is measured by the benchmarks (bench/).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
 
 import pytest
 from e2e_helpers import (
@@ -44,12 +45,15 @@ from e2e_helpers import (
 )
 
 from lab import start_daemon
+from lab.wait import wait_timed
 
 pytestmark = pytest.mark.lab
 
 VXLAN = {"Type": "vxlan"}
 HOSTGW = {"Type": "host-gw"}
-CONVERGE = 5.0  # daemons started together: every peer programmed within this (typically < 0.5 s)
+# A bound for correctness, generous for a loaded machine (typically < 0.5 s). How fast the daemons
+# converge is measured by the benchmarks (bench/: `start`, `join`), not asserted here.
+CONVERGE = 30.0
 
 
 def record(name: str, seconds: float) -> None:
@@ -148,7 +152,8 @@ def test_vxlan_direct_routing(lab, etcd):
     mac2 = n2.vtep_mac(etcd)
     assert n2.daemon.stop() == 0
     assert etcd.delete(key_of(n2.subnet)) == 1
-    wait_for(lambda: not mentions(n1, n2, mac2) and not mentions(n3, n2, mac2), 2, "h2's entries removed")
+    wait_for(lambda: not mentions(n1, n2, mac2) and not mentions(n3, n2, mac2),
+             CONVERGE, "h2's entries removed")
     assert_vxlan_converged([n1, n3], etcd, timeout=0)
     assert ping_all([n1.pod, n3.pod]) == []
 
@@ -167,14 +172,16 @@ def test_hostgw_three_hosts(lab, etcd):
     # a deleted route comes back and traffic resumes
     n1, n2 = nodes[0], nodes[1]
     n1.host.ip("route", "del", str(n2.subnet))
-    took = wait_for(lambda: routes(n1.host) == hostgw_expected(n1, others(nodes, n1)), 10, "route repaired")
+    _, took = wait_timed(lambda: routes(n1.host) == hostgw_expected(n1, others(nodes, n1)), CONVERGE,
+                         "route repaired")
     record("hostgw route repair", took)
-    assert n1.pod.wait_ping(n2.pod.address, timeout=2)
+    assert n1.pod.wait_ping(n2.pod.address, timeout=30)
 
 
 # --- membership changes --------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
-def test_join_reachable_within_1s_and_deleted_lease_removed_within_2s(lab, etcd, backend):
+def test_join_reachable_and_deleted_lease_removed(lab, etcd, backend):
+    """How fast a join is programmed is measured by `python -m bench join`; here: that it is."""
     etcd.put(f"{PREFIX}/config", config({"Type": backend}))
     nodes = start_nodes(lab, [lab.add_host("h1"), lab.add_host("h2")])
     assert ping_all([n.pod for n in nodes]) == []
@@ -182,20 +189,17 @@ def test_join_reachable_within_1s_and_deleted_lease_removed_within_2s(lab, etcd,
     # join: from h3's subnet.env appearing to the first reply from h3's pod, seen from each other pod
     h3 = lab.add_host("h3")
     d3 = start_daemon(h3, "--iface", "eth0")
-    wait_for(lambda: d3.subnet_file.exists(), 20, "h3 subnet.env", interval=0.005)
+    env3 = d3.wait_subnet_env(timeout=CONVERGE)
     t0 = d3.subnet_file.stat().st_mtime  # when the daemon wrote it (wall clock, like ping -D)
-    env3 = d3.wait_subnet_env(timeout=5)
-    pod3 = attach_pod(lab, h3, env3)  # docker0 + pod: counted against the budget
-    pingers = [Pinger(n.pod, pod3.address, interval=0.01, timestamps=True, deadline=3) for n in nodes]
+    pod3 = attach_pod(lab, h3, env3)
+    pingers = [Pinger(n.pod, pod3.address, interval=0.01, timestamps=True, deadline=2 * CONVERGE) for n in nodes]
     try:
-        wait_for(lambda: all(p.first_reply() for p in pingers), 3, "first replies from h3's pod", interval=0.01)
+        wait_for(lambda: all(p.first_reply() for p in pingers), CONVERGE, "first replies from h3's pod")
     finally:
         for p in pingers:
             p.stop()
-    delays = [p.first_reply() - t0 for p in pingers]
-    for d in delays:
-        record(f"join-to-reachable {backend}", d)
-    assert max(delays) < 1.0, delays
+    for p in pingers:
+        record(f"join-to-reachable {backend}", p.first_reply() - t0)
 
     n3 = Node(h3, d3, env3, pod3)
     nodes.append(n3)
@@ -212,7 +216,8 @@ def test_join_reachable_within_1s_and_deleted_lease_removed_within_2s(lab, etcd,
     assert d3.stop() == 0
     assert all(mentions(n, n3, mac3) for n in nodes[:2])
     assert etcd.delete(key_of(n3.subnet)) == 1
-    took = wait_for(lambda: not any(mentions(n, n3, mac3) for n in nodes[:2]), 2.0, "h3's entries removed")
+    _, took = wait_timed(lambda: not any(mentions(n, n3, mac3) for n in nodes[:2]),
+                         CONVERGE, "h3's entries removed")
     record(f"lease-delete-to-removed {backend}", took)
     rest = nodes[:2]
     if backend == "vxlan":
@@ -233,12 +238,18 @@ def test_restart_keeps_subnet_mac_and_traffic(lab, etcd):
     states_before = [vxlan_state(n) for n in nodes]
     # pings at 20/s across the whole restart, both ways between h2 and h3, and from h1's own pod
     pingers = [Pinger(n2.pod, n3.pod.address), Pinger(n3.pod, n2.pod.address), Pinger(n1.pod, n2.pod.address)]
-    time.sleep(0.3)
+
+    def more_replies(than: list[int], what: str) -> list[int]:
+        """Wait until every pinger got 5 replies more than `than`; the counts now."""
+        wait_for(lambda: all(p.replies() >= n + 5 for p, n in zip(pingers, than, strict=True)), CONVERGE, what)
+        return [p.replies() for p in pingers]
+
+    got = more_replies([0, 0, 0], "replies before the stop")
     assert n1.daemon.stop() == 0
-    time.sleep(0.3)
+    got = more_replies(got, "replies while h1's daemon is down")
     n1.daemon.restart()
-    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 2, 20, "restarted daemon ready")
-    time.sleep(0.3)
+    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 2, CONVERGE, "restarted daemon ready")
+    more_replies(got, "replies after the restart")
     counts = [p.stop() for p in pingers]
     assert all(tx >= 20 for tx, _ in counts), counts  # they really ran across the restart
     assert [p.lost() for p in pingers] == [[], [], []], counts  # not one packet lost
@@ -256,11 +267,11 @@ def test_restart_keeps_subnet_mac_and_traffic(lab, etcd):
     assert n1.daemon.stop() == 0
     n1.host.ip("link", "del", "flannel.1")
     n1.daemon.restart()
-    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 3, 20, "rebooted daemon ready")
+    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 3, CONVERGE, "rebooted daemon ready")
     assert n1.daemon.subnet_env() == n1.env
     new_mac = n1.vtep_mac(etcd)
     assert new_mac != mac_before and link_mac(n1.host) == new_mac
-    assert_vxlan_converged(nodes, etcd, timeout=2)  # h2/h3: old MAC's FDB entry gone, new one in
+    assert_vxlan_converged(nodes, etcd)  # h2/h3: old MAC's FDB entry gone, new one in
     assert_vxlan_device(n1, etcd)
     assert ping_all([n.pod for n in nodes]) == []
     assert "Traceback" not in n1.daemon.log_text()
@@ -288,10 +299,10 @@ def test_vxlan_drift_repaired(lab, etcd):
 
     for what, breakit in breakages.items():
         breakit()  # check=True: the entry was there
-        took = wait_for(repaired, 10, f"{what} repaired")
+        _, took = wait_timed(repaired, CONVERGE, f"{what} repaired", detail=lambda: vxlan_state(n1))
         record(f"vxlan {what} repair", took)
-        assert n1.pod.wait_ping(n2.pod.address, timeout=2), what
-        assert n2.pod.wait_ping(n1.pod.address, timeout=2), what
+        assert n1.pod.wait_ping(n2.pod.address, timeout=30), what
+        assert n2.pod.wait_ping(n1.pod.address, timeout=30), what
     # the recreated device is upstream's device again, with the VtepMAC peers know
     assert link_mac(h) == mac1 == n1.vtep_mac(etcd)
     assert_vxlan_device(n1, etcd)
@@ -309,11 +320,11 @@ def test_stale_peer_removed_at_start(lab, etcd):
     assert etcd.delete(key_of(n2.subnet)) == 1
     assert mentions(n1, n2, mac2)  # nobody on h1 noticed
     n1.daemon.restart()
-    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 2, 10, "restarted daemon ready")
-    wait_for(lambda: not mentions(n1, n2, mac2), 2, "h2's entries gone from h1")
+    wait_for(lambda: n1.daemon.log_text().count("peer leases listed") == 2, CONVERGE, "restarted daemon ready")
+    wait_for(lambda: not mentions(n1, n2, mac2), CONVERGE, "h2's entries gone from h1")
     assert vxlan_state(n1) == vxlan_expected(n1, [n3], etcd)  # h3's entries untouched
-    assert n1.pod.wait_ping(n3.pod.address, timeout=2)
-    assert n3.pod.wait_ping(n1.pod.address, timeout=2)
+    assert n1.pod.wait_ping(n3.pod.address, timeout=30)
+    assert n3.pod.wait_ping(n1.pod.address, timeout=30)
     assert not mentions(n3, n2, mac2)  # h3's daemon saw the delete live
 
 
@@ -342,15 +353,19 @@ def test_ip_masq_rules_golden_and_restored(lab, etcd):
     assert n1.pod.ping(h1.gateway)
     assert rule_packets(h1, "nat", "FLANNEL-POSTRTG")[4] == after[4] + 1
 
-    # a flushed chain, a lost jump, a flushed forward chain: each back within the 1 s resync period
+    # a flushed chain, a lost jump, a flushed forward chain: each put back by the resync (every 1 s),
+    # which says so in the log (the break is not checked in between: the resync may be quicker)
+    restoring = "iptables rules differ from the expected ones; restoring"
     for table, chain, breakit, golden in [
         ("nat", "FLANNEL-POSTRTG", ["-t", "nat", "-F", "FLANNEL-POSTRTG"], golden_postrtg(NETWORK, str(n1.subnet))),
         ("nat", "POSTROUTING", ["-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq",
                                 "-j", "FLANNEL-POSTRTG"], GOLDEN_POSTROUTING),
         ("filter", "FLANNEL-FWD", ["-F", "FLANNEL-FWD"], golden_fwd(NETWORK)),
     ]:
-        h1.run("iptables", "-w", *breakit)
-        assert iptables_s(h1, table, chain) != golden
-        took = wait_for(lambda t=table, c=chain, g=golden: iptables_s(h1, t, c) == g, 1.5, f"{chain} restored")
+        repairs = n1.daemon.log_text().count(restoring)
+        h1.run("iptables", "-w", *breakit)  # check=True: it was there to break
+        _, took = wait_timed(lambda t=table, c=chain, g=golden, r=repairs: n1.daemon.log_text().count(restoring) > r
+                             and iptables_s(h1, t, c) == g, CONVERGE, f"{chain} restored",
+                             detail=lambda t=table, c=chain: iptables_s(h1, t, c))
         record(f"iptables {chain} restore", took)
     assert n1.pod.ping(h1.gateway)

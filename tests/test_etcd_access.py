@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from urllib.parse import quote
 
 import pytest
-from helpers import http_get, key_of, subnet_of, wait_for
+from helpers import http_get, key_of, subnet_of, wait_config_rechecks, wait_config_retries, wait_for
 
 from lab.cluster import start_daemon
 from lab.etcd import EtcdServer
@@ -51,13 +50,14 @@ def test_silent_partition_is_noticed_and_a_relist_catches_up(lab, etcd, api):
     put_config(etcd, api)
     h1 = lab.add_host("h1")
     d = start_daemon(h1, "--etcd-api", api, "--healthz-port", str(HZ))
-    sn = subnet_of(d.wait_subnet_env(timeout=20))
-    d.wait_log("peer leases listed", timeout=10)
-    wait_for(lambda: http_get(h1, HZ, "/readyz")[0] == 200, 10, 0.2, "ready")
+    sn = subnet_of(d.wait_subnet_env(timeout=30))
+    d.wait_log("peer leases listed", timeout=30)
+    wait_for(lambda: http_get(h1, HZ, "/readyz")[0] == 200, 30, "ready", interval=0.2)
     peer = "10.1.200.0/24"
     with etcd.partitioned(h1):
         # keepalives (TCP for v2's long poll, gRPC for v3) find the path dead: /readyz says so
-        wait_for(lambda: http_get(h1, HZ, "/readyz")[0] == 503, 45, 0.5, "/readyz 503 during the partition")
+        wait_for(lambda: http_get(h1, HZ, "/readyz")[0] == 503,
+                 45, "/readyz 503 during the partition", interval=0.5)
         body = http_get(h1, HZ, "/readyz")[1]
         assert "datastore unreachable" in body and f"etcd {api} API at" in body, body
         # meanwhile etcd restarts (forgetting every connection) and a host joins: nothing will
@@ -70,8 +70,8 @@ def test_silent_partition_is_noticed_and_a_relist_catches_up(lab, etcd, api):
         else:
             etcd.put(key_of(peer), value)
     # healed: the watch reconnects and lists again, so the host that joined meanwhile is seen
-    wait_for(lambda: peers_of(h1) == {peer}, 60, 0.5, "the peer that joined during the partition")
-    wait_for(lambda: http_get(h1, HZ, "/readyz")[0] == 200, 15, 0.5, "ready again")
+    wait_for(lambda: peers_of(h1) == {peer}, 60, "the peer that joined during the partition", interval=0.5)
+    wait_for(lambda: http_get(h1, HZ, "/readyz")[0] == 200, 30, "ready again", interval=0.5)
     assert (etcd.v2_get(key_of(sn)) if api == "v2" else etcd.get(key_of(sn))) is not None
     assert d.alive
     no_traceback(d)
@@ -87,14 +87,14 @@ def test_expired_auth_token_is_renewed_transparently(lab):
     short = ("--subnet-lease-ttl", "8s", "--subnet-lease-renew-margin", "4s")
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
     d1 = start_daemon(h1, "--healthz-port", str(HZ), *short, env=env)
-    sn1 = subnet_of(d1.wait_subnet_env(timeout=20))
-    wait_for(lambda: d1.log_text().count("lease renewed") >= 2, 30, 0.2, "two renewals")
+    sn1 = subnet_of(d1.wait_subnet_env(timeout=30))
+    wait_for(lambda: d1.log_text().count("lease renewed") >= 2, 30, "two renewals", interval=0.2)
     # the watch is not stuck: a host joining now is seen (its stream was opened with the old token)
     d2 = start_daemon(h2, "--healthz-port", str(HZ), *short, env=env)
-    sn2 = subnet_of(d2.wait_subnet_env(timeout=20))
-    wait_for(lambda: peers_of(h1) == {str(sn2)}, 15, 0.2, "h1 sees h2")
-    wait_for(lambda: peers_of(h2) == {str(sn1)}, 15, 0.2, "h2 sees h1")
-    wait_for(lambda: d2.log_text().count("lease renewed") >= 2, 30, 0.2, "h2 renews too")
+    sn2 = subnet_of(d2.wait_subnet_env(timeout=30))
+    wait_for(lambda: peers_of(h1) == {str(sn2)}, 30, "h1 sees h2", interval=0.2)
+    wait_for(lambda: peers_of(h2) == {str(sn1)}, 30, "h2 sees h1", interval=0.2)
+    wait_for(lambda: d2.log_text().count("lease renewed") >= 2, 30, "h2 renews too", interval=0.2)
     assert http_get(h1, HZ, "/readyz")[0] == 200 and http_get(h2, HZ, "/readyz")[0] == 200
     for d in (d1, d2):
         assert "etcd auth token expired; authenticated again" in d.log_text()
@@ -109,14 +109,21 @@ def test_six_second_round_trip_still_starts_and_every_error_names_its_api(lab, e
     put_config(etcd, "v3")
     h1 = lab.add_host("h1")
     slow = etcd.slow_endpoint(6.0)
-    d = start_daemon(h1, "--etcd-endpoints", slow, "--healthz-port", str(HZ))  # --etcd-api auto: v3, then v2
+    # --etcd-api auto: v3, then v2; -v 1 and a config re-check every 5 s: requests over the link
+    d = start_daemon(h1, "--etcd-endpoints", slow, "--healthz-port", str(HZ), "-v", "1",
+                     env={"PYFLANNELD_CONFIG_RECHECK": "5"})
     sn = subnet_of(d.wait_subnet_env(timeout=180))
     assert json.loads(etcd.get(key_of(sn)))["PublicIP"] == h1.address
-    # it stays up on that link: the watch (gRPC keepalive pings answered after 6 s) holds
+    # it stays up on that link: the watch (gRPC keepalive pings every 10 s, answered after 6 s) holds
+    # while three re-checks go over the link (> 30 s), and then still delivers an event
     d.wait_log("peer leases listed", timeout=60)
     since = len(d.log_text())
-    time.sleep(25)
-    assert "watch failed" not in d.log_text()[since:], d.log_text()[since:]
+    wait_config_rechecks(d, 3, timeout=180)
+    peer = "10.1.250.0/24"
+    etcd.put(key_of(peer), '{"PublicIP":"192.168.100.250","PublicIPv6":null}')
+    wait_for(lambda: peers_of(h1) == {peer}, 60, "the new lease through the watch")
+    later = d.log_text()[since:]
+    assert "watch failed" not in later and "peer leases listed" not in later, later  # no reconnect, no relist
     assert http_get(h1, HZ, "/readyz")[0] == 200
     text = d.log_text()
     assert "ReadTimeout" not in text
@@ -136,7 +143,7 @@ def test_v2_prefix_without_leading_slash_reads_the_same_keys_as_upstream(lab, et
     hosts = [lab.add_host(f"h{i}") for i in (1, 2, 3)]
     daemons = [start_daemon(h, "--etcd-api", "v2", "--etcd-prefix", p)
                for h, p in zip(hosts, ("net", "net/", "/net/"), strict=True)]
-    subnets = [subnet_of(d.wait_subnet_env(timeout=20)) for d in daemons]
+    subnets = [subnet_of(d.wait_subnet_env(timeout=30)) for d in daemons]
     assert len(set(subnets)) == 3
     for h, sn in zip(hosts, subnets, strict=True):
         assert json.loads(etcd.v2_get(key_of(sn, prefix="/net")))["PublicIP"] == h.address
@@ -157,7 +164,7 @@ def test_v2_prefix_shared_with_upstream_v017(lab, etcd):
     assert sn_theirs != sn_ours
     assert json.loads(etcd.v2_get(key_of(sn_theirs, prefix="/net")))["PublicIP"] == h1.address
     assert json.loads(etcd.v2_get(key_of(sn_ours, prefix="/net")))["PublicIP"] == h2.address
-    wait_for(lambda: peers_of(h2) == {str(sn_theirs)}, 15, 0.2, "ours sees upstream's lease")
+    wait_for(lambda: peers_of(h2) == {str(sn_theirs)}, 30, "ours sees upstream's lease", interval=0.2)
 
 
 # -- 10.10: --etcd-api v2 on an etcd without v2 -------------------------------------------------------
@@ -165,9 +172,9 @@ def test_v2_api_on_an_etcd_without_v2_says_so(lab):
     etcd = lab.start_etcd(enable_v2=False)
     etcd.put(f"{PREFIX}/config", ALLOC)  # the config is there, in v3
     h1 = lab.add_host("h1")
-    d = start_daemon(h1, "--etcd-api", "v2", "--healthz-port", str(HZ))
-    d.wait_log("level=error", timeout=15)
-    time.sleep(3)  # several retries
+    d = start_daemon(h1, "--etcd-api", "v2", "--healthz-port", str(HZ), "-v", "1")
+    d.wait_log("level=error", timeout=30)
+    wait_config_retries(d)
     errs = lines(d, "error")
     assert len(errs) == 1, errs
     assert "etcd v2 API at" in errs[0] and "--enable-v2=true" in errs[0] and "--etcd-api v3" in errs[0], errs[0]
@@ -187,14 +194,14 @@ def test_password_in_the_endpoint_url_is_used_and_never_shown(lab):
     h1, h2, h3 = lab.add_host("h1"), lab.add_host("h2"), lab.add_host("h3")
 
     d1 = start_daemon(h1, "--etcd-endpoints", with_creds, "--healthz-port", str(HZ), "-v", "1")
-    sn1 = subnet_of(d1.wait_subnet_env(timeout=20))
+    sn1 = subnet_of(d1.wait_subnet_env(timeout=30))
     assert json.loads(etcd.get(key_of(sn1)))["PublicIP"] == h1.address
     assert "flannel:***@" in d1.log_text()  # the start-up line says credentials are set, masked
 
     # a wrong password in the URL: refused, one line, the password nowhere (log, /readyz)
     wrong = PASSWORD[::-1]
     d2 = start_daemon(h2, "--etcd-endpoints", with_creds.replace(PASSWORD, wrong), "--healthz-port", str(HZ))
-    d2.wait_log("level=error", timeout=15)
+    d2.wait_log("level=error", timeout=30)
     code, body = http_get(h2, HZ, "/readyz")
     assert code == 503 and "refused the credentials" in body and wrong not in body
     # the URL and --etcd-username contradict each other: exit 1 with one line saying so
@@ -208,7 +215,7 @@ def test_password_in_the_endpoint_url_is_used_and_never_shown(lab):
     open_etcd.put(f"{PREFIX}/config", ALLOC)
     h4 = lab.add_host("h4")
     d4 = start_daemon(h4, "--etcd-endpoints", f"http://flannel:{PASSWORD}@{open_etcd.ip}:{open_etcd.client_port}")
-    sn4 = subnet_of(d4.wait_subnet_env(timeout=20))
+    sn4 = subnet_of(d4.wait_subnet_env(timeout=30))
     assert json.loads(open_etcd.get(key_of(sn4)))["PublicIP"] == h4.address
 
     for d in (d1, d2, d3, d4):

@@ -10,12 +10,11 @@ import json
 import re
 import shutil
 import ssl
-import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
-from helpers import key_of, subnet_of, wait_for
+from helpers import key_of, subnet_of, wait_config_retries, wait_for
 
 from lab.cluster import start_daemon
 from lab.etcd import DAY, EtcdServer, make_client_cert, make_tls_certs
@@ -75,13 +74,13 @@ def test_mtls_leases_and_watch(lab, mtls, api):
     put_config(etcd, api)
     hosts = [lab.add_host("h1"), lab.add_host("h2")]
     daemons = [start_daemon(h, "--etcd-api", api, "--healthz-port", str(HZ), *tls_flags(files)) for h in hosts]
-    subnets = [subnet_of(d.wait_subnet_env(timeout=20)) for d in daemons]
+    subnets = [subnet_of(d.wait_subnet_env(timeout=30)) for d in daemons]
     assert subnets[0] != subnets[1]
     for h, sn in zip(hosts, subnets, strict=True):
         assert lease_in_store(etcd, api, sn)["PublicIP"] == h.address
     # the watch runs over TLS too: each daemon sees the other
-    wait_for(lambda: peers_of(hosts[0]) == {str(subnets[1])}, 10, 0.1, "h1 sees h2")
-    wait_for(lambda: peers_of(hosts[1]) == {str(subnets[0])}, 10, 0.1, "h2 sees h1")
+    wait_for(lambda: peers_of(hosts[0]) == {str(subnets[1])}, 30, "h1 sees h2", interval=0.1)
+    wait_for(lambda: peers_of(hosts[1]) == {str(subnets[0])}, 30, "h2 sees h1", interval=0.1)
     for d in daemons:
         assert d.alive and error_lines(d.log_text()) == [] and "Traceback" not in d.log_text()
 
@@ -94,9 +93,9 @@ def test_wrong_ca_is_one_clear_line_then_recovers_when_fixed(lab, mtls, api):
     ca = lab.tmp / "ca-in-use.pem"
     shutil.copy(other.ca, ca)
     h1 = lab.add_host("h1")
-    d = start_daemon(h1, "--etcd-api", api, *tls_flags(files, ca=ca))
-    d.wait_log(r"level=error", timeout=15)
-    time.sleep(4)  # several retries (every second)
+    d = start_daemon(h1, "--etcd-api", api, "-v", "1", *tls_flags(files, ca=ca))
+    d.wait_log(r"level=error", timeout=30)
+    wait_config_retries(d)
     assert d.alive and d.subnet_env() is None
     errs = error_lines(d.log_text())
     assert len(errs) == 1, errs  # one line, not one per retry
@@ -105,7 +104,7 @@ def test_wrong_ca_is_one_clear_line_then_recovers_when_fixed(lab, mtls, api):
     assert "Traceback" not in d.log_text()
     # fix the file in place: the daemon picks it up on its next try
     shutil.copy(files.ca, ca)
-    sn = subnet_of(d.wait_subnet_env(timeout=15))
+    sn = subnet_of(d.wait_subnet_env(timeout=30))
     assert lease_in_store(etcd, api, sn)["PublicIP"] == h1.address
     assert d.alive and "Traceback" not in d.log_text()
 
@@ -119,15 +118,15 @@ def test_ca_file_in_der_is_one_clear_line_then_recovers_when_fixed(lab, mtls, ap
     ca = lab.tmp / "ca-in-use.crt"
     ca.write_bytes(ssl.PEM_cert_to_DER_cert(files.ca.read_text()))
     h1 = lab.add_host("h1")
-    d = start_daemon(h1, "--etcd-api", api, *tls_flags(files, ca=ca))
-    d.wait_log(r"level=error", timeout=15)
-    time.sleep(3)  # several retries (every second)
+    d = start_daemon(h1, "--etcd-api", api, "-v", "1", *tls_flags(files, ca=ca))
+    d.wait_log(r"level=error", timeout=30)
+    wait_config_retries(d)
     assert d.alive and d.subnet_env() is None
     errs = error_lines(d.log_text())
     assert len(errs) == 1, errs
     assert f"--etcd-cafile {ca} is a DER (binary) certificate, not PEM; convert it: openssl x509" in errs[0]
     shutil.copy(files.ca, ca)
-    sn = subnet_of(d.wait_subnet_env(timeout=15))
+    sn = subnet_of(d.wait_subnet_env(timeout=30))
     assert lease_in_store(etcd, api, sn)["PublicIP"] == h1.address
     assert d.alive and "Traceback" not in d.log_text() and "internal error" not in d.log_text()
 
@@ -137,9 +136,9 @@ def test_missing_client_certificate_is_one_clear_line(lab, mtls, api):
     etcd, files = mtls
     put_config(etcd, api)
     h1 = lab.add_host("h1")
-    d = start_daemon(h1, "--etcd-api", api, *tls_flags(files, client=False))
-    d.wait_log(r"level=error", timeout=15)
-    time.sleep(4)
+    d = start_daemon(h1, "--etcd-api", api, "-v", "1", *tls_flags(files, client=False))
+    d.wait_log(r"level=error", timeout=30)
+    wait_config_retries(d)
     assert d.alive and d.subnet_env() is None
     errs = error_lines(d.log_text())
     assert len(errs) == 1, errs
@@ -155,10 +154,10 @@ def test_expired_client_certificate_is_called_expired_and_grpc_stays_quiet(lab, 
     in_use = lab.tmp / "client-in-use.pem"
     shutil.copy(cert, in_use)
     h1 = lab.add_host("h1")
-    d = start_daemon(h1, "--etcd-api", api, "--etcd-cafile", str(files.ca), "--etcd-certfile", str(in_use),
+    d = start_daemon(h1, "--etcd-api", api, "-v", "1", "--etcd-cafile", str(files.ca), "--etcd-certfile", str(in_use),
                      "--etcd-keyfile", str(key))
-    d.wait_log(r"level=error", timeout=15)
-    time.sleep(4)  # several retries (every second)
+    d.wait_log(r"level=error", timeout=30)
+    wait_config_retries(d)
     assert d.alive and d.subnet_env() is None
     errs = error_lines(d.log_text())
     assert len(errs) == 1, errs
@@ -169,7 +168,7 @@ def test_expired_client_certificate_is_called_expired_and_grpc_stays_quiet(lab, 
     fresh, fresh_key = make_client_cert(files, lab.tmp / "pki-new", name="fresh")
     shutil.copy(fresh_key, key)  # the renewed certificate comes with its own key
     shutil.copy(fresh, in_use)
-    sn = subnet_of(d.wait_subnet_env(timeout=15))
+    sn = subnet_of(d.wait_subnet_env(timeout=30))
     assert lease_in_store(etcd, api, sn)["PublicIP"] == h1.address
     assert "Traceback" not in d.log_text()
 
@@ -179,10 +178,10 @@ def test_key_of_another_certificate_is_named(lab, mtls, api):
     etcd, files = mtls
     put_config(etcd, api)
     h1 = lab.add_host("h1")
-    d = start_daemon(h1, "--etcd-api", api, "--etcd-cafile", str(files.ca), "--etcd-certfile", str(files.client_cert),
-                     "--etcd-keyfile", str(files.server_key))
-    d.wait_log(r"level=error", timeout=15)
-    time.sleep(3)
+    d = start_daemon(h1, "--etcd-api", api, "-v", "1", "--etcd-cafile", str(files.ca), "--etcd-certfile",
+                     str(files.client_cert), "--etcd-keyfile", str(files.server_key))
+    d.wait_log(r"level=error", timeout=30)
+    wait_config_retries(d)
     errs = error_lines(d.log_text())
     assert len(errs) == 1, errs
     assert "key does not match certificate" in errs[0] and str(files.server_key) in errs[0], errs[0]
@@ -199,11 +198,12 @@ def test_key_readable_by_others_is_one_warning(lab, mtls):
     h1 = lab.add_host("h1")
     d = start_daemon(h1, "--etcd-cafile", str(files.ca), "--etcd-certfile", str(files.client_cert),
                      "--etcd-keyfile", str(shared), "--healthz-port", str(HZ))
-    sn = subnet_of(d.wait_subnet_env(timeout=20))  # it works: a warning, not an error
+    sn = subnet_of(d.wait_subnet_env(timeout=30))  # it works: a warning, not an error
     assert lease_in_store(etcd, "v3", sn)["PublicIP"] == h1.address
     ss = h1.run("ss", "-K", "dst", etcd.ip, "dport", "=", str(etcd.client_port), check=False)  # reconnect: key read again
     assert ss.returncode == 0
-    wait_for(lambda: d.log_text().count("peer leases listed") >= 2, 15, 0.1, "a relist after the reconnect")
+    wait_for(lambda: d.log_text().count("peer leases listed") >= 2,
+             30, "a relist after the reconnect", interval=0.1)
     warnings = [ln for ln in d.log_text().splitlines() if "level=warning" in ln and "--etcd-keyfile" in ln]
     assert len(warnings) == 1, warnings
     assert str(shared) in warnings[0] and "0644" in warnings[0] and "chmod 600" in warnings[0]
@@ -231,32 +231,32 @@ def test_user_password_auth_and_the_password_is_never_logged(lab, tls):
     # on the command line (and at debug level, where more is logged)
     d1 = start_daemon(h1, "--etcd-username", "flannel", "--etcd-password", PASSWORD, "-v", "1",
                       "--healthz-port", str(HZ), *extra)
-    sn1 = subnet_of(d1.wait_subnet_env(timeout=20))
+    sn1 = subnet_of(d1.wait_subnet_env(timeout=30))
     # from the environment, as the docs recommend: then not even /proc/<pid>/cmdline has it
     d2 = start_daemon(h2, "--healthz-port", str(HZ), *extra,
                       env={"FLANNELD_ETCD_USERNAME": "flannel", "FLANNELD_ETCD_PASSWORD": PASSWORD})
-    sn2 = subnet_of(d2.wait_subnet_env(timeout=20))
+    sn2 = subnet_of(d2.wait_subnet_env(timeout=30))
     assert PASSWORD not in Path(f"/proc/{d2.pid}/cmdline").read_bytes().decode(errors="replace")
     assert json.loads(etcd.get(key_of(sn1)))["PublicIP"] == h1.address
     assert json.loads(etcd.get(key_of(sn2)))["PublicIP"] == h2.address
-    wait_for(lambda: peers_of(h1) == {str(sn2)}, 10, 0.1, "h1 sees h2 (watch with auth)")
-    wait_for(lambda: peers_of(h2) == {str(sn1)}, 10, 0.1, "h2 sees h1")
+    wait_for(lambda: peers_of(h1) == {str(sn2)}, 30, "h1 sees h2 (watch with auth)", interval=0.1)
+    wait_for(lambda: peers_of(h2) == {str(sn1)}, 30, "h2 sees h1", interval=0.1)
 
     # a wrong password: one clear line (without any password in it), retried, the daemon stays up
     wrong = PASSWORD[::-1]
-    d3 = start_daemon(h3, *extra, env={"FLANNELD_ETCD_USERNAME": "flannel", "FLANNELD_ETCD_PASSWORD": wrong})
-    d3.wait_log(r"level=error", timeout=15)
-    time.sleep(3)
+    d3 = start_daemon(h3, "-v", "1", *extra, env={"FLANNELD_ETCD_USERNAME": "flannel", "FLANNELD_ETCD_PASSWORD": wrong})
+    d3.wait_log(r"level=error", timeout=30)
+    wait_config_retries(d3)
     errs = error_lines(d3.log_text())
     assert len(errs) == 1 and "--etcd-password" in errs[0], errs
     assert wrong not in d3.log_text() and d3.alive and d3.subnet_env() is None
 
     # a prefix the user may not read: one line saying so (again without the password)
     h4 = lab.add_host("h4")
-    d4 = start_daemon(h4, "--etcd-prefix", "/other/network", *extra,
+    d4 = start_daemon(h4, "--etcd-prefix", "/other/network", "-v", "1", *extra,
                       env={"FLANNELD_ETCD_USERNAME": "flannel", "FLANNELD_ETCD_PASSWORD": PASSWORD})
-    d4.wait_log(r"level=error", timeout=15)
-    time.sleep(2)
+    d4.wait_log(r"level=error", timeout=30)
+    wait_config_retries(d4)
     errs = error_lines(d4.log_text())
     assert len(errs) == 1 and "permission denied" in errs[0], errs
     assert d4.alive and d4.subnet_env() is None

@@ -13,8 +13,9 @@ import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
+import helpers
 import pytest
-from helpers import key_of, subnet_of, wait_for
+from helpers import key_of, said, subnet_of, wait_config_rechecks, wait_for
 
 from lab.cluster import pyflanneld_argv, start_daemon
 from lab.etcd import EtcdCluster
@@ -29,10 +30,7 @@ HZ = 8480  # --healthz-port; every host is its own namespace, so one port serves
 
 # -- helpers ----------------------------------------------------------------------------------------
 def http_get(host, path, port=HZ):
-    p = host.run("curl", "-s", "--max-time", "3", "-o", "/dev/stdout", "-w", "\n%{http_code}",
-                 f"http://127.0.0.1:{port}{path}", check=False)
-    body, _, code = p.stdout.rpartition("\n")
-    return int(code or 0), body
+    return helpers.http_get(host, port, path)
 
 
 def peers_of(host, port=HZ) -> set[str]:
@@ -86,8 +84,11 @@ class Pinger:
 
     def __init__(self, pod, dst: str, seconds: float, interval: float = 0.1) -> None:
         self.pod, self.dst = pod, dst
-        self.proc = pod.popen("ping", "-n", "-q", "-c", str(int(seconds / interval)), "-i", str(interval),
+        self.proc = pod.popen("ping", "-n", "-c", str(int(seconds / interval)), "-i", str(interval),
                               "-W", "1", dst, name=f"ping-{pod.name}-{dst}")
+
+    def replies(self) -> int:
+        return len(re.findall(r"bytes from .*icmp_seq=", self.proc.log_text()))
 
     def result(self, timeout: float = 60) -> tuple[int, int]:
         self.proc.wait(timeout)
@@ -122,24 +123,24 @@ def test_etcd_down_60s_data_plane_keeps_working_and_recovers(lab, etcd):
     for p in pods:
         for q in pods:
             if p is not q:
-                assert p.wait_ping(q.address, timeout=10), f"{p.name}@{p.host.name} -> {q.address}"
+                assert p.wait_ping(q.address, timeout=30), f"{p.name}@{p.host.name} -> {q.address}"
     leases_before = etcd_subnets(etcd)
     assert len(leases_before) == 3
     routes_before = {h.name: flannel_routes(h) for h in hosts}
     assert all(len(r) == 2 for r in routes_before.values()), routes_before
 
-    # pings from 1 s before the outage to 4 s after it, 10 per second, on three pod pairs
+    # pings from before the outage to after it, 10 per second, on three pod pairs
     pingers = [Pinger(pods[i], pods[(i + 1) % 3].address, OUTAGE + 5) for i in range(3)]
-    time.sleep(1)
+    wait_for(lambda: all(p.replies() >= 5 for p in pingers), 30, "pings running before the outage")
     cpu0 = [cpu_seconds(d.pid) for d in daemons]
     t_stop = time.monotonic()
     etcd.stop()
-    # /readyz says why within a few seconds (the watch stream breaks at once)
+    # /readyz says why (the watch stream breaks at once)
     for h in hosts:
         code, body = wait_for(lambda h=h: (lambda r: r if r[0] == 503 else None)(http_get(h, "/readyz")),
-                              15, 0.2, f"{h.name} /readyz 503")
+                              30, f"{h.name} /readyz 503", interval=0.2)
         assert "datastore unreachable" in body, body
-    time.sleep(max(0.0, OUTAGE - (time.monotonic() - t_stop)))
+    time.sleep(max(0.0, OUTAGE - (time.monotonic() - t_stop)))  # the outage itself: etcd down for 60 s
     # still down: kernel state untouched, daemons alive, no CPU spin (< 10 % of a core on average)
     assert {h.name: flannel_routes(h) for h in hosts} == routes_before
     assert all(d.alive for d in daemons)
@@ -151,7 +152,7 @@ def test_etcd_down_60s_data_plane_keeps_working_and_recovers(lab, etcd):
 
     etcd.start()
     for h in hosts:
-        wait_for(lambda h=h: http_get(h, "/readyz")[0] == 200, 20, 0.1, f"{h.name} ready again")
+        wait_for(lambda h=h: http_get(h, "/readyz")[0] == 200, 60, f"{h.name} ready again", interval=0.1)
     for p in pingers:
         sent, recv = p.result()
         assert sent == (OUTAGE + 5) * 10, (sent, recv)
@@ -164,27 +165,16 @@ def test_etcd_down_60s_data_plane_keeps_working_and_recovers(lab, etcd):
     assert not any("own lease lost" in d.log_text() for d in daemons)  # kept, not lost and re-taken
     n_renewed = [d.log_text().count("lease renewed") for d in daemons]
     wait_for(lambda: all(d.log_text().count("lease renewed") > n for d, n in zip(daemons, n_renewed, strict=True)),
-             15, 0.2, "a renewal on every daemon after etcd came back")
+             30, "a renewal on every daemon after etcd came back", interval=0.2)
 
-    # a new host joins and is reachable from every pod within 2 s of its subnet.env
+    # a new host joins and is reachable from every pod (how fast: `python -m bench join`)
     h4 = lab.add_host("h4")
     d4 = start_daemon(h4, *ttl)
-    env4 = d4.wait_subnet_env(timeout=15)
-    t_ready = time.monotonic()
+    env4 = d4.wait_subnet_env(timeout=30)
     h4.make_bridge("docker0", env4["FLANNEL_SUBNET"], env4["FLANNEL_MTU"])
     p4 = lab.add_pod(h4, "p1")
-    results = {}
-
-    def probe(pod):
-        results[pod.host.name] = pod.wait_ping(p4.address, timeout=5) and time.monotonic() - t_ready
-
-    threads = [threading.Thread(target=probe, args=(p,)) for p in pods]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert all(results.values()), results
-    assert max(results.values()) <= 2.0, f"seconds from h4's subnet.env to reachable: {results}"
+    for p in pods:
+        assert p.wait_ping(p4.address, timeout=30), f"{p.host.name}'s pod -> h4's pod"
     for d in [*daemons, d4]:
         assert d.alive
         no_traceback(d)
@@ -211,8 +201,8 @@ def test_cluster_member_killed_daemon_fails_over(lab):
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
     short = ("--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s", "--healthz-port", str(HZ))
     d1 = start_daemon(h1, *short, etcd=cluster)
-    own = subnet_of(d1.wait_subnet_env(timeout=15))
-    talks_to = wait_for(lambda: etcd_peer_ports(h1, set(ports)), 10, what="h1's etcd connection")
+    own = subnet_of(d1.wait_subnet_env(timeout=30))
+    talks_to = wait_for(lambda: etcd_peer_ports(h1, set(ports)), 30, what="h1's etcd connection")
     assert len(talks_to) == 1, talks_to
     victim = ports[talks_to.pop()]
     other = next(m for m in cluster.members if m is not victim)
@@ -221,25 +211,28 @@ def test_cluster_member_killed_daemon_fails_over(lab):
     if leader is not victim:
         st = json.loads(victim.etcdctl("endpoint", "status", "-w", "json"))[0]
         leader.etcdctl("move-leader", format(int(st["Status"]["header"]["member_id"]), "x"))
-        wait_for(lambda: cluster.leader() is victim, 10, what="leadership moved to the victim")
+        wait_for(lambda: cluster.leader() is victim, 30, what="leadership moved to the victim")
     victim.kill()
     cluster.wait_leader(timeout=10)
 
     # the watch continues on another member: a lease added after the kill is seen ...
-    wait_for(lambda: http_get(h1, "/readyz")[0] == 200, 15, 0.1, "h1 ready after the kill")
+    wait_for(lambda: http_get(h1, "/readyz")[0] == 200, 30, "h1 ready after the kill", interval=0.1)
     extra = "10.1.250.0/24"
     other.put(key_of(extra), '{"PublicIP":"192.168.100.250","PublicIPv6":null}')
-    wait_for(lambda: extra in peers_of(h1), 10, 0.1, "a lease put after the kill seen by h1")
+    wait_for(lambda: extra in peers_of(h1), 30, "a lease put after the kill seen by h1", interval=0.1)
     # ... so is a second daemon that joins through the surviving members
     d2 = start_daemon(h2, *short, etcd=cluster)
-    sn2 = str(subnet_of(d2.wait_subnet_env(timeout=15)))
-    wait_for(lambda: sn2 in peers_of(h1), 10, 0.1, "h2's lease seen by h1")
-    # ... and the own lease (TTL 4 s) keeps being renewed: it outlives several TTLs
+    sn2 = str(subnet_of(d2.wait_subnet_env(timeout=30)))
+    wait_for(lambda: sn2 in peers_of(h1), 30, "h2's lease seen by h1", interval=0.1)
+    # ... and the own lease (TTL 4 s) keeps being renewed: it outlives several TTLs (six renewals,
+    # due every 2 s, are three TTLs) and is in etcd whenever we look
     renewed = d1.log_text().count("lease renewed")
-    for _ in range(3):
-        time.sleep(4)
+
+    def renewed_six_times() -> bool:
         assert other.get(key_of(own)) is not None, "h1's lease expired after the member was killed"
-    assert d1.log_text().count("lease renewed") >= renewed + 3
+        return d1.log_text().count("lease renewed") >= renewed + 6
+
+    wait_for(renewed_six_times, 60, "six renewals of h1's lease through the surviving members", interval=0.5)
     now = etcd_peer_ports(h1, set(ports))
     assert now and victim.client_port not in now, now
     assert d1.alive and d2.alive
@@ -276,7 +269,7 @@ def test_compaction_and_defrag_under_churn_lose_no_peer(lab, etcd):
              '"Backend":{"Type":"vxlan"}}')
     hosts = [lab.add_host(n) for n in ("h1", "h2", "h3")]
     daemons = [start_daemon(h, "--healthz-port", str(HZ)) for h in hosts]
-    owns = [str(subnet_of(d.wait_subnet_env(timeout=20))) for d in daemons]
+    owns = [str(subnet_of(d.wait_subnet_env(timeout=30))) for d in daemons]
 
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -327,9 +320,9 @@ def test_compaction_and_defrag_under_churn_lose_no_peer(lab, etcd):
     assert len(leases) > 3 + 10, "the churn should leave a good number of leases"
     for h, d, own in zip(hosts, daemons, owns, strict=True):
         want = set(leases) - {own}
-        wait_for(lambda h=h, want=want: peers_of(h) == want, 15, 0.2, f"{h.name} /peers == etcd")
-        wait_for(lambda h=h, own=own: kernel_view(h) == expected_view(leases, own), 15, 0.2,
-                 f"{h.name} ARP/FDB/routes == etcd")
+        wait_for(lambda h=h, want=want: peers_of(h) == want, 30, f"{h.name} /peers == etcd", interval=0.2)
+        wait_for(lambda h=h, own=own: kernel_view(h) == expected_view(leases, own),
+                 30, f"{h.name} ARP/FDB/routes == etcd", interval=0.2)
         assert d.alive
         no_traceback(d)
     assert any("relisting" in d.log_text() or "reconnecting" in d.log_text() for d in daemons)
@@ -343,7 +336,7 @@ def test_lease_expires_during_partition_and_comes_back_after(lab, etcd):
     (h1, h2), (d1, d2), (p1, p2) = hosts, daemons, pods
     sn1 = str(subnet_of(d1.subnet_env()))
     sn2 = str(subnet_of(d2.subnet_env()))
-    assert p1.wait_ping(p2.address, timeout=10)
+    assert p1.wait_ping(p2.address, timeout=30)
     assert flannel_routes(h2) == {sn1} and flannel_routes(h1) == {sn2}
 
     # cut h1 off etcd (only etcd: the vxlan underlay to h2 stays up)
@@ -351,10 +344,13 @@ def test_lease_expires_during_partition_and_comes_back_after(lab, etcd):
     h1.run("iptables", "-w", "-A", *block)
     try:
         # the lease runs out in etcd; h2 sees it go and removes h1's entries
-        wait_for(lambda: etcd.get(key_of(sn1)) is None, 15, 0.2, "h1's lease to expire in etcd")
-        wait_for(lambda: sn1 not in peers_of(h2) and flannel_routes(h2) == set(), 10, 0.1,
-                 "h2 to drop h1's subnet")
-        time.sleep(6)  # stay partitioned well past the expiry
+        wait_for(lambda: etcd.get(key_of(sn1)) is None, 30, "h1's lease to expire in etcd", interval=0.2)
+        wait_for(lambda: sn1 not in peers_of(h2) and flannel_routes(h2) == set(), 30,
+                 "h2 to drop h1's subnet", interval=0.1)
+        # stay partitioned well past the expiry: h1 keeps trying to renew (and failing)
+        failed = d1.log_text().count("error renewing lease")
+        wait_for(lambda: d1.log_text().count("error renewing lease") >= failed + 2, 60,
+                 "two more failed renewals on h1", interval=0.2)
         assert d1.alive
         code, body = http_get(h1, "/readyz")
         assert code == 503 and "datastore unreachable" in body, (code, body)
@@ -363,15 +359,17 @@ def test_lease_expires_during_partition_and_comes_back_after(lab, etcd):
         h1.run("iptables", "-w", "-D", *block)
 
     # healed: h1 notices the loss, takes the same subnet again (still free), h2 sees it again
-    d1.wait_log(r"own lease lost", timeout=30)
-    wait_for(lambda: etcd.get(key_of(sn1)) is not None, 20, 0.2, "h1's lease back in etcd")
+    d1.wait_log(r"own lease lost", timeout=60)
+    wait_for(lambda: etcd.get(key_of(sn1)) is not None, 30, "h1's lease back in etcd", interval=0.2)
     assert json.loads(etcd.get(key_of(sn1)))["PublicIP"] == h1.address
     assert str(subnet_of(d1.subnet_env())) == sn1
-    wait_for(lambda: flannel_routes(h2) == {sn1}, 10, 0.1, "h2 programs h1's subnet again")
-    wait_for(lambda: http_get(h1, "/readyz")[0] == 200, 15, 0.2, "h1 ready again")
-    assert p2.wait_ping(p1.address, timeout=5) and p1.wait_ping(p2.address, timeout=5)
-    # and it is renewed from then on
-    time.sleep(5)
+    wait_for(lambda: flannel_routes(h2) == {sn1}, 30, "h2 programs h1's subnet again", interval=0.1)
+    wait_for(lambda: http_get(h1, "/readyz")[0] == 200, 30, "h1 ready again", interval=0.2)
+    assert p2.wait_ping(p1.address, timeout=30) and p1.wait_ping(p2.address, timeout=30)
+    # and it is renewed from then on (three renewals: longer than the 4 s TTL)
+    renewed = d1.log_text().count("lease renewed")
+    wait_for(lambda: d1.log_text().count("lease renewed") >= renewed + 3, 60, "h1's renewals after the heal",
+             interval=0.2)
     assert etcd.get(key_of(sn1)) is not None and etcd.get(key_of(sn2)) is not None
     assert d1.alive and d2.alive
     assert "subnet changed" not in d1.log_text()
@@ -388,11 +386,11 @@ def test_bad_data_at_runtime_is_one_warning_each_and_nothing_else_breaks(lab, et
     etcd.put(f"{PREFIX}/config", VXLAN)
     h1 = lab.add_host("h1")
     d = start_daemon(h1, "--healthz-port", str(HZ), "--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s",
-                     env={"PYFLANNELD_CONFIG_RECHECK": "0.5"})
-    own = str(subnet_of(d.wait_subnet_env(timeout=15)))
+                     "-v", "1", env={"PYFLANNELD_CONFIG_RECHECK": "0.5"})
+    own = str(subnet_of(d.wait_subnet_env(timeout=30)))
     good1 = "10.5.210.0/24"
     etcd.put(key_of(good1), vxlan_value("192.168.100.210"))
-    wait_for(lambda: flannel_routes(h1) == {good1}, 10, what="a good lease programmed")
+    wait_for(lambda: flannel_routes(h1) == {good1}, 30, what="a good lease programmed")
 
     etcd.put(key_of("10.5.200.0/24"), "this is not json")
     etcd.put(f"{PREFIX}/subnets/not-a-subnet", '{"PublicIP":"192.168.100.99","PublicIPv6":null}')
@@ -401,23 +399,24 @@ def test_bad_data_at_runtime_is_one_warning_each_and_nothing_else_breaks(lab, et
     etcd.put(key_of("10.5.203.0/24"), '{"PublicIP":"192.168.100.203","PublicIPv6":null,"BackendType":"vxlan",'
              '"BackendData":{"VNI":1}}')  # vxlan lease without VtepMAC: rejected by the gate too
     etcd.put(f"{PREFIX}/config", "garbage{")
-    d.wait_log(r"network config in etcd is now invalid", timeout=10)
+    d.wait_log(r"network config in etcd is now invalid", timeout=30)
 
     # everything else keeps working: a new lease and a removal are applied ...
     good2 = "10.5.211.0/24"
     etcd.put(key_of(good2), vxlan_value("192.168.100.211"))
     etcd.delete(key_of(good1))
-    wait_for(lambda: flannel_routes(h1) == {good2} and peers_of(h1) == {good2}, 10,
+    wait_for(lambda: flannel_routes(h1) == {good2} and peers_of(h1) == {good2}, 30,
              what="good2 programmed, good1 removed, the bad ones skipped")
     # ... also after relists (which see the bad entries again) and several config re-checks
     for _ in range(2):
+        relists = d.log_text().count("peer leases listed")
         break_watch(h1, etcd)
-        time.sleep(1.5)
-    wait_for(lambda: d.log_text().count("peer leases listed") >= 3, 10, what="two relists")
+        wait_for(lambda n=relists: d.log_text().count("peer leases listed") > n, 30, "a relist after the break")
+    wait_config_rechecks(d, 2)
     code, body = http_get(h1, "/readyz")  # ready; the rejected entries are listed, not fatal
     assert code == 200 and body.startswith("flanneld is ready\n5 lease entries under "), body
     assert "  10.5.203.0-24: BackendData.VtepMAC: missing" in body.splitlines(), body
-    wait_for(lambda: d.log_text().count("lease renewed") >= 3, 10, what="renewals go on")
+    wait_for(lambda: d.log_text().count("lease renewed") >= 3, 30, what="renewals go on")
     assert etcd.get(key_of(own)) is not None
     assert flannel_routes(h1) == {good2}
 
@@ -426,10 +425,12 @@ def test_bad_data_at_runtime_is_one_warning_each_and_nothing_else_breaks(lab, et
     assert sorted(warned) == ["10.5.200.0-24", "10.5.201.0-24", "10.5.202.0-24", "10.5.203.0-24",
                               "not-a-subnet"], warned
     assert text.count("network config in etcd is now invalid") == 1
-    # the running config stays in force; once the key is valid again nothing more is said
+    # the running config stays in force; once the key is valid again nothing more is said (after two
+    # re-checks that read it: the first may have started before the put)
     etcd.put(f"{PREFIX}/config", VXLAN)
-    time.sleep(1.5)
-    assert d.log_text().count("network config") == text.count("network config")
+    wait_config_rechecks(d, 2)
+    assert said(d, "network config") == sum(1 for ln in text.splitlines() if "network config" in ln
+                                            and "level=debug" not in ln)
     assert d.alive
     no_traceback(d)
 
@@ -459,7 +460,7 @@ def test_fifty_daemons_started_at_once(lab, etcd):
     # every daemon sees the 49 others
     for h, sn in zip(hosts[:: n // 5], subnets[:: n // 5], strict=True):
         want = {str(s) for s in subnets} - {str(sn)}
-        wait_for(lambda h=h, want=want: peers_of(h) == want, 20, 0.2, f"{h.name} sees all others")
+        wait_for(lambda h=h, want=want: peers_of(h) == want, 30, f"{h.name} sees all others", interval=0.2)
     print(f"50 daemons ready in {took:.1f}s")
 
 
@@ -486,9 +487,7 @@ def test_bad_command_lines_exit_with_one_line(lab, etcd):
     ]
     for args, code, words in cases:
         argv = [*base, *(common if "--etcd-endpoints" not in args else ["--subnet-file", sf]), *args]
-        t0 = time.monotonic()
-        cp = h1.run(*argv, check=False, timeout=30, env={"PYTHONUNBUFFERED": "1"})
-        assert time.monotonic() - t0 < 10, (args, "took too long")
+        cp = h1.run(*argv, check=False, timeout=60, env={"PYTHONUNBUFFERED": "1"})  # exits: no retrying
         out = cp.stderr + cp.stdout
         assert cp.returncode == code, (args, cp.returncode, out)
         assert "Traceback" not in out, (args, out)

@@ -145,7 +145,8 @@ def test_route_inserted_kept_on_shutdown_and_not_rewritten_on_restart(gce):
     assert e1["FLANNEL_MTU"] == "1460" and e2["FLANNEL_MTU"] == str(gce.lab.mtu)
     s1, s2 = subnet_of(e1), subnet_of(e2)
     n1, n2 = route_name(s1), route_name(s2)
-    routes = wait_for(lambda: (r := gce.routes(project)) and n1 in r and n2 in r and r, timeout=15, what="both routes")
+    routes = wait_for(lambda: (r := gce.routes(project)) and n1 in r and n2 in r and r,
+                      timeout=30, what="both routes")
     r1 = routes[n1]
     assert r1["destRange"] == str(s1) and r1["nextHopInstance"] == h1.self_link and r1["priority"] == 1000
     assert r1["network"] == f"{LINK}/{project}/global/networks/default"
@@ -153,14 +154,14 @@ def test_route_inserted_kept_on_shutdown_and_not_rewritten_on_restart(gce):
     assert "warnings" not in r1
     lease = json.loads(gce.etcd.get(f"{prefix}/subnets/{s1.network_address}-24"))
     assert lease == {"PublicIP": h1.address, "PublicIPv6": None, "BackendType": "gce"}
-    d1.wait_log(r"route created", 5)
+    d1.wait_log(r"route created", 30)
     assert "10.1." not in h1.ip("route", "show")  # no kernel programming
     assert d1.stop() == 0
     assert n1 in gce.routes(project)  # kept on shutdown
     inserts = [x for x in gce.api.log() if x == f"POST /compute/v1/projects/{project}/global/routes"]
     assert len(inserts) == 2
     d1.restart()
-    d1.wait_log(r"route already in place", 20)
+    d1.wait_log(r"route already in place", 30)
     assert [x for x in gce.api.log() if x == f"POST /compute/v1/projects/{project}/global/routes"] == inserts
     assert not [x for x in gce.api.log() if x.startswith("DELETE") and project in x]
     for d in (d1, d2):
@@ -179,14 +180,14 @@ def test_stale_route_to_another_instance_is_replaced(gce):
         "name": "flannel-10-1-7-0-24", "destRange": "10.1.7.0/24", "priority": 1000,
         "network": f"projects/{project}/global/networks/default", "nextHopInstance": other.self_link}, admin)
     assert code == 200 and op["kind"] == "compute#operation", op
-    wait_for(lambda: "flannel-10-1-7-0-24" in gce.routes(project), timeout=15, what="the stale route")
+    wait_for(lambda: "flannel-10-1-7-0-24" in gce.routes(project), timeout=30, what="the stale route")
     prefix = gce.config({"Network": NETWORK, "SubnetMin": "10.1.7.0", "SubnetMax": "10.1.7.0",
                          "Backend": {"Type": "gce", "Endpoint": gce.api.endpoint + "/"}})
     d = gce.daemon(h, prefix, {"PYFLANNELD_GCE_API_ENDPOINT": None})
     assert d.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
     wait_for(lambda: gce.routes(project).get("flannel-10-1-7-0-24", {}).get("nextHopInstance") == h.self_link,
-             20, what="route taken over")
-    d.wait_log(rf"deleting conflicting route.*previous={other.self_link}", 5)
+             30, what="route taken over")
+    d.wait_log(rf"deleting conflicting route.*previous={other.self_link}", 30)
     log = [x for x in gce.api.log() if project in x and "routes/flannel-10-1-7-0-24" in x]
     assert "DELETE" in " ".join(log)
     assert_clean(d)
@@ -204,7 +205,7 @@ def test_route_quota_is_one_clear_error_then_recovers(gce, style):
     prefix = gce.config(CONFIG)
     d = gce.daemon(h, prefix, {"PYFLANNELD_CLOUD_RETRY_INTERVAL": "1"}, args=("--healthz-port", "8481"))
     sn = subnet_of(d.wait_subnet_env(30))
-    line = d.wait_log(r".*route quota exceeded.*", 15).group(0)
+    line = d.wait_log(r".*route quota exceeded.*", 30).group(0)
     code_body = h.run("curl", "-s", "-w", " %{http_code}", "http://127.0.0.1:8481/readyz", check=False).stdout
     assert code_body.endswith(" 503") and "gce route for our subnet not in place" in code_body, code_body
     code = "QUOTA_EXCEEDED" if style == "operation" else "quotaExceeded"
@@ -214,8 +215,8 @@ def test_route_quota_is_one_clear_error_then_recovers(gce, style):
     assert route_name(sn) not in gce.routes(project)
     assert_clean(d)
     gce.api.update(project=project, route_quota=100)
-    wait_for(lambda: route_name(sn) in gce.routes(project), 15, what="route after the quota was raised")
-    d.wait_log(r"cloud route in place after retrying", 5)
+    wait_for(lambda: route_name(sn) in gce.routes(project), 30, what="route after the quota was raised")
+    d.wait_log(r"cloud route in place after retrying", 30)
     assert h.run("curl", "-s", "http://127.0.0.1:8481/readyz", check=False).stdout == "flanneld is ready"
     assert_clean(d)
 
@@ -225,7 +226,7 @@ def test_missing_compute_scope_names_the_scope(gce):
     h = gce.host(project, scopes=(SCOPE_RO,))
     d = gce.daemon(h, gce.config(CONFIG))
     d.wait_subnet_env(30)
-    line = d.wait_log(r".*insufficientPermissions.*", 15).group(0)
+    line = d.wait_log(r".*insufficientPermissions.*", 30).group(0)
     assert "compute.routes.insert forbidden (403 insufficientPermissions" in line, line
     assert "compute-rw" in line and "level=error" in line
     assert d.log_text().count("insufficientPermissions") == 1  # one line, no library chatter
@@ -238,12 +239,12 @@ def test_instance_without_ip_forwarding_gets_route_and_one_clear_error(gce):
     h = gce.host(project, can_ip_forward=False)
     d = gce.daemon(h, gce.config(CONFIG))
     sn = subnet_of(d.wait_subnet_env(30))
-    line = d.wait_log(r".*cannot forward IP packets.*", 15).group(0)
+    line = d.wait_log(r".*cannot forward IP packets.*", 30).group(0)
     assert "enable --can-ip-forward" in line and "level=error" in line
     route = gce.routes(project)[route_name(sn)]
     assert route["nextHopInstance"] == h.self_link
     assert route["warnings"][0]["code"] == "NEXT_HOP_CANNOT_IP_FORWARD"
-    d.wait_log(r"GCE operation warning|route created", 5)
+    d.wait_log(r"GCE operation warning|route created", 30)
     assert_clean(d)
 
 
@@ -255,13 +256,13 @@ def test_api_outage_is_retried_and_the_route_appears_after(gce):
     try:
         d = gce.daemon(h, prefix)
         sn = subnet_of(d.wait_subnet_env(30))
-        line = d.wait_log(r".*retrying.*unreachable.*", 20).group(0)
+        line = d.wait_log(r".*retrying.*unreachable.*", 30).group(0)
         assert gce.api.endpoint in line and "level=warning" in line
         assert_clean(d)
     finally:
         gce.api.unblock()
-    wait_for(lambda: route_name(sn) in gce.routes(project), 20, what="route after the outage")
-    d.wait_log(r"cloud route in place after retrying", 5)
+    wait_for(lambda: route_name(sn) in gce.routes(project), 30, what="route after the outage")
+    d.wait_log(r"cloud route in place after retrying", 30)
     assert_clean(d)
 
 
@@ -273,10 +274,10 @@ def test_no_metadata_server_is_retried_with_a_clear_line(gce):
     h.metadata.stop()
     d = gce.daemon(h, gce.config(CONFIG))
     sn = subnet_of(d.wait_subnet_env(30))
-    line = d.wait_log(r".*GCE metadata server unreachable.*", 15).group(0)
+    line = d.wait_log(r".*GCE metadata server unreachable.*", 30).group(0)
     assert "http://169.254.169.254" in line and "PYFLANNELD_GCE_METADATA_URL" in line
     h.metadata = start_metadata_server(h, h.metadata.argv)
-    wait_for(lambda: route_name(sn) in gce.routes(project), 20, what="route once metadata answers")
+    wait_for(lambda: route_name(sn) in gce.routes(project), 30, what="route once metadata answers")
     assert_clean(d)
 
 
@@ -304,15 +305,16 @@ def test_route_of_another_network_is_left_alone(gce):
     da = gce.daemon(ha, gce.config(ONE_SUBNET), FAST_CHECKS)
     da.wait_subnet_env(30)
     name = "flannel-10-1-7-0-24"
-    wait_for(lambda: gce.routes(project).get(name, {}).get("nextHopInstance") == ha.self_link, 15, what="A's route")
+    wait_for(lambda: gce.routes(project).get(name, {}).get("nextHopInstance") == ha.self_link,
+             30, what="A's route")
     db = gce.daemon(hb, gce.config(ONE_SUBNET), FAST_CHECKS, args=("--healthz-port", str(HEALTHZ)))
     assert db.wait_subnet_env(30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
-    line = db.wait_log(r".*route not programmed.*", 15).group(0)
+    line = db.wait_log(r".*route not programmed.*", 30).group(0)
     assert "level=error" in line and "belongs to network net-a, not to ours (net-b)" in line, line
     assert "non-overlapping Network ranges" in line
     code, body = readyz(hb)
     assert code == 503 and "net-a" in body, body
-    db.wait_log(r"(?s)route not programmed.*route not programmed", 10)  # a retry ran too
+    db.wait_log(r"(?s)route not programmed.*route not programmed", 30)  # a retry ran too
     route = gce.routes(project)[name]
     assert route["nextHopInstance"] == ha.self_link and route["network"] == net_link(project, "net-a")
     assert not [x for x in gce.api.log() if x.startswith("DELETE") and project in x]
@@ -329,21 +331,21 @@ def test_route_removed_from_outside_is_restored_and_readyz_tells(gce):
     h = gce.host(project)
     d = gce.daemon(h, gce.config(CONFIG), FAST_CHECKS, args=("--healthz-port", str(HEALTHZ)))
     name = route_name(subnet_of(d.wait_subnet_env(30)))
-    wait_for(lambda: name in gce.routes(project), 15, what="route")
-    wait_for(lambda: readyz(h)[0] == 200, 15, what="ready")
+    wait_for(lambda: name in gce.routes(project), 30, what="route")
+    wait_for(lambda: readyz(h)[0] == 200, 30, what="ready")
     gce.api.update(faults=[{"method": "POST", "path": "^global/routes$", "code": 403, "reason": "rateLimitExceeded"}])
     code, _ = gce.api.delete(f"/compute/v1/projects/{project}/global/routes/{name}", gce.admin_token())
     assert code == 200
-    code, body = wait_for(lambda: (r := readyz(h))[0] == 503 and r, 15, what="/readyz 503 after the removal")
+    code, body = wait_for(lambda: (r := readyz(h))[0] == 503 and r, 30, what="/readyz 503 after the removal")
     assert f"route {name} missing in network default" in body, body
-    line = d.wait_log(r".*rateLimitExceeded.*", 15).group(0)
+    line = d.wait_log(r".*rateLimitExceeded.*", 30).group(0)
     assert "level=warning" in line and "retrying" in line, line
-    line = d.wait_log(r".*removed or changed by someone else.*", 5).group(0)
+    line = d.wait_log(r".*removed or changed by someone else.*", 30).group(0)
     assert f"route {name} missing in network default" in line and "level=warning" in line
     gce.api.update(faults=[])
     wait_for(lambda: gce.routes(project).get(name, {}).get("nextHopInstance") == h.self_link, 40,
              what="route restored")
-    wait_for(lambda: readyz(h) == (200, "flanneld is ready"), 15, what="ready again")
+    wait_for(lambda: readyz(h) == (200, "flanneld is ready"), 30, what="ready again")
     assert_clean(d)
 
 
@@ -371,11 +373,11 @@ def test_stale_routes_of_deleted_instances_are_removed_and_nothing_else(gce):
     assert gce.routes(project)[stale["name"]]["warnings"][0]["code"] == "NEXT_HOP_INSTANCE_NOT_FOUND"
     d = gce.daemon(h, gce.config(ONE_SUBNET), FAST_CHECKS)
     d.wait_subnet_env(30)
-    wait_for(lambda: stale["name"] not in gce.routes(project), 20, what="stale route removed")
-    d.wait_log(rf"removed stale route.*route={stale['name']}.*instances/gone-1", 5)
+    wait_for(lambda: stale["name"] not in gce.routes(project), 30, what="stale route removed")
+    d.wait_log(rf"removed stale route.*route={stale['name']}.*instances/gone-1", 30)
     ours = f"GET /compute/v1/projects/{project}/global/routes/flannel-10-1-7-0-24"  # only the daemon reads it
     seen = gce.api.log().count(ours)
-    wait_for(lambda: gce.api.log().count(ours) >= seen + 2, 15, what="a whole pass after the removal")
+    wait_for(lambda: gce.api.log().count(ours) >= seen + 2, 30, what="a whole pass after the removal")
     assert set(gce.routes(project)) == {r["name"] for r in keep} | {"flannel-10-1-7-0-24"}
     deletes = [x for x in gce.api.log() if x.startswith("DELETE") and project in x]
     assert deletes == [f"DELETE /compute/v1/projects/{project}/global/routes/{stale['name']}"], deletes
@@ -391,10 +393,10 @@ def test_resource_not_ready_is_retried_soon(gce):
                             "count": 2}])
     d = gce.daemon(h, gce.config(CONFIG))
     sn = subnet_of(d.wait_subnet_env(30))
-    line = d.wait_log(r".*resourceNotReady.*", 15).group(0)
+    line = d.wait_log(r".*resourceNotReady.*", 30).group(0)
     assert "level=warning" in line and "retrying" in line and "is not ready" in line, line
-    wait_for(lambda: route_name(sn) in gce.routes(project), 20, what="route after resourceNotReady")
-    d.wait_log(r"cloud route in place after retrying", 5)
+    wait_for(lambda: route_name(sn) in gce.routes(project), 30, what="route after resourceNotReady")
+    d.wait_log(r"cloud route in place after retrying", 30)
     assert "level=error" not in d.log_text()
     assert_clean(d)
 
@@ -410,13 +412,13 @@ def test_shared_vpc_routes_go_to_the_host_project(gce):
     h = gce.host(service, network="shared", host_project=(host_project, number))
     d = gce.daemon(h, gce.config(CONFIG), FAST_CHECKS)
     sn = subnet_of(d.wait_subnet_env(30))
-    line = d.wait_log(r".*networks.get.*404.*", 15).group(0)
+    line = d.wait_log(r".*networks.get.*404.*", 30).group(0)
     assert f"Shared VPC network of host project {number}" in line and "roles/compute.networkAdmin" in line, line
     gce.api.update(project=host_project, networks=["shared"])
     name = route_name(sn)
-    wait_for(lambda: name in gce.routes(host_project), 20, what="route in the host project")
+    wait_for(lambda: name in gce.routes(host_project), 30, what="route in the host project")
     route = gce.routes(host_project)[name]
     assert route["network"] == net_link(host_project, "shared") and route["nextHopIp"] == h.address, route
     assert "nextHopInstance" not in route and gce.routes(service) == {}
-    d.wait_log(r"GCE Shared VPC: routes go to the host project", 5)
+    d.wait_log(r"GCE Shared VPC: routes go to the host project", 30)
     assert_clean(d)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import pytest
 from e2e_helpers import config
@@ -106,7 +105,7 @@ def daemon(lab, etcd):
     h = lab.add_host("h1")
     d = start_daemon(h, "--iface", "eth0", "--healthz-port", str(PORT))
     d.wait_subnet_env()
-    wait_for(lambda: http_get(h, PORT, "/readyz")[0] == 200, timeout=10, what="/readyz 200")
+    wait_for(lambda: http_get(h, PORT, "/readyz")[0] == 200, timeout=30, what="/readyz 200")
     return h, d
 
 
@@ -122,9 +121,10 @@ def test_health_port_answers_only_what_it_should(daemon):
     long_line = "GET /" + "a" * 100_000 + " HTTP/1.1\\r\\n\\r\\n"
     assert raw(h, long_line)[1].startswith("HTTP/1.1 431 Request Header Fields Too Large")
     assert raw(h, "GET /healthz HTTP/1.1\\r\\n" + "X: y\\r\\n" * 2000)[1].startswith("HTTP/1.1 431")
-    # a request that never ends is closed at the per-request deadline (5 s), unanswered
+    # a request that never ends is closed at the per-request deadline (5 s), unanswered: by the
+    # server, not at the client's own timeout (30 s)
     secs, resp = raw(h, "GET /healthz HTTP/1.1\\r\\nX-Slow: 1\\r\\n", wait=0)
-    assert resp == "" and 4 <= secs <= 9
+    assert resp == "" and 4 <= secs < 25, secs
     assert MAX_HEAD_BYTES < 100_000
     text = d.log_text()
     assert not [b for b in BAD_LOG if b in text]
@@ -140,7 +140,7 @@ def test_empty_healthz_ip_listens_on_every_address_and_proxies_absolute_form_wor
     d.wait_subnet_env()
     for url in (f"http://127.0.0.1:{PORT}/healthz", f"http://[::1]:{PORT}/healthz", f"http://{h.address}:{PORT}/healthz"):
         wait_for(lambda url=url: h.run("curl", "-s", "-g", url, check=False).stdout == "flanneld is running",
-                 timeout=10, what=url)
+                 timeout=30, what=url)
     resp = raw(h, f"GET http://{h.address}:{PORT}/readyz HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")[1]
     assert resp.startswith("HTTP/1.1 200 OK") and resp.endswith("flanneld is ready"), resp
     assert d.alive and not [b for b in BAD_LOG if b in d.log_text()]
@@ -154,31 +154,28 @@ def test_flood_under_a_low_fd_limit_neither_starves_nor_spills(lab, etcd):
     d = start_daemon(h, "--iface", "eth0", "--healthz-port", str(PORT),
                      binary=["prlimit", "--nofile=256:256", *pyflanneld_argv()])
     d.wait_subnet_env()
-    wait_for(lambda: http_get(h, PORT, "/readyz")[0] == 200, timeout=10, what="/readyz 200")
+    wait_for(lambda: http_get(h, PORT, "/readyz")[0] == 200, timeout=30, what="/readyz 200")
 
     flood = h.popen(sys.executable, "-m", "lab.slowloris", "--port", str(PORT), "--connections", "1100",
                     "--interval", "3", "--long-line", "100000", name="slowloris")
     try:
         wait_for(lambda: flood.log_text().count('"connects": ') >= 2, timeout=30, what="the flood running")
-        codes = []
-        deadline = time.monotonic() + 12
-        peer_added = False
-        while time.monotonic() < deadline:
-            codes.append(http_get(h, PORT, "/healthz")[0])
-            if not peer_added:  # the daemon's etcd watch and netlink work need descriptors too
-                etcd.put(key_of("10.5.77.0/24"), json.dumps({
-                    "PublicIP": "192.168.100.77", "BackendType": "vxlan",
-                    "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:77"}}))
-                peer_added = True
-            time.sleep(0.3)
-        assert codes and set(codes) == {200}, codes
+        # the daemon's etcd watch and netlink work need descriptors too
+        etcd.put(key_of("10.5.77.0/24"), json.dumps({
+            "PublicIP": "192.168.100.77", "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": "02:00:00:00:00:77"}}))
+        codes = [http_get(h, PORT, "/healthz")[0] for _ in range(20)]  # one after the other, during the flood
+        assert flood.alive, flood.log_text()[-2000:]
+        assert set(codes) == {200}, codes
         assert http_get(h, PORT, "/readyz")[0] == 200
         wait_for(lambda: "10.5.77.0/24 via 10.5.77.0 dev flannel.1 onlink" in h.ip("route"),
-                 timeout=10, what="the peer's route, programmed during the flood")
-        stats = json.loads(flood.log_text().splitlines()[-1])
-        assert stats["connects"] >= 1100  # every client got in at least once ...
-        assert stats["closed_by_server"] > 0  # ... and idle connections were closed, not kept
-        assert stats["long_line_status"] in ("431", "closed")
+                 timeout=30, what="the peer's route, programmed during the flood")
+        # every client got in at least once, idle connections were closed (not kept), the long line refused
+        def flood_stats() -> dict:
+            return json.loads(flood.log_text().splitlines()[-1])
+
+        wait_for(lambda: (st := flood_stats())["connects"] >= 1100 and st["closed_by_server"] > 0
+                 and st["long_line_status"] in ("431", "closed"), 60, "the flood's figures", detail=flood_stats)
     finally:
         flood.stop()
     text = d.log_text()

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from backend_harness import BackendProc, DriverError, connect, lease_json, lines, start_node, wait_for
+from backend_harness import BackendProc, DriverError, connect, lease_json, lines, start_node
+from helpers import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -56,13 +57,15 @@ def test_remove_and_add_peer(lab, trio):
 
 def test_deleted_route_restored_and_wrong_route_fixed(lab, trio):
     a, b, c = trio
+    repairs = a.proc.log().count("kernel state reconciled")
     a.host.ip("route", "del", b.subnet)
-    assert wait_for(lambda: route_to(b) in routes(a.host), timeout=2), routes(a.host)
-    assert "kernel state reconciled" in a.proc.log()
+    wait_for(lambda: route_to(b) in routes(a.host) and a.proc.log().count("kernel state reconciled") > repairs, 30,
+             "the deleted route restored (and the repair logged)", detail=lambda: routes(a.host))
     # a replaced route emits no delete: the timer pass fixes it
     a.host.ip("route", "replace", c.subnet, "via", "192.168.100.254")
     a.proc.call("timer", period=0.3)
-    assert wait_for(lambda: route_to(c) in routes(a.host), timeout=3), routes(a.host)
+    wait_for(lambda: route_to(c) in routes(a.host), 30, "the replaced route fixed by the timer pass",
+             detail=lambda: routes(a.host))
     assert a.pod.ping(c.pod.address)
 
 

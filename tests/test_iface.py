@@ -102,7 +102,7 @@ def _binary(which: str):
 ], ids=["default-route", "iface-name", "iface-regex", "iface-ip"])
 def test_point_to_point_address_is_the_local_one(ptp_host, etcd, which, args):
     d = start_daemon(ptp_host, *args, binary=_binary(which))
-    d.wait_subnet_env(timeout=20)
+    d.wait_subnet_env(timeout=30)
     assert lease_attrs(etcd)["PublicIP"] == PTP_LOCAL
     vtep = ptp_host.ip_json("-d", "link", "show", "flannel.1")[0]["linkinfo"]["info_data"]
     assert vtep["local"] == PTP_LOCAL

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
-from backend_harness import PYTHON, wait_for
+from backend_harness import PYTHON
+from helpers import wait_for
 from test_iptables_rules import GOLDEN_FWD, GOLDEN_FWD6, GOLDEN_MASQ, GOLDEN_MASQ6
 
 pytestmark = pytest.mark.lab
@@ -49,8 +49,16 @@ def resync_loop(host, **args):
     base = {"network": "10.5.0.0/16", "own_subnet": "10.5.1.0/24", "ip_masq": True, "resync": 0.5, "loop": True}
     base.update(args)
     p = host.popen(PYTHON, "-c", DRIVER, json.dumps(base), name="rules")
-    assert wait_for(lambda: "SETUP-DONE" in p.log_text(), timeout=10), p.log_text()
+    wait_for(lambda: "SETUP-DONE" in p.log_text(), 30, "the rules set up", detail=p.log_text)
     return p
+
+
+RESTORING = "iptables rules differ from the expected ones; restoring"
+
+
+def restored(host, proc, table: str, golden: list[str], before: int) -> bool:
+    """The resync pass logged a repair since `before` (a count of such lines) and the table is golden."""
+    return proc.log_text().count(RESTORING) > before and ours(host, table) == golden
 
 
 def test_rules_equal_upstream_golden_list(lab):
@@ -74,40 +82,49 @@ def test_options_fully_random_off_and_no_forward_rules(lab):
     assert ours(h2, "nat") == [] and ours(h2, "filter") == GOLDEN_FWD
 
 
-def test_flushed_chain_restored_within_resync_period(lab):
+def test_flushed_chain_restored_by_the_resync(lab):
     h = lab.add_host("h1")
     p = resync_loop(h)
     assert ours(h, "nat") == GOLDEN_MASQ
+    repairs = p.log_text().count(RESTORING)
     h.run("iptables", "-w", "-t", "nat", "-F", "FLANNEL-POSTRTG")
-    t0 = time.monotonic()
-    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ, timeout=3), ours(h, "nat")
-    assert time.monotonic() - t0 < 2
-    # forward chain and jump deleted entirely
-    h.run("iptables", "-w", "-D", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD")
-    h.run("iptables", "-w", "-F", "FLANNEL-FWD")
-    h.run("iptables", "-w", "-X", "FLANNEL-FWD")
-    assert wait_for(lambda: ours(h, "filter") == GOLDEN_FWD, timeout=3), ours(h, "filter")
-    assert "restoring" in p.log_text()
+    wait_for(lambda: restored(h, p, "nat", GOLDEN_MASQ, repairs), 30, "FLANNEL-POSTRTG restored",
+             detail=lambda: ours(h, "nat"))
+    # forward chain and jump deleted entirely, in one transaction (the resync runs every 0.5 s: in
+    # three commands it may put the jump back before the chain is deleted)
+    repairs = p.log_text().count(RESTORING)
+    h.run("iptables-restore", "--noflush", "-w", input='*filter\n-D FORWARD -m comment --comment '
+          '"flanneld forward" -j FLANNEL-FWD\n-F FLANNEL-FWD\n-X FLANNEL-FWD\nCOMMIT\n')
+    wait_for(lambda: restored(h, p, "filter", GOLDEN_FWD, repairs), 30, "FLANNEL-FWD and its jump restored",
+             detail=lambda: ours(h, "filter"))
 
 
 def test_order_and_duplicates_repaired(lab):
     h = lab.add_host("h1")
-    resync_loop(h)
+    p = resync_loop(h)
+    repairs = p.log_text().count(RESTORING)
     # move the kube-proxy mark rule to the end: every rule is still present (-C would pass)
     h.run("iptables", "-w", "-t", "nat", "-D", "FLANNEL-POSTRTG", "1")
     h.run("iptables", "-w", "-t", "nat", "-A", "FLANNEL-POSTRTG", "-m", "mark", "--mark", "0x4000/0x4000",
           "-m", "comment", "--comment", "flanneld masq", "-j", "RETURN")
-    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ, timeout=3), ours(h, "nat")
+    wait_for(lambda: restored(h, p, "nat", GOLDEN_MASQ, repairs), 30, "the rule order repaired",
+             detail=lambda: ours(h, "nat"))
     # a duplicate jump and a duplicate rule
     h.run("iptables", "-w", "-t", "nat", "-I", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq",
           "-j", "FLANNEL-POSTRTG")
     h.run("iptables", "-w", "-I", "FLANNEL-FWD", "-s", "10.5.0.0/16", "-m", "comment", "--comment",
           "flanneld forward", "-j", "ACCEPT")
-    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ and ours(h, "filter") == GOLDEN_FWD, timeout=3), \
-        (ours(h, "nat"), ours(h, "filter"))
-    # other rules in POSTROUTING/FORWARD are not ours and stay
+    wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ and ours(h, "filter") == GOLDEN_FWD,
+             30, "duplicates removed",
+             detail=lambda: (ours(h, "nat"), ours(h, "filter")))
+    # other rules in POSTROUTING/FORWARD are not ours and stay, also when the chain is rewritten:
+    # a foreign rule, then our jump lost; once the repair is done the foreign rule is still there
     h.run("iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-s", "172.16.0.0/24", "-j", "MASQUERADE")
-    time.sleep(1.2)
+    repairs = p.log_text().count(RESTORING)
+    h.run("iptables", "-w", "-t", "nat", "-D", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq",
+          "-j", "FLANNEL-POSTRTG")
+    wait_for(lambda: restored(h, p, "nat", GOLDEN_MASQ, repairs), 30, "the jump restored",
+             detail=lambda: ours(h, "nat"))
     assert "-A POSTROUTING -s 172.16.0.0/24 -j MASQUERADE" in h.run("iptables", "-t", "nat", "-S").stdout
 
 
@@ -123,7 +140,8 @@ def test_chain_never_empty_while_repairing(lab):
     )
     cp = h.sh(script, check=False, timeout=120)
     assert cp.stdout.strip().endswith("OK"), cp.stdout + cp.stderr
-    assert wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ, timeout=3)
+    wait_for(lambda: ours(h, "nat") == GOLDEN_MASQ,
+             30, "the stray rules removed", detail=lambda: ours(h, "nat"))
 
 
 def test_previous_network_rules_removed(lab):

@@ -230,7 +230,7 @@ def test_case4_deeply_nested_value_crashes_nothing(lab, etcd):
     good = IPv4Network("10.5.240.0/24")
     etcd.put(key_of(good), vx_value("192.168.100.240"))
     for n in nodes:
-        wait_for(lambda n=n: f"{good} via 10.5.240.0 dev flannel.1 onlink" in vxlan_state(n)["routes"], 15,
+        wait_for(lambda n=n: f"{good} via 10.5.240.0 dev flannel.1 onlink" in vxlan_state(n)["routes"], 30,
                  f"{n.host.name} programs {good}")
     traffic.wait_running()
     etcd.delete(key_of(good))
@@ -268,7 +268,7 @@ def test_case4_v2_directories_nested_under_subnets_are_no_leases(lab, etcd):
     lease = '{"PublicIP":"192.168.100.%d","PublicIPv6":null}'
     etcd.v2_put(f"{PREFIX}/subnets/d/10.1.241.0-24", lease % 241)  # nested: not a lease
     etcd.v2_put(f"{PREFIX}/subnets/10.1.242.0-24", lease % 242)
-    wait_for(lambda: "10.1.242.0/24" in peers(), 15, "a lease after the nested one is applied")
+    wait_for(lambda: "10.1.242.0/24" in peers(), 30, "a lease after the nested one is applied")
     assert peers() == {"10.1.242.0/24"}
     d.restart()  # the list at start skips the nested directories too
     wait_for(lambda: d.log_text().count("peer leases listed") == 2, 30, "relisted after the restart")
@@ -296,15 +296,15 @@ def test_case4_v3_keys_nested_under_subnets_are_no_leases(lab, etcd):
 
     lease = '{"PublicIP":"192.168.100.%d","PublicIPv6":null}'
     etcd.put(f"{PREFIX}/subnets/10.1.242.0-24", lease % 242)
-    wait_for(lambda: "10.1.242.0/24" in peers(), 15, "the real peer lease is applied")
+    wait_for(lambda: "10.1.242.0/24" in peers(), 30, "the real peer lease is applied")
     for name in ("10.1.242.0-24", key_of(own).rsplit("/", 1)[1], "10.1.241.0-24"):
         etcd.put(f"{PREFIX}/subnets/x/{name}", lease % 66)  # nested: not a lease
     etcd.put(f"{PREFIX}/subnets/10.1.243.0-24", lease % 243)
-    wait_for(lambda: "10.1.243.0/24" in peers(), 15, "a lease after the nested ones is applied")
+    wait_for(lambda: "10.1.243.0/24" in peers(), 30, "a lease after the nested ones is applied")
     assert peers() == {"10.1.242.0/24": "192.168.100.242", "10.1.243.0/24": "192.168.100.243"}
     etcd.delete(f"{PREFIX}/subnets/x/", prefix=True)
     etcd.put(f"{PREFIX}/subnets/10.1.244.0-24", lease % 244)
-    wait_for(lambda: "10.1.244.0/24" in peers(), 15, "a lease after the deletes is applied")
+    wait_for(lambda: "10.1.244.0/24" in peers(), 30, "a lease after the deletes is applied")
     assert set(peers()) == {"10.1.242.0/24", "10.1.243.0/24", "10.1.244.0/24"}  # the real peer stays
     etcd.put(f"{PREFIX}/subnets/x/10.1.242.0-24", lease % 66)
     d.restart()  # the list at start skips nested keys too
@@ -366,7 +366,7 @@ def test_v2_upstream_v017_restart_keeps_its_lease_over_a_stray_overlap(lab, etcd
     route1 = f"{sn1} via {sn1.network_address} dev flannel.1 onlink"
     d2 = start_daemon(h2, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)
     d2.wait_subnet_env(timeout=30)
-    wait_for(lambda: route1 in flannel_routes(h2), 20, "h2 programs the upstream host")
+    wait_for(lambda: route1 in flannel_routes(h2), 30, "h2 programs the upstream host")
     etcd.v2_put(f"{PREFIX}/subnets/{stray}", vx_value("192.168.100.99"))
     n2 = Node(h2, d2, {}, None)
     wait_rejected([n2], stray, {"h2": f"overlaps the lease {key1}, which was created first"})
@@ -376,12 +376,12 @@ def test_v2_upstream_v017_restart_keeps_its_lease_over_a_stray_overlap(lab, etcd
     wait_for(lambda: up.log_text().count("Wrote subnet file") > written, 30, "upstream h1 restarted")
     assert v2_created_index(etcd, key1) > v2_created_index(etcd, stray) > before  # what upstream does
     etcd.v2_put(f"{PREFIX}/subnets/10.5.250.0-24", vx_value("192.168.100.250"))  # processed after the set
-    wait_for(lambda: "10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink" in flannel_routes(h2), 15,
+    wait_for(lambda: "10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink" in flannel_routes(h2), 30,
              "h2 applies a lease written after the upstream host's set")
     d3 = start_daemon(h3, "--iface", "eth0", "--etcd-api", "v2", *HZ_ARGS)  # never saw the old index
     d3.wait_subnet_env(timeout=30)
     n3 = Node(h3, d3, {}, None)
-    wait_for(lambda: "10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink" in flannel_routes(h3), 15, "h3 listed")
+    wait_for(lambda: "10.5.250.0/24 via 10.5.250.0 dev flannel.1 onlink" in flannel_routes(h3), 30, "h3 listed")
     for n in (n2, n3):
         assert route1 in flannel_routes(n.host), n.host.name
         assert not [r for r in flannel_routes(n.host) if r.startswith(f"{sn1.network_address}/25")]
@@ -417,7 +417,7 @@ def test_v2_own_writes_keep_the_created_index(lab, etcd):
     d3.wait_subnet_env(timeout=30)
     n3 = Node(h3, d3, {}, None)
     for n in (n2, n3):
-        wait_for(lambda n=n: f"{mac1} dst {h1.address} self permanent" in fdb(n.host), 15, f"{n.host.name} FDB")
+        wait_for(lambda n=n: f"{mac1} dst {h1.address} self permanent" in fdb(n.host), 30, f"{n.host.name} FDB")
         assert rejected(n).keys() == {stray}, rejected(n)
         assert fdb(n.host) >= {f"{mac1} dst {h1.address} self permanent"}
         assert f"{mac1} dst 192.168.100.250 self permanent" not in fdb(n.host)
@@ -432,7 +432,7 @@ def test_case6_7_bad_config_numbers_and_cidrs_are_one_line_never_a_crash(lab, et
     etcd.put(f"{PREFIX}/config", '{"Network":"10.1.0.0/16","SubnetLen":1e400,"Backend":{"Type":"alloc"}}')
     d = start_daemon(h1, "--iface", "eth0", "--healthz-port", str(HZ), "--healthz-ip", "127.0.0.1",
                      env={"PYFLANNELD_CONFIG_RECHECK": "0.5"})
-    d.wait_log(r"number 1e400 in SubnetLen is out of range", timeout=20)
+    d.wait_log(r"number 1e400 in SubnetLen is out of range", timeout=30)
     code, body = http_get(h1, HZ, "/readyz")
     assert code == 503 and "number 1e400 in SubnetLen is out of range" in body, body
     steps = [
@@ -444,16 +444,16 @@ def test_case6_7_bad_config_numbers_and_cidrs_are_one_line_never_a_crash(lab, et
     ]
     for raw, words in steps:
         etcd.etcdctl("put", "--", f"{PREFIX}/config", input=raw)
-        d.wait_log(re.escape(words), timeout=20)
+        d.wait_log(re.escape(words), timeout=30)
     etcd.put(f"{PREFIX}/config", ALLOC)
-    d.wait_subnet_env(timeout=20)
+    d.wait_subnet_env(timeout=30)
     assert http_get(h1, HZ, "/readyz")[0] == 200
     # runtime: the re-check task warns once per bad value and never dies
     for raw, words in steps:
         etcd.etcdctl("put", "--", f"{PREFIX}/config", input=raw)
-        d.wait_log(r"network config in etcd is now invalid.*" + re.escape(words), timeout=20)
+        d.wait_log(r"network config in etcd is now invalid.*" + re.escape(words), timeout=30)
     etcd.put(f"{PREFIX}/config", ALLOC)
-    wait_for(lambda: d.log_text().count("network config in etcd is now invalid") == len(steps), 10,
+    wait_for(lambda: d.log_text().count("network config in etcd is now invalid") == len(steps), 30,
              what="one warning per bad value")
     assert http_get(h1, HZ, "/readyz")[0] == 200
     text = d.log_text()
@@ -468,13 +468,13 @@ def test_case8_subnet_min_above_max_and_out_of_subnets_names_the_prefix(lab, etc
     etcd.put(f"{prefix}/config", '{"Network":"10.1.0.0/16","SubnetMin":"10.1.200.0","SubnetMax":"10.1.100.0",'
              '"Backend":{"Type":"alloc"}}')
     d1 = start_daemon(h1, "--iface", "eth0", "--etcd-prefix", prefix)
-    d1.wait_log(r"SubnetMin 10\.1\.200\.0 is greater than SubnetMax 10\.1\.100\.0", timeout=20)
+    d1.wait_log(r"SubnetMin 10\.1\.200\.0 is greater than SubnetMax 10\.1\.100\.0", timeout=30)
     # a pool of one subnet, taken by h1: h2 says which key to free, under the real prefix
     etcd.put(f"{prefix}/config", '{"Network":"10.1.0.0/16","SubnetMin":"10.1.7.0","SubnetMax":"10.1.7.0",'
              '"Backend":{"Type":"alloc"}}')
-    assert d1.wait_subnet_env(timeout=20)["FLANNEL_SUBNET"] == "10.1.7.1/24"
+    assert d1.wait_subnet_env(timeout=30)["FLANNEL_SUBNET"] == "10.1.7.1/24"
     d2 = start_daemon(h2, "--iface", "eth0", "--etcd-prefix", prefix)
-    m = d2.wait_log(r"out of subnets: [^\n]*", timeout=20)
+    m = d2.wait_log(r"out of subnets: [^\n]*", timeout=30)
     assert ("out of subnets: all 1 /24 subnets of 10.1.0.0/16 are leased; free one (delete a dead host's "
             "key under /my/net/subnets/)") in m[0], m[0]
     assert "<prefix>" not in d2.log_text()

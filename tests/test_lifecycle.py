@@ -8,13 +8,13 @@ import json
 import os
 import signal
 import socket
+import sys
 import tempfile
-import time
 from ipaddress import IPv4Network
 from pathlib import Path
 
 import pytest
-from helpers import key_of, subnet_of, wait_for
+from helpers import key_of, said, subnet_of, wait_config_rechecks, wait_for, wait_lease_retries
 from test_faults import (
     HZ,
     PREFIX,
@@ -41,7 +41,7 @@ def readyz(host) -> tuple[int, str]:
 
 
 def wait_ready(host, timeout=20):
-    wait_for(lambda: readyz(host)[0] == 200, timeout, 0.1, f"{host.name} /readyz 200")
+    wait_for(lambda: readyz(host)[0] == 200, timeout, f"{host.name} /readyz 200", interval=0.1)
 
 
 def own_entries(host, mac: str) -> list[str]:
@@ -64,26 +64,32 @@ def test_vxlan_own_subnet_taken_over_converges_like_a_fresh_start(lab, etcd):
     (h1, h2), (d1, d2), _ = vxlan_cluster(lab, etcd, ["h1", "h2"])
     old, sn2 = str(subnet_of(d1.subnet_env())), str(subnet_of(d2.subnet_env()))
     mac1 = json.loads(etcd.get(key_of(old)))["BackendData"]["VtepMAC"]
-    wait_for(lambda: peers_of(h1) == {sn2}, 10, 0.1, "h1 sees h2")
+    wait_for(lambda: peers_of(h1) == {sn2}, 30, "h1 sees h2", interval=0.1)
     take_over(etcd, old, vxlan_value(OTHER, OTHER_MAC))
 
-    new = wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old and str(subnet_of(e)), 15, 0.1,
-                   "h1 on a new subnet")
+    new = wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old and str(subnet_of(e)),
+                   30, "h1 on a new subnet", interval=0.1)
     assert json.loads(etcd.get(key_of(new)))["PublicIP"] == h1.address
     assert json.loads(etcd.get(key_of(old)))["PublicIP"] == OTHER  # not taken back
     # h1: exactly the two others are its peers — the taker of its old subnet included, itself never
-    wait_for(lambda: peers_of(h1) == {old, sn2}, 10, 0.1, "h1 /peers == the others")
-    arp, fdb, routes = kernel_view(h1)
+    wait_for(lambda: peers_of(h1) == {old, sn2}, 30, "h1 /peers == the others", interval=0.1)
     mac2 = json.loads(etcd.get(key_of(sn2)))["BackendData"]["VtepMAC"]
-    assert routes == {old, sn2}, routes
-    assert arp == {old.split("/")[0]: OTHER_MAC, sn2.split("/")[0]: mac2}, arp
-    assert fdb == {(OTHER_MAC, OTHER), (mac2, h2.address)}, fdb
+    want = ({old.split("/")[0]: OTHER_MAC, sn2.split("/")[0]: mac2},  # ARP
+            {(OTHER_MAC, OTHER), (mac2, h2.address)},  # FDB
+            {old, sn2})  # routes
+    wait_for(lambda: kernel_view(h1) == want, 30, "h1's ARP/FDB/routes for the others",
+             detail=lambda: kernel_view(h1))
     assert own_entries(h1, mac1) == []
     # h2 follows: h1's new subnet and the taker's
-    wait_for(lambda: flannel_routes(h2) == {old, new}, 10, 0.1, "h2 routes to h1's new subnet and the taker")
+    wait_for(lambda: flannel_routes(h2) == {old, new},
+             30, "h2 routes to h1's new subnet and the taker", interval=0.1)
     wait_ready(h1)
-    time.sleep(11)  # one safety-net pass (10 s): nothing to repair, nothing failing
-    assert kernel_view(h1) == (arp, fdb, routes)
+    # a safety-net pass (every 10 s) over that state: it repairs an ARP entry changed behind its
+    # back (a change without a delete event: only the full pass sees it), and nothing else
+    repairs = d1.log_text().count("kernel state reconciled")
+    h1.ip("neigh", "replace", sn2.split("/")[0], "lladdr", "02:00:00:00:00:99", "dev", "flannel.1", "nud", "permanent")
+    wait_for(lambda: d1.log_text().count("kernel state reconciled") > repairs and kernel_view(h1) == want, 60,
+             "the safety-net pass", detail=lambda: kernel_view(h1))
     assert "route set failed" not in d1.log_text() and "failed" not in d1.log_text().split("subnet changed")[-1]
     no_traceback(d1)
 
@@ -97,49 +103,86 @@ def test_udp_own_subnet_taken_over_forwarder_keeps_every_peer(lab, etcd):
     env = {"PYFLANNELD_UDP_WORKERS": "1"}
     d1, d2 = (start_daemon(h, "--healthz-port", str(HZ), env=env) for h in hosts)
     h1, h2 = hosts
-    old, sn2 = str(subnet_of(d1.wait_subnet_env(20))), str(subnet_of(d2.wait_subnet_env(20)))
+    old, sn2 = str(subnet_of(d1.wait_subnet_env(30))), str(subnet_of(d2.wait_subnet_env(30)))
     h2.make_bridge("docker0", d2.subnet_env()["FLANNEL_SUBNET"], d2.subnet_env()["FLANNEL_MTU"])
     p2 = lab.add_pod(h2, "p1")
-    wait_for(lambda: peers_of(h1) == {sn2}, 10, 0.1, "udp /peers lists h2 (case 2)")
-    wait_for(lambda: h1.ping(p2.address, count=1, timeout=1), 10, 0.2, "h1 → h2's pod")
+    wait_for(lambda: peers_of(h1) == {sn2}, 30, "udp /peers lists h2 (case 2)", interval=0.1)
+    wait_for(lambda: h1.ping(p2.address, count=1, timeout=1), 30, "h1 → h2's pod", interval=0.2)
     take_over(etcd, old, json.dumps({"PublicIP": OTHER, "PublicIPv6": None}))
-    new = wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old and str(subnet_of(e)), 15, 0.1,
-                   "h1 on a new subnet")
-    wait_for(lambda: peers_of(h1) == {old, sn2}, 10, 0.1, "h1 /peers == the others")
-    wait_for(lambda: sn2 in peers_of(h1) and new in peers_of(h2), 10, 0.1, "both know each other")
+    new = wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old and str(subnet_of(e)),
+                   30, "h1 on a new subnet", interval=0.1)
+    wait_for(lambda: peers_of(h1) == {old, sn2}, 30, "h1 /peers == the others", interval=0.1)
+    wait_for(lambda: sn2 in peers_of(h1) and new in peers_of(h2), 30, "both know each other", interval=0.1)
     # the new forwarder routes to h2 at once (from h1's new TUN address to h2's pod and back)
-    wait_for(lambda: h1.ping(p2.address, count=1, timeout=1), 10, 0.2, "h1 → h2's pod after the move")
+    wait_for(lambda: h1.ping(p2.address, count=1, timeout=1), 30, "h1 → h2's pod after the move", interval=0.2)
     wait_ready(h1)
     no_traceback(d1)
 
 
 # -- case 2: udp — /peers, and a stuck worker never blocks the loop ------------------------------
+# Runs in h1's namespace: GET /healthz again and again; after each answer, look at the stuck worker.
+# It prints "stopping" when an answer came while the worker was being stopped (SIGTERM pending: the
+# supervisor is waiting before its SIGKILL), "gone" if the worker died before any such answer (the
+# loop was blocked all through the stop).
+HEALTHZ_DURING_STOP = """
+import sys, time, urllib.request
+pid, url = sys.argv[1], sys.argv[2]
+
+def worker() -> str:
+    try:
+        status = dict(ln.split(":", 1) for ln in open(f"/proc/{pid}/status").read().splitlines() if ":" in ln)
+    except OSError:
+        return "gone"
+    if status["State"].split()[0] in ("Z", "X"):
+        return "gone"
+    pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+    return "stopping" if pending & (1 << 14) else "running"  # bit 14: SIGTERM (15)
+
+while True:
+    with urllib.request.urlopen(url, timeout=120) as r:
+        assert r.status == 200, r.status
+    state = worker()
+    if state != "running":
+        print(state, flush=True)
+        break
+    time.sleep(0.02)
+"""
+
+
+def freeze(pid: int) -> None:
+    """SIGSTOP pid and wait until it is stopped (a signal is taken on the process's next way back
+    to user space; SIGTERM, a lower number, would be handled before a still pending SIGSTOP)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", 30,
+             f"process {pid} stopped")
+
+
 def test_udp_stop_of_a_stuck_worker_does_not_block_the_daemon(lab, etcd):
     etcd.put(f"{PREFIX}/config", UDP)
     h1 = lab.add_host("h1")
     d1 = start_daemon(h1, "--healthz-port", str(HZ), env={"PYFLANNELD_UDP_WORKERS": "1"})
-    old = str(subnet_of(d1.wait_subnet_env(20)))
+    old = str(subnet_of(d1.wait_subnet_env(30)))
     wait_ready(h1)
-    workers = wait_for(lambda: udp_worker_pids(d1.pid), 10, 0.1, "udp worker")
-    os.kill(workers[0], signal.SIGSTOP)  # a worker that cannot take the STOP message
+    workers = wait_for(lambda: udp_worker_pids(d1.pid), 30, "udp worker", interval=0.1)
+    freeze(workers[0])  # a worker that cannot take the STOP message
     try:
-        # the lease moves: the old forwarder stops (slowly) while the daemon keeps answering
+        # the lease moves: the old forwarder stops (slowly: STOP, 2 s, SIGTERM, 2 s, SIGKILL) while
+        # the daemon keeps answering
+        probe = h1.popen(sys.executable, "-c", HEALTHZ_DURING_STOP, str(workers[0]),
+                         f"http://127.0.0.1:{HZ}/healthz", name="healthz-probe")
         take_over(etcd, old, json.dumps({"PublicIP": OTHER, "PublicIPv6": None}))
-        slowest = 0.0
-        deadline = time.monotonic() + 6
-        while time.monotonic() < deadline:
-            t0 = time.monotonic()
-            code, _ = http_get(h1, "/healthz")
-            slowest = max(slowest, time.monotonic() - t0)
-            assert code == 200
-            time.sleep(0.1)
-        assert slowest < 1.5, f"/healthz took {slowest:.1f}s while the forwarder stopped"
-        wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old, 10, 0.1, "h1 moved")
-        # and SIGTERM with a stuck worker still exits within the shutdown bound
-        os.kill(wait_for(lambda: udp_worker_pids(d1.pid), 10, 0.1, "new udp worker")[0], signal.SIGSTOP)
-        t0 = time.monotonic()
-        assert d1.stop(timeout=10) == 0
-        assert time.monotonic() - t0 < 3.0
+        assert probe.wait(120) == 0, probe.log_text()
+        assert probe.log_text().strip() == "stopping", probe.log_text()
+        wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old, 30, "h1 moved", interval=0.1)
+        # and SIGTERM with a stuck worker still exits at once: the shutdown does not wait for the
+        # new forwarder's stop (which would log "udp forwarder stopped" a second time)
+        new = wait_for(lambda: [p for p in udp_worker_pids(d1.pid) if p not in workers], 30, "new udp worker",
+                       interval=0.1)
+        d1.wait_log("udp forwarder stopped", 30)  # the old forwarder's, before the new one started
+        workers += new
+        freeze(new[0])
+        assert d1.stop(timeout=20) == 0
+        assert d1.log_text().count("udp forwarder stopped") == 1, d1.log_text()[-3000:]
     finally:
         for pid in workers:
             try:
@@ -150,11 +193,13 @@ def test_udp_stop_of_a_stuck_worker_does_not_block_the_daemon(lab, etcd):
 
 # -- case 3: the external NIC deleted and re-created ---------------------------------------------
 def recreate_eth0(h, address: str | None = None) -> None:
-    """What a driver reload / VM hot-plug does: eth0 gone (flannel.1 goes with it), then back with a
-    new ifindex, the same name and (unless given) the same address."""
+    """What a driver reload / VM hot-plug does: eth0 gone (flannel.1 goes with it) — the daemon
+    says so on /readyz — then back with a new ifindex, the same name and (unless given) the same
+    address."""
     lab = h.lab
     h.ip("link", "del", "eth0")
-    time.sleep(1)
+    wait_for(lambda: (r := readyz(h))[0] == 503 and "eth0" in r[1], 30, f"{h.name} /readyz: eth0 gone",
+             detail=lambda: readyz(h))
     lab.switch.ip("link", "add", f"v{h.name}", "type", "veth", "peer", "name", "eth0", "netns", h.ns)
     lab.switch.ip("link", "set", f"v{h.name}", "master", "br0", "mtu", str(h.mtu), "up")
     h.ip("link", "set", "eth0", "mtu", str(h.mtu), "up")
@@ -172,18 +217,18 @@ def test_external_nic_recreated_moves_the_vtep(lab, etcd):
     (h1, h2), (d1, d2), (p1, p2) = vxlan_cluster(lab, etcd, ["h1", "h2"], "--iface", "eth0")
     mac1 = vxlan_dev(h1)["address"]
     before = kernel_view(h1)
-    assert p1.wait_ping(p2.address, timeout=10)
+    assert p1.wait_ping(p2.address, timeout=30)
     old_index = h1.ip_json("link", "show", "eth0")[0]["ifindex"]
     recreate_eth0(h1)
     new_index = h1.ip_json("link", "show", "eth0")[0]["ifindex"]
     assert new_index != old_index
-    wait_for(lambda: h1.link_exists("flannel.1") and kernel_view(h1) == before, 15, 0.2,
-             "flannel.1 and h2's entries back")
+    wait_for(lambda: h1.link_exists("flannel.1") and kernel_view(h1) == before,
+             30, "flannel.1 and h2's entries back", interval=0.2)
     dev = vxlan_dev(h1)
     assert dev["address"] == mac1 and dev["local"] == h1.address, dev
     assert "dev eth0" in h1.ip("-d", "link", "show", "flannel.1")
     wait_ready(h1)
-    assert p1.wait_ping(p2.address, timeout=10) and p2.wait_ping(p1.address, timeout=5)
+    assert p1.wait_ping(p2.address, timeout=30) and p2.wait_ping(p1.address, timeout=30)
     assert "external interface changed" in d1.log_text()
     no_traceback(d1)
 
@@ -193,7 +238,7 @@ def test_readyz_says_the_interface_is_gone(lab, etcd):
     (h1,), (d1,), _ = vxlan_cluster(lab, etcd, ["h1"], "--iface", "eth0")
     wait_ready(h1)
     h1.ip("link", "del", "eth0")
-    code, body = wait_for(lambda: (r := readyz(h1))[0] == 503 and r, 10, 0.1, "/readyz 503")
+    code, body = wait_for(lambda: (r := readyz(h1))[0] == 503 and r, 30, "/readyz 503", interval=0.1)
     assert "eth0" in body and "interface" in body, body
 
 
@@ -203,21 +248,23 @@ def test_external_address_change_moves_vtep_and_lease(lab, etcd):
     (h1, h2), (d1, d2), (p1, p2) = vxlan_cluster(lab, etcd, ["h1", "h2"], "--iface", "eth0")
     sn1 = str(subnet_of(d1.subnet_env()))
     mac1 = vxlan_dev(h1)["address"]
-    assert p1.wait_ping(p2.address, timeout=10)
+    assert p1.wait_ping(p2.address, timeout=30)
     new_ip = "192.168.100.51"
     h1.ip("addr", "del", f"{h1.address}/{h1.prefixlen}", "dev", "eth0")
     h1.ip("addr", "add", f"{new_ip}/{h1.prefixlen}", "dev", "eth0")
     h1.ip("route", "add", "default", "via", h1.gateway)
     # the etcd connection from the old address is dead and times out first (gRPC keepalive, ~15 s)
-    wait_for(lambda: json.loads(etcd.get(key_of(sn1)))["PublicIP"] == new_ip, 45, 0.2, "lease PublicIP follows")
+    wait_for(lambda: json.loads(etcd.get(key_of(sn1)))["PublicIP"] == new_ip,
+             45, "lease PublicIP follows", interval=0.2)
     assert str(subnet_of(d1.subnet_env())) == sn1  # the subnet is kept
     lease = json.loads(etcd.get(key_of(sn1)))
     assert lease["BackendData"]["VtepMAC"] == mac1
-    wait_for(lambda: vxlan_dev(h1)["local"] == new_ip, 10, 0.2, "flannel.1 local follows")
-    wait_for(lambda: (mac1, new_ip) in kernel_view(h2)[1], 10, 0.2, "h2's FDB points at the new address")
+    wait_for(lambda: vxlan_dev(h1)["local"] == new_ip, 30, "flannel.1 local follows", interval=0.2)
+    wait_for(lambda: (mac1, new_ip) in kernel_view(h2)[1],
+             30, "h2's FDB points at the new address", interval=0.2)
     assert not any(dst == h1.address for _, dst in kernel_view(h2)[1])
     wait_ready(h1)
-    assert p1.wait_ping(p2.address, timeout=10) and p2.wait_ping(p1.address, timeout=5)
+    assert p1.wait_ping(p2.address, timeout=30) and p2.wait_ping(p1.address, timeout=30)
     assert d1.log_text().count("external interface changed") == 1
     no_traceback(d1)
 
@@ -226,24 +273,24 @@ def test_external_address_change_moves_vtep_and_lease(lab, etcd):
 def test_partition_longer_than_ttl_with_pool_taken_is_not_ready_until_a_lease(lab, etcd):
     etcd.put(f"{PREFIX}/config", '{"Network":"10.5.0.0/16","SubnetMin":"10.5.1.0","SubnetMax":"10.5.2.0",'
              '"Backend":{"Type":"vxlan"}}')
-    short = ("--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s")
+    short = ("--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s", "-v", "1")
     (h1, h2), (d1, d2), _ = vxlan_cluster(lab, etcd, ["h1", "h2"], *short)
     sn1 = str(subnet_of(d1.subnet_env()))
     wait_ready(h1)
     block = ["OUTPUT", "-d", etcd.ip, "-p", "tcp", "--dport", str(etcd.client_port), "-j", "DROP"]
     h1.run("iptables", "-w", "-A", *block)
     try:
-        wait_for(lambda: etcd.get(key_of(sn1)) is None, 20, 0.2, "h1's lease to expire")
+        wait_for(lambda: etcd.get(key_of(sn1)) is None, 30, "h1's lease to expire", interval=0.2)
         etcd.put(key_of(sn1), vxlan_value(OTHER, OTHER_MAC))  # another host takes it: the pool is full
     finally:
         h1.run("iptables", "-w", "-D", *block)
     d1.wait_log(r"own lease lost", timeout=30)
     d1.wait_log(r"out of subnets", timeout=30)
-    code, body = readyz(h1)
-    assert code == 503 and "out of subnets" in body, (code, body)
-    time.sleep(3)  # it stays so: no lease, not ready
+    wait_for(lambda: (r := readyz(h1))[0] == 503 and "out of subnets" in r[1], 30, "/readyz: out of subnets",
+             detail=lambda: readyz(h1))
+    wait_lease_retries(d1)  # it stays so: no lease, not ready, and said once
     assert readyz(h1)[0] == 503
-    assert d1.log_text().count("out of subnets") == 1
+    assert said(d1, "out of subnets") == 1
     # the other host goes away: h1 gets a lease again and is ready
     etcd.delete(key_of(sn1))
     wait_ready(h1, 60)
@@ -264,14 +311,14 @@ def test_unwritable_subnet_env_is_not_ready_and_retried(lab, etcd):
     srv.settimeout(0.5)
     try:
         d = start_daemon(h1, "--healthz-port", str(HZ), "--subnet-file", str(sf), env={"NOTIFY_SOCKET": str(sock_path)})
-        d.wait_log(r"failed to write subnet file", timeout=15)
+        d.wait_log(r"failed to write subnet file", timeout=30)
         code, body = readyz(h1)
         assert code == 503 and "subnet file" in body and str(sf) in body, (code, body)
         with pytest.raises(TimeoutError):
             srv.recv(100)  # no READY=1
         assert "flannel is ready" not in d.log_text()
         blocker.unlink()  # the operator fixes it: the daemon retries by itself
-        wait_for(lambda: sf.exists(), 30, 0.1, "subnet.env written")
+        wait_for(lambda: sf.exists(), 30, "subnet.env written", interval=0.1)
         srv.settimeout(15)
         assert srv.recv(100) == b"READY=1"
         wait_ready(h1)
@@ -290,20 +337,24 @@ def v3_lease_id(etcd, key: str) -> int:
 def test_reservation_while_running_is_followed(lab, etcd):
     etcd.put(f"{PREFIX}/config", '{"Network":"10.1.0.0/16","Backend":{"Type":"alloc"}}')
     h1 = lab.add_host("h1")
-    d = start_daemon(h1, "--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s")
-    sn = subnet_of(d.wait_subnet_env())
+    # -v 1 and a config re-check every 0.5 s: the daemon's loop says it runs while nothing else happens
+    d = start_daemon(h1, "--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s", "-v", "1",
+                     env={"PYFLANNELD_CONFIG_RECHECK": "0.5"})
+    sn = subnet_of(d.wait_subnet_env(30))
     key = key_of(sn)
     value = etcd.get(key)
     etcd.put(key, value)  # no --lease: upstream's documented reservation
-    d.wait_log(r"reservation", timeout=10)
+    d.wait_log(r"reservation", timeout=30)
     renewed = d.log_text().count("lease renewed")
-    time.sleep(6)  # longer than the TTL: a renewal would have given it a lease again
+    # longer than the TTL (twelve re-checks: 6 s of the daemon's own time), where a renewal would
+    # have given the key a lease again
+    wait_config_rechecks(d, 12)
     assert v3_lease_id(etcd, key) == 0, "the reservation was undone"
     assert d.log_text().count("lease renewed") == renewed
     # the operator removes the reservation (gives the key a TTL): renewals resume
     lease = etcd.etcdctl("lease", "grant", "30").split()[1]
     etcd.etcdctl("put", key, value, "--lease", lease)
-    wait_for(lambda: d.log_text().count("lease renewed") >= renewed + 2, 15, 0.2, "renewals resume")
+    wait_for(lambda: d.log_text().count("lease renewed") >= renewed + 2, 30, "renewals resume", interval=0.2)
     assert v3_lease_id(etcd, key) not in (0, int(lease, 16))
     assert subnet_of(d.subnet_env()) == sn and d.alive
 
@@ -314,15 +365,22 @@ def test_two_hosts_with_the_same_public_ip_warn_and_do_not_flip_flop(lab, etcd):
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
     same = ("--public-ip", "192.168.100.50", "--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s")
     d1 = start_daemon(h1, *same)
-    sn1 = subnet_of(d1.wait_subnet_env(15))
+    sn1 = subnet_of(d1.wait_subnet_env(30))
     d2 = start_daemon(h2, *same)
-    d2.wait_subnet_env(15)
+    d2.wait_subnet_env(30)
     # one of them notices the other and names both identities; then both settle on their own subnet
-    wait_for(lambda: "same PublicIP" in d1.log_text() + d2.log_text(), 20, 0.2, "a warning")
-    time.sleep(4)
-    envs = [subnet_of(d.subnet_env()) for d in (d1, d2)]
+    wait_for(lambda: "same PublicIP" in d1.log_text() + d2.log_text(), 30, "a warning", interval=0.2)
+
+    def settled() -> list | None:
+        sns = [subnet_of(e) if (e := d.subnet_env()) else None for d in (d1, d2)]
+        return sns if None not in sns and sns[0] != sns[1] and all(etcd.get(key_of(sn)) for sn in sns) else None
+
+    envs = wait_for(settled, 30, "each host on its own subnet, both leases in etcd")
     lost = [d.log_text().count("own lease lost") for d in (d1, d2)]
-    time.sleep(10)  # several renewals: nothing moves any more
+    # several renewals on each (every 2 s): nothing moves any more
+    renewed = [d.log_text().count("lease renewed") for d in (d1, d2)]
+    wait_for(lambda: all(d.log_text().count("lease renewed") >= n + 3 for d, n in zip((d1, d2), renewed, strict=True)),
+             60, "three renewals on each host", interval=0.2)
     assert [subnet_of(d.subnet_env()) for d in (d1, d2)] == envs
     assert envs[0] != envs[1], envs
     assert [d.log_text().count("own lease lost") for d in (d1, d2)] == lost
@@ -342,14 +400,16 @@ def test_network_changed_then_restart_removes_the_old_networks_state(lab, etcd):
     assert d1.stop() == 0 and d2.stop() == 0
     etcd.put(f"{PREFIX}/config", VXLAN.replace("10.5.0.0/16", "10.6.0.0/16"))
     d1.restart()
-    wait_for(lambda: (e := d1.subnet_env()) and e["FLANNEL_NETWORK"] == "10.6.0.0/16", 20, 0.1, "new Network")
+    wait_for(lambda: (e := d1.subnet_env()) and e["FLANNEL_NETWORK"] == "10.6.0.0/16",
+             30, "new Network", interval=0.1)
     new1 = subnet_of(d1.subnet_env())
     addrs = lambda: {a["local"] + "/" + str(a["prefixlen"]) for a in h1.ip_json("addr", "show", "flannel.1")[0]["addr_info"]  # noqa: E731
                      if a["family"] == "inet"}
-    wait_for(lambda: addrs() == {f"{new1.network_address}/32"}, 10, 0.1, "only the new address on flannel.1")
+    wait_for(lambda: addrs() == {f"{new1.network_address}/32"},
+             30, "only the new address on flannel.1", interval=0.1)
     # the previous Network's peer routes go (docker0 keeps its old subnet until docker restarts)
-    wait_for(lambda: not any(r.startswith("10.5.") for r in flannel_routes(h1)), 15, 0.2,
-             "no route of the old Network on flannel.1")
+    wait_for(lambda: not any(r.startswith("10.5.") for r in flannel_routes(h1)),
+             30, "no route of the old Network on flannel.1", interval=0.2)
     assert kernel_view(h1) == ({}, set(), set())  # and no ARP/FDB entry of the old peers
 
 
@@ -359,9 +419,11 @@ def test_blackhole_route_follows_a_subnet_change(lab, etcd):
     h1 = lab.add_host("h1")
     d = start_daemon(h1, "--ip-blackhole-route", "--iptables-resync", "1")
     old = subnet_of(d.wait_subnet_env())
-    wait_for(lambda: f"blackhole {old}" in h1.ip("route", "show"), 5, 0.1, "blackhole route")
+    wait_for(lambda: f"blackhole {old}" in h1.ip("route", "show"), 30, "blackhole route", interval=0.1)
     take_over(etcd, str(old), json.dumps({"PublicIP": OTHER, "PublicIPv6": None}))
-    new = wait_for(lambda: (e := d.subnet_env()) and subnet_of(e) != old and subnet_of(e), 15, 0.1, "moved")
-    wait_for(lambda: f"blackhole {new}" in h1.ip("route", "show"), 5, 0.1, "new blackhole route")
-    wait_for(lambda: f"blackhole {old}" not in h1.ip("route", "show"), 5, 0.1, "old blackhole route gone")
+    new = wait_for(lambda: (e := d.subnet_env()) and subnet_of(e) != old and subnet_of(e),
+                   30, "moved", interval=0.1)
+    wait_for(lambda: f"blackhole {new}" in h1.ip("route", "show"), 30, "new blackhole route", interval=0.1)
+    wait_for(lambda: f"blackhole {old}" not in h1.ip("route", "show"),
+             30, "old blackhole route gone", interval=0.1)
     assert isinstance(new, IPv4Network)

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from lab.memstore import MemStore
+from lab.wait import wait_for_async
 from pyflanneld import subnetenv
 from pyflanneld.backend.base import Backend, BackendContext, BackendInfo, ExternalInterface
 from pyflanneld.config import parse_config
@@ -283,7 +284,7 @@ class DaemonModel(RuleBasedStateMachine):
         Path(self.good_file).unlink(missing_ok=True)
         self.c.subnet_file = self.bad_file
         self.c.wake(full=True)
-        self.loop.run_until_complete(asyncio.sleep(0.003))
+        self.loop.run_until_complete(wait_for_async(lambda: not self.c.readiness()[0], 30, "not ready"))
         ok, why = self.c.readiness()
         assert not ok and "subnet file" in why, why
         self.c.subnet_file = self.good_file

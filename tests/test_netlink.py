@@ -105,23 +105,26 @@ def test_deletes_of_missing_objects_are_idempotent(lab):
 
 
 OVERRUN = """
-import asyncio, subprocess, sys, time
+import asyncio, subprocess, sys
 import structlog
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 from pyflanneld.netlink import NetlinkMonitor
+from lab.wait import wait_for_async
 async def main():
-    it = NetlinkMonitor(rcvbuf=4096).events().__aiter__()
+    mon = NetlinkMonitor(rcvbuf=4096)
+    it = mon.events().__aiter__()
     first = asyncio.ensure_future(it.__anext__())
-    await asyncio.sleep(0.3)
+    await wait_for_async(lambda: mon._sock is not None, 30, "the monitor's socket bound")
     subprocess.run(["ip", "link", "add", "x0", "type", "bridge"], check=True)
-    await asyncio.wait_for(first, 5)
+    await asyncio.wait_for(first, 30)
+    # the loop is blocked in subprocess.run meanwhile: the kernel's queue for our socket overflows
+    # (netlink notifications are queued within each of ip's requests)
     subprocess.run(["ip", "-batch", "-"], input="".join(f"route add 10.77.{i}.0/24 dev lo\\n" for i in range(255)),
                    text=True, check=True)
-    time.sleep(0.5)  # the loop is blocked: the kernel's queue for our socket overflows
     kinds = []
     while True:
         try:
-            ev = await asyncio.wait_for(it.__anext__(), 2)
+            ev = await asyncio.wait_for(it.__anext__(), 10)
         except asyncio.TimeoutError:
             break
         kinds.append(ev.kind)
@@ -129,7 +132,7 @@ async def main():
             break
     # after the overrun the monitor works again
     subprocess.run(["ip", "link", "del", "x0"], check=True)
-    ev = await asyncio.wait_for(it.__anext__(), 5)
+    ev = await asyncio.wait_for(it.__anext__(), 30)
     print("overrun" in kinds, ev.kind)
     await it.aclose()
 asyncio.run(main())
@@ -211,18 +214,20 @@ def test_batch_programs_exact_entries_and_reports_failures(lab):
 MONITOR = """
 import asyncio, socket, subprocess
 from pyflanneld.netlink import NetlinkMonitor
+from lab.wait import wait_for_async
 async def main():
     for skip in (False, True):
         idx = socket.if_nametoindex("x0")
-        it = NetlinkMonitor(skip_new_entries=skip).events().__aiter__()
+        mon = NetlinkMonitor(skip_new_entries=skip)
+        it = mon.events().__aiter__()
         first = asyncio.ensure_future(it.__anext__())
-        await asyncio.sleep(0.2)
+        await wait_for_async(lambda: mon._sock is not None, 30, "the monitor's socket bound")
         for cmd in ("route add 10.77.1.0/24 via 10.77.1.0 dev x0 onlink", "neigh add 10.77.1.9 lladdr 02:00:00:00:00:09 dev x0",
                     "route del 10.77.1.0/24", "neigh del 10.77.1.9 dev x0", "link del x0"):
             subprocess.run(["ip", *cmd.split()], check=True)
-        evs = [await asyncio.wait_for(first, 5)]
+        evs = [await asyncio.wait_for(first, 30)]
         while (evs[-1].kind, evs[-1].action) != ("link", "del"):
-            evs.append(await asyncio.wait_for(it.__anext__(), 5))
+            evs.append(await asyncio.wait_for(it.__anext__(), 30))
         print(skip, [(e.kind, e.action, e.ifindex == idx, e.dst, e.table, e.name) for e in evs])
         await it.aclose()
         subprocess.run(["ip", "link", "add", "x0", "type", "bridge"], check=True)

@@ -1,8 +1,9 @@
 """nftables mode (``EnableNFTables: true``) through the real daemon: upstream's ruleset, traffic
 with masquerade, repair of a flushed chain, and a host switched between iptables and nftables mode.
 
-The expected ruleset is upstream's (pkg/trafficmngr/nftables, v0.25+, as ``nft list`` prints it,
-upstream-ipv6-nftables-extension.md §5), written out here. For the JSON comparison the same text
+The expected ruleset is upstream's (pkg/trafficmngr/nftables/nftables.go, v0.25+: tables
+``flannel-ipv4``/``flannel-ipv6``, chains ``forward`` and ``postrtg``), as ``nft list`` prints it,
+written out here. For the JSON comparison the same text
 is loaded by ``nft -f`` into a namespace no daemon touches, and both ``nft -j`` listings are
 compared (handles dropped): what pyflanneld installs is what nft makes of upstream's rules.
 """
@@ -122,17 +123,17 @@ def test_nftables_ruleset_is_upstreams_and_masquerades(lab, etcd):
 
     # a pod reaching an address outside the Network is masqueraded (the far side sees h1) ...
     cap = ext.popen("tcpdump", "-l", "-n", "-i", "eth0", "icmp and icmp[icmptype] == icmp-echo", name="cap-ext")
-    wait_for(lambda: "listening on" in cap.log_text(), 10, "tcpdump on ext")
-    assert n1.pod.wait_ping(ext.address, timeout=5)
-    wait_for(lambda: f"IP {n1.host.address} > {ext.address}: ICMP echo request" in cap.log_text(), 5,
+    wait_for(lambda: "listening on" in cap.log_text(), 30, "tcpdump on ext")
+    assert n1.pod.wait_ping(ext.address, timeout=30)
+    wait_for(lambda: f"IP {n1.host.address} > {ext.address}: ICMP echo request" in cap.log_text(), 30,
              "the masqueraded echo request on ext")
     assert n1.pod.address not in cap.log_text()
     # ... while pod-to-pod traffic keeps the pod's address (the return rules before the masquerade)
     cap2 = n2.host.popen("tcpdump", "-l", "-n", "-i", "docker0", "icmp and icmp[icmptype] == icmp-echo",
                          name="cap-h2")
-    wait_for(lambda: "listening on" in cap2.log_text(), 10, "tcpdump on h2")
+    wait_for(lambda: "listening on" in cap2.log_text(), 30, "tcpdump on h2")
     assert ping_all([n1.pod, n2.pod]) == []
-    wait_for(lambda: f"IP {n1.pod.address} > {n2.pod.address}: ICMP echo request" in cap2.log_text(), 5,
+    wait_for(lambda: f"IP {n1.pod.address} > {n2.pod.address}: ICMP echo request" in cap2.log_text(), 30,
              "the unmasqueraded pod-to-pod echo request on h2")
     assert f"IP {n1.host.address} > {n2.pod.address}" not in cap2.log_text()
 
@@ -152,12 +153,14 @@ def test_nftables_options(lab, etcd):
         assert flannel_iptables(n.host) == []
 
 
-def test_nftables_flushed_chain_restored_within_resync_period(lab, etcd):
+def test_nftables_damaged_ruleset_restored_by_the_resync(lab, etcd):
     etcd.put(f"{PREFIX}/config", nft_config())
     (n1,) = start_nodes(lab, [lab.add_host("h1")], "--ip-masq", "--iptables-resync", "1")
     h, want = n1.host, upstream_v4(NETWORK, str(n1.subnet))
     assert nft_text(h) == want
-    # every kind of damage is back to upstream's ruleset within the 1 s resync period (+ margin)
+    # every kind of damage is put back to upstream's ruleset by the resync (every 1 s), which says so
+    # in the log (the damage is not checked in between: the resync may be quicker)
+    restoring = "nftables rules differ from the expected ones; restoring"
     last_forward_rule = "$(nft -a list chain ip flannel-ipv4 forward | awk '/accept # handle/ {h=$NF} END {print h}')"
     damage = [
         "nft flush chain ip flannel-ipv4 postrtg",
@@ -167,13 +170,12 @@ def test_nftables_flushed_chain_restored_within_resync_period(lab, etcd):
         "nft add chain ip flannel-ipv4 forward '{ policy drop; }'",
     ]
     for script in damage:
-        h.sh(script)
-        assert nft_text(h) != want, script
-        took = wait_for(lambda: nft_text(h) == want, 3, f"ruleset restored after {script}")
-        assert took < 2.5, (script, took)
-    assert n1.daemon.log_text().count("nftables rules differ from the expected ones; restoring") >= len(damage)
+        repairs = n1.daemon.log_text().count(restoring)
+        h.sh(script)  # check=True: the damage was done
+        wait_for(lambda r=repairs: n1.daemon.log_text().count(restoring) > r and nft_text(h) == want, 30,
+                 f"ruleset restored after {script}", detail=lambda: nft_text(h))
     assert nft_text(h, "ip6", "flannel-ipv6") == UPSTREAM_V6_EMPTY
-    assert n1.pod.wait_ping(lab.switch.address, timeout=3)  # masquerade works after the repairs
+    assert n1.pod.wait_ping(lab.switch.address, timeout=30)  # masquerade works after the repairs
     assert "Traceback" not in n1.daemon.log_text()
 
 
@@ -194,7 +196,8 @@ def test_switch_between_iptables_and_nftables_mode(lab, etcd):
         assert n1.daemon.stop() == 0
         etcd.put(f"{PREFIX}/config", nft_config(enable=enable))
         n1.daemon.restart()
-        wait_for(lambda starts=starts: n1.daemon.log_text().count("flannel is ready") == starts, 20, "restarted")
+        wait_for(lambda starts=starts: n1.daemon.log_text().count("flannel is ready") == starts,
+                 30, "restarted")
         assert n1.daemon.subnet_env() == n1.env
         if enable:
             assert nft_text(h) == upstream_v4(NETWORK, sn)
@@ -202,7 +205,7 @@ def test_switch_between_iptables_and_nftables_mode(lab, etcd):
         else:
             assert iptables_rules() == iptables_mode
             assert flannel_nft_tables(h) == []
-    assert n1.pod.wait_ping(lab.switch.address, timeout=3)
+    assert n1.pod.wait_ping(lab.switch.address, timeout=30)
     assert "Traceback" not in n1.daemon.log_text()
 
 
@@ -225,10 +228,10 @@ def test_nftables_host_next_to_upstream_iptables_host(lab, etcd):
     etcd.put(f"{PREFIX}/config", nft_config())
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
     up = start_daemon(h1, "-iface=eth0", "-ip-masq", binary=str(binary))
-    env1 = up.wait_subnet_env(timeout=20)
+    env1 = up.wait_subnet_env(timeout=30)
     pod1 = attach_pod(lab, h1, env1)
     (n2,) = start_nodes(lab, [h2], "--ip-masq")
-    assert ping_all([pod1, n2.pod], timeout=5) == []
+    assert ping_all([pod1, n2.pod]) == []
     assert nft_text(h2) == upstream_v4(NETWORK, str(n2.subnet)) and flannel_iptables(h2) == []
     assert iptables_s(h1, "nat", "POSTROUTING")[1:] == GOLDEN_POSTROUTING[1:]
-    assert n2.pod.wait_ping(lab.switch.address, timeout=3) and pod1.wait_ping(lab.switch.address, timeout=3)
+    assert n2.pod.wait_ping(lab.switch.address, timeout=30) and pod1.wait_ping(lab.switch.address, timeout=30)

@@ -14,11 +14,12 @@ import socket
 import struct
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 from pyflanneld.udpfwd.packet import checksum
 
@@ -117,12 +118,16 @@ def pid_alive(pid: int) -> bool:
 def read_pcap(path: Path) -> list[bytes]:
     """Frames of a pcap file (ethernet or raw IP, as tcpdump -w writes them)."""
     data = path.read_bytes()
+    if len(data) < 24:  # tcpdump has not written its header yet
+        return []
     magic, = struct.unpack_from("<I", data, 0)
     endian = "<" if magic in (0xA1B2C3D4, 0xA1B23C4D) else ">"
     linktype = struct.unpack_from(endian + "I", data, 20)[0]
     frames, pos = [], 24
     while pos + 16 <= len(data):
         _, _, incl, _ = struct.unpack_from(endian + "IIII", data, pos)
+        if pos + 16 + incl > len(data):  # being written
+            break
         frame = data[pos + 16:pos + 16 + incl]
         pos += 16 + incl
         if linktype == 1:  # ethernet
@@ -169,19 +174,19 @@ def transport_checksum_ok(pkt: bytes) -> bool:
 
 
 class Capture:
+    """tcpdump -w into the lab's tmp dir, from the moment it listens."""
+
     def __init__(self, host, iface: str, filt: str, name: str, count: int | None = None):
         self.path = host.lab.tmp / f"{name}.pcap"
         argv = ["tcpdump", "-i", iface, "-n", "-U", "--immediate-mode", "-s", "0", "-w", str(self.path)]
         if count:
             argv += ["-c", str(count)]
         self.proc = host.popen(*argv, *filt.split(), name=name)
-        deadline = time.monotonic() + 10
-        while "listening on" not in self.proc.log_text():
-            assert time.monotonic() < deadline, self.proc.log_text()
-            time.sleep(0.05)
+        self.proc.wait_log("listening on", 30)
 
-    def stop(self) -> list[bytes]:
-        time.sleep(0.3)
+    def stop(self, until: Callable[[list[bytes]], object]) -> list[bytes]:
+        """The frames captured, once ``until(frames)`` holds (tcpdump writes each packet at once)."""
+        wait_for(lambda: until(read_pcap(self.path)), 30, f"the packets in {self.path.name}")
         self.proc.signal(signal.SIGINT)
         self.proc.wait(10)
         return read_pcap(self.path)
@@ -217,8 +222,15 @@ def test_ping_and_wire_format_is_the_raw_inner_packet(lab, fwds, offload):
     wire_cap = Capture(h1, "eth0", f"udp port {PORT}", "wire")
     payload = b"flannel-wire-format-" + bytes(range(200))
     send_udp(h1, tun_ip(h1), "10.5.2.77", 9999, payload, count=3)
-    inner = [f for f in tun_cap.stop() if len(f) > 28 and f[9] == 17 and f[22:24] == struct.pack("!H", 9999)]
-    wire = [p for p in udp_payloads(wire_cap.stop()) if p[9] == 17 and p[22:24] == struct.pack("!H", 9999)]
+
+    def inner_of(frames: list[bytes]) -> list[bytes]:
+        return [f for f in frames if len(f) > 28 and f[9] == 17 and f[22:24] == struct.pack("!H", 9999)]
+
+    def wire_of(frames: list[bytes]) -> list[bytes]:
+        return [p for p in udp_payloads(frames) if p[9] == 17 and p[22:24] == struct.pack("!H", 9999)]
+
+    inner = inner_of(tun_cap.stop(until=lambda fs: len(inner_of(fs)) >= 3))
+    wire = wire_of(wire_cap.stop(until=lambda fs: len(wire_of(fs)) >= 3))
     assert len(inner) == 3 and len(wire) == 3, (len(inner), len(wire))
     for before, after in zip(inner, wire, strict=True):
         expect = bytearray(before)
@@ -244,8 +256,8 @@ def test_tcp_bulk_transfer_every_wire_packet_is_valid(lab, fwds, offload1, offlo
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
     fwds(h1, [h2], offload=offload1)
     fwds(h2, [h1], offload=offload2)
-    srv = h2.popen("iperf3", "-s", "-1", "-B", tun_ip(h2), name="iperf-s")
-    time.sleep(0.5)
+    srv = h2.popen("iperf3", "-s", "-1", "--forceflush", "-B", tun_ip(h2), name="iperf-s")
+    srv.wait_log("(?i)listening", 30)
     cap = Capture(h1, "eth0", f"udp port {PORT}", "bulk", count=3000)
     res = h1.run("iperf3", "-c", tun_ip(h2), "-B", tun_ip(h1), "-n", "20M", "-J", timeout=60)
     srv.wait(10)
@@ -254,7 +266,7 @@ def test_tcp_bulk_transfer_every_wire_packet_is_valid(lab, fwds, offload1, offlo
     end = json.loads(res.stdout)["end"]
     assert end["sum_sent"]["bytes"] >= 20 * 1024 * 1024
     assert end["sum_received"]["bytes"] >= 15 * 1024 * 1024
-    pkts = udp_payloads(cap.stop())
+    pkts = udp_payloads(cap.stop(until=lambda fs: len(udp_payloads(fs)) > 1000))
     assert len(pkts) > 1000
     data = 0
     for p in pkts:
@@ -279,7 +291,8 @@ s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_IP, IP_RECVERR, 1)
 s.bind(({tun_ip(h1)!r}, 0))
 s.sendto(b"hello", ("10.5.9.9", 7777))
-for _ in range(100):
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:  # the ICMP error arrives on the socket's error queue
     try:
         data, anc, flags, addr = s.recvmsg(512, 512, socket.MSG_ERRQUEUE | socket.MSG_DONTWAIT)
         break
@@ -291,7 +304,7 @@ for level, typ, d in anc:
         offender = socket.inet_ntoa(d[16 + 4:16 + 8])
         print(errno_, origin, etype, code, offender)
 """
-    out = h1.run(sys.executable, "-c", script, timeout=15).stdout.split()
+    out = h1.run(sys.executable, "-c", script, timeout=60).stdout.split()
     assert out[1:4] == ["2", "3", "0"], out  # SO_EE_ORIGIN_ICMP, dest unreachable, net unreachable
     assert out[4] == tun_ip(h1)
     # ICMP itself gets no ICMP error (RFC 792, as upstream): ping just sees no answer
@@ -309,19 +322,16 @@ def test_routes_follow_updates_without_restarting_workers(lab, fwds):
     assert h1.ping(tun_ip(h2))
     assert not h1.ping(tun_ip(h3), timeout=0.5)
 
-    # time from sending an update to every worker having applied it (sync answers after it)
-    took = []
+    # updates one after the other, each confirmed by sync (every worker applied it); how long that
+    # takes is measured by `python -m bench udp_hotpath`
     for _ in range(5):
         for line in (f"add {subnet_of(h3)} {h3.address}", f"del {subnet_of(h3)}"):
-            t0 = time.monotonic()
             f1.cmd(line)
             f1.sync()
-            took.append(time.monotonic() - t0)
-    took.sort()
-    assert took[len(took) // 2] < 0.1, f"route updates took {[round(t * 1000) for t in took]} ms"
+    assert [st["routes"] for st in f1.stats()] == [1, 1]  # h2 only: the last update was a delete
     f1.cmd(f"add {subnet_of(h3)} {h3.address}")
     f1.sync()
-    assert h1.wait_ping(tun_ip(h3), timeout=3)
+    assert h1.wait_ping(tun_ip(h3), timeout=30)
 
     f1.cmd(f"del {subnet_of(h3)}")
     f1.sync()
@@ -353,10 +363,7 @@ def test_sigterm_stops_workers_and_parent_death_kills_them(lab, fwds):
     os.killpg(f2.proc.pid, 0)  # still there
     f2.proc.kill()
     f2.proc.wait(5)
-    deadline = time.monotonic() + 5
-    while any(pid_alive(p) for p in pids2) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(pid_alive(p) for p in pids2)
+    wait_for(lambda: not any(pid_alive(p) for p in pids2), 30, "the orphaned workers gone")
 
 
 def test_dead_worker_is_restarted_with_the_routes(lab, fwds):
@@ -365,14 +372,10 @@ def test_dead_worker_is_restarted_with_the_routes(lab, fwds):
     fwds(h2, [h1])
     pids = f1.worker_pids()
     os.kill(pids[0], signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while pid_alive(pids[0]) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not pid_alive(pids[0]), 30, "the killed worker gone")
     # (a zombie leader may still have threads exiting: poll until the supervisor can reap it)
-    deadline = time.monotonic() + 5
-    while (restarted := f1.cmd("check", answer=True)) == "0" and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert restarted == "1"
+    assert wait_for(lambda: (r := f1.cmd("check", answer=True)) != "0" and r,
+                    30, "the supervisor's check") == "1"
     new = f1.worker_pids()
     assert new[1] == pids[1] and new[0] != pids[0]
     assert [st["routes"] for st in f1.stats()] == [1, 1]

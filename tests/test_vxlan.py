@@ -14,8 +14,8 @@ from backend_harness import (
     lines,
     start_node,
     vxlan_lease,
-    wait_for,
 )
+from helpers import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -121,15 +121,16 @@ def test_remove_peer_undoes_all_three(lab, pair):
 @pytest.mark.parametrize("what", ["route", "neigh", "fdb"])
 def test_deleted_entry_is_restored_by_netlink_event(lab, pair, what):
     a, b = pair
+    repairs = a.proc.log().count("kernel state reconciled")
     if what == "route":
         a.host.ip("route", "del", b.subnet)
     elif what == "neigh":
         a.host.ip("neigh", "del", "10.5.2.0", "dev", "flannel.1")
     else:
         a.host.bridge("fdb", "del", mac_of(b), "dev", "flannel.1", "dst", b.host.address)
-    assert wait_for(lambda: has_entries(a.host, b), timeout=2), vxlan_state(a.host)
+    wait_for(lambda: has_entries(a.host, b) and a.proc.log().count("kernel state reconciled") > repairs, 30,
+             f"the deleted {what} restored (and the repair logged)", detail=lambda: vxlan_state(a.host))
     assert a.pod.ping(b.pod.address)
-    assert "kernel state reconciled" in a.proc.log()
 
 
 def test_changed_entries_fixed_by_reconcile(lab, pair):
@@ -144,7 +145,8 @@ def test_changed_entries_fixed_by_reconcile(lab, pair):
     # the daemon's timer: reconcile() every period
     a.host.ip("route", "replace", b.subnet, "via", "192.168.100.254", "dev", "eth0")
     a.proc.call("timer", period=0.3)
-    assert wait_for(lambda: peer_entries(b)["routes"] <= vxlan_state(a.host)["routes"], timeout=3)
+    wait_for(lambda: peer_entries(b)["routes"] <= vxlan_state(a.host)["routes"], 30,
+             "the replaced route fixed by the timer pass", detail=lambda: vxlan_state(a.host))
 
 
 def test_deleted_device_is_recreated_with_same_mac(lab, pair):
@@ -155,7 +157,7 @@ def test_deleted_device_is_recreated_with_same_mac(lab, pair):
     def back():
         return a.host.link_exists("flannel.1") and has_entries(a.host, b)
 
-    assert wait_for(back, timeout=3), vxlan_state(a.host)
+    wait_for(back, 30, "flannel.1 and the peer's entries back", detail=lambda: vxlan_state(a.host))
     link = a.host.ip_json("-d", "link", "show", "flannel.1")[0]
     assert link["ifindex"] != old_index
     assert link["address"] == mac_of(a) and link["mtu"] == 1450 and "UP" in link["flags"]
@@ -270,7 +272,8 @@ def test_direct_routing(lab):
     assert a.pod.ping(far.pod.address, count=2)
     # the direct route is repaired too, and removed with its lease
     a.host.ip("route", "del", "10.5.2.0/24")
-    assert wait_for(lambda: "10.5.2.0/24 via 192.168.100.2 dev eth0" in lines(a.host.ip("route")), timeout=2)
+    wait_for(lambda: "10.5.2.0/24 via 192.168.100.2 dev eth0" in lines(a.host.ip("route")), 30,
+             "the direct route restored", detail=lambda: a.host.ip("route"))
     a.proc.call("remove_peer", lease=b.lease)
     assert not any(r.startswith("10.5.2.0/24") for r in lines(a.host.ip("route")))
 
