@@ -7,10 +7,10 @@ Public API::
         # argv: <binary> --etcd-endpoints <etcd.endpoint> --subnet-file <lab.tmp>/<host>/subnet.env <args>
         # (each default only when args do not already contain that flag)
         # etcd: an EtcdServer/EtcdCluster, default host.lab.etcd; binary default: pyflanneld_argv()
-    d.wait_subnet_env(timeout=10) -> dict[str, str]   # FLANNEL_NETWORK, FLANNEL_SUBNET, ...
+    d.wait_subnet_env(timeout=30) -> dict[str, str]   # FLANNEL_NETWORK, FLANNEL_SUBNET, ...
     d.subnet_env() -> dict | None                      # current contents, None if absent
     d.subnet_file (Path), d.log_path (Path), d.log_text(), d.pid, d.alive, d.returncode, d.argv
-    d.wait_log(pattern, timeout=10) -> re.Match       # regex over the log
+    d.wait_log(pattern, timeout=30) -> re.Match       # regex over the log
     d.wait_exit(timeout=10) -> int
     d.stop(timeout=5) -> int   # SIGTERM; exit code (negative = killed by signal)
     d.kill() -> int            # SIGKILL
@@ -126,7 +126,7 @@ class Daemon:
         except FileNotFoundError:
             return None
 
-    def wait_subnet_env(self, timeout: float = 10) -> dict[str, str]:
+    def wait_subnet_env(self, timeout: float = 30) -> dict[str, str]:
         """Wait until the subnet file exists with FLANNEL_SUBNET and return it; LabError (with the
         log's tail) if the daemon exits first, lab.wait.WaitTimeout when the time runs out."""
         def ready() -> dict[str, str] | None:
@@ -142,7 +142,7 @@ class Daemon:
         return wait_for(ready, timeout, f"{self.host.name}'s {self.subnet_file}", interval=0.02,
                         detail=lambda: f"log:\n{self.log_text()[-3000:]}")
 
-    def wait_log(self, pattern: str, timeout: float = 10) -> re.Match:
+    def wait_log(self, pattern: str, timeout: float = 30) -> re.Match:
         """Wait until regex pattern appears in the log; LabError if the daemon exits first,
         lab.wait.WaitTimeout on timeout (see LabProcess.wait_log)."""
         return self.process.wait_log(pattern, timeout, what=f"{self.host.name}'s daemon")

@@ -22,6 +22,7 @@ Public API::
         h1.sysctl("net.ipv4.ip_forward", "1")   -> str   (sets when value given, else reads)
         h1.popen("iperf3", "-s", log_path=None, env=None) -> LabProcess (tracked, killed on close)
         h1.ping("192.168.100.2", count=1, timeout=1) -> bool
+        h1.wait_ping("192.168.100.2", timeout=30) -> bool  # one ping per try until a reply
         h1.link_exists("flannel.1") -> bool
         br = h1.make_bridge("docker0", "10.5.1.1/24", mtu=1450, cidr6=None)
             -> Bridge: .name, .address ("10.5.1.1"), .interface (IPv4Interface), .network, .mtu,
@@ -32,6 +33,7 @@ Public API::
         pod.ping("10.5.2.2") -> bool
         p = lab.spawn(ns, argv, env=None, log_path=None, name=None) -> LabProcess
         p.pid, p.alive, p.returncode, p.log_path, p.log_text(), p.wait(timeout),
+        p.wait_log(regex, timeout=30) -> re.Match  # LabError if p exits first (lab.wait.wait_for)
         p.stop(timeout=2) -> rc, p.kill() -> rc, p.signal(sig)      # signals go to the process group
         lab.read_log(path_or_name) -> str           # relative names are under lab.tmp
         lab.start_etcd(**EtcdServer kwargs, wait=True, timeout=10) -> EtcdServer (healthy)
@@ -307,7 +309,7 @@ class LabProcess:
         """Wait for exit; raise subprocess.TimeoutExpired if still running after timeout."""
         return self.popen.wait(timeout=timeout)
 
-    def wait_log(self, pattern: str, timeout: float = 10, what: str | None = None) -> re.Match:
+    def wait_log(self, pattern: str, timeout: float = 30, what: str | None = None) -> re.Match:
         """Wait until regex ``pattern`` appears in the log and return the match. LabError (with the
         log's tail) if the process exits without logging it; lab.wait.WaitTimeout after ``timeout`` s."""
         rx = re.compile(pattern)

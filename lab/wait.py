@@ -70,7 +70,7 @@ class _Poll:
         return value, elapsed, min(self.interval, self.timeout - elapsed)  # the last call comes at the deadline
 
 
-def wait_timed(pred: Callable[[], T], timeout: float = 10.0, what: str | None = None, interval: float = POLL_S,
+def wait_timed(pred: Callable[[], T], timeout: float = 30.0, what: str | None = None, interval: float = POLL_S,
                *, detail: Callable[[], object] | None = None) -> tuple[T, float]:
     """Like :func:`wait_for`, and also the seconds it took: ``(value, elapsed_s)``."""
     poll = _Poll(pred, timeout, what, interval, detail)
@@ -81,14 +81,14 @@ def wait_timed(pred: Callable[[], T], timeout: float = 10.0, what: str | None = 
         time.sleep(pause)
 
 
-def wait_for(pred: Callable[[], T], timeout: float = 10.0, what: str | None = None, interval: float = POLL_S,
+def wait_for(pred: Callable[[], T], timeout: float = 30.0, what: str | None = None, interval: float = POLL_S,
              *, detail: Callable[[], object] | None = None) -> T:
     """Poll ``pred()`` every ``interval`` s until truthy and return that value; after ``timeout`` s
     raise :class:`WaitTimeout` naming ``what`` (default: the predicate's source) with ``detail()``."""
     return wait_timed(pred, timeout, what, interval, detail=detail)[0]
 
 
-async def wait_for_async(pred: Callable[[], T], timeout: float = 10.0, what: str | None = None,
+async def wait_for_async(pred: Callable[[], T], timeout: float = 30.0, what: str | None = None,
                          interval: float = POLL_S, *, detail: Callable[[], object] | None = None) -> T:
     """:func:`wait_for` inside asyncio code: the same, but the event loop runs between two calls."""
     poll = _Poll(pred, timeout, what, interval, detail)
