@@ -204,20 +204,21 @@ def test_ip6tables_rules_equal_golden_and_are_restored(lab):
     assert ours(h, "nat") == [] and ours(h, "filter") == []  # nothing in the IPv4 tables
     p = resync_loop(h, **V6)
     h.run("ip6tables", "-w", "-t", "nat", "-F", "FLANNEL-POSTRTG")
-    assert wait_for(lambda: ours(h, "nat", "ip6tables") == GOLDEN_MASQ6, timeout=5), ours(h, "nat", "ip6tables")
+    wait_for(lambda: ours(h, "nat", "ip6tables") == GOLDEN_MASQ6, 30, "the IPv6 masquerade rules",
+             detail=lambda: ours(h, "nat", "ip6tables"))
     assert "tool=ip6tables" in p.log_text() and "restoring" in p.log_text()
 
 
 def test_dual_stack_traffic_manager_keeps_both_families_rules(lab):
     h = lab.add_host("h1")
     p = h.popen(PYTHON, "-c", TM_DRIVER, "", name="rules")
-    assert wait_for(lambda: "SETUP-DONE" in p.log_text(), timeout=15), p.log_text()
+    wait_for(lambda: "SETUP-DONE" in p.log_text(), 30, "the rules set up", detail=p.log_text)
     assert ours(h, "nat") == GOLDEN_MASQ and ours(h, "filter") == GOLDEN_FWD
     assert ours(h, "nat", "ip6tables") == GOLDEN_MASQ6 and ours(h, "filter", "ip6tables") == GOLDEN_FWD6
     h.run("ip6tables", "-w", "-F", "FLANNEL-FWD")
     h.run("iptables", "-w", "-t", "nat", "-F", "FLANNEL-POSTRTG")
-    assert wait_for(lambda: ours(h, "filter", "ip6tables") == GOLDEN_FWD6 and ours(h, "nat") == GOLDEN_MASQ,
-                    timeout=5), (ours(h, "filter", "ip6tables"), ours(h, "nat"))
+    wait_for(lambda: ours(h, "filter", "ip6tables") == GOLDEN_FWD6 and ours(h, "nat") == GOLDEN_MASQ, 30,
+             "both families' rules restored", detail=lambda: (ours(h, "filter", "ip6tables"), ours(h, "nat")))
 
 
 def test_missing_ip6tables_names_the_tool(lab):
@@ -256,11 +257,11 @@ def test_dual_stack_nftables_mode_fills_the_ip6_table_and_removes_ip6tables_chai
     setup_rules(h, **V6)  # left over from iptables mode
     assert ours(h, "nat", "ip6tables") == GOLDEN_MASQ6
     p = h.popen(PYTHON, "-c", TM_DRIVER, ',"EnableNFTables":true', name="rules")
-    assert wait_for(lambda: "SETUP-DONE" in p.log_text(), timeout=15), p.log_text()
+    wait_for(lambda: "SETUP-DONE" in p.log_text(), 30, "the rules set up", detail=p.log_text)
     assert h.run("nft", "list", "table", "ip6", "flannel-ipv6").stdout == UPSTREAM_NFT_V6
     assert "ip saddr 10.5.1.0/24 ip daddr 10.5.0.0/16 return" in h.run("nft", "list", "table", "ip",
                                                                        "flannel-ipv4").stdout
     assert ours(h, "nat", "ip6tables") == [] and ours(h, "filter", "ip6tables") == []
     h.run("nft", "flush", "chain", "ip6", "flannel-ipv6", "postrtg")
-    assert wait_for(lambda: h.run("nft", "list", "table", "ip6", "flannel-ipv6").stdout == UPSTREAM_NFT_V6,
-                    timeout=5)
+    wait_for(lambda: h.run("nft", "list", "table", "ip6", "flannel-ipv6").stdout == UPSTREAM_NFT_V6, 30,
+             "the ip6 nftables table restored")

@@ -89,7 +89,7 @@ def test_vxlan_metrics_follow_what_happened(lab, etcd):
     d2 = start_daemon(h2, "--iface", "eth0")
     sn2 = IPv4Network(d2.wait_subnet_env()["FLANNEL_SUBNET"], strict=False)
     route2 = f"{sn2} via {sn2.network_address} dev flannel.1 onlink"
-    wait_for(lambda: route2 in h1.ip("route"), timeout=10, what="h1 programs h2")
+    wait_for(lambda: route2 in h1.ip("route"), timeout=30, what="h1 programs h2")
     m = scrape(h1)
     assert m['pyflanneld_peers{backend="vxlan"}'] == 1
     assert m["pyflanneld_peer_programming_seconds_count"] == 1
@@ -99,7 +99,7 @@ def test_vxlan_metrics_follow_what_happened(lab, etcd):
 
     # entries deleted by hand come back, each counted once under its kind
     h1.ip("route", "del", str(sn2))
-    wait_for(lambda: route2 in h1.ip("route"), timeout=10, what="the route back")
+    wait_for(lambda: route2 in h1.ip("route"), timeout=30, what="the route back")
     m = wait_metric(h1, REPAIRS % "route", lambda v: v == 1, "one route repair")
     h1.ip("neigh", "del", str(sn2.network_address), "dev", "flannel.1")
     m = wait_metric(h1, REPAIRS % "neigh", lambda v: v == 1, "one ARP repair")
@@ -110,7 +110,7 @@ def test_vxlan_metrics_follow_what_happened(lab, etcd):
     # the device: recreated, and its peer's three entries with it
     h1.ip("link", "del", "flannel.1")
     m = wait_metric(h1, REPAIRS % "device", lambda v: v == 1, "the device recreated")
-    wait_for(lambda: route2 in h1.ip("route"), timeout=10, what="the route on the new device")
+    wait_for(lambda: route2 in h1.ip("route"), timeout=30, what="the route on the new device")
     m = wait_metric(h1, REPAIRS % "fdb", lambda v: v == 2, "the FDB entry on the new device")
     assert (m[REPAIRS % "route"], m[REPAIRS % "neigh"]) == (2, 2)
     # a flushed iptables chain (restored by the 1 s resync) and the blackhole route
