@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -187,7 +188,7 @@ class Pinger:
         if timestamps:
             argv.append("-D")
         if deadline is not None:
-            argv += ["-w", str(deadline)]
+            argv += ["-w", str(math.ceil(deadline))]  # ping takes whole seconds
         if count is not None:  # ping ends by itself after the last reply: no in-flight packet lost
             argv += ["-c", str(count)]
         self.pod, self.dst = pod, dst
