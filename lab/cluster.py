@@ -7,7 +7,8 @@ Public API::
         # argv: <binary> --etcd-endpoints <etcd.endpoint> --subnet-file <lab.tmp>/<host>/subnet.env <args>
         # (each default only when args do not already contain that flag)
         # etcd: an EtcdServer/EtcdCluster, default host.lab.etcd; binary default: pyflanneld_argv()
-    d.wait_subnet_env(timeout=30) -> dict[str, str]   # FLANNEL_NETWORK, FLANNEL_SUBNET, ...
+    d.wait_subnet_env(timeout=30) -> dict[str, str]   # FLANNEL_NETWORK, FLANNEL_SUBNET, ... (IPv6-only:
+                                                       # FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET, ...)
     d.subnet_env() -> dict | None                      # current contents, None if absent
     d.subnet_file (Path), d.log_path (Path), d.log_text(), d.pid, d.alive, d.returncode, d.argv
     d.wait_log(pattern, timeout=30) -> re.Match       # regex over the log
@@ -127,12 +128,13 @@ class Daemon:
             return None
 
     def wait_subnet_env(self, timeout: float = 30) -> dict[str, str]:
-        """Wait until the subnet file exists with FLANNEL_SUBNET and return it; LabError (with the
+        """Wait until the subnet file exists with FLANNEL_SUBNET (or, IPv6-only,
+        FLANNEL_IPV6_SUBNET) and return it; LabError (with the
         log's tail) if the daemon exits first, lab.wait.WaitTimeout when the time runs out."""
         def ready() -> dict[str, str] | None:
             alive = self.alive  # read before the file: a file written just before exit still counts
             env = self.subnet_env()
-            if env and "FLANNEL_SUBNET" in env:
+            if env and ("FLANNEL_SUBNET" in env or "FLANNEL_IPV6_SUBNET" in env):
                 return env
             if not alive:
                 raise LabError(f"{self.host.name}: daemon exited with {self.returncode} before writing "

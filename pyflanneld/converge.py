@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import structlog
 
 from . import metrics, subnetenv
-from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface
+from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface, lease_attrs
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import SubnetManager, wait_event
 from .subnet.store import StoreError
@@ -50,10 +50,12 @@ class Converger:
     the fact's reason). on_subnet(lease, previous_lease): called after the backend was started for
     a new own subnet (traffic rules, blackhole route). on_ready(): the first time all facts hold.
     period_s: the safety-net timer; retry_s: the first retry of a false fact (doubling to period_s).
+    network/network6: the config's Network and IPv6Network for subnet.env (None: the family is off).
     """
 
     def __init__(self, manager: SubnetManager, backend: Backend, info: BackendInfo, *,
-                 network: IPv4Network, subnet_file: str, ip_masq: bool, period_s: float,
+                 network: IPv4Network | None, subnet_file: str, ip_masq: bool, period_s: float,
+                 network6: IPv6Network | None = None,
                  resolve_ext: Callable[[], Awaitable[ExternalInterface]] | None = None,
                  on_subnet: Callable[[Lease, Lease | None], Awaitable[None]] | None = None,
                  on_ready: Callable[[], None] | None = None, retry_s: float = RETRY_S) -> None:
@@ -62,6 +64,7 @@ class Converger:
         self.backend = backend
         self.mtu = info.mtu
         self.network = network
+        self.network6 = network6
         self.subnet_file = subnet_file
         self.ip_masq = ip_masq
         self.period_s = period_s
@@ -162,9 +165,9 @@ class Converger:
             if self._attrs is not None:
                 await self._update_lease()
                 lease = self.m.lease
-            if self._restart or self.applied is None or lease.subnet != self.applied.subnet:
+            if self._restart or self.applied is None or lease.key != self.applied.key:
                 full |= await self._apply_own(lease)
-            if self.applied is not None and self.applied.subnet == lease.subnet:
+            if self.applied is not None and self.applied.key == lease.key:
                 await self._subnet_env(lease, check=full or iface)
         if self.m.synced and self.applied is not None and not self._restart:
             await self._apply_peers(full or not self._peers_done)
@@ -191,7 +194,8 @@ class Converger:
         if ext != old:
             log.warning("external interface changed; moving the overlay to it", name=ext.name, index=ext.index,
                         address=str(ext.ip), public_ip=str(ext.public_ip), old_index=old.index,
-                        old_address=str(old.ip))
+                        old_address=str(old.ip), **({"address6": str(ext.ip6), "public_ipv6": str(ext.public_ipv6),
+                                                     "old_address6": str(old.ip6)} if ext.ip6 else {}))
             self.backend.ctx.ext = ext
         try:
             async with self.backend.lock:
@@ -203,8 +207,7 @@ class Converger:
         self.mtu = info.mtu
         self._register = False
         self._restart = True
-        self._attrs = LeaseAttrs(public_ip=ext.public_ip, backend_type=info.backend_type,
-                                 backend_data=info.backend_data)
+        self._attrs = lease_attrs(ext, info)
 
     async def _update_lease(self) -> None:
         """The lease carries what the backend registered last (PublicIP, VtepMAC), same subnet."""
@@ -232,17 +235,17 @@ class Converger:
         except Exception as e:  # noqa: BLE001 - BackendError, netlink errors: a false fact, retried
             why = str(e) or type(e).__name__
             if self.facts["backend"] != why:
-                log.error("backend setup failed; retrying", subnet=str(lease.subnet), error=why)
+                log.error("backend setup failed; retrying", subnet=str(lease), error=why)
             self._set("backend", f"{self.backend.type_name} backend: {why}")
             self._restart = True
             return False
-        if previous is not None and previous.subnet != lease.subnet:
-            log.info("backend moved to the new subnet", subnet=str(lease.subnet), old=str(previous.subnet))
+        if previous is not None and previous.key != lease.key:
+            log.info("backend moved to the new subnet", subnet=str(lease), old=str(previous))
             if self.on_subnet is not None:
                 try:
                     await self.on_subnet(lease, previous)
                 except Exception as e:  # noqa: BLE001 - the rules keep their own resync loop
-                    log.error("traffic rules for the new subnet failed", subnet=str(lease.subnet), error=str(e))
+                    log.error("traffic rules for the new subnet failed", subnet=str(lease), error=str(e))
         self._set("backend")
         self.applied = lease
         self._restart = False
@@ -271,10 +274,11 @@ class Converger:
         removed = [applied[key] for key in removed_keys]
         if len(changed) + len(removed) <= LOG_EACH_PEER:
             for le in changed:
-                log.info("lease added", subnet=str(le.subnet), public_ip=str(le.attrs.public_ip),
-                         backend=le.attrs.backend_type or "-")
+                log.info("lease added", subnet=str(le), public_ip=str(le.attrs.public_ip),
+                         backend=le.attrs.backend_type or "-",
+                         **({"public_ipv6": str(le.attrs.public_ipv6)} if le.attrs.public_ipv6 else {}))
             for le in removed:
-                log.info("lease removed", subnet=str(le.subnet))
+                log.info("lease removed", subnet=str(le))
         else:
             log.info("peer leases changed", added=len(changed), removed=len(removed), peers=len(accepted))
         for key in removed_keys:
@@ -289,7 +293,8 @@ class Converger:
     async def _subnet_env(self, lease: Lease, check: bool) -> None:
         """Write subnet.env when it does not hold the lease, and verify by reading it back.
         check: read the file even when it was verified with this content before (timer, repair)."""
-        want = subnetenv.render(self.network, lease.subnet, self.mtu, self.ip_masq)
+        want = subnetenv.render(self.network, lease.subnet, self.mtu, self.ip_masq, ipv6_network=self.network6,
+                                ipv6_subnet=lease.subnet6)
         if want == self._env_verified and not check:
             return
         try:
@@ -297,7 +302,7 @@ class Converger:
                 subnetenv.write(self.subnet_file, want)
                 if subnetenv.read_text(self.subnet_file) != want:
                     raise OSError(f"{self.subnet_file} does not hold what was written")
-                log.info("wrote subnet file", path=self.subnet_file, subnet=str(lease.subnet), mtu=self.mtu)
+                log.info("wrote subnet file", path=self.subnet_file, subnet=str(lease), mtu=self.mtu)
         except OSError as e:
             self._env_verified = ""
             why = f"cannot write the subnet file {self.subnet_file}: {e.strerror or e}; fix it (pyflanneld retries)"

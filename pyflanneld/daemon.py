@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import time
 from collections.abc import Callable, Coroutine, Mapping
-from ipaddress import IPv4Address, IPv4Network
-from typing import Any
+from ipaddress import IPv4Network, IPv6Network
+from typing import Any, NamedTuple
 
 import structlog
 
 from . import __version__, iface, metrics, sdnotify, subnetenv
 from .backend import Backend, BackendContext, BackendError, ExternalInterface, backend_class, registered_types
+from .backend.base import check_ip_families, lease_attrs
 from .config import ConfigError, NetworkConfig, parse_config
 from .converge import Converger
 from .health import HealthServer, Response
@@ -27,7 +29,7 @@ from .iptables_hints import IptablesHints
 from .options import Options
 from .subnet.etcd_common import EtcdSettings
 from .subnet.etcdv3 import EtcdV3Store
-from .subnet.lease import Lease, LeaseAttrs, log_key
+from .subnet.lease import Lease, log_key
 from .subnet.manager import HOW_TO_SET, SubnetManager, read_config
 from .subnet.store import Store, StoreError
 from .trafficmngr import RulesError, TrafficManager, traffic_manager
@@ -97,9 +99,7 @@ class Daemon:
     def peers(self) -> list[dict]:
         """/peers: the remote leases the backend has applied, sorted by subnet."""
         known = self.backend.peers.values() if self.backend is not None else ()
-        return [{"subnet": str(le.subnet), "PublicIP": str(le.attrs.public_ip),
-                 "BackendType": le.attrs.backend_type, "BackendData": le.attrs.backend_data}
-                for le in sorted(known, key=lambda le: le.subnet)]
+        return [peer_json(le) for le in sorted(known, key=lambda le: le.key)]
 
     def metrics_state(self) -> metrics.State:
         """What the /metrics gauges show now (readiness as /readyz, the applied peers, the own lease)."""
@@ -160,19 +160,23 @@ class Daemon:
                 if cfg is None:
                     continue
                 try:
-                    backend_class(cfg.backend_type)
+                    cls = backend_class(cfg.backend_type)
                 except BackendError as e:
                     problem = (f"invalid network config at {settings.prefix}/config: {e}; "
                                f"known types: {', '.join(registered_types())}")
                     break
-                if cfg.enable_ipv6:
-                    problem = "EnableIPv6 is not supported by pyflanneld yet; set it to false"
+                try:
+                    check_ip_families(cls, cfg)
+                except BackendError as e:
+                    problem = f"invalid network config at {settings.prefix}/config: {e}"
                     break
                 for other in (v3, v2):
                     if other is not None and other is not store:
                         await other.close()
                 log.info("found network config", backend_type=cfg.backend_type, network=str(cfg.network),
-                         etcd_api=store.api, subnet_len=cfg.subnet_len)
+                         etcd_api=store.api, subnet_len=cfg.subnet_len,
+                         **({"ipv6_network": str(cfg.ipv6_network), "ipv6_subnet_len": cfg.ipv6_subnet_len}
+                            if cfg.enable_ipv6 else {}))
                 return store, cfg
             if not problem:
                 apis = "v3 or v2 API" if api == "auto" else f"{api} API"
@@ -189,10 +193,14 @@ class Daemon:
     async def resolve_interface(self) -> ExternalInterface:
         """The external interface by the operator's rule, now (upstream LookupExtIface order);
         raises iface.InterfaceError naming the flag when nothing matches."""
+        assert self.config is not None
         # pyroute2's synchronous IPRoute runs its own loop: keep it off ours.
-        found = await asyncio.to_thread(iface.select, self.o.iface, self.o.iface_regex, self.o.iface_can_reach)
-        public = IPv4Address(self.o.public_ip) if self.o.public_ip else found.ip
-        return ExternalInterface(name=found.name, index=found.index, ip=found.ip, public_ip=public, mtu=found.mtu)
+        found = await asyncio.to_thread(functools.partial(
+            iface.select, self.o.iface, self.o.iface_regex, self.o.iface_can_reach,
+            ipv4=self.config.enable_ipv4, ipv6=self.config.enable_ipv6))
+        public, public6 = iface.public_addresses(found, self.o.public_ip, self.o.public_ipv6)
+        return ExternalInterface(name=found.name, index=found.index, ip=found.ip, public_ip=public, mtu=found.mtu,
+                                 ip6=found.ip6, public_ipv6=public6)
 
     async def external_interface(self) -> ExternalInterface:
         """The interface at startup: no match is fatal (the flags are wrong), as upstream."""
@@ -200,15 +208,22 @@ class Daemon:
             ext = await self.resolve_interface()
         except iface.InterfaceError as e:
             raise FatalError(str(e)) from None
-        log.info("using interface", name=ext.name, address=str(ext.ip), mtu=ext.mtu)
-        if not self.o.public_ip:
+        log.info("using interface", name=ext.name, mtu=ext.mtu, **({"address": str(ext.ip)} if ext.ip else {}),
+                 **({"address6": str(ext.ip6)} if ext.ip6 else {}))
+        if not self.o.public_ip and ext.ip is not None:
             log.info("defaulting external address to interface address", public_ip=str(ext.public_ip))
+        if not self.o.public_ipv6 and ext.ip6 is not None:
+            log.info("defaulting external v6 address to interface address", public_ipv6=str(ext.public_ipv6))
         return ext
 
-    async def _setup_rules(self, lease: Lease, prev_net: IPv4Network | None, prev_sn: IPv4Network | None) -> None:
-        """iptables or nftables rules (EnableNFTables), installed; RulesError if that mode cannot work."""
+    async def _setup_rules(self, lease: Lease, prev: Previous) -> None:
+        """iptables or nftables rules (EnableNFTables) for every enabled family, installed;
+        RulesError if that mode cannot work."""
         assert self.config is not None
-        self.rules = traffic_manager(self.config, self.o, lease.subnet, prev_net, prev_sn)
+        cfg = self.config
+        self.rules = traffic_manager(cfg, self.o, lease.subnet if cfg.enable_ipv4 else None, prev.network,
+                                     prev.subnet, own_subnet6=lease.subnet6, prev_network6=prev.network6,
+                                     prev_subnet6=prev.subnet6)
         await self.rules.setup()
 
     async def _on_subnet(self, lease: Lease, previous: Lease | None) -> None:
@@ -219,8 +234,11 @@ class Daemon:
         assert self.config is not None
         with contextlib.suppress(Exception):
             await self.rules.close()
+        cfg = self.config
+        prev = Previous(cfg.network, previous.subnet if previous else None,
+                        cfg.ipv6_network, previous.subnet6 if previous else None)
         try:
-            await self._setup_rules(lease, self.config.network, previous.subnet if previous else None)
+            await self._setup_rules(lease, prev)
         except RulesError as e:
             log.error("cannot install the rules for the new subnet", error=str(e))
         self._spawn("iptables-resync", self.rules.run)
@@ -229,8 +247,10 @@ class Daemon:
         assert self.converger is not None and self.converger.applied is not None and self.config is not None
         assert self.backend is not None
         elapsed = time.monotonic() - self.started
-        log.info("flannel is ready", subnet=str(self.converger.applied.subnet), backend=self.config.backend_type,
-                 public_ip=str(self.backend.ctx.ext.public_ip), seconds=round(elapsed, 3))
+        ext = self.backend.ctx.ext
+        log.info("flannel is ready", subnet=str(self.converger.applied), backend=self.config.backend_type,
+                 public_ip=str(ext.public_ip if ext.public_ip is not None else ext.public_ipv6),
+                 seconds=round(elapsed, 3))
         with contextlib.suppress(OSError):
             sdnotify.notify("READY=1")
 
@@ -249,7 +269,9 @@ class Daemon:
         resolves the interface again. Our own devices (flannel*) are not news."""
         from .netlink import NetlinkMonitor
 
-        mon = NetlinkMonitor(rcvbuf=1024 * 1024, groups=NetlinkMonitor.LINKS_AND_ADDRESSES)
+        ipv6 = self.config is not None and self.config.enable_ipv6
+        mon = NetlinkMonitor(rcvbuf=1024 * 1024, groups=NetlinkMonitor.LINKS_AND_ADDRESSES
+                             | (NetlinkMonitor.IPV6_ADDRESSES if ipv6 else 0))
         try:
             async for ev in mon.events():
                 if ev.kind == "link" and (ev.name or "").startswith("flannel"):
@@ -260,28 +282,30 @@ class Daemon:
             mon.close()
 
     async def _blackhole_loop(self) -> None:
-        """--ip-blackhole-route: keep `blackhole <own subnet>` in place (checked every resync
-        period); after a subnet change the old subnet's blackhole route goes."""
+        """--ip-blackhole-route: keep `blackhole <own subnet>` (each enabled family's) in place
+        (checked every resync period); after a subnet change the old subnet's blackhole route goes."""
         from .netlink import Netlink, NetlinkError
 
         nl = Netlink()
-        current: IPv4Network | None = None
+        current: list[IPv4Network | IPv6Network] = []
         try:
             while True:
                 applied = self.converger.applied if self.converger is not None else None
-                sn = applied.subnet if applied is not None else None
+                want = own_subnets(applied, self.config) if applied is not None else []
                 try:
-                    if current is not None and sn != current:
-                        await nl.delete_blackhole(current)
-                        log.info("blackhole route removed", subnet=str(current))
-                    repairing = current is not None and sn == current  # it was in place before
-                    current = sn
-                    if sn is not None and await nl.ensure_blackhole(sn):
-                        log.info("blackhole route added", subnet=str(sn))
-                        if repairing:
-                            metrics.KERNEL_REPAIRS.labels("route").inc()
+                    for sn in current:
+                        if sn not in want:
+                            await nl.delete_blackhole(sn)
+                            log.info("blackhole route removed", subnet=str(sn))
+                    repairing = [sn for sn in want if sn in current]  # in place before
+                    current = want
+                    for sn in want:
+                        if await nl.ensure_blackhole(sn):
+                            log.info("blackhole route added", subnet=str(sn))
+                            if sn in repairing:
+                                metrics.KERNEL_REPAIRS.labels("route").inc()
                 except NetlinkError as e:
-                    log.warning("cannot set the blackhole route", subnet=str(sn), error=str(e))
+                    log.warning("cannot set the blackhole route", subnet=" ".join(map(str, want)), error=str(e))
                 await asyncio.sleep(self.o.iptables_resync)
         finally:
             await nl.close()
@@ -319,40 +343,41 @@ class Daemon:
         if os.geteuid() != 0 and cfg.backend_type.lower() != "alloc":
             raise FatalError("pyflanneld must run as root to program the kernel (devices, routes); "
                              "run it as root or as the systemd service")
-        prev_net, prev_sn = subnetenv.previous(self.o.subnet_file)
+        prev = Previous(*subnetenv.previous(self.o.subnet_file), *subnetenv.previous_ipv6(self.o.subnet_file))
         cls = backend_class(cfg.backend_type)
         ctx = BackendContext(config=cfg, backend_config=cfg.backend, ext=ext, options=self.o,
-                             previous_network=prev_net if prev_net is not None and prev_net != cfg.network else None)
+                             previous_network=prev.network if prev.network != cfg.network else None,
+                             previous_network6=prev.network6 if prev.network6 != cfg.ipv6_network else None)
         try:
             self.backend = backend = cls(ctx)
             info = await backend.register()
         except BackendError as e:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None
-        attrs = LeaseAttrs(public_ip=ext.public_ip, backend_type=info.backend_type, backend_data=info.backend_data)
 
         self.manager = manager = SubnetManager(
             self.store, cfg, ttl=int(self.o.subnet_lease_ttl), renew_margin=self.o.subnet_lease_renew_margin,
-            prev_subnet=prev_sn, renew_retry=min(60.0, max(1.0, self.o.subnet_lease_ttl / 10)),
-            prefix=settings.prefix, notify=self._notify,
+            prev_subnet=prev.subnet, prev_subnet6=prev.subnet6,
+            renew_retry=min(60.0, max(1.0, self.o.subnet_lease_ttl / 10)), prefix=settings.prefix,
+            notify=self._notify,
         )
 
         def not_ready(msg: str) -> None:
             self.not_ready_reason = msg
 
-        lease = await manager.acquire(attrs, on_error=not_ready)
+        lease = await manager.acquire(lease_attrs(ext, info), on_error=not_ready)
         try:
             async with backend.lock:
                 await backend.start(lease)
         except BackendError as e:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None
         try:
-            await self._setup_rules(lease, prev_net, prev_sn)
+            await self._setup_rules(lease, prev)
         except RulesError as e:
             raise FatalError(str(e)) from None
         self.converger = Converger(
-            manager, backend, info, network=cfg.network, subnet_file=self.o.subnet_file, ip_masq=self.o.ip_masq,
-            period_s=backend.reconcile_interval or SAFETY_NET_PERIOD, resolve_ext=self.resolve_interface,
-            on_subnet=self._on_subnet, on_ready=self._on_ready)
+            manager, backend, info, network=cfg.network, network6=cfg.ipv6_network, subnet_file=self.o.subnet_file,
+            ip_masq=self.o.ip_masq, period_s=backend.reconcile_interval or SAFETY_NET_PERIOD,
+            resolve_ext=self.resolve_interface, on_subnet=self._on_subnet, on_ready=self._on_ready)
         self.converger.started(lease)
         self._spawn("converge", self.converger.run)
         self._spawn("watch", manager.watch)
@@ -361,8 +386,9 @@ class Daemon:
         if self.rules is not None:
             self._spawn("iptables-resync", self.rules.run)
         self._spawn("config-recheck", self._config_recheck_loop)
-        self._spawn("iptables-hints", IptablesHints(cfg.network, self.o.iptables_forward_rules,
-                                                    nftables=cfg.enable_nftables).run)
+        if cfg.network is not None:  # the hints are about iptables (IPv4) only
+            self._spawn("iptables-hints", IptablesHints(cfg.network, self.o.iptables_forward_rules,
+                                                        nftables=cfg.enable_nftables).run)
         if self.o.ip_blackhole_route:
             self._spawn("blackhole", self._blackhole_loop)
         log.info("running backend", backend=cfg.backend_type)
@@ -439,6 +465,38 @@ class Daemon:
         closing = [bounded(x.close(), 1) for x in (self.backend, self.rules, self.store, health) if x is not None]
         await asyncio.gather(*closing)
         log.debug("shut down", seconds=round(time.monotonic() - t0, 3))
+
+
+class Previous(NamedTuple):
+    """What the previous run's subnet.env says (each None when absent or unreadable):
+    FLANNEL_NETWORK, FLANNEL_SUBNET's subnet, FLANNEL_IPV6_NETWORK, FLANNEL_IPV6_SUBNET's subnet."""
+
+    network: IPv4Network | None
+    subnet: IPv4Network | None
+    network6: IPv6Network | None
+    subnet6: IPv6Network | None
+
+
+def own_subnets(lease: Lease, cfg: NetworkConfig | None) -> list[IPv4Network | IPv6Network]:
+    """The own lease's subnet of each family the network runs (IPv4 first)."""
+    out: list[IPv4Network | IPv6Network] = []
+    if cfg is None or cfg.enable_ipv4:
+        out.append(lease.subnet)
+    if lease.subnet6 is not None:
+        out.append(lease.subnet6)
+    return out
+
+
+def peer_json(le: Lease) -> dict[str, Any]:
+    """One entry of /peers: subnet, PublicIP, BackendType, BackendData; for a lease with an IPv6
+    part also IPv6Subnet, PublicIPv6, BackendV6Data (an IPv6-only lease's subnet is 0.0.0.0/0,
+    upstream's key)."""
+    d: dict[str, Any] = {"subnet": str(le.subnet), "PublicIP": str(le.attrs.public_ip),
+                         "BackendType": le.attrs.backend_type, "BackendData": le.attrs.backend_data}
+    if le.subnet6 is not None:
+        d |= {"IPv6Subnet": str(le.subnet6), "PublicIPv6": str(le.attrs.public_ipv6),
+              "BackendV6Data": le.attrs.backend_v6_data}
+    return d
 
 
 def rejected_summary(subnets_path: str, rejected: Mapping[str, str], limit: int = 20) -> str:

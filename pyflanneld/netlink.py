@@ -54,7 +54,14 @@ import structlog
 from pyroute2 import AsyncIPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
 from pyroute2.netlink.generic.wireguard import AsyncWireGuard
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV4_ROUTE, RTMGRP_LINK, RTMGRP_NEIGH
+from pyroute2.netlink.rtnl import (
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV4_ROUTE,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_IPV6_ROUTE,
+    RTMGRP_LINK,
+    RTMGRP_NEIGH,
+)
 from pyroute2.netlink.rtnl.ndmsg import NTF_SELF, NUD_NOARP, NUD_PERMANENT
 
 log = structlog.get_logger()
@@ -390,19 +397,19 @@ class Netlink:
         kw = _route_kw(r, add=False)
         await self._call(f"delete route {_route_str(r)}", lambda i: i.route("del", **kw), ok_if_gone=True)
 
-    async def ensure_blackhole(self, dst: IPv4Network) -> bool:
-        """``ip route replace blackhole DST`` unless it is there; True when it was (re)added."""
-        msgs = await self._dump("list routes", lambda i: i.route("dump", family=socket.AF_INET, table=MAIN_TABLE))
+    async def ensure_blackhole(self, dst: IPNetwork) -> bool:
+        """``ip [-6] route replace blackhole DST`` unless it is there; True when it was (re)added."""
+        msgs = await self._dump("list routes", lambda i: i.route("dump", family=_family(dst), table=MAIN_TABLE))
         for m in msgs:
             if m.get("type") == RTN_BLACKHOLE and m.get("dst_len") == dst.prefixlen and \
-                    m.get("RTA_DST") == str(dst.network_address):
+                    m.get("RTA_DST") and ip_address(m.get("RTA_DST")) == dst.network_address:
                 return False
         await self._call(f"add blackhole route {dst}", lambda i: i.route(
             "replace", dst=str(dst), type=RTN_BLACKHOLE, table=MAIN_TABLE, proto=RTPROT_BOOT))
         return True
 
-    async def delete_blackhole(self, dst: IPv4Network) -> None:
-        """``ip route del blackhole DST``; nothing when it is not there."""
+    async def delete_blackhole(self, dst: IPNetwork) -> None:
+        """``ip [-6] route del blackhole DST``; nothing when it is not there."""
         await self._call(f"delete blackhole route {dst}", lambda i: i.route(
             "del", dst=str(dst), type=RTN_BLACKHOLE, table=MAIN_TABLE), ok_if_gone=True)
 
@@ -823,7 +830,8 @@ def write_sysctl(key: str, value: str) -> bool:
 
 
 class NetlinkMonitor:
-    """Link, IPv4 route and neighbour (incl. FDB) notifications of the caller's namespace.
+    """Link, route and neighbour (incl. FDB) notifications of the caller's namespace, IPv4 and
+    IPv6 (``Event.dst`` is the address's text either way).
 
     ``async for ev in NetlinkMonitor().events(): ...`` — runs until cancelled. When the socket
     fails (typically ENOBUFS: the kernel dropped notifications) it reopens and yields an
@@ -837,6 +845,7 @@ class NetlinkMonitor:
 
     GROUPS = RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_NEIGH
     LINKS_AND_ADDRESSES = RTMGRP_LINK | RTMGRP_IPV4_IFADDR  # for following the external interface
+    IPV6_ROUTES, IPV6_ADDRESSES = RTMGRP_IPV6_ROUTE, RTMGRP_IPV6_IFADDR  # added when the overlay runs IPv6
 
     def __init__(self, rcvbuf: int = 8 * 1024 * 1024, skip_new_entries: bool = False,
                  groups: int | None = None) -> None:
@@ -930,7 +939,7 @@ def _ip_str(b: bytes | None) -> str | None:
     if len(b) == 4:
         return socket.inet_ntop(socket.AF_INET, b)
     if len(b) == 16:
-        return socket.inet_ntop(socket.AF_INET6, b)
+        return str(IPv6Address(b))  # the text str() of an address gives (expect_deleted compares them)
     return None
 
 
@@ -955,12 +964,12 @@ def _raw_events(data: bytes, skip: frozenset[int] = frozenset()) -> list[Event]:
             out.append(Event(what, action, ifindex=index,
                              name=name.split(b"\0", 1)[0].decode(errors="replace") if name is not None else None))
         elif what == "addr" and end >= body + 8:
-            if data[body] != socket.AF_INET:
+            if data[body] not in (socket.AF_INET, socket.AF_INET6):
                 continue
             out.append(Event(what, action, ifindex=struct.unpack_from("=i", data, body + 4)[0]))
         elif what == "route" and end >= body + 12:
             family, table = data[body], data[body + 4]
-            if family != socket.AF_INET:
+            if family not in (socket.AF_INET, socket.AF_INET6):
                 continue
             a = _attrs(data, body + 12, end)
             oif = struct.unpack("=i", a[RTA_OIF])[0] if len(a.get(RTA_OIF, b"")) == 4 else None
@@ -972,7 +981,7 @@ def _raw_events(data: bytes, skip: frozenset[int] = frozenset()) -> list[Event]:
             index = struct.unpack_from("=i", data, body + 4)[0]
             if family == AF_BRIDGE:
                 what = "fdb"
-            elif family != socket.AF_INET:
+            elif family not in (socket.AF_INET, socket.AF_INET6):
                 continue
             out.append(Event(what, action, ifindex=index, dst=_ip_str(_attrs(data, body + 12, end).get(NDA_DST))))
     return out

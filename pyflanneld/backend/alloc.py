@@ -9,6 +9,7 @@ from .base import BackendInfo, PeerSetBackend, register_backend
 @register_backend
 class AllocBackend(PeerSetBackend):
     type_name = "alloc"
+    ipv6 = True  # nothing to program: a dual-stack or IPv6-only lease and subnet.env are all it does
 
     async def register(self) -> BackendInfo:
         return BackendInfo(mtu=self.ctx.ext.mtu, backend_type="")

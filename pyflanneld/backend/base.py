@@ -1,8 +1,8 @@
 """The backend interface: one class per backend type, registered by name.
 
-Every backend is a peer-set backend: it holds ``peers`` (subnet → Lease, the remote leases it has
-applied, shown by ``/peers``) and makes its data plane (kernel entries, forwarder routes, a cloud
-route table) match them. Life cycle, driven by the daemon's converger (:mod:`pyflanneld.converge`),
+Every backend is a peer-set backend: it holds ``peers`` (``Lease.peer_id`` → Lease: the remote
+leases it has applied, shown by ``/peers``) and makes its data plane (kernel entries, forwarder
+routes, a cloud route table) match them. Life cycle, driven by the daemon's converger (:mod:`pyflanneld.converge`),
 all on the daemon's asyncio loop:
 
 1. ``Backend(ctx)`` — no side effects.
@@ -35,13 +35,13 @@ import contextlib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, ClassVar
 
 import structlog
 
 from ..config import NetworkConfig
-from ..subnet.lease import Lease
+from ..subnet.lease import Lease, LeaseAttrs
 
 log = structlog.get_logger()
 
@@ -56,26 +56,33 @@ class BackendError(Exception):
 
 @dataclass(frozen=True)
 class ExternalInterface:
-    """The interface the overlay runs over, as resolved from --iface/--iface-regex/... now."""
+    """The interface the overlay runs over, as resolved from --iface/--iface-regex/... now.
+
+    One address per IP family the network runs: ``ip``/``public_ip`` are None with IPv4 off
+    (IPv6-only), ``ip6``/``public_ipv6`` None with IPv6 off."""
 
     name: str
     index: int
-    ip: IPv4Address  # the interface's own address
-    public_ip: IPv4Address  # what peers use (= ip unless --public-ip)
+    ip: IPv4Address | None  # the interface's own IPv4 address
+    public_ip: IPv4Address | None  # what peers use (= ip unless --public-ip)
     mtu: int
+    ip6: IPv6Address | None = None  # the interface's global IPv6 address
+    public_ipv6: IPv6Address | None = None  # what peers use over IPv6 (= ip6 unless --public-ipv6)
 
 
 @dataclass
 class BackendContext:
     """What a backend is built from. ``ext`` is replaced when the external interface changes;
     ``previous_network`` is FLANNEL_NETWORK of the last run's subnet.env when it differs from
-    the current Network (its leftovers are ours to remove), else None."""
+    the current Network (its leftovers are ours to remove), else None; ``previous_network6`` the
+    same for FLANNEL_IPV6_NETWORK and IPv6Network."""
 
     config: NetworkConfig
     backend_config: dict[str, Any]  # the "Backend" object, keys as given
     ext: ExternalInterface
     options: Any  # pyflanneld.options.Options
     previous_network: IPv4Network | None = None
+    previous_network6: IPv6Network | None = None
 
 
 @dataclass(frozen=True)
@@ -83,16 +90,42 @@ class BackendInfo:
     mtu: int
     backend_type: str  # goes into the lease's BackendType ("" for udp/alloc, as upstream)
     backend_data: Any = None
+    backend_v6_data: Any = None  # the IPv6 half's data (vxlan: flannel-v6.<VNI>'s VNI and VtepMAC)
 
 
-def diff_peers(have: Mapping[IPv4Network, Lease], want: Iterable[Lease]) -> tuple[list[Lease], list[Lease]]:
+# PublicIP of a lease when IPv4 is off: upstream's zero IP4 (the key's IPv4 part is 0.0.0.0-0).
+NO_PUBLIC_IP = IPv4Address(0)
+
+
+def lease_attrs(ext: ExternalInterface, info: BackendInfo) -> LeaseAttrs:
+    """What this host publishes in its lease (upstream's LeaseAttrs from the backend's
+    RegisterNetwork): PublicIP (0.0.0.0 with IPv4 off), PublicIPv6 (with IPv6 on), the backend's
+    type and data."""
+    return LeaseAttrs(public_ip=ext.public_ip if ext.public_ip is not None else NO_PUBLIC_IP,
+                      backend_type=info.backend_type, backend_data=info.backend_data,
+                      public_ipv6=ext.public_ipv6, backend_v6_data=info.backend_v6_data)
+
+
+def check_ip_families(cls: type[Backend], cfg: NetworkConfig) -> None:
+    """Can backend ``cls`` run the config's IP families? BackendError (one line) for IPv6
+    (EnableIPv6, dual stack or IPv6-only) with a backend that carries IPv4 only."""
+    if cfg.enable_ipv6 and not cls.ipv6:
+        raise BackendError(
+            f"the {cls.type_name} backend carries IPv4 only and cannot run EnableIPv6 (dual stack or IPv6-only); "
+            "use vxlan, host-gw or alloc for IPv6, or set EnableIPv6 to false")
+
+
+PeerId = IPv4Network | IPv6Network  # Lease.peer_id: a peer's key in Backend.peers
+
+
+def diff_peers(have: Mapping[PeerId, Lease], want: Iterable[Lease]) -> tuple[list[Lease], list[Lease]]:
     """(changed, removed) that turn ``have`` into ``want``: new or different leases, and the
     leases of ``have`` whose subnet is not wanted any more. O(len(have) + len(want))."""
-    wanted: dict[IPv4Network, Lease] = {}
+    wanted: dict[PeerId, Lease] = {}
     changed = []
     for le in want:
-        wanted[le.subnet] = le
-        old = have.get(le.subnet)
+        wanted[le.peer_id] = le
+        old = have.get(le.peer_id)
         if old is not le and old != le:
             changed.append(le)
     removed = [le for sn, le in have.items() if sn not in wanted]
@@ -132,11 +165,15 @@ class Backend:
 
     type_name: ClassVar[str] = ""
     reconcile_interval: ClassVar[float] = 0.0
+    # Does it carry IPv6 (EnableIPv6: dual stack and IPv6-only)? Upstream's etcd mode gives every
+    # backend an IPv6 subnet then, but only vxlan and host-gw route it (its kube mode forces the
+    # others' leases IPv4-only): here the others refuse such a config (check_ip_families).
+    ipv6: ClassVar[bool] = False
 
     def __init__(self, ctx: BackendContext) -> None:
         self.ctx = ctx
         self.own_lease: Lease | None = None
-        self.peers: dict[IPv4Network, Lease] = {}
+        self.peers: dict[PeerId, Lease] = {}  # Lease.peer_id → lease
         self.lock = asyncio.Lock()
         self.have_snapshot = False  # a full peer set was given at least once (resync may remove entries)
         # True while a full pass runs that applies no lease change (the safety net, a relist that
@@ -145,7 +182,8 @@ class Backend:
 
     @property
     def network(self) -> IPv4Network:
-        return self.ctx.config.network
+        """The IPv4 Network (None with IPv4 off: only backends with ``ipv6`` see that)."""
+        return self.ctx.config.network  # type: ignore[return-value]
 
     # --- what a backend implements -----------------------------------------------------------
     async def register(self) -> BackendInfo:
@@ -186,13 +224,13 @@ class Backend:
         async with self.lock:
             stale = []
             for le in removed:
-                old = self.peers.pop(le.subnet, None)
+                old = self.peers.pop(le.peer_id, None)
                 stale.append(old or le)
             for le in changed:
-                old = self.peers.get(le.subnet)
-                if old is not None and old.attrs != le.attrs:
+                old = self.peers.get(le.peer_id)
+                if old is not None and (old.attrs != le.attrs or old.key != le.key):
                     stale.append(old)
-                self.peers[le.subnet] = le
+                self.peers[le.peer_id] = le
             if resync:
                 self.have_snapshot = True
             if self._full_pass and (resync or len(changed) + len(removed) > BATCH_THRESHOLD):

@@ -1,9 +1,12 @@
-"""host-gw: upstream ``pkg/backend/hostgw`` + ``pkg/backend/route_network.go``, IPv4.
+"""host-gw: upstream ``pkg/backend/hostgw`` + ``pkg/backend/route_network.go``, IPv4 and IPv6.
 
 * Refuses to start when the PublicIP differs from the interface IP (NAT), with upstream's message.
 * MTU = interface MTU; lease BackendType "host-gw", no BackendData.
 * Per remote host-gw lease: route ``<subnet> via <PublicIP> dev <ext iface>``; a route to the same
   destination with another gateway/device is replaced. Removal deletes it.
+* IPv6 (``EnableIPv6``, dual stack or IPv6-only): route ``<subnet6> via <PublicIPv6> dev <ext
+  iface>`` per remote lease with an IPv6 subnet. Beyond upstream, a PublicIPv6 other than the
+  interface's IPv6 address (``--public-ipv6``) is refused like the IPv4 NAT case.
 * Upstream re-adds missing routes every 10 s ("Route recovered"); here the shared reconciliation
   (kernelsync) also removes stale routes at start and repairs deletions within ~100 ms.
 * A peer on another L3 segment (the kernel refuses ``via <PublicIP>``: Network is unreachable) is
@@ -14,12 +17,13 @@
 from __future__ import annotations
 
 import errno
-from ipaddress import IPv4Network
+import socket
+from ipaddress import ip_network
 from typing import Any
 
 import structlog
 
-from ..netlink import Event, NetlinkError, Route
+from ..netlink import Event, IPNetwork, NetlinkError, Route
 from ..subnet.lease import Lease
 from .base import BackendError, BackendInfo, register_backend
 from .kernelsync import KernelPeerBackend
@@ -28,6 +32,8 @@ log = structlog.get_logger()
 
 NAT_ERROR = ("your PublicIP differs from interface IP, meaning that probably you're on a NAT, "
              "which is not supported by host-gw backend")
+NAT_ERROR6 = ("your PublicIPv6 (--public-ipv6) differs from the interface's IPv6 address: peers route to it "
+              "directly, so host-gw needs the interface's own address; drop --public-ipv6 or use vxlan")
 OTHER_SEGMENT_HINT = ("host-gw cannot route to this peer: its PublicIP is not on a network of this host's "
                       "interface (Network is unreachable). host-gw needs all hosts on one L2 segment; "
                       "use vxlan, or vxlan with DirectRouting")
@@ -36,64 +42,77 @@ OTHER_SEGMENT_HINT = ("host-gw cannot route to this peer: its PublicIP is not on
 @register_backend
 class HostGWBackend(KernelPeerBackend):
     type_name = "host-gw"
+    ipv6 = True
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
-        self._unreachable: set[IPv4Network] = set()  # peers already explained (OTHER_SEGMENT_HINT)
+        self._unreachable: set[IPNetwork] = set()  # peers already explained (OTHER_SEGMENT_HINT)
 
     async def register(self) -> BackendInfo:
-        if self.ctx.ext.public_ip != self.ctx.ext.ip:  # upstream checks this in New()
+        ext = self.ctx.ext
+        if ext.public_ip != ext.ip:  # upstream checks this in New()
             raise BackendError(NAT_ERROR)
-        return BackendInfo(mtu=self.ctx.ext.mtu, backend_type="host-gw")
+        if ext.public_ipv6 != ext.ip6:
+            raise BackendError(NAT_ERROR6)
+        return BackendInfo(mtu=ext.mtu, backend_type="host-gw")
 
     async def start(self, own_lease: Lease) -> None:
         await super().start(own_lease)
         self.start_monitor()
 
-    def route(self, lease: Lease) -> Route | None:
+    def routes(self, lease: Lease) -> list[Route]:
+        """The routes a remote lease justifies: one per family the network runs and the lease has."""
         if self.skip_other_type(lease):
-            return None
-        return Route(lease.subnet, lease.attrs.public_ip, self.ctx.ext.index)
+            return []
+        cfg, idx, a = self.ctx.config, self.ctx.ext.index, lease.attrs
+        out = []
+        if cfg.enable_ipv4:
+            out.append(Route(lease.subnet, a.public_ip, idx))
+        if cfg.enable_ipv6 and lease.subnet6 is not None and a.public_ipv6 is not None:
+            out.append(Route(lease.subnet6, a.public_ipv6, idx))
+        return out
 
     # --- the event path -------------------------------------------------------------------------
     async def ensure_peer(self, lease: Lease) -> None:
-        r = self.route(lease)
-        if r is None:
-            return
-        log.info("subnet added", subnet=str(lease.subnet), via=str(lease.attrs.public_ip))
-        try:
-            await self.nl.replace_route(r)  # NLM_F_REPLACE: a route to the same dst via another gw is replaced
-        except NetlinkError as e:
-            if not self._other_segment(r.dst, str(r.gateway), e):
-                raise
-            return
-        self._unreachable.discard(r.dst)
+        for r in self.routes(lease):
+            log.info("subnet added", subnet=str(r.dst), via=str(r.gateway))
+            try:
+                await self.nl.replace_route(r)  # NLM_F_REPLACE: a route to the same dst via another gw is replaced
+            except NetlinkError as e:
+                if not self._other_segment(r.dst, str(r.gateway), e):
+                    raise
+                continue
+            self._unreachable.discard(r.dst)
 
     async def drop_peer(self, lease: Lease) -> None:
         if lease.attrs.backend_type != self.type_name:
             return
-        r = self.route(lease)
-        if r is None:
-            return
-        log.info("subnet removed", subnet=str(lease.subnet))
-        self._unreachable.discard(r.dst)
-        self.expect_deleted("route", r.dst.network_address)
-        await self.nl.delete_route(r)
+        for r in self.routes(lease):
+            log.info("subnet removed", subnet=str(r.dst))
+            self._unreachable.discard(r.dst)
+            self.expect_deleted("route", r.dst.network_address)
+            await self.nl.delete_route(r)
 
     # --- reconciliation -------------------------------------------------------------------------
     async def sync_entries(self) -> dict[str, int]:
         changes = {"added": 0, "removed": 0}
-        want = {r.dst: r for r in (self.route(le) for le in list(self.peers.values())) if r is not None}
-        ok = await self.sync_routes(changes, want, {self.ctx.ext.index}, "stale route removal", "route recovery")
+        want: dict[IPNetwork, Route] = {r.dst: r for le in list(self.peers.values()) for r in self.routes(le)}
+        ok: set[IPNetwork] = set()
+        for version, family, on in ((4, socket.AF_INET, self.ctx.config.enable_ipv4),
+                                    (6, socket.AF_INET6, self.ctx.config.enable_ipv6)):
+            if on:
+                ok |= await self.sync_routes(changes, {d: r for d, r in want.items() if d.version == version},
+                                             {self.ctx.ext.index}, "stale route removal", "route recovery",
+                                             family=family)
         self._unreachable &= set(want) - ok  # a peer that is routed (or gone) is explained again next time
         return changes
 
     def entry_failed(self, what: str, err: NetlinkError, ctx: dict[str, Any]) -> None:
-        if what == "route recovery" and self._other_segment(IPv4Network(ctx["dst"]), ctx["via"], err):
+        if what == "route recovery" and self._other_segment(ip_network(ctx["dst"]), ctx["via"], err):
             return
         super().entry_failed(what, err, ctx)
 
-    def _other_segment(self, dst: IPv4Network, via: str, err: NetlinkError) -> bool:
+    def _other_segment(self, dst: IPNetwork, via: str, err: NetlinkError) -> bool:
         """Is ``err`` the kernel refusing gateway ``via`` (a peer's PublicIP) as off our segments?
         Then explain it once per peer subnet ``dst`` (later failures are debug lines); True."""
         if err.code != errno.ENETUNREACH:

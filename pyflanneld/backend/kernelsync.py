@@ -23,17 +23,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from ipaddress import IPv4Network
 from typing import Any
 
 import structlog
 
 from .. import metrics
 from ..config import json_type
-from ..netlink import MAIN_TABLE, RTPROT_KERNEL, BatchOp, Event, Netlink, NetlinkError, NetlinkMonitor, Route
+from ..netlink import (
+    MAIN_TABLE,
+    RTPROT_KERNEL,
+    BatchOp,
+    Event,
+    IPNetwork,
+    Netlink,
+    NetlinkError,
+    NetlinkMonitor,
+    Route,
+)
 from ..subnet.lease import Lease
-from .base import BackendContext, BackendError, PeerSetBackend
+from .base import BackendContext, BackendError, PeerId, PeerSetBackend
 
 log = structlog.get_logger()
 
@@ -82,7 +92,7 @@ class KernelPeerBackend(PeerSetBackend):
         self._monitor_task: asyncio.Task | None = None
         self._repairs: set[asyncio.Task] = set()
         self._armed = False  # a repair pass is scheduled and has not started yet
-        self._warned: set[IPv4Network] = set()
+        self._warned: set[PeerId] = set()
         # (kind, dst) of entries we are deleting ourselves: their notifications are not drift. Without
         # this every peer removal set off a full repair pass (3 dumps), and removing thousands of
         # peers took hours.
@@ -94,7 +104,7 @@ class KernelPeerBackend(PeerSetBackend):
     async def update_peers(self, changed: Sequence[Lease], removed: Sequence[Lease], **kw: Any) -> None:
         await super().update_peers(changed, removed, **kw)
         for le in removed:
-            self._forget(le.subnet)  # O(1): a burst of removals must not be quadratic
+            self._forget(le.peer_id)  # O(1): a burst of removals must not be quadratic
 
     async def resync(self, reason: str) -> None:
         await self._sync(reason)
@@ -126,10 +136,9 @@ class KernelPeerBackend(PeerSetBackend):
         """Upstream ignores leases of another BackendType, with a warning; here once per subnet."""
         if lease.attrs.backend_type == self.type_name:
             return False
-        if lease.subnet not in self._warned:
-            self._warned.add(lease.subnet)
-            log.warning(f"ignoring non-{self.type_name} subnet", subnet=str(lease.subnet),
-                        type=lease.attrs.backend_type)
+        if lease.peer_id not in self._warned:
+            self._warned.add(lease.peer_id)
+            log.warning(f"ignoring non-{self.type_name} subnet", subnet=str(lease), type=lease.attrs.backend_type)
         return True
 
     def expect_deleted(self, kind: str, dst: object) -> None:
@@ -137,32 +146,39 @@ class KernelPeerBackend(PeerSetBackend):
         self._own_deletes.add((kind, str(dst)))
 
     def owns_route(self, r: Route, devices: set[int]) -> bool:
-        """Is this a route of ours: main table, not the kernel's, inside the flannel Network (or the
-        previous run's Network, ``ctx.previous_network``), not the own subnet (that one is on
+        """Is this a route of ours: main table, not the kernel's, inside the flannel Network of its
+        family (IPv4: Network, IPv6: IPv6Network) or that family's previous run's Network
+        (``ctx.previous_network``/``previous_network6``), not the own subnet (that one is on
         docker0/cni0), and on one of ``devices``? Routes on the external interface count only with a
         gateway and a destination strictly inside the (previous) Network."""
         if r.table != MAIN_TABLE or r.proto == RTPROT_KERNEL or r.oif not in devices:
             return False
-        prev = self.ctx.previous_network
-        inside = r.dst.subnet_of(self.network) or (prev is not None and r.dst.subnet_of(prev))
-        if not inside:
+        cfg, ctx = self.ctx.config, self.ctx
+        if r.dst.version == 4:
+            net, prev, own = cfg.network, ctx.previous_network, self.own_lease.subnet if self.own_lease else None
+        else:
+            net, prev, own = cfg.ipv6_network, ctx.previous_network6, self.own_lease.subnet6 if self.own_lease else None
+        now = net is not None and r.dst.subnet_of(net)  # type: ignore[arg-type]
+        if not now and not (prev is not None and r.dst.subnet_of(prev)):  # type: ignore[arg-type]
             return False
-        if self.own_lease is not None and r.dst == self.own_lease.subnet:
+        if r.dst == own:
             return False
         if r.oif == self.ctx.ext.index:
-            net = self.network if r.dst.subnet_of(self.network) else prev
-            return r.gateway is not None and r.dst.prefixlen > net.prefixlen
+            inside = net if now else prev
+            assert inside is not None
+            return r.gateway is not None and r.dst.prefixlen > inside.prefixlen
         return True
 
-    async def sync_routes(self, changes: dict[str, int], want: Mapping[IPv4Network, Route], devices: set[int],
-                          removed_what: str = "stale route removed", added_what: str = "route set") -> set[IPv4Network]:
-        """The route part of a full pass, shared by the kernel backends: routes of ours (see
-        ``owns_route``) on ``devices`` that ``want`` does not hold exactly are deleted, wanted
-        routes that are missing or differ are set (one batch each; counted in ``changes``).
-        Returns the destinations that were already in place."""
+    async def sync_routes(self, changes: dict[str, int], want: Mapping[IPNetwork, Route], devices: set[int],
+                          removed_what: str = "stale route removed", added_what: str = "route set",
+                          family: int = socket.AF_INET) -> set[IPNetwork]:
+        """The route part of a full pass for one IP family (``want``'s), shared by the kernel
+        backends: routes of ours (see ``owns_route``) on ``devices`` that ``want`` does not hold
+        exactly are deleted, wanted routes that are missing or differ are set (one batch each;
+        counted in ``changes``). Returns the destinations that were already in place."""
         ok = set()
         stale = []
-        for r in await self.nl.routes():
+        for r in await self.nl.routes(family=family):
             if not self.owns_route(r, devices):
                 continue
             w = want.get(r.dst)
@@ -215,9 +231,9 @@ class KernelPeerBackend(PeerSetBackend):
     def _forget_gone(self) -> None:
         self._warned &= set(self.peers)
 
-    def _forget(self, subnet: IPv4Network) -> None:
+    def _forget(self, peer: PeerId) -> None:
         """What _forget_gone does, for one removed peer (the full pass runs with every reconcile)."""
-        self._warned.discard(subnet)
+        self._warned.discard(peer)
 
     async def _sync(self, reason: str) -> None:
         """One full pass (the lock is held). Until the first snapshot we do not know which entries
@@ -241,7 +257,8 @@ class KernelPeerBackend(PeerSetBackend):
             log.info("kernel state reconciled", reason=reason, **changes)
 
     async def _watch_kernel(self) -> None:
-        mon = NetlinkMonitor(skip_new_entries=True)  # only deletions and link changes undo ours
+        groups = NetlinkMonitor.GROUPS | (NetlinkMonitor.IPV6_ROUTES if self.ctx.config.enable_ipv6 else 0)
+        mon = NetlinkMonitor(skip_new_entries=True, groups=groups)  # only deletions and link changes undo ours
         try:
             async for ev in mon.events():
                 if ev.action == "del" and (ev.kind, ev.dst) in self._own_deletes:

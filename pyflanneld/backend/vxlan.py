@@ -1,4 +1,4 @@
-"""vxlan: upstream ``pkg/backend/vxlan`` (device.go, vxlan.go, vxlan_network.go), IPv4.
+"""vxlan: upstream ``pkg/backend/vxlan`` (device.go, vxlan.go, vxlan_network.go), IPv4 and IPv6.
 
 * Device ``flannel.<VNI>``: type vxlan, id VNI, ``local`` = the external interface's IP, ``dev`` =
   the external interface, dstport ``Port`` (0 → the kernel default 8472), nolearning unless
@@ -12,6 +12,14 @@
   onlink``; a failure rolls back the earlier ones. Removal deletes ARP, FDB, route.
 * ``DirectRouting``: a peer whose PublicIP ``ip route get`` resolves without a gateway (on the
   external interface) gets ``<subnet> via <PublicIP> dev <ext>`` instead.
+* IPv6 (``EnableIPv6``; IPv6-only with ``EnableIPv4: false``): a second device ``flannel-v6.<VNI>``
+  over the IPv6 underlay (``local`` = the interface's IPv6 address, same VNI/port/learning/GBP, its
+  own random MAC, the kernel's MTU as upstream leaves it, ``accept_ra = 0``), address own IPv6
+  subnet's network address ``/128``; BackendV6Data ``{"VNI": n, "VtepMAC": "<its mac>"}``. Per
+  remote lease with an IPv6 subnet, PublicIPv6 and BackendV6Data, the same three entries on it:
+  permanent neighbour, FDB ``dst <PublicIPv6>``, route ``<subnet6> via <subnet6 addr> dev
+  flannel-v6.N onlink`` (DirectRouting: ``via <PublicIPv6> dev <ext>``). IPv6-only: only this
+  device, no BackendData (upstream's IPv6-only lease).
 
 Beyond upstream (see kernelsync): stale entries are removed at start, deleted entries and a deleted
 device (recreated with the same MAC) come back within ~100 ms of the netlink event, or at the next
@@ -21,15 +29,26 @@ device (recreated with the same MAC) come back within ~100 ms of the netlink eve
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from ipaddress import IPv4Address
+import socket
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv6Address
 
 import structlog
 
 from .. import metrics
-from ..netlink import VXLAN_DEFAULT_PORT, BatchOp, Event, Link, NetlinkError, Route, write_sysctl
+from ..netlink import (
+    VXLAN_DEFAULT_PORT,
+    BatchOp,
+    Event,
+    IPAddress,
+    IPNetwork,
+    Link,
+    NetlinkError,
+    Route,
+    write_sysctl,
+)
 from ..subnet.lease import Lease, vtep_mac
-from .base import BackendContext, BackendError, BackendInfo, register_backend
+from .base import BackendContext, BackendError, BackendInfo, PeerId, register_backend
 from .devaddr import ensure_own_address
 from .direct import DirectRouting
 from .kernelsync import KernelPeerBackend, backend_options
@@ -49,16 +68,33 @@ def random_mac() -> str:
 
 @dataclass(frozen=True)
 class PeerEntries:
-    """The kernel entries one remote lease justifies."""
+    """The kernel entries one remote lease justifies on one device."""
 
     route: Route
-    arp: tuple[IPv4Address, str] | None = None  # subnet network address → VtepMAC
-    fdb: tuple[str, IPv4Address] | None = None  # VtepMAC → PublicIP
+    arp: tuple[IPAddress, str] | None = None  # subnet network address → VtepMAC (ARP or NDP)
+    fdb: tuple[str, IPAddress] | None = None  # VtepMAC → PublicIP (PublicIPv6)
+
+
+@dataclass
+class Vtep:
+    """One vxlan device: ``flannel.<VNI>`` over the IPv4 underlay (``version`` 4) or
+    ``flannel-v6.<VNI>`` over the IPv6 one (6). ``mac`` is chosen once and kept for the daemon's
+    life (a recreated device gets it again: the lease carries it)."""
+
+    version: int
+    name: str = ""
+    mac: str | None = None
+    dev: Link | None = None
+    family: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.family = socket.AF_INET6 if self.version == 6 else socket.AF_INET
 
 
 @register_backend
 class VXLANBackend(KernelPeerBackend):
     type_name = "vxlan"
+    ipv6 = True
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
@@ -66,11 +102,25 @@ class VXLANBackend(KernelPeerBackend):
         self.port = VXLAN_DEFAULT_PORT
         self.gbp = self.learning = self.direct_routing = False
         self.mtu = ctx.ext.mtu - ENCAP_OVERHEAD
-        self.dev_name = "flannel.1"
-        self.dev: Link | None = None
-        self.mac: str | None = None
+        self.v4 = Vtep(4, "flannel.1")
+        self.v6 = Vtep(6, "flannel-v6.1")
+        cfg = ctx.config
+        self.vteps = [v for v, on in ((self.v4, cfg.enable_ipv4), (self.v6, cfg.enable_ipv6)) if on]
         self._direct = DirectRouting(self.nl, ctx.ext.index)
-        self._bad_data: set = set()
+        self._bad_data: set[PeerId] = set()
+
+    # IPv4 device's name and link (the names of upstream's single-device days)
+    @property
+    def dev_name(self) -> str:
+        return self.v4.name
+
+    @property
+    def dev(self) -> Link | None:
+        return self.v4.dev
+
+    @property
+    def mac(self) -> str | None:
+        return self.v4.mac
 
     def _read_config(self) -> None:
         """Upstream RegisterNetwork's config struct; a wrong JSON type is a BackendError."""
@@ -93,40 +143,52 @@ class VXLANBackend(KernelPeerBackend):
         self.port = o["Port"] or VXLAN_DEFAULT_PORT
         self.gbp, self.learning, self.direct_routing = o["GBP"], o["Learning"], o["DirectRouting"]
         self.mtu = (o["MTU"] or self.ctx.ext.mtu) - ENCAP_OVERHEAD
-        self.dev_name = f"flannel.{self.vni}"
+        self.v4.name, self.v6.name = f"flannel.{self.vni}", f"flannel-v6.{self.vni}"
         log.info("vxlan config", vni=self.vni, port=o["Port"], gbp=self.gbp, learning=self.learning,
                  direct_routing=self.direct_routing)
 
     # --- life cycle -----------------------------------------------------------------------------
     async def register(self) -> BackendInfo:
         self._read_config()
-        try:
-            if not await self._ensure_device():  # a reused device: accept_ra too (a new one has it)
-                write_sysctl(f"net/ipv6/conf/{self.dev_name}/accept_ra", "0")
-        except NetlinkError as e:
-            raise BackendError(str(e)) from None
+        for v in self.vteps:
+            try:
+                if not await self._ensure_device(v):  # a reused device: accept_ra too (a new one has it)
+                    write_sysctl(f"net/ipv6/conf/{v.name}/accept_ra", "0")
+            except NetlinkError as e:
+                raise BackendError(str(e)) from None
+        data = {"VNI": self.vni & 0xFFFF}
         return BackendInfo(mtu=self.mtu, backend_type="vxlan",
-                           backend_data={"VNI": self.vni & 0xFFFF, "VtepMAC": self.mac})
+                           backend_data=data | {"VtepMAC": self.v4.mac} if self.v4 in self.vteps else None,
+                           backend_v6_data=data | {"VtepMAC": self.v6.mac} if self.v6 in self.vteps else None)
 
     async def start(self, own_lease: Lease) -> None:
         await super().start(own_lease)
         self._direct.reset(self.ctx.ext.index)  # the external interface may have changed: look again
-        try:
-            await self._configure_device()
-        except NetlinkError as e:
-            raise BackendError(f"failed to configure interface {self.dev_name}: {e}") from None
+        for v in self.vteps:
+            try:
+                await self._configure_device(v)
+            except NetlinkError as e:
+                raise BackendError(f"failed to configure interface {v.name}: {e}") from None
         self.start_monitor()
 
-    # --- the device -----------------------------------------------------------------------------
-    def _incompatible(self, link: Link) -> str:
+    # --- the devices ----------------------------------------------------------------------------
+    def _local(self, v: Vtep) -> IPAddress:
+        """The device's underlay address: the external interface's address of its family."""
+        local = self.ctx.ext.ip6 if v.version == 6 else self.ctx.ext.ip
+        assert local is not None, f"no IPv{v.version} address on the external interface"
+        return local
+
+    def _incompatible(self, v: Vtep, link: Link) -> str:
         """Upstream vxlanLinksIncompat (+ learning): why an existing device can't be reused, or ""."""
         if link.kind != "vxlan":
             return f"link type: {link.kind or 'unknown'} vs vxlan"
         i = link.info
+        local = str(self._local(v))
         checks = [
             ("vni", i.get("IFLA_VXLAN_ID"), self.vni),
             ("vtep (external) interface", i.get("IFLA_VXLAN_LINK") or self.ctx.ext.index, self.ctx.ext.index),
-            ("vtep (external) IP", i.get("IFLA_VXLAN_LOCAL") or str(self.ctx.ext.ip), str(self.ctx.ext.ip)),
+            ("vtep (external) IP", _address_text(i.get("IFLA_VXLAN_LOCAL6" if v.version == 6 else "IFLA_VXLAN_LOCAL"))
+             or local, local),
             ("l2miss", bool(i.get("IFLA_VXLAN_L2MISS")), False),
             ("port", i.get("IFLA_VXLAN_PORT") or self.port, self.port),
             ("gbp", bool(i.get("IFLA_VXLAN_GBP")), self.gbp),
@@ -137,148 +199,165 @@ class VXLANBackend(KernelPeerBackend):
                 return f"{what}: {have} vs {want}"
         return ""
 
-    async def _ensure_device(self) -> bool:
-        """Make ``flannel.<VNI>`` exist as configured (MAC and MTU included); True if (re)created."""
-        link = await self.nl.link(name=self.dev_name)
+    async def _ensure_device(self, v: Vtep) -> bool:
+        """Make the device exist as configured (MAC, and for IPv4 the MTU, included); True if
+        (re)created."""
+        link = await self.nl.link(name=v.name)
         if link is not None:
-            why = self._incompatible(link)
+            why = self._incompatible(v, link)
             if why:
                 log.warning("device exists with incompatible configuration; recreating",
-                            device=self.dev_name, reason=why)
+                            device=v.name, reason=why)
                 await self.nl.delete_link(link.index)
                 link = None
         created = link is None
+        mtu = self.mtu if v.version == 4 else None  # upstream leaves flannel-v6.<VNI>'s to the kernel
         if link is None:
-            mac = self.mac or random_mac()
+            mac = v.mac or random_mac()
             link = await self.nl.create_vxlan(
-                self.dev_name, vni=self.vni, local=self.ctx.ext.ip, dev_index=self.ctx.ext.index,
-                port=self.port, learning=self.learning, gbp=self.gbp, mac=mac, mtu=self.mtu)
+                v.name, vni=self.vni, local=self._local(v), dev_index=self.ctx.ext.index,
+                port=self.port, learning=self.learning, gbp=self.gbp, mac=mac, mtu=mtu)
             if link.mac != mac:
-                raise BackendError(f"{self.dev_name}'s mac address wanted: {mac}, but got: {link.mac}")
-            if self.mac is not None:
+                raise BackendError(f"{v.name}'s mac address wanted: {mac}, but got: {link.mac}")
+            if v.mac is not None:
                 metrics.KERNEL_REPAIRS.labels("device").inc()
-                log.warning("vxlan device recreated", device=self.dev_name, mac=mac)
+                log.warning("vxlan device recreated", device=v.name, mac=mac)
         else:
-            if self.mac is not None and link.mac != self.mac:  # someone changed our VtepMAC
-                await self.nl.set_link(link.index, address=self.mac)
-            if link.mtu != self.mtu:
-                await self.nl.set_link(link.index, mtu=self.mtu)
-        self.mac = self.mac or link.mac
-        self.dev = link
+            if v.mac is not None and link.mac != v.mac:  # someone changed our VtepMAC
+                await self.nl.set_link(link.index, address=v.mac)
+            if mtu is not None and link.mtu != mtu:
+                await self.nl.set_link(link.index, mtu=mtu)
+        v.mac = v.mac or link.mac
+        v.dev = link
         if created:
-            write_sysctl(f"net/ipv6/conf/{self.dev_name}/accept_ra", "0")
+            write_sysctl(f"net/ipv6/conf/{v.name}/accept_ra", "0")
         return created
 
-    async def _configure_device(self) -> None:
-        """Upstream Configure: own subnet address /32 (others of the Network, or of the previous
-        run's Network, removed), link up."""
-        assert self.dev is not None and self.own_lease is not None
-        self.dev = await ensure_own_address(self.nl, self.dev, self.own_lease.subnet, self.network,
-                                            self.ctx.previous_network)
+    async def _configure_device(self, v: Vtep) -> None:
+        """Upstream Configure: own subnet address /32 (IPv6: /128; others of the Network, or of the
+        previous run's Network, removed), link up."""
+        assert v.dev is not None and self.own_lease is not None
+        if v.version == 6:
+            assert self.own_lease.subnet6 is not None and self.ctx.config.ipv6_network is not None
+            v.dev = await ensure_own_address(self.nl, v.dev, self.own_lease.subnet6, self.ctx.config.ipv6_network,
+                                             self.ctx.previous_network6)
+        else:
+            v.dev = await ensure_own_address(self.nl, v.dev, self.own_lease.subnet, self.network,
+                                             self.ctx.previous_network)
 
     # --- desired state --------------------------------------------------------------------------
-    async def entries(self, lease: Lease) -> PeerEntries | None:
-        """What this remote lease justifies in the kernel (None: not a usable vxlan lease)."""
+    async def entries(self, lease: Lease) -> list[tuple[Vtep, PeerEntries]]:
+        """What this remote lease justifies in the kernel, per device (none: not a usable vxlan
+        lease). An IPv4-only peer in a dual-stack network gets the IPv4 entries only."""
         if self.skip_other_type(lease):
-            return None
-        mac = vtep_mac(lease.attrs.backend_data)
-        if mac is None:
-            if lease.subnet not in self._bad_data:
-                self._bad_data.add(lease.subnet)
-                log.error("error decoding subnet lease JSON: no valid VtepMAC in BackendData",
-                          subnet=str(lease.subnet), backend_data=lease.attrs.backend_data)
-            return None
-        sn, pub = lease.subnet, lease.attrs.public_ip
-        if self.direct_routing and await self._direct.reachable(pub):
-            return PeerEntries(Route(sn, pub, self.ctx.ext.index))
-        assert self.dev is not None
-        gw = sn.network_address
-        return PeerEntries(Route(sn, gw, self.dev.index, onlink=True), arp=(gw, mac), fdb=(mac, pub))
+            return []
+        out = []
+        for v in self.vteps:
+            if v.version == 6:
+                sn, pub, data = lease.subnet6, lease.attrs.public_ipv6, lease.attrs.backend_v6_data
+            else:
+                sn, pub, data = lease.subnet, lease.attrs.public_ip, lease.attrs.backend_data
+            if sn is None or pub is None:
+                continue
+            mac = vtep_mac(data)
+            if mac is None:
+                if lease.peer_id not in self._bad_data:
+                    self._bad_data.add(lease.peer_id)
+                    field_name = "BackendV6Data" if v.version == 6 else "BackendData"
+                    log.error(f"error decoding subnet lease JSON: no valid VtepMAC in {field_name}",
+                              subnet=str(lease), backend_data=data)
+                return []  # upstream skips the whole lease (the gate rejects such leases before)
+            if self.direct_routing and await self._direct.reachable(pub):
+                out.append((v, PeerEntries(Route(sn, pub, self.ctx.ext.index))))
+                continue
+            assert v.dev is not None
+            gw = sn.network_address
+            out.append((v, PeerEntries(Route(sn, gw, v.dev.index, onlink=True), arp=(gw, mac), fdb=(mac, pub))))
+        return out
 
     # --- the event path (upstream order) --------------------------------------------------------
     async def ensure_peer(self, lease: Lease) -> None:
-        e = await self.entries(lease)
-        if e is None:
-            return
         nl = self.nl
-        if e.arp is None:
-            log.info("adding direct route to subnet", subnet=str(lease.subnet), public_ip=str(e.route.gateway))
-            await nl.replace_route(e.route)
-            return
-        assert e.fdb is not None
-        log.info("adding subnet", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
-                 vtep_mac=e.arp[1])
-        await nl.replace_neighbour(e.route.oif, *e.arp)
-        try:
-            await nl.replace_fdb(e.route.oif, *e.fdb)
-        except NetlinkError:
-            await self.attempt("DelARP", lambda: nl.delete_neighbour(e.route.oif, e.arp[0]))
-            raise
-        try:
-            await nl.replace_route(e.route)
-        except NetlinkError:
-            await self.attempt("DelARP", lambda: nl.delete_neighbour(e.route.oif, e.arp[0]))
-            await self.attempt("DelFDB", lambda: nl.delete_fdb(e.route.oif, *e.fdb))
-            raise
+        for _v, e in await self.entries(lease):
+            if e.arp is None:
+                log.info("adding direct route to subnet", subnet=str(e.route.dst), public_ip=str(e.route.gateway))
+                await nl.replace_route(e.route)
+                continue
+            assert e.fdb is not None
+            log.info("adding subnet", subnet=str(e.route.dst), public_ip=str(e.fdb[1]), vtep_mac=e.arp[1])
+            await nl.replace_neighbour(e.route.oif, *e.arp)
+            try:
+                await nl.replace_fdb(e.route.oif, *e.fdb)
+            except NetlinkError:
+                await self.attempt("DelARP", lambda e=e: nl.delete_neighbour(e.route.oif, e.arp[0]))
+                raise
+            try:
+                await nl.replace_route(e.route)
+            except NetlinkError:
+                await self.attempt("DelARP", lambda e=e: nl.delete_neighbour(e.route.oif, e.arp[0]))
+                await self.attempt("DelFDB", lambda e=e: nl.delete_fdb(e.route.oif, *e.fdb))
+                raise
 
     async def drop_peer(self, lease: Lease) -> None:
         if lease.attrs.backend_type != self.type_name:
             return
-        e = await self.entries(lease)
-        if e is None:
-            return
-        ctx = {"subnet": str(lease.subnet)}
-        if e.arp is None:
-            log.info("removing direct route to subnet", subnet=str(lease.subnet),
-                     public_ip=str(e.route.gateway))
+        for _v, e in await self.entries(lease):
+            ctx = {"subnet": str(e.route.dst)}
+            if e.arp is None:
+                log.info("removing direct route to subnet", subnet=str(e.route.dst), public_ip=str(e.route.gateway))
+                self.expect_deleted("route", e.route.dst.network_address)
+                await self.attempt("route delete", lambda e=e: self.nl.delete_route(e.route), **ctx)
+                continue
+            assert e.fdb is not None
+            log.info("removing subnet", subnet=str(e.route.dst), public_ip=str(e.fdb[1]), vtep_mac=e.arp[1])
+            self.expect_deleted("neigh", e.arp[0])
+            self.expect_deleted("fdb", e.fdb[1])
             self.expect_deleted("route", e.route.dst.network_address)
-            await self.attempt("route delete", lambda: self.nl.delete_route(e.route), **ctx)
-            return
-        assert e.fdb is not None
-        log.info("removing subnet", subnet=str(lease.subnet), public_ip=str(lease.attrs.public_ip),
-                 vtep_mac=e.arp[1])
-        idx = e.route.oif
-        self.expect_deleted("neigh", e.arp[0])
-        self.expect_deleted("fdb", e.fdb[1])
-        self.expect_deleted("route", e.route.dst.network_address)
-        await self.attempt("DelARP", lambda: self.nl.delete_neighbour(idx, e.arp[0]), **ctx)
-        await self.attempt("DelFDB", lambda: self.nl.delete_fdb(idx, *e.fdb), **ctx)
-        await self.attempt("route delete", lambda: self.nl.delete_route(e.route), **ctx)
+            await self.attempt("DelARP", lambda e=e: self.nl.delete_neighbour(e.route.oif, e.arp[0]), **ctx)
+            await self.attempt("DelFDB", lambda e=e: self.nl.delete_fdb(e.route.oif, *e.fdb), **ctx)
+            await self.attempt("route delete", lambda e=e: self.nl.delete_route(e.route), **ctx)
 
     # --- reconciliation -------------------------------------------------------------------------
-    def _forget(self, subnet) -> None:
-        super()._forget(subnet)
-        self._bad_data.discard(subnet)
+    def _forget(self, peer: PeerId) -> None:
+        super()._forget(peer)
+        self._bad_data.discard(peer)
 
     def _forget_gone(self) -> None:
         super()._forget_gone()
         self._bad_data &= set(self.peers)
-        self._direct.keep_only(le.attrs.public_ip for le in self.peers.values())
+        self._direct.keep_only(ip for le in self.peers.values() for ip in (le.attrs.public_ip, le.attrs.public_ipv6)
+                               if ip is not None)
 
     async def sync_entries(self) -> dict[str, int]:
         changes = {"device_recreated": 0, "added": 0, "removed": 0}
-        if await self._ensure_device():
-            changes["device_recreated"] = 1
+        for v in self.vteps:
+            if await self._ensure_device(v):
+                changes["device_recreated"] += 1
         if self.own_lease is None:
             return changes
-        await self._configure_device()
-        assert self.dev is not None
-        idx = self.dev.index
-        nl = self.nl
-        arp: dict[IPv4Address, str] = {}
-        fdb: set[tuple[str, IPv4Address]] = set()
-        routes: dict = {}
+        for v in self.vteps:
+            await self._configure_device(v)
+        arp: dict[int, dict[IPAddress, str]] = {v.version: {} for v in self.vteps}
+        fdb: dict[int, set[tuple[str, IPAddress]]] = {v.version: set() for v in self.vteps}
+        routes: dict[int, dict[IPNetwork, Route]] = {v.version: {} for v in self.vteps}
         for lease in list(self.peers.values()):
-            e = await self.entries(lease)
-            if e is None:
-                continue
-            routes[e.route.dst] = e.route
-            if e.arp is not None and e.fdb is not None:
-                arp[e.arp[0]] = e.arp[1]
-                fdb.add(e.fdb)
+            for v, e in await self.entries(lease):
+                routes[v.version][e.route.dst] = e.route
+                if e.arp is not None and e.fdb is not None:
+                    arp[v.version][e.arp[0]] = e.arp[1]
+                    fdb[v.version].add(e.fdb)
+        for v in self.vteps:
+            await self._sync_device(v, changes, arp[v.version], fdb[v.version], routes[v.version])
+        return changes
 
-        # 1. ARP entries on our device (only permanent ones are ours; the kernel's own come and go)
-        have_arp = {n.ip: n for n in await nl.neighbours(idx)}
+    async def _sync_device(self, v: Vtep, changes: dict[str, int], arp: dict[IPAddress, str],
+                           fdb: set[tuple[str, IPAddress]], routes: dict[IPNetwork, Route]) -> None:
+        """One device's part of a full pass: its neighbours, FDB entries and routes (and the direct
+        routes of its family on the external interface) made equal to the wanted ones."""
+        assert v.dev is not None
+        idx, nl = v.dev.index, self.nl
+        # 1. ARP/NDP entries on the device (only permanent ones are ours; the kernel's own come and go)
+        have_arp = {n.ip: n for n in await nl.neighbours(idx, v.family)}
         await self.apply(changes, "removed", [
             (BatchOp.delete_neighbour(idx, ip), "stale ARP entry removed", {"ip": str(ip)})
             for ip, n in have_arp.items() if n.permanent and ip not in arp])
@@ -289,7 +368,7 @@ class VXLANBackend(KernelPeerBackend):
                 ops.append((BatchOp.replace_neighbour(idx, ip, mac), "ARP entry set", {"ip": str(ip), "mac": mac}))
         await self.apply(changes, "added", ops)
         # 2. FDB entries (remote VTEPs)
-        entries = [f for f in await nl.fdb(idx) if f.dst is not None]
+        entries = [f for f in await nl.fdb(idx, v.family) if f.dst is not None]
         have_fdb = {(f.mac, f.dst) for f in entries if f.permanent}
         await self.apply(changes, "removed", [
             (BatchOp.delete_fdb(idx, mac, dst), "stale FDB entry removed", {"mac": mac, "dst": str(dst)})
@@ -297,18 +376,28 @@ class VXLANBackend(KernelPeerBackend):
         await self.apply(changes, "added", [
             (BatchOp.replace_fdb(idx, mac, dst), "FDB entry set", {"mac": mac, "dst": str(dst)})
             for mac, dst in fdb - have_fdb])
-        # 3. routes: on our device, or direct routes on the external interface
-        await self.sync_routes(changes, routes, {idx, self.ctx.ext.index})
-        return changes
+        # 3. routes: on the device, or direct routes on the external interface
+        await self.sync_routes(changes, routes, {idx, self.ctx.ext.index}, family=v.family)
 
     def relevant(self, ev: Event) -> bool:
         if ev.kind == "overrun":
             return True
-        dev = self.dev.index if self.dev is not None else None
+        devs = {v.dev.index for v in self.vteps if v.dev is not None}
         if ev.kind == "link":
-            return ev.ifindex == dev or ev.name == self.dev_name
+            return ev.ifindex in devs or ev.name in {v.name for v in self.vteps}
         if ev.action != "del":
             return False
         if ev.kind == "route":
-            return ev.ifindex in (dev, self.ctx.ext.index) and (ev.table in (None, 254))
-        return ev.ifindex == dev  # neigh / fdb
+            return (ev.ifindex in devs or ev.ifindex == self.ctx.ext.index) and (ev.table in (None, 254))
+        return ev.ifindex in devs  # neigh / fdb
+
+
+def _address_text(value: object) -> str | None:
+    """An address attribute of a link's info as text in ``ipaddress``'s form (pyroute2 gives IPv6
+    ones as the kernel's text), or None when absent."""
+    if not value:
+        return None
+    try:
+        return str(IPv6Address(value) if ":" in str(value) else IPv4Address(value))
+    except ValueError:
+        return str(value)

@@ -20,8 +20,9 @@
   start; a removed peer, a deleted device (recreated with key, port, address, route and peers) or
   route comes back within ~100 ms of the netlink event, or at the next 10 s reconcile. A peer's
   endpoint is left as WireGuard roams it (only a lease change moves it).
-* IPv6 (phase 2): ``flannel-wg-v6`` on ``ListenPortV6`` in ``separate`` mode, v6 endpoints in
-  ``ipv6``/``auto`` mode, BackendV6Data — see ``_v6_not_yet``; until then ``Mode: ipv6`` is refused.
+* IPv4 only: ``EnableIPv6`` is refused (``Backend.ipv6``), and so is ``Mode: ipv6`` (upstream's
+  ``flannel-wg-v6`` on ``ListenPortV6``, IPv6 endpoints and BackendV6Data are not built; this
+  machine's kernel has no wireguard to test them on).
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from .wgkey import WgKeyError, key_file_path, load_or_create, parse_key
 log = structlog.get_logger()
 
 DEVICE = "flannel-wg"
-DEVICE_V6 = "flannel-wg-v6"  # phase 2 (IPv6)
 OVERHEAD = 80  # IPv6 header 40 (upstream reserves the larger one) + UDP 8 + WireGuard 32
 MODES = ("separate", "auto", "ipv4", "ipv6")
 
@@ -89,17 +89,11 @@ class WireGuardBackend(KernelPeerBackend):
         self.keepalive_s = o["PersistentKeepaliveInterval"]
         self.mode = o["Mode"]
         self.mtu = (o["MTU"] or self.ctx.ext.mtu) - OVERHEAD
-        self._v6_not_yet()
+        if self.mode == "ipv6":
+            raise BackendError("Mode ipv6 needs IPv6 endpoints, which pyflanneld's wireguard backend does not "
+                               "carry (IPv4 only): use Mode separate, auto or ipv4")
         log.info("wireguard config", listen_port=self.listen_port, mode=self.mode, psk=self.psk is not None,
                  persistent_keepalive_s=self.keepalive_s, mtu=self.mtu)
-
-    def _v6_not_yet(self) -> None:
-        """Phase 2 (IPv6) goes here: with EnableIPv6, ``separate`` mode adds ``flannel-wg-v6`` on
-        ListenPortV6 with BackendV6Data, ``auto``/``ipv6`` put v6 endpoints and subnets on
-        ``flannel-wg``. Until then only IPv4 endpoints exist."""
-        if self.mode == "ipv6":
-            raise BackendError("Mode ipv6 needs IPv6 (EnableIPv6, PublicIPv6), which pyflanneld does not "
-                               "support yet: use Mode separate, auto or ipv4")
 
     # --- life cycle -----------------------------------------------------------------------------
     async def register(self) -> BackendInfo:

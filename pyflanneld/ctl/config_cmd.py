@@ -34,12 +34,6 @@ def _summary(cfg: NetworkConfig) -> str:
     return ", ".join(parts)
 
 
-def _note_ipv6(cfg: NetworkConfig) -> None:
-    """Until the daemon runs IPv6: say so (stderr) for a config that enables it."""
-    if cfg.enable_ipv6:
-        click.echo(f"note: {configfile.IPV6_NOT_YET}", err=True)
-
-
 def _load_file(path: str) -> tuple[str, NetworkConfig]:
     """Read and check a config file like the daemon would; CtlError (exit 1) when it is not usable."""
     try:
@@ -97,7 +91,6 @@ def validate(path: str) -> None:
     backend when the daemon starts, not here."""
     _, cfg = _load_file(path)
     click.echo(f"valid: {_summary(cfg)}")
-    _note_ipv6(cfg)
 
 
 @config.command("set")
@@ -109,7 +102,6 @@ def set_(etcd: Connection, path: str) -> None:
     Nothing is written when the file is invalid. Running daemons keep the config they started
     with until they are restarted (they log that it changed)."""
     raw, cfg = _load_file(path)
-    _note_ipv6(cfg)
 
     async def write():
         async with etcd.open() as (store, old):

@@ -118,23 +118,22 @@ def to_json(doc: Any) -> str:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-# A valid IPv6 config (dual stack, IPv6-only) is accepted here — upstream hosts run it — but the
-# pyflanneld daemon refuses it until its IPv6 backends are wired in; `config validate/set` say so.
-IPV6_NOT_YET = ("EnableIPv6 is valid flannel config (upstream flanneld hosts run it), but this pyflanneld "
-                "daemon does not run IPv6 yet and refuses it")
-
-
 def check(raw: str) -> NetworkConfig:
     """Everything flannel checks before using a config, with its texts: upstream's
-    CheckNetworkConfig (parse_config, IPv4 and IPv6), then a known backend type
-    (pyflanneld.daemon.Daemon.get_config). Raises ConfigError."""
+    CheckNetworkConfig (parse_config, IPv4 and IPv6), then a known backend type that carries the
+    config's IP families (pyflanneld.daemon.Daemon.get_config). Raises ConfigError."""
     from ..backend import BackendError, backend_class, registered_types  # the registry imports every backend
+    from ..backend.base import check_ip_families
 
     cfg = parse_config(raw)
     try:
-        backend_class(cfg.backend_type)
+        cls = backend_class(cfg.backend_type)
     except BackendError as e:
         raise ConfigError(f"{e} (known types: {', '.join(registered_types())})") from None
+    try:
+        check_ip_families(cls, cfg)
+    except BackendError as e:
+        raise ConfigError(str(e)) from None
     return cfg
 
 

@@ -326,6 +326,23 @@ class Lease:
     def key(self) -> str:
         return subnet_key(self.subnet, self.subnet6)
 
+    @property
+    def peer_id(self) -> IPv4Network | IPv6Network:
+        """What tells this lease apart from the others of one network (the backends' peer key):
+        its IPv4 subnet, or for an IPv6-only lease (IPv4 part ``0.0.0.0/0``) its IPv6 subnet."""
+        if self.subnet.prefixlen == 0 and self.subnet6 is not None:
+            return self.subnet6
+        return self.subnet
+
+    def __str__(self) -> str:
+        """The subnets, for logs: ``10.5.1.0/24``, ``10.5.1.0/24 fd80:0:0:1::/64`` (dual stack)
+        or ``fd80:0:0:1::/64`` (IPv6-only)."""
+        if self.subnet6 is None:
+            return str(self.subnet)
+        if self.subnet.prefixlen == 0:
+            return str(self.subnet6)
+        return f"{self.subnet} {self.subnet6}"
+
     def ttl_left(self, now: float | None = None) -> float:
         if self.expiration is None:
             return float("inf")

@@ -23,13 +23,22 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 import structlog
 
 from .. import metrics
 from ..config import ConfigError, NetworkConfig, parse_config
-from .allocate import Taken, choose_subnet, pool_size
+from .allocate import (
+    IPV4_OFF_SUBNET,
+    Taken,
+    Taken6,
+    choose_subnet,
+    choose_subnet6,
+    lease_compatible,
+    pool_size,
+    pool_size6,
+)
 from .lease import Lease, LeaseAttrs, LeaseFormatError, lease_from_record, parse_subnet_key, subnet_key
 from .leasebook import LeaseBook
 from .store import CompactedError, Record, Store, StoreError
@@ -84,7 +93,8 @@ class SubnetManager:
     WATCH_BACKOFF_S = (0.1, 5.0)  # between failed watches (upstream's)
 
     def __init__(self, store: Store, cfg: NetworkConfig, *, ttl: int, renew_margin: float,
-                 prev_subnet: IPv4Network | None = None, rng: random.Random | None = None,
+                 prev_subnet: IPv4Network | None = None, prev_subnet6: IPv6Network | None = None,
+                 rng: random.Random | None = None,
                  renew_retry: float = 60.0, prefix: str = "/coreos.com/network",
                  notify: Callable[[bool], None] | None = None) -> None:
         self.store = store
@@ -93,6 +103,7 @@ class SubnetManager:
         self.renew_margin = renew_margin
         self.renew_retry = renew_retry
         self.prev_subnet = prev_subnet
+        self.prev_subnet6 = prev_subnet6
         self.rng = rng or random.Random()
         self.notify: Callable[[bool], None] = notify or (lambda full: None)
         self.book = LeaseBook(cfg, prefix)
@@ -149,58 +160,103 @@ class SubnetManager:
             self.claiming.discard(key)
             self.notify(False)
 
+    def _host_address(self, attrs: LeaseAttrs) -> IPv4Address | IPv6Address | None:
+        """The address that says "this lease is the host's with ``attrs``": its PublicIP, or with
+        IPv4 off its PublicIPv6 (every IPv6-only lease has PublicIP 0.0.0.0: upstream, which
+        compares PublicIP alone, takes another host's lease then)."""
+        return attrs.public_ip if self.cfg.enable_ipv4 else attrs.public_ipv6
+
     async def try_acquire(self, attrs: LeaseAttrs) -> Lease:
-        """One pass of upstream's algorithm; retries lost races itself. Raises PoolExhausted/StoreError."""
+        """One pass of upstream's algorithm (local_manager.go tryAcquireLease) for every enabled
+        family; retries lost races itself. Raises PoolExhausted/StoreError."""
         value = attrs.to_json().encode()
+        mine = self._host_address(attrs)
+        cfg = self.cfg
         for _attempt in range(1000):
             recs, _rev = await self.store.list_subnets()
             leases = _parse_quietly(recs)  # the book warns about bad ones
 
-            # 1. A lease that already carries our PublicIP: reuse it.
+            # 1. A lease that already carries our PublicIP (IPv6-only: PublicIPv6): reuse it.
+            deleted = False
             for le in leases:
-                if le.attrs.public_ip != attrs.public_ip or self._foreign_twin(le, attrs):
+                if self._host_address(le.attrs) != mine or self._foreign_twin(le, attrs):
                     continue
-                if self.cfg.contains_subnet(le.subnet):
+                if lease_compatible(cfg, le.subnet, le.subnet6):
                     ttl = None if le.reserved else self.ttl
                     rec = await self._claim(le.key, lambda le=le, ttl=ttl: self.store.put_subnet(le.key, value, ttl))
-                    log.info("found lease for current IP, reusing", subnet=str(le.subnet),
-                             public_ip=str(attrs.public_ip), reservation=le.reserved)
+                    log.info("found lease for current IP, reusing", subnet=str(le),
+                             public_ip=str(mine), reservation=le.reserved)
                     return self._lease_from_record(rec, attrs)
                 if not le.reserved:
-                    log.info("deleting lease not compatible with the network config",
-                             subnet=str(le.subnet), public_ip=str(attrs.public_ip))
+                    log.info("deleting lease not compatible with the network config", subnet=str(le),
+                             public_ip=str(mine))
                     await self.store.delete_subnet(le.key)
+                    deleted = True
+                    # its parts the config can still hand out are asked for again (enabling IPv6
+                    # keeps the IPv4 subnet, disabling it too)
+                    self.prev_subnet = self.prev_subnet or le.subnet
+                    self.prev_subnet6 = self.prev_subnet6 or le.subnet6
+            if deleted:
+                continue  # list again: its subnets are free now
 
-            taken = Taken(self.cfg, _claimed_subnets(recs, self.cfg.network))
-            # 2. The subnet we had before (subnet.env), if nobody holds it.
-            cand: IPv4Network | None = None
-            prev = self.prev_subnet
-            if prev is not None:
-                if not self.cfg.contains_subnet(prev):
-                    log.info("previous subnet not compatible with the network config, ignoring", subnet=str(prev))
-                    self.prev_subnet = prev = None
-                elif prev not in taken:
-                    cand = prev
-            # 3. A random one of the first 100 free subnets.
-            if cand is None:
-                cand = choose_subnet(self.cfg, taken, self.rng)
-            if cand is None:
-                raise PoolExhausted(
-                    f"out of subnets: all {pool_size(self.cfg)} /{self.cfg.subnet_len} subnets of "
-                    f"{self.cfg.network} are leased; free one (delete a dead host's key under "
-                    f"{self.book.subnets_path}) or enlarge Network/SubnetMin/SubnetMax"
-                )
-            key = subnet_key(cand)
+            # 2. The subnets we had before (subnet.env), if nobody holds them; each family on its own
+            # (upstream uses neither unless both fit).
+            taken = Taken(cfg, _claimed_subnets(recs, cfg.network))
+            taken6 = Taken6(cfg, _claimed_subnets(recs, cfg.ipv6_network))
+            prev, prev6 = self._previous(taken, taken6)
+            # 3. Else a random one of the first 100 free subnets, per family.
+            sn: IPv4Network | None = IPV4_OFF_SUBNET if not cfg.enable_ipv4 else prev or choose_subnet(
+                cfg, taken, self.rng)
+            sn6 = (prev6 or choose_subnet6(cfg, taken6, self.rng)) if cfg.enable_ipv6 else None
+            if sn is None or (cfg.enable_ipv6 and sn6 is None):
+                raise PoolExhausted(self._exhausted(ipv6=sn is not None))
+            key = subnet_key(sn, sn6)
             rec = await self._claim(key, lambda key=key: self.store.create_subnet(key, value, self.ttl))
             if rec is None:
-                log.info("lost the race for a subnet, trying another", subnet=str(cand))
-                if cand == prev:
+                log.info("lost the race for a subnet, trying another", subnet=key)
+                if prev is not None:
                     self.prev_subnet = None
+                if prev6 is not None:
+                    self.prev_subnet6 = None
                 continue
-            reason = "previous subnet" if cand == prev else "new subnet"
-            log.info("allocated lease", subnet=str(cand), public_ip=str(attrs.public_ip), reason=reason)
-            return self._lease_from_record(rec, attrs)
+            reason = "previous subnet" if (prev, prev6) != (None, None) else "new subnet"
+            lease = self._lease_from_record(rec, attrs)
+            log.info("allocated lease", subnet=str(lease), public_ip=str(mine), reason=reason)
+            return lease
         raise StoreError("could not acquire a subnet after 1000 lost races")
+
+    def _previous(self, taken: Taken, taken6: Taken6) -> tuple[IPv4Network | None, IPv6Network | None]:
+        """The previous run's subnets (subnet.env) to ask for again, per enabled family: each one
+        the config could hand out and nobody holds, else None (an incompatible one is forgotten,
+        with a line)."""
+        cfg = self.cfg
+        prev: IPv4Network | None = None
+        prev6: IPv6Network | None = None
+        if cfg.enable_ipv4 and self.prev_subnet is not None:
+            if not cfg.contains_subnet(self.prev_subnet):
+                log.info("previous subnet not compatible with the network config, ignoring",
+                         subnet=str(self.prev_subnet))
+                self.prev_subnet = None
+            elif self.prev_subnet not in taken:
+                prev = self.prev_subnet
+        if cfg.enable_ipv6 and self.prev_subnet6 is not None:
+            if not cfg.contains_subnet6(self.prev_subnet6):
+                log.info("previous IPv6 subnet not compatible with the network config, ignoring",
+                         subnet=str(self.prev_subnet6))
+                self.prev_subnet6 = None
+            elif self.prev_subnet6 not in taken6:
+                prev6 = self.prev_subnet6
+        return prev, prev6
+
+    def _exhausted(self, ipv6: bool) -> str:
+        """Upstream's "out of subnets", naming the family whose pool is full and how to free one."""
+        cfg = self.cfg
+        free = f"free one (delete a dead host's key under {self.book.subnets_path}) or enlarge "
+        if not ipv6:
+            return (f"out of subnets: all {pool_size(cfg)} /{cfg.subnet_len} subnets of {cfg.network} are leased; "
+                    f"{free}Network/SubnetMin/SubnetMax")
+        return (f"out of subnets: all {pool_size6(cfg)} /{cfg.ipv6_subnet_len} IPv6 subnets of {cfg.ipv6_network} "
+                f"are leased; {free}IPv6Network/IPv6SubnetMin/IPv6SubnetMax")
 
     async def acquire(self, attrs: LeaseAttrs, on_error: Callable[[str], None] | None = None) -> Lease:
         """Acquire, retrying store errors and pool exhaustion with backoff; never gives up.
@@ -230,7 +286,7 @@ class SubnetManager:
             self._mark(True)
             self.problem = ""
             self.lease = lease
-            self.prev_subnet = lease.subnet
+            self.prev_subnet, self.prev_subnet6 = lease.subnet, lease.subnet6
             self.lost_reason = ""
             self._lost.clear()
             self._rewrite_reserved = self._renew_now = False
@@ -267,24 +323,24 @@ class SubnetManager:
         try:
             theirs = LeaseAttrs.from_json(rec.value)
         except LeaseFormatError:
-            log.warning("own lease key overwritten with bad data; acquiring a lease again", subnet=str(lease.subnet))
+            log.warning("own lease key overwritten with bad data; acquiring a lease again", subnet=str(lease))
             self.lose("overwritten with bad data")
             return
-        if theirs.public_ip != attrs.public_ip:
-            log.warning("own subnet was taken over by another host", subnet=str(lease.subnet),
-                        other=str(theirs.public_ip))
-            self.lose(f"taken over by {theirs.public_ip}")
+        if self._host_address(theirs) != self._host_address(attrs):
+            other = self._host_address(theirs)
+            log.warning("own subnet was taken over by another host", subnet=str(lease), other=str(other))
+            self.lose(f"taken over by {other}")
             return
         if rec.value != attrs.to_json().encode():
             if rec.has_ttl:  # another live host with our PublicIP (a copied --public-ip)
                 ident = backend_identity(theirs)
                 if self.foreign.get(lease.key) != ident:
                     log.warning("another host with the same PublicIP took over our lease; two hosts share "
-                                "--public-ip? not taking it back", subnet=str(lease.subnet),
-                                public_ip=str(attrs.public_ip), ours=backend_identity(attrs)[1],
+                                "--public-ip? not taking it back", subnet=str(lease),
+                                public_ip=str(self._host_address(attrs)), ours=backend_identity(attrs)[1],
                                 theirs=ident[1])
                 self.foreign[lease.key] = ident
-                self.lose(f"taken over by another host with PublicIP {theirs.public_ip}")
+                self.lose(f"taken over by another host with PublicIP {self._host_address(theirs)}")
                 return
             # reserved by the operator with another value: ours goes back in, still without TTL
             self._rewrite_reserved = True
@@ -292,9 +348,9 @@ class SubnetManager:
         reserved = not rec.has_ttl
         if reserved != lease.reserved:
             if reserved:
-                log.info("own lease is now a reservation; renewals stop", subnet=str(lease.subnet))
+                log.info("own lease is now a reservation; renewals stop", subnet=str(lease))
             else:
-                log.info("own reservation released; renewing it as a lease", subnet=str(lease.subnet))
+                log.info("own reservation released; renewing it as a lease", subnet=str(lease))
                 self._renew_now = True
             self.lease = replace(lease, reserved=reserved, expiration=None if reserved else lease.expiration,
                                  revision=rec.revision)
@@ -327,7 +383,7 @@ class SubnetManager:
                 wait = None
             else:
                 wait = max(0.0, lease.expiration - self.renew_margin - time.time())
-                log.debug("waiting to renew lease", subnet=str(lease.subnet), seconds=round(wait, 1))
+                log.debug("waiting to renew lease", subnet=str(lease), seconds=round(wait, 1))
             await self._sleep(wait)
 
     async def _write(self, lease: Lease, ttl: int | None, what: str) -> None:
@@ -357,7 +413,7 @@ class SubnetManager:
         except StoreError as e:
             metrics.DATASTORE_ERRORS.labels("renew").inc()
             self._mark(False, str(e))
-            log.warning("error renewing lease, trying again", subnet=str(lease.subnet),
+            log.warning("error renewing lease, trying again", subnet=str(lease),
                         retry_in=self.renew_retry, error=str(e))
             await self._sleep(self.renew_retry)
             return
@@ -373,19 +429,19 @@ class SubnetManager:
         else:
             metrics.LEASE_RENEWALS.inc()
         self.lease = self._lease_from_record(rec, self.attrs)
-        log.info(what, subnet=str(lease.subnet), expires_in=ttl)
+        log.info(what, subnet=str(lease), expires_in=ttl)
 
     async def _reacquire(self, lease: Lease) -> None:
-        log.warning("own lease lost (expired or deleted); acquiring again", subnet=str(lease.subnet),
+        log.warning("own lease lost (expired or deleted); acquiring again", subnet=str(lease),
                     reason=self.lost_reason)
-        self.prev_subnet = lease.subnet
+        self.prev_subnet, self.prev_subnet6 = lease.subnet, lease.subnet6
         assert self.attrs is not None
         new = await self.acquire(self.attrs)
-        if new.subnet == lease.subnet:
-            log.info("lease re-acquired, same subnet", subnet=str(new.subnet))
+        if new.key == lease.key:
+            log.info("lease re-acquired, same subnet", subnet=str(new))
         else:
             log.warning("subnet changed after re-acquiring the lease; restart docker/CNI to move pods",
-                        old=str(lease.subnet), new=str(new.subnet))
+                        old=str(lease), new=str(new))
 
     async def set_attrs(self, attrs: LeaseAttrs) -> None:
         """New lease data for the same subnet (e.g. a new PublicIP after an address change):
@@ -401,7 +457,7 @@ class SubnetManager:
             lease.key, value, None if lease.reserved else self.ttl))
         self.attrs = attrs
         self.lease = self._lease_from_record(rec, attrs)
-        log.info("lease updated", subnet=str(lease.subnet), public_ip=str(attrs.public_ip))
+        log.info("lease updated", subnet=str(lease), public_ip=str(self._host_address(attrs)))
         self._kick.set()
 
     # -- the datastore reader ------------------------------------------------------------------
@@ -465,17 +521,21 @@ def _parse_quietly(recs: list[Record]) -> list[Lease]:
     return out
 
 
-def _claimed_subnets(recs: list[Record], network: IPv4Network) -> list[IPv4Network]:
-    """The subnets inside ``network`` claimed by keys that parse, whatever their value: a key with a
-    bad value cannot be created again, so its subnet is not free."""
+def _claimed_subnets(recs: list[Record], network: IPv4Network | IPv6Network | None) -> list:
+    """The subnets of ``network``'s family inside it (none for None: the family is off) claimed by
+    keys that parse, whatever their value: a key with a bad value cannot be created again, so its
+    subnets are not free."""
+    if network is None:
+        return []
     out = []
     for r in recs:
         try:
-            sn = parse_subnet_key(r.key)[0]
+            sn, sn6 = parse_subnet_key(r.key)
         except LeaseFormatError:
             continue
-        if sn.overlaps(network):
-            out.append(sn)
+        part = sn if network.version == 4 else sn6
+        if part is not None and part.overlaps(network):
+            out.append(part)
     return out
 
 
