@@ -99,7 +99,7 @@ class Daemon:
     def peers(self) -> list[dict]:
         """/peers: the remote leases the backend has applied, sorted by subnet."""
         known = self.backend.peers.values() if self.backend is not None else ()
-        return [peer_json(le) for le in sorted(known, key=lambda le: le.key)]
+        return [peer_json(le) for le in sorted(known, key=lambda le: le.peer_id)]
 
     def metrics_state(self) -> metrics.State:
         """What the /metrics gauges show now (readiness as /readyz, the applied peers, the own lease)."""

@@ -1,5 +1,6 @@
 """`make demo` (the README's first command) runs as a newcomer runs it: three backends, every pod
-reaches every other, and each backend's pod-to-pod figures are printed and plausible."""
+reaches every other, and each backend's pod-to-pod figures are printed and plausible; then a
+dual-stack run where every pod reaches every other over IPv4 and over IPv6."""
 
 from __future__ import annotations
 
@@ -35,4 +36,9 @@ def test_demo_shows_three_backends_with_their_figures():
     summary = out[out.index("== what each data plane costs =="):]
     for name in BACKENDS:
         assert re.search(rf"^{re.escape(name)}\s+[\d.]+ [GM]bit/s\s+[\d.]+ ms\s+[\d.]+ ms", summary, re.M), summary
-    assert "all pods reached each other on every backend" in out
+    dual = out[out.index("== dual stack (vxlan, IPv4 and IPv6) =="):]
+    assert "30/30 pod pairs reachable (24 of them across hosts) over IPv4 (dual stack)" in dual
+    assert "30/30 pod pairs reachable (24 of them across hosts) over IPv6 (dual stack)" in dual
+    assert re.search(r"^h1\s+192\.168\.100\.1 fd99::1\s+10\.5\.\d+\.1/24\s+fd80:0:0:[0-9a-f]+::1/64\s+"
+                     r"10\.5\.\d+\.0-24&fd80:0:0:[0-9a-f]+::-64$", dual, re.M), dual
+    assert "all pods reached each other on every backend, and over IPv4 and IPv6 in dual stack" in out

@@ -183,8 +183,8 @@ def key_env(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("backend,error", [
     ({"Mode": "bogus"}, "No valid Mode configured: 'bogus' (use one of separate, auto, ipv4, ipv6)"),
-    ({"Mode": "ipv6"}, "Mode ipv6 needs IPv6 (EnableIPv6, PublicIPv6), which pyflanneld does not support yet: "
-                       "use Mode separate, auto or ipv4"),
+    ({"Mode": "ipv6"}, "Mode ipv6 needs IPv6 endpoints, which pyflanneld's wireguard backend does not carry "
+                       "(IPv4 only): use Mode separate, auto or ipv4"),
     ({"PSK": "secret"}, "could not parse psk (not base64): PSK must be a base64 WireGuard key (wg genpsk)"),
     ({"ListenPort": "51820"}, "error decoding wireguard backend config: json: cannot unmarshal string into Go "
                               "struct field .ListenPort of type int"),
