@@ -134,8 +134,10 @@ def flannel_state(h: Host) -> dict[str, set[str]]:
     return st
 
 
-def expected_state(node: Node, peers: list[Leased], etcd, backend: str, ipv4: bool = True) -> dict[str, set[str]]:
-    """Upstream's entries on ``node`` for each peer (facts §2, §3; as v0.20.2 printed them here)."""
+def expected_state(node: Node, peers: list[Leased], etcd, backend: str, ipv4: bool = True,
+                   direct: tuple[Leased, ...] = ()) -> dict[str, set[str]]:
+    """Upstream's entries on ``node`` for each peer (facts §2, §3; as v0.20.2 printed them here);
+    vxlan peers in ``direct`` (DirectRouting, on the same link) get host-gw's routes instead."""
     st: dict[str, set[str]] = {"routes": set(), "routes6": set()}
     if backend == "vxlan":
         for dev in (["flannel.1"] if ipv4 else []) + ["flannel-v6.1"]:
@@ -143,7 +145,7 @@ def expected_state(node: Node, peers: list[Leased], etcd, backend: str, ipv4: bo
     for p in peers:
         lease = p.lease(etcd)
         gw6 = p.subnet6.network_address
-        if backend == "host-gw":
+        if backend == "host-gw" or p in direct:
             if ipv4:
                 st["routes"].add(f"{p.subnet} via {lease['PublicIP']} dev eth0")
             st["routes6"].add(f"{p.subnet6} via {lease['PublicIPv6']} dev eth0 metric 1024 pref medium")
@@ -160,8 +162,9 @@ def expected_state(node: Node, peers: list[Leased], etcd, backend: str, ipv4: bo
     return st
 
 
-def converged(node: Node, peers: list[Leased], etcd, backend: str, ipv4: bool = True) -> bool:
-    return flannel_state(node.host) == expected_state(node, peers, etcd, backend, ipv4)
+def converged(node: Node, peers: list[Leased], etcd, backend: str, ipv4: bool = True,
+              direct: tuple[Leased, ...] = ()) -> bool:
+    return flannel_state(node.host) == expected_state(node, peers, etcd, backend, ipv4, direct)
 
 
 def ping_pairs(pods: list[Pod], v6: bool, timeout: float = 5) -> list[str]:
@@ -313,6 +316,33 @@ def test_ipv6_only_vxlan_between_pyflanneld_hosts(lab, etcd):
     assert set(etcd.get_prefix(f"{PREFIX}/subnets/")) == {key1, key2}
     assert "found lease for current IP, reusing" in n2.daemon.log_text()
     assert ping_pairs([n1.pod, n2.pod], v6=True) == []
+
+
+def test_vxlan_ipv6_direct_routing_and_a_deleted_device(lab, etcd):
+    """DirectRouting: a peer on the same link is routed directly in both families, one behind the
+    switch (another underlay subnet) through the tunnels. flannel-v6.1 deleted by hand comes back
+    with its MAC and every entry."""
+    etcd.put(f"{PREFIX}/config", json.dumps({"Network": "10.5.0.0/16", "EnableIPv6": True,
+                                             "IPv6Network": "fd80::/48",
+                                             "Backend": {"Type": "vxlan", "DirectRouting": True}}))
+    hosts = [lab.add_host("h1", ipv6=True), lab.add_host("h2", ipv6=True),
+             lab.add_host("h3", subnet="192.168.101.0/24", ipv6=True)]
+    n1, n2, n3 = nodes = start(lab, hosts)
+    for n in nodes:
+        direct = (n1, n2) if n is not n3 else ()
+        wait_for(lambda n=n, direct=direct: converged(n, [p for p in nodes if p is not n], etcd, "vxlan",
+                                                      direct=direct), 15, 0.1, f"{n.host.name} entries")
+    assert f"{n2.subnet6} via {n2.host.address6} dev eth0 metric 1024 pref medium" in flannel_state(n1.host)["routes6"]
+    pods = [n.pod for n in nodes]
+    assert ping_pairs(pods, v6=True) == []
+
+    h1 = n1.host
+    want = flannel_state(h1)
+    mac = h1.ip_json("link", "show", "flannel-v6.1")[0]["address"]
+    h1.ip("link", "del", "flannel-v6.1")
+    wait_for(lambda: h1.link_exists("flannel-v6.1") and flannel_state(h1) == want, 10, 0.1, "flannel-v6.1 back")
+    assert h1.ip_json("link", "show", "flannel-v6.1")[0]["address"] == mac == n1.lease(etcd)["BackendV6Data"]["VtepMAC"]
+    assert ping_pairs(pods, v6=True) == []
 
 
 # --- interface selection and --public-ipv6 --------------------------------------------------------

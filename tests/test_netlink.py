@@ -218,12 +218,15 @@ from lab.wait import wait_for_async
 async def main():
     for skip in (False, True):
         idx = socket.if_nametoindex("x0")
-        mon = NetlinkMonitor(skip_new_entries=skip)
+        mon = NetlinkMonitor(skip_new_entries=skip, groups=NetlinkMonitor.GROUPS | NetlinkMonitor.IPV6_ROUTES)
         it = mon.events().__aiter__()
         first = asyncio.ensure_future(it.__anext__())
         await wait_for_async(lambda: mon._sock is not None, 30, "the monitor's socket bound")
         for cmd in ("route add 10.77.1.0/24 via 10.77.1.0 dev x0 onlink", "neigh add 10.77.1.9 lladdr 02:00:00:00:00:09 dev x0",
-                    "route del 10.77.1.0/24", "neigh del 10.77.1.9 dev x0", "link del x0"):
+                    "route del 10.77.1.0/24", "neigh del 10.77.1.9 dev x0",
+                    "-6 route add fd77:0:0:1::/64 via fd77:0:0:1:: dev x0 onlink",
+                    "-6 neigh add fd77:0:0:1:: lladdr 02:00:00:00:00:0a dev x0 nud permanent",
+                    "-6 route del fd77:0:0:1::/64", "-6 neigh del fd77:0:0:1:: dev x0", "link del x0"):
             subprocess.run(["ip", *cmd.split()], check=True)
         evs = [await asyncio.wait_for(first, 30)]
         while (evs[-1].kind, evs[-1].action) != ("link", "del"):
@@ -246,12 +249,15 @@ def test_monitor_decodes_events_and_can_skip_new_entries(lab):
     full, skipped = cp.stdout.splitlines()
     ours = [("route", "new", True, "10.77.1.0", 254, None), ("neigh", "new", True, "10.77.1.9", None, None),
             ("route", "del", True, "10.77.1.0", 254, None), ("neigh", "del", True, "10.77.1.9", None, None)]
-    for ev in ours:
+    ours6 = [("route", "new", True, "fd77:0:0:1::", 254, None), ("neigh", "new", True, "fd77:0:0:1::", None, None),
+             ("route", "del", True, "fd77:0:0:1::", 254, None), ("neigh", "del", True, "fd77:0:0:1::", None, None)]
+    for ev in ours + ours6:
         assert repr(ev) in full, full
     assert "('link', 'del', True, None, None, 'x0')" in full, full
     assert skipped.startswith("True ")
     assert "('route', 'new'" not in skipped and "('neigh', 'new'" not in skipped, skipped
-    assert repr(ours[2]) in skipped and repr(ours[3]) in skipped, skipped
+    for ev in (ours[2], ours[3], ours6[2], ours6[3]):
+        assert repr(ev) in skipped, skipped
 
 
 # --- IPv6 (issue 13.5): what vxlan and host-gw need, programmed for real ------------------------------
