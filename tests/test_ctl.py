@@ -275,6 +275,21 @@ def test_reserve_and_release_find_an_upstream_dual_stack_key(lab, etcd):
     assert etcd.get(key) == value and 3600 - 60 < key_ttl(etcd, "v3", key) <= 3600
 
 
+def test_reserve_ahead_is_refused_where_a_lease_needs_ipv6(lab, etcd):
+    """A reservation made before its host starts carries no IPv6 subnet or PublicIPv6, which a
+    dual-stack (or IPv6-only) host needs: refused with one line; reserving a lease in place works."""
+    h1 = lab.add_host("h1")
+    put_raw(etcd, "v3", f"{PREFIX}/config",
+            '{"Network":"10.1.0.0/16","EnableIPv6":true,"IPv6Network":"fd80::/48","Backend":{"Type":"alloc"}}')
+    line = one_line_error(ctl(h1, etcd, "lease", "reserve", "10.1.9.0/24", "--public-ip", "192.168.100.9"))
+    assert "10.1.9.0/24 is free, but a reservation made ahead in a dual-stack network (EnableIPv6)" in line, line
+    assert etcd.get_prefix(f"{PREFIX}/subnets/") == {}
+    put_raw(etcd, "v3", f"{PREFIX}/config",
+            '{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fd80::/48","Backend":{"Type":"alloc"}}')
+    line = one_line_error(ctl(h1, etcd, "lease", "reserve", "10.1.9.0/24", "--public-ip", "192.168.100.9"))
+    assert "this network is IPv6-only (EnableIPv4 false)" in line, line
+
+
 @pytest.mark.parametrize("api", APIS)
 def test_a_running_host_keeps_its_reservation_and_renews_once_released(lab, etcd, api):
     """Renewals every 5 s (TTL 20 s, margin 15 s): the daemon must stop them when its subnet is

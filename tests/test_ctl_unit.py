@@ -224,6 +224,21 @@ def test_ttl_and_table_cells():
     assert "\x1b" not in render_table([evil]) and "x\\x1b[31my" in render_table([evil])
 
 
+def test_dual_stack_and_ipv6_only_leases_show_their_ipv6_part():
+    dual = view(Record("10.5.3.0-24&fd80:0:0:3::-64", b'{"PublicIP":"1.2.3.4","PublicIPv6":"fd99::4","BackendType":'
+                       b'"host-gw"}', True, None, 7), now=0)
+    only6 = view(Record("0.0.0.0-0&fd80:0:0:5::-64", b'{"PublicIP":"0.0.0.0","PublicIPv6":"fd99::5","BackendType":'
+                        b'"host-gw"}', True, None, 8), now=0)
+    assert (dual.subnet, dual.ipv6_subnet, dual.public_ipv6) == ("10.5.3.0/24", "fd80:0:0:3::/64", "fd99::4")
+    assert (only6.subnet, only6.ipv6_subnet, only6.public_ipv6) == ("0.0.0.0/0", "fd80:0:0:5::/64", "fd99::5")
+    assert render_table([dual, only6]).splitlines() == [
+        "SUBNET       IPV6-SUBNET      PUBLIC-IP  PUBLIC-IPV6  BACKEND  VTEP-MAC  TTL",
+        "10.5.3.0/24  fd80:0:0:3::/64  1.2.3.4    fd99::4      host-gw  -         -",
+        "0.0.0.0/0    fd80:0:0:5::/64  0.0.0.0    fd99::5      host-gw  -         -"]
+    plain = view(Record("10.5.4.0-24", b'{"PublicIP":"1.2.3.5"}', True, None, 9), now=0)
+    assert render_table([plain]).splitlines()[0] == "SUBNET       PUBLIC-IP  BACKEND  VTEP-MAC  TTL"
+
+
 # -- docker-opts: click keeps the script's getopts rules ----------------------------------------------------
 @pytest.mark.parametrize("argv,want", [
     (["-f=a"], ("=a", "DOCKER_OPTS", True, True, [])),  # getopts: the value is "=a"

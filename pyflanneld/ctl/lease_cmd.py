@@ -15,7 +15,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from typing import Any
 
 import click
@@ -42,6 +42,8 @@ class LeaseView:
     reserved: bool  # a key without TTL
     backend_data: Any
     error: str | None  # why the entry cannot be used (daemons skip it)
+    ipv6_subnet: str | None = None  # the key's IPv6 part (dual stack, IPv6-only)
+    public_ipv6: str | None = None
 
 
 def _field(data: Any, name: str) -> Any:
@@ -58,10 +60,11 @@ def view(rec: Record, now: float) -> LeaseView:
     ttl = None if rec.expiration is None else max(0, math.ceil(rec.expiration - now))
     base = {"key": rec.key, "ttl_s": ttl, "reserved": not rec.has_ttl}
     try:
-        sn, _ = parse_subnet_key(rec.key)
+        sn, sn6 = parse_subnet_key(rec.key)
     except LeaseFormatError as e:
         return LeaseView(subnet=None, public_ip=None, backend=None, vtep_mac=None, backend_data=None,
                          error=str(e), **base)
+    base["ipv6_subnet"] = str(sn6) if sn6 is not None else None
     try:
         attrs = LeaseAttrs.from_json(rec.value)
     except LeaseFormatError as e:
@@ -70,7 +73,7 @@ def view(rec: Record, now: float) -> LeaseView:
     mac = _field(attrs.backend_data, "VtepMAC")
     return LeaseView(subnet=str(sn), public_ip=str(attrs.public_ip), backend=attrs.backend_type or None,
                      vtep_mac=mac if isinstance(mac, str) else None, backend_data=attrs.backend_data,
-                     error=None, **base)
+                     error=None, public_ipv6=str(attrs.public_ipv6) if attrs.public_ipv6 else None, **base)
 
 
 def format_ttl(view: LeaseView) -> str:
@@ -96,10 +99,17 @@ def _cell(v: str | None) -> str:
 
 
 def render_table(views: list[LeaseView]) -> str:
-    """Aligned columns SUBNET, PUBLIC-IP, BACKEND, VTEP-MAC, TTL (+ PROBLEM when an entry is bad)."""
+    """Aligned columns SUBNET, PUBLIC-IP, BACKEND, VTEP-MAC, TTL (+ IPV6-SUBNET and PUBLIC-IPV6 when
+    a lease has an IPv6 part, + PROBLEM when an entry is bad)."""
     header = ["SUBNET", "PUBLIC-IP", "BACKEND", "VTEP-MAC", "TTL"]
     rows = [[_cell(v.subnet or v.key), _cell(v.public_ip), _cell(v.backend), _cell(v.vtep_mac), format_ttl(v)]
             for v in views]
+    if any(v.ipv6_subnet for v in views):
+        header[1:1] = ["IPV6-SUBNET"]
+        header[3:3] = ["PUBLIC-IPV6"]
+        for row, v in zip(rows, views, strict=True):
+            row[1:1] = [_cell(v.ipv6_subnet)]
+            row[3:3] = [_cell(v.public_ipv6)]
     if any(v.error for v in views):
         header.append("PROBLEM")
         for row, v in zip(rows, views, strict=True):
@@ -110,7 +120,10 @@ def render_table(views: list[LeaseView]) -> str:
 
 
 def _sort_key(v: LeaseView) -> tuple:
-    return (0, int(IPv4Network(v.subnet).network_address), v.key) if v.subnet else (1, 0, v.key)
+    if not v.subnet:
+        return (1, 0, 0, v.key)
+    v6 = int(IPv6Network(v.ipv6_subnet).network_address) if v.ipv6_subnet else 0
+    return (0, int(IPv4Network(v.subnet).network_address), v6, v.key)
 
 
 async def _list(etcd: Connection) -> tuple[str, list[Record]]:
@@ -233,6 +246,9 @@ def reserve(etcd: Connection, subnet: IPv4Network, public_ip: IPv4Address) -> No
     async def work() -> tuple[str, str, list[str], str]:
         async with etcd.open() as (store, raw):
             cfg = etcd.parse_stored_config(store, raw)
+            if not cfg.enable_ipv4:
+                raise CtlError("this network is IPv6-only (EnableIPv4 false): `lease reserve` names leases by their "
+                               "IPv4 subnet and cannot reserve here")
             if not cfg.contains_subnet(subnet):
                 raise CtlError(f"{subnet} is not a subnet of this network ({cfg.network}: /{cfg.subnet_len} "
                                f"subnets from {cfg.subnet_min} to {cfg.subnet_max}); daemons would ignore it")
@@ -242,6 +258,10 @@ def reserve(etcd: Connection, subnet: IPv4Network, public_ip: IPv4Address) -> No
             current = find_record(records, subnet)
             others = [v.subnet for v in (view(r, now) for r in records if r is not current)
                       if v.public_ip == str(public_ip)]
+            if current is None and cfg.enable_ipv6:
+                raise CtlError(f"{subnet} is free, but a reservation made ahead in a dual-stack network "
+                               "(EnableIPv6) would need the host's IPv6 subnet and PublicIPv6 too: start the host, "
+                               "then reserve its lease in place")
             if current is None:
                 value = LeaseAttrs(public_ip=public_ip).to_json().encode()
                 if await store.create_subnet(key, value, None) is None:
