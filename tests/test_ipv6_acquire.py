@@ -75,6 +75,15 @@ def test_switching_ipv6_on_or_off_keeps_the_ipv4_subnet(before, after):
     assert ("&" in new) == (after == DUAL)
 
 
+def test_switching_ipv6_on_keeps_a_reservation():
+    store = MemStore()
+    store.put("10.5.9.0-24", attrs(1, v6=False).to_json().encode(), ttl=False)  # the operator's reservation
+    store.put("10.5.10.0-24", attrs(7, v6=False).to_json().encode(), ttl=False)  # another host's: not ours to touch
+    key = acquire(store, DUAL, attrs(1))
+    assert key.startswith("10.5.9.0-24&fd80:") and not store.has_ttl(key)
+    assert store.keys() == {key, "10.5.10.0-24"}
+
+
 def test_ipv6_only_finds_its_own_lease_by_public_ipv6():
     """Every IPv6-only lease has PublicIP 0.0.0.0: upstream's reuse by PublicIP hands a second host
     the first one's lease. Here a host is found by its PublicIPv6."""

@@ -172,6 +172,7 @@ class SubnetManager:
         value = attrs.to_json().encode()
         mine = self._host_address(attrs)
         cfg = self.cfg
+        reserve = False  # the new key replaces a reservation of ours: it is one too (no TTL)
         for _attempt in range(1000):
             recs, _rev = await self.store.list_subnets()
             leases = _parse_quietly(recs)  # the book warns about bad ones
@@ -187,15 +188,20 @@ class SubnetManager:
                     log.info("found lease for current IP, reusing", subnet=str(le),
                              public_ip=str(mine), reservation=le.reserved)
                     return self._lease_from_record(rec, attrs)
-                if not le.reserved:
-                    log.info("deleting lease not compatible with the network config", subnet=str(le),
-                             public_ip=str(mine))
-                    await self.store.delete_subnet(le.key)
-                    deleted = True
-                    # its parts the config can still hand out are asked for again (enabling IPv6
-                    # keeps the IPv4 subnet, disabling it too)
-                    self.prev_subnet = self.prev_subnet or le.subnet
-                    self.prev_subnet6 = self.prev_subnet6 or le.subnet6
+                # Only its IPv6 part does not fit (EnableIPv6 switched on or off): a reservation too is
+                # replaced, by a reservation of the same IPv4 subnet with the IPv6 part as it must be.
+                family_switch = cfg.enable_ipv4 and cfg.contains_subnet(le.subnet)
+                if le.reserved and not family_switch:
+                    continue  # an operator's reservation this config cannot use: left alone
+                log.info("deleting lease not compatible with the network config", subnet=str(le),
+                         public_ip=str(mine), reservation=le.reserved)
+                await self.store.delete_subnet(le.key)
+                deleted = True
+                reserve |= le.reserved
+                # its parts the config can still hand out are asked for again (enabling IPv6
+                # keeps the IPv4 subnet, disabling it too)
+                self.prev_subnet = self.prev_subnet or le.subnet
+                self.prev_subnet6 = self.prev_subnet6 or le.subnet6
             if deleted:
                 continue  # list again: its subnets are free now
 
@@ -211,7 +217,8 @@ class SubnetManager:
             if sn is None or (cfg.enable_ipv6 and sn6 is None):
                 raise PoolExhausted(self._exhausted(ipv6=sn is not None))
             key = subnet_key(sn, sn6)
-            rec = await self._claim(key, lambda key=key: self.store.create_subnet(key, value, self.ttl))
+            ttl = None if reserve and sn == prev else self.ttl
+            rec = await self._claim(key, lambda key=key, ttl=ttl: self.store.create_subnet(key, value, ttl))
             if rec is None:
                 log.info("lost the race for a subnet, trying another", subnet=key)
                 if prev is not None:
