@@ -220,8 +220,7 @@ def test_dual_stack_mixed_cluster_with_upstream(lab, etcd, backend):
         if n is up:
             settle(up.daemon, lambda n=n, peers=peers: converged(n, peers, etcd, backend), 15, "upstream's entries")
         else:
-            wait_for(lambda n=n, peers=peers: converged(n, peers, etcd, backend), 15, 0.1,
-                     f"{n.host.name} kernel state")
+            wait_for(lambda n=n, peers=peers: converged(n, peers, etcd, backend), 30, f"{n.host.name} kernel state", 0.1)
     if backend == "vxlan":  # the IPv6 device as upstream makes it (its MAC aside)
         def device(h: Host) -> tuple:
             d = h.ip_json("-d", "link", "show", "flannel-v6.1")[0]
@@ -247,7 +246,7 @@ def test_dual_stack_mixed_cluster_with_upstream(lab, etcd, backend):
     assert n3.daemon.stop() == 0
     assert etcd.delete(n3.key) == 1
     settle(up.daemon, lambda: converged(up, [n2], etcd, backend), 10, "upstream drops h3")
-    wait_for(lambda: converged(n2, [up], etcd, backend), 10, 0.1, "h2 drops h3")
+    wait_for(lambda: converged(n2, [up], etcd, backend), 30, "h2 drops h3", 0.1)
     assert ping_pairs([up.pod, n2.pod], v6=True) == []
     assert json.loads(n2.lease_text(etcd)) == json.loads(texts["h2"])
 
@@ -267,12 +266,12 @@ def test_dual_stack_host_gw_over_etcd_v2(lab, etcd):
         assert n.daemon.subnet_file.read_text() == golden_subnet_env(n, mtu=1500)
     assert etcd.get_prefix(f"{PREFIX}/subnets/") == {}  # nothing in v3
     for n, p in ((n1, n2), (n2, n1)):
-        wait_for(lambda n=n, p=p: converged(n, [p], V2, "host-gw"), 15, 0.1, f"{n.host.name} routes")
+        wait_for(lambda n=n, p=p: converged(n, [p], V2, "host-gw"), 30, f"{n.host.name} routes", 0.1)
     assert ping_pairs([n1.pod, n2.pod], v6=True) == []
     assert ping_pairs([n1.pod, n2.pod], v6=False) == []
     # drift repair: the IPv6 route deleted by hand comes back
     n1.host.ip("-6", "route", "del", str(n2.subnet6))
-    wait_for(lambda: converged(n1, [n2], V2, "host-gw"), 5, 0.05, "h1's IPv6 route back")
+    wait_for(lambda: converged(n1, [n2], V2, "host-gw"), 30, "h1's IPv6 route back", 0.05)
 
 
 # --- IPv6-only ------------------------------------------------------------------------------------
@@ -291,7 +290,7 @@ def test_ipv6_only_vxlan_between_pyflanneld_hosts(lab, etcd):
         assert not n.host.link_exists("flannel.1")
     assert n1.subnet6 != n2.subnet6
     for n, p in ((n1, n2), (n2, n1)):
-        wait_for(lambda n=n, p=p: converged(n, [p], etcd, "vxlan", ipv4=False), 15, 0.1, f"{n.host.name} entries")
+        wait_for(lambda n=n, p=p: converged(n, [p], etcd, "vxlan", ipv4=False), 30, f"{n.host.name} entries", 0.1)
     assert ping_pairs([n1.pod, n2.pod], v6=True) == []
 
     # drift repair: an IPv6 route, neighbour and FDB entry deleted by hand come back
@@ -299,11 +298,11 @@ def test_ipv6_only_vxlan_between_pyflanneld_hosts(lab, etcd):
     gw6, mac6 = str(n2.subnet6.network_address), n2.lease(etcd)["BackendV6Data"]["VtepMAC"]
     h1 = n1.host
     h1.ip("-6", "route", "del", str(n2.subnet6))
-    wait_for(lambda: flannel_state(h1) == want, 5, 0.05, "the IPv6 route back")
+    wait_for(lambda: flannel_state(h1) == want, 30, "the IPv6 route back", 0.05)
     h1.ip("-6", "neigh", "del", gw6, "dev", "flannel-v6.1")
-    wait_for(lambda: flannel_state(h1) == want, 5, 0.05, "the IPv6 neighbour back")
+    wait_for(lambda: flannel_state(h1) == want, 30, "the IPv6 neighbour back", 0.05)
     h1.bridge("fdb", "del", mac6, "dev", "flannel-v6.1", "dst", n2.host.address6)
-    wait_for(lambda: flannel_state(h1) == want, 5, 0.05, "the IPv6 FDB entry back")
+    wait_for(lambda: flannel_state(h1) == want, 30, "the IPv6 FDB entry back", 0.05)
     assert "kernel state reconciled" in n1.daemon.log_text()
 
     # a restart without subnet.env takes the host's own lease again (found by PublicIPv6: every
@@ -331,7 +330,7 @@ def test_vxlan_ipv6_direct_routing_and_a_deleted_device(lab, etcd):
     for n in nodes:
         direct = (n1, n2) if n is not n3 else ()
         wait_for(lambda n=n, direct=direct: converged(n, [p for p in nodes if p is not n], etcd, "vxlan",
-                                                      direct=direct), 15, 0.1, f"{n.host.name} entries")
+                                                      direct=direct), 30, f"{n.host.name} entries", 0.1)
     assert f"{n2.subnet6} via {n2.host.address6} dev eth0 metric 1024 pref medium" in flannel_state(n1.host)["routes6"]
     pods = [n.pod for n in nodes]
     assert ping_pairs(pods, v6=True) == []
@@ -340,7 +339,7 @@ def test_vxlan_ipv6_direct_routing_and_a_deleted_device(lab, etcd):
     want = flannel_state(h1)
     mac = h1.ip_json("link", "show", "flannel-v6.1")[0]["address"]
     h1.ip("link", "del", "flannel-v6.1")
-    wait_for(lambda: h1.link_exists("flannel-v6.1") and flannel_state(h1) == want, 10, 0.1, "flannel-v6.1 back")
+    wait_for(lambda: h1.link_exists("flannel-v6.1") and flannel_state(h1) == want, 30, "flannel-v6.1 back", 0.1)
     assert h1.ip_json("link", "show", "flannel-v6.1")[0]["address"] == mac == n1.lease(etcd)["BackendV6Data"]["VtepMAC"]
     assert ping_pairs(pods, v6=True) == []
 
@@ -363,7 +362,7 @@ def test_iface_by_ipv6_address_and_public_ipv6(lab, etcd):
     # the IPv6 device still sends from the interface's address (upstream: local = interface address)
     assert h1.ip_json("-d", "link", "show", "flannel-v6.1")[0]["linkinfo"]["info_data"]["local6"] == h1.address6
     wait_for(lambda: f"{l1['BackendV6Data']['VtepMAC']} dst {published} self permanent" in
-             lines(h2.bridge("fdb", "show", "dev", "flannel-v6.1")), 10, 0.1, "h2's FDB entry to --public-ipv6")
+             lines(h2.bridge("fdb", "show", "dev", "flannel-v6.1")), 30, "h2's FDB entry to --public-ipv6", 0.1)
     n1.pod, n2.pod = attach_pod(lab, h1, n1.env), attach_pod(lab, h2, n2.env)
     assert ping_pairs([n1.pod, n2.pod], v6=True) == []
     assert "defaulting external v6 address" not in d1.log_text()
@@ -393,8 +392,7 @@ def test_ipv6_lease_gate_and_own_lease_lost(lab, etcd):
     hosts = [lab.add_host(n, ipv6=True) for n in ("h1", "h2", "h3")]
     n1, n2, n3 = nodes = start(lab, hosts, "--healthz-port", str(HZ))
     for n in nodes:
-        wait_for(lambda n=n: converged(n, [p for p in nodes if p is not n], etcd, "vxlan"), 15, 0.1,
-                 f"{n.host.name} entries")
+        wait_for(lambda n=n: converged(n, [p for p in nodes if p is not n], etcd, "vxlan"), 30, f"{n.host.name} entries", 0.1)
 
     def bogus(v4: str, v6: str, pub6: str, mac: str) -> tuple[str, str]:
         key = f"{PREFIX}/subnets/{v4}&{v6}"
@@ -409,7 +407,7 @@ def test_ipv6_lease_gate_and_own_lease_lost(lab, etcd):
         etcd.put(key, value)
     for n in nodes:
         wait_for(lambda n=n: "rejected" in readyz(n.host)[1] and "fd81:0:0:1::/64" in readyz(n.host)[1]
-                 and str(n2.subnet6) in readyz(n.host)[1], 10, 0.1, f"{n.host.name} /readyz lists both")
+                 and str(n2.subnet6) in readyz(n.host)[1], 30, f"{n.host.name} /readyz lists both", 0.1)
         assert readyz(n.host)[0] == 200
     for n in nodes:  # never programmed, neither family
         st = flannel_state(n.host)
@@ -426,7 +424,7 @@ def test_ipv6_lease_gate_and_own_lease_lost(lab, etcd):
     etcd.delete(old_key)
     etcd.put(old_key, taker_value)
     wait_for(lambda: (e := n2.daemon.subnet_env()) and e.get("FLANNEL_SUBNET") != n2.env["FLANNEL_SUBNET"],
-             20, 0.1, "h2 on a new subnet")
+             30, "h2 on a new subnet", 0.1)
     n2.env = n2.daemon.subnet_env()
     assert n2.subnet != old4 and n2.subnet6 != old6  # the old pair is the taker's: both parts are new
     assert n2.daemon.subnet_file.read_text() == golden_subnet_env(n2)
@@ -437,9 +435,8 @@ def test_ipv6_lease_gate_and_own_lease_lost(lab, etcd):
                     "FLANNEL_IPV6_SUBNET": f"{old6.network_address + 1}/64"})
     for n in nodes:
         peers = [p for p in nodes if p is not n] + [taker]
-        wait_for(lambda n=n, peers=peers: converged(n, peers, etcd, "vxlan"), 15, 0.1,
-                 f"{n.host.name} has h2's new pair and the taker")
-        wait_for(lambda n=n: readyz(n.host)[0] == 200, 10, 0.1, f"{n.host.name} ready")
+        wait_for(lambda n=n, peers=peers: converged(n, peers, etcd, "vxlan"), 30, f"{n.host.name} has h2's new pair and the taker", 0.1)
+        wait_for(lambda n=n: readyz(n.host)[0] == 200, 30, f"{n.host.name} ready", 0.1)
     assert ping_pairs([n1.pod, moved, n3.pod], v6=True) == []
     assert ping_pairs([n1.pod, moved, n3.pod], v6=False) == []
 
