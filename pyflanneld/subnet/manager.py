@@ -123,6 +123,7 @@ class SubnetManager:
         self._lost = asyncio.Event()  # set while lost_reason is
         self._renew_now = False
         self._rewrite_reserved = False
+        self._seen_rev = 0  # the highest store revision seen (lists, watch events); see _relist
 
     # -- state for readiness -------------------------------------------------------------------
     def lease_state(self) -> tuple[bool, str]:
@@ -473,6 +474,15 @@ class SubnetManager:
         self.book.reset(recs)
         self.synced = True
         log.info("peer leases listed", peers=len(self.book.accepted))
+        seen = max(self._seen_rev, self.lease.revision if self.lease is not None else 0)
+        if rev < seen:
+            # A linearizable list never goes back: the store was restored from a snapshot or lost
+            # its data. What it holds now is the truth; our own key's news is no longer "stale".
+            log.warning("datastore revision went back (restored from a snapshot or lost its data); "
+                        "following what it holds now", revision=rev, seen=seen)
+            if self.lease is not None:
+                self.lease = replace(self.lease, revision=0)
+        self._seen_rev = rev
         if self.lease is not None:
             key = self.lease.key
             self._own_record(next((r for r in recs if r.key == key), None), rev)
@@ -507,6 +517,7 @@ class SubnetManager:
                 rev = None  # relist on reconnect: the diff covers anything missed, even data loss
 
     def _on_event(self, kind: str, rec: Record) -> None:
+        self._seen_rev = max(self._seen_rev, rec.revision)
         if kind == "delete":
             self.book.delete(rec.key)
         else:
