@@ -277,7 +277,11 @@ class Daemon:
                 if ev.kind == "link" and (ev.name or "").startswith("flannel"):
                     continue
                 if self.converger is not None:
-                    self.converger.wake(iface=True)
+                    # The kernel drops the routes through a NIC that goes down (or loses an address)
+                    # without an RTM_DELROUTE: a full pass puts ours back as soon as it is usable
+                    # again, not at the next timer.
+                    ext = self.backend.ctx.ext if self.backend is not None else None
+                    self.converger.wake(full=ext is not None and ev.ifindex == ext.index, iface=True)
         finally:
             mon.close()
 
