@@ -14,6 +14,8 @@ Public API::
     s.partition(True/False) # every call (and open watch) fails with StoreError while True
     s.value(key) -> bytes | None; s.has_ttl(key) -> bool; s.keys() -> set[str]; s.rev
     s.idle() -> True when every open watch has handed out every event and waits for more
+    snap = s.snapshot(); s.restore(snap)   # etcd restored from a snapshot: revisions go back
+    s.wipe()                # etcd lost its data (a new member): no keys, revisions from 1
 """
 
 from __future__ import annotations
@@ -194,6 +196,22 @@ class MemStore:
         self._down = down
         if down:
             self.break_watches()
+
+    def snapshot(self) -> tuple:
+        """What an etcd snapshot holds: keys, revision, compaction (restore() brings it back)."""
+        return dict(self.kv), self.rev, self.compacted
+
+    def restore(self, snap: tuple) -> None:
+        """etcd restored from ``snap`` (a restart: open watches break; revisions go back)."""
+        kv, self.rev, self.compacted = snap
+        self.kv = dict(kv)
+        self._history = [t for t in self._history if t[0] <= self.rev and t[0] > self.compacted]
+        self.break_watches()
+
+    def wipe(self) -> None:
+        """etcd lost its data: a new member from scratch (the config key is kept: the operator
+        puts it back first)."""
+        self.restore(({}, 1, 0))
 
     # -- inspection ----------------------------------------------------------------------------
     def value(self, key: str) -> bytes | None:

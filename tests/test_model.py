@@ -91,16 +91,25 @@ class DaemonModel(RuleBasedStateMachine):
         self.ext_n = 1
         self.partitioned = False
         self.others = 0  # hosts that took our key, each with its own VtepMAC
+        self.store = MemStore(CONFIG)
+        self.snap = None  # an etcd snapshot taken earlier (take_snapshot), for restore_snapshot
+        self.readies = 0  # READY=1 sent by the current daemon
         self.loop.run_until_complete(self._start())
 
-    async def _start(self) -> None:
-        self.store = MemStore(CONFIG)
+    async def _start(self, kernel: dict | None = None) -> None:
+        """Start a daemon on ``self.store``, as pyflanneld's start does: register, acquire (the
+        previous subnet from subnet.env), start the backend (``kernel``: the entries a previous
+        run left), converge until settled."""
+        self.readies = 0
         cfg = parse_config(CONFIG)
         self.cfg = cfg
         ctx = BackendContext(config=cfg, backend_config=cfg.backend, ext=ext_for(self.ext_n), options=None)
         self.backend = RecordingBackend(ctx)
+        if kernel is not None:
+            self.backend.kernel = dict(kernel)
         info = await self.backend.register()
         self.m = SubnetManager(self.store, cfg, ttl=3600, renew_margin=60, renew_retry=0.001, rng=random.Random(0),
+                               prev_subnet=subnetenv.previous(self.good_file)[1],
                                notify=lambda full: self.c.wake(full=full) if hasattr(self, "c") else None)
         self.m.ACQUIRE_BACKOFF_S = self.m.WATCH_BACKOFF_S = (0.001, 0.002)
 
@@ -108,26 +117,44 @@ class DaemonModel(RuleBasedStateMachine):
             return ext_for(self.ext_n)
 
         attrs = LeaseAttrs(ext_for(self.ext_n).public_ip, info.backend_type, info.backend_data)
+        if hasattr(self, "c"):
+            del self.c
         lease = await self.m.acquire(attrs)
         await self.backend.start(lease)
         self.c = Converger(self.m, self.backend, info, network=cfg.network, subnet_file=self.good_file,
-                           ip_masq=False, period_s=3600, resolve_ext=resolve, retry_s=0.001)
+                           ip_masq=False, period_s=3600, resolve_ext=resolve, retry_s=0.001,
+                           on_ready=self._on_ready)
         self.c.started(lease)
         self.tasks = [asyncio.ensure_future(x) for x in (self.m.watch(), self.m.keep_lease(), self.c.run())]
         self.c.wake(full=True)
         await self._settle()
 
-    def teardown(self) -> None:
+    def _on_ready(self) -> None:
+        """READY=1: sent once per daemon, and only when everything an operator checks holds."""
+        self.readies += 1
+        assert self.readies == 1, "READY=1 sent twice"
+        self.check_converged()
+
+    async def _stop(self) -> None:
         for t in self.tasks:
             t.cancel()
-        self.loop.run_until_complete(asyncio.gather(*self.tasks, return_exceptions=True))
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def state(self) -> tuple:
+        """What a fresh start is compared on: own subnet, the store (values and TTL flags),
+        subnet.env, the programmed peers."""
+        store = {k: (self.store.value(k), self.store.has_ttl(k)) for k in self.store.keys()}
+        return self.m.lease.subnet, store, Path(self.good_file).read_text(), dict(self.backend.kernel)
+
+    def teardown(self) -> None:
+        self.loop.run_until_complete(self._stop())
         self.loop.close()
 
     # -- helpers ---------------------------------------------------------------------------------
     def quiet(self) -> bool:
         m, c = self.m, self.c
         return (self.store.idle() and m.lease is not None and not m.lost_reason and not m.claiming
-                and not m._kick.is_set() and not m._renew_now and not m._rewrite_reserved
+                and not m._kick.is_set() and not m._renew_now and not m._rewrite
                 and not c._event.is_set() and c._running is False and c.readiness()[0])
 
     async def _settle(self) -> None:
@@ -290,11 +317,46 @@ class DaemonModel(RuleBasedStateMachine):
         self.c.subnet_file = self.good_file
         self.settle()
 
+    @rule()
+    def take_snapshot(self):
+        self.snap = self.store.snapshot()
+
+    @precondition(lambda self: self.snap is not None)
+    @rule()
+    def restore_snapshot(self):
+        """etcd restored from an older snapshot: the revision goes back, keys change under us."""
+        self.store.restore(self.snap)
+        self.settle()
+
+    @rule()
+    def data_loss(self):
+        """etcd lost its data (the operator put the config back)."""
+        self.store.wipe()
+        self.settle()
+
+    @precondition(lambda self: not self.partitioned)
+    @rule()
+    def restart(self):
+        """A fresh start on the same store, kernel and subnet.env ends in the same state — unless
+        another host with our PublicIP holds a lease (a fresh start cannot know it is not ours)."""
+        own = ext_for(self.ext_n).public_ip
+        if any(LeaseAttrs.from_json(self.store.value(k)).public_ip == own
+               for k in self.store.keys() if k != self.own_key):
+            return
+        before = self.state()
+        self.loop.run_until_complete(self._stop())
+        self.loop.run_until_complete(self._start(kernel=self.backend.kernel))
+        assert self.state() == before
+
     # -- what must hold when it settled --------------------------------------------------------
     @invariant()
     def converged_like_a_fresh_start(self):
         if self.partitioned:
             return
+        self.check_converged()
+        assert self.readies == 1, "settled and ready, but READY=1 was not sent"
+
+    def check_converged(self) -> None:
         m, b = self.m, self.backend
         lease = m.lease
         assert lease is not None and not m.lost_reason
@@ -312,6 +374,10 @@ class DaemonModel(RuleBasedStateMachine):
         assert b.own_lease is not None and b.own_lease.subnet == lease.subnet
         # subnet.env names the own subnet
         assert subnetenv.previous(self.good_file)[1] == lease.subnet
+        # nobody else carries our VTEP (a stale lease of ours left behind would)
+        for key in self.store.keys():
+            if key != lease.key:
+                assert OWN_MAC not in self.store.value(key).decode(), f"{key} carries our VtepMAC"
         # ready, since all of the above holds
         assert self.c.readiness() == (True, ""), self.c.readiness()
 

@@ -161,3 +161,29 @@ def test_address_change_while_partitioned_and_lease_expired(lab, etcd):
     assert p2.wait_ping(p1.address, timeout=10)
     keys = [k for k, v in etcd.get_prefix(f"{PREFIX}/subnets/").items() if "192.168.100.1\"" in v]
     assert keys == [], keys
+
+
+def test_etcd_restored_from_a_snapshot_older_than_an_address_change(lab, etcd):
+    """The restored own key holds our previous PublicIP (and our VtepMAC): it is ours, not another
+    host's. Moving to a new subnet would leave a lease with our VtepMAC behind, and every peer
+    rejects the newer of two leases with one VtepMAC: this host would be cut off until it expires."""
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    (h1, h2), (d1, d2), (p1, p2) = vxlan_cluster(lab, etcd, ["h1", "h2"], "--iface", "eth0")
+    sn1 = str(subnet_of(d1.subnet_env()))
+    settle(h1, d1, etcd)
+    snap = lab.tmp / "etcd.snapshot"
+    etcd.etcdctl("snapshot", "save", str(snap))
+    new_ip = "192.168.100.51"
+    h1.ip("addr", "del", f"{h1.address}/{h1.prefixlen}", "dev", "eth0")
+    h1.ip("addr", "add", f"{new_ip}/{h1.prefixlen}", "dev", "eth0")
+    h1.ip("route", "add", "default", "via", h1.gateway)
+    h1.address = new_ip
+    wait_for(lambda: json.loads(etcd.get(key_of(sn1)))["PublicIP"] == new_ip, 60, 0.2, "lease PublicIP follows")
+    restore_snapshot(etcd, snap)
+    wait_for(lambda: json.loads(etcd.get(key_of(sn1)) or "{}").get("PublicIP") == new_ip, 30, 0.2,
+             "h1's lease with its current address again")
+    assert str(subnet_of(d1.subnet_env())) == sn1
+    assert len(etcd.get_prefix(f"{PREFIX}/subnets/")) == 2
+    wait_for(lambda: peers_of(h2) == {sn1}, 15, 0.2, "h2 programs h1")
+    assert p2.wait_ping(p1.address, timeout=10)
+    assert_like_fresh_start(h1, d1, etcd)

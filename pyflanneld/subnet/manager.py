@@ -39,7 +39,15 @@ from .allocate import (
     pool_size,
     pool_size6,
 )
-from .lease import Lease, LeaseAttrs, LeaseFormatError, lease_from_record, parse_subnet_key, subnet_key
+from .lease import (
+    Lease,
+    LeaseAttrs,
+    LeaseFormatError,
+    lease_from_record,
+    parse_subnet_key,
+    subnet_key,
+    vtep_mac,
+)
 from .leasebook import LeaseBook
 from .store import CompactedError, Record, Store, StoreError
 
@@ -79,6 +87,15 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
 def backend_identity(attrs: LeaseAttrs) -> tuple[str, str]:
     """What tells two hosts with the same PublicIP apart: BackendType and BackendData, as JSON."""
     return attrs.backend_type, json.dumps(attrs.backend_data, sort_keys=True)
+
+
+def same_vtep(a: LeaseAttrs, b: LeaseAttrs) -> bool:
+    """Do two lease values name the same vxlan VTEP? Its VtepMAC is random per device (no two
+    hosts share one: the lease book rejects duplicates), so a lease carrying ours is ours even
+    with another PublicIP — an older value of ours (e.g. etcd restored from a snapshot taken
+    before the address changed)."""
+    mac = vtep_mac(a.backend_data) if a.backend_type == "vxlan" else None
+    return mac is not None and b.backend_type == "vxlan" and mac == vtep_mac(b.backend_data)
 
 
 class SubnetManager:
@@ -122,7 +139,7 @@ class SubnetManager:
         self._kick = asyncio.Event()
         self._lost = asyncio.Event()  # set while lost_reason is
         self._renew_now = False
-        self._rewrite_reserved = False
+        self._rewrite = False  # the own key must get our value again (put, keeping TTL or reservation)
         self._seen_rev = 0  # the highest store revision seen (lists, watch events); see _relist
 
     # -- state for readiness -------------------------------------------------------------------
@@ -178,10 +195,10 @@ class SubnetManager:
             recs, _rev = await self.store.list_subnets()
             leases = _parse_quietly(recs)  # the book warns about bad ones
 
-            # 1. A lease that already carries our PublicIP (IPv6-only: PublicIPv6): reuse it.
+            # 1. A lease that already carries our PublicIP (IPv6-only: PublicIPv6) or our VTEP: reuse it.
             deleted = False
             for le in leases:
-                if self._host_address(le.attrs) != mine or self._foreign_twin(le, attrs):
+                if (self._host_address(le.attrs) != mine and not same_vtep(le.attrs, attrs)) or self._foreign_twin(le, attrs):
                     continue
                 if lease_compatible(cfg, le.subnet, le.subnet6):
                     ttl = None if le.reserved else self.ttl
@@ -297,7 +314,7 @@ class SubnetManager:
             self.prev_subnet, self.prev_subnet6 = lease.subnet, lease.subnet6
             self.lost_reason = ""
             self._lost.clear()
-            self._rewrite_reserved = self._renew_now = False
+            self._rewrite = self._renew_now = False
             self.book.set_own(lease)
             self.notify(True)
             return lease
@@ -334,13 +351,14 @@ class SubnetManager:
             log.warning("own lease key overwritten with bad data; acquiring a lease again", subnet=str(lease))
             self.lose("overwritten with bad data")
             return
-        if self._host_address(theirs) != self._host_address(attrs):
+        mine = same_vtep(theirs, attrs)  # an older value of ours: put the current one back
+        if self._host_address(theirs) != self._host_address(attrs) and not mine:
             other = self._host_address(theirs)
             log.warning("own subnet was taken over by another host", subnet=str(lease), other=str(other))
             self.lose(f"taken over by {other}")
             return
         if rec.value != attrs.to_json().encode():
-            if rec.has_ttl:  # another live host with our PublicIP (a copied --public-ip)
+            if rec.has_ttl and not mine:  # another live host with our PublicIP (a copied --public-ip)
                 ident = backend_identity(theirs)
                 if self.foreign.get(lease.key) != ident:
                     log.warning("another host with the same PublicIP took over our lease; two hosts share "
@@ -350,8 +368,13 @@ class SubnetManager:
                 self.foreign[lease.key] = ident
                 self.lose(f"taken over by another host with PublicIP {self._host_address(theirs)}")
                 return
-            # reserved by the operator with another value: ours goes back in, still without TTL
-            self._rewrite_reserved = True
+            # reserved by the operator with another value, or an older value of ours: ours goes back
+            # in (without TTL when reserved)
+            if mine:
+                log.warning("own lease holds an older value of ours (datastore restored?); writing the current one",
+                            subnet=str(lease), public_ip=str(self._host_address(attrs)),
+                            old=str(self._host_address(theirs)))
+            self._rewrite = True
             self._kick.set()
         reserved = not rec.has_ttl
         if reserved != lease.reserved:
@@ -378,8 +401,10 @@ class SubnetManager:
             if self.lost_reason:
                 await self._reacquire(lease)
                 continue
-            if self._rewrite_reserved:
-                await self._write(lease, None, "own lease rewritten as a reservation")
+            if self._rewrite:
+                reserved = lease.reserved
+                await self._write(lease, None if reserved else self.ttl,
+                                  "own lease rewritten" + (" as a reservation" if reserved else ""), put=True)
                 continue
             due = lease.expiration is not None and time.time() >= lease.expiration - self.renew_margin
             if lease.reserved:
@@ -394,13 +419,14 @@ class SubnetManager:
                 log.debug("waiting to renew lease", subnet=str(lease), seconds=round(wait, 1))
             await self._sleep(wait)
 
-    async def _write(self, lease: Lease, ttl: int | None, what: str) -> None:
-        """Renew (ttl) or rewrite without TTL (None) the own key if it still holds our value.
+    async def _write(self, lease: Lease, ttl: int | None, what: str, put: bool = False) -> None:
+        """Renew (ttl) the own key if it still holds our value, or (put, or ttl None: without TTL)
+        write our value whatever it holds.
         A store error waits ``renew_retry`` (a loss noticed meanwhile cuts the wait short)."""
         assert self.attrs is not None
         value = self.attrs.to_json().encode()
-        if ttl is None:
-            call = asyncio.ensure_future(self.store.put_subnet(lease.key, value, None))
+        if ttl is None or put:
+            call = asyncio.ensure_future(self.store.put_subnet(lease.key, value, ttl))
         else:
             call = asyncio.ensure_future(self.store.renew_subnet(lease.key, value, ttl))
         lost = asyncio.ensure_future(self._lost.wait())
@@ -432,9 +458,9 @@ class SubnetManager:
             self.lose("expired, deleted or overwritten")
             return
         self._renew_now = False
-        if ttl is None:
-            self._rewrite_reserved = False
-        else:
+        if put:
+            self._rewrite = False
+        elif ttl is not None:
             metrics.LEASE_RENEWALS.inc()
         self.lease = self._lease_from_record(rec, self.attrs)
         log.info(what, subnet=str(lease), expires_in=ttl)
