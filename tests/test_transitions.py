@@ -9,9 +9,9 @@ import shutil
 import time
 
 import pytest
-from freshstart import Notifications, assert_like_fresh_start, diff, settle, snapshot
+from freshstart import assert_like_fresh_start, diff, settle, snapshot
 from helpers import key_of, subnet_of, wait_for
-from test_faults import HZ, PREFIX, VXLAN, flannel_routes, peers_of, vxlan_cluster
+from test_faults import HZ, PREFIX, VXLAN, peers_of, vxlan_cluster
 
 pytestmark = pytest.mark.lab
 
@@ -121,8 +121,8 @@ def readd_eth0(h, address: str | None = None) -> None:
 
 
 def test_lease_lost_and_taken_while_the_nic_is_gone(lab, etcd):
-    from test_lifecycle import take_over
     from test_faults import vxlan_value
+    from test_lifecycle import take_over
     etcd.put(f"{PREFIX}/config", VXLAN)
     (h1, h2), (d1, d2), (p1, p2) = vxlan_cluster(lab, etcd, ["h1", "h2"], "--iface", "eth0")
     old = str(subnet_of(d1.subnet_env()))
