@@ -153,6 +153,8 @@ class MemStore:
             while True:
                 if self._down or gen != self._generation:
                     raise StoreError("memstore: watch broken")
+                if pos <= self.compacted:  # etcd cancels a watcher that fell behind a compaction
+                    raise CompactedError(f"memstore: revision {pos} compacted (now {self.compacted})")
                 i = bisect.bisect_left(self._history, pos, key=lambda t: t[0])
                 if i < len(self._history):
                     rev, ev = self._history[i]
@@ -187,6 +189,7 @@ class MemStore:
     def compact(self) -> None:
         self.compacted = self.rev
         self._history = [t for t in self._history if t[0] > self.compacted]
+        self._wake()  # watchers behind it learn at once
 
     def break_watches(self) -> None:
         self._generation += 1

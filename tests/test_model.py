@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import shutil
+import tempfile
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -291,7 +294,6 @@ class DaemonModel(RuleBasedStateMachine):
         self.store.partition(False)
         self.settle()
 
-    @precondition(lambda self: not self.partitioned)
     @rule()
     def address_moves(self):
         """The external interface's address changes (case 4): the lease's PublicIP follows."""
@@ -316,6 +318,91 @@ class DaemonModel(RuleBasedStateMachine):
         assert not ok and "subnet file" in why, why
         self.c.subnet_file = self.good_file
         self.settle()
+
+    # -- overlaps: several things at once, the daemon running between them or not ------------------
+    WORLD = ("peer_put", "peer_delete", "own_delete", "own_take", "own_twin", "own_reserve", "own_unreserve",
+             "watch_break", "compact", "restore", "wipe", "address_move", "env_bad", "env_good", "run")
+
+    @rule(steps=st.lists(st.tuples(st.sampled_from(WORLD), st.integers(0, 30)), min_size=2, max_size=5))
+    def overlap(self, steps):
+        """What the rules above do one at a time, here back to back: a step lands while the daemon
+        is (or is not yet) handling the previous ones (``run``: let it run for a few turns)."""
+        for name, n in steps:
+            getattr(self, f"_w_{name}")(n)
+        self.c.subnet_file = self.good_file
+        self.c.wake(full=True)
+        self.settle()
+
+    def _own(self) -> str | None:
+        key = self.m.lease.key if self.m.lease is not None else None
+        return key if key is not None and self.store.value(key) is not None else None
+
+    def _w_peer_put(self, n):
+        sn = PEER_SUBNETS[n % len(PEER_SUBNETS)]
+        if self.m.lease is None or sn != self.m.lease.subnet:
+            self.store.put(subnet_key(sn), peer_value(n % 6 * 10 + PEER_SUBNETS.index(sn) + 1, n % 3))
+
+    def _w_peer_delete(self, n):
+        sn = PEER_SUBNETS[n % len(PEER_SUBNETS)]
+        if self.m.lease is None or sn != self.m.lease.subnet:
+            self.store.delete(subnet_key(sn))
+
+    def _w_own_delete(self, n):
+        if self._own():
+            self.store.delete(self._own())
+
+    def _w_own_take(self, n):
+        if self.m.lease is not None:
+            self.others += 1
+            self.store.delete(self.m.lease.key)
+            self.store.put(self.m.lease.key, peer_value(90 + n % 6, self.others))
+
+    def _w_own_twin(self, n):
+        key = self._own()
+        if key is not None:
+            twin = json.loads(self.store.value(key))
+            if twin["PublicIP"] == str(ext_for(self.ext_n).public_ip):
+                self.others += 1
+                twin["BackendData"] = {"VNI": 1, "VtepMAC": f"02:bb:bb:bb:bb:{self.others:02x}"}
+                self.store.put(key, json.dumps(twin, separators=(",", ":")).encode())
+
+    def _w_own_reserve(self, n):
+        if self._own():
+            self.store.put(self._own(), self.store.value(self._own()), ttl=False)
+
+    def _w_own_unreserve(self, n):
+        if self._own():
+            self.store.put(self._own(), self.store.value(self._own()), ttl=True)
+
+    def _w_watch_break(self, n):
+        self.store.break_watches()
+
+    def _w_compact(self, n):
+        self.store.compact()
+
+    def _w_restore(self, n):
+        if self.snap is not None:
+            self.store.restore(self.snap)
+        else:
+            self.snap = self.store.snapshot()
+
+    def _w_wipe(self, n):
+        self.store.wipe()
+
+    def _w_address_move(self, n):
+        self.ext_n += 1
+        self.c.wake(iface=True)
+
+    def _w_env_bad(self, n):
+        self.c.subnet_file = self.bad_file
+        self.c.wake(full=True)
+
+    def _w_env_good(self, n):
+        self.c.subnet_file = self.good_file
+
+    def _w_run(self, n):
+        for _ in range(n % 8):
+            self.loop.run_until_complete(asyncio.sleep(0))
 
     @rule()
     def take_snapshot(self):
@@ -387,11 +474,19 @@ TMP = ""
 
 @pytest.fixture(autouse=True)
 def _tmp(tmp_path):
+    """subnet.env files on tmpfs when there is one: its fsync is free (hundreds of examples)."""
     global TMP
-    TMP = str(tmp_path)
-    yield
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        d = tempfile.mkdtemp(prefix="pyflanneld-model-", dir=shm)
+        TMP = d
+        yield
+        shutil.rmtree(d, ignore_errors=True)
+    else:
+        TMP = str(tmp_path)
+        yield
 
 
 TestDaemonModel = DaemonModel.TestCase
-TestDaemonModel.settings = settings(max_examples=int(__import__("os").environ.get("MODEL_EXAMPLES", "300")), stateful_step_count=10, deadline=None,
+TestDaemonModel.settings = settings(max_examples=int(os.environ.get("MODEL_EXAMPLES", "300")), stateful_step_count=10, deadline=None,
                                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
