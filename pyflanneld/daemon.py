@@ -445,13 +445,22 @@ class Daemon:
         return code
 
     async def _watch_tasks(self) -> None:
-        """A background loop that dies of an unexpected error is logged and started again."""
+        """A background loop that dies of an unexpected error, or ends cancelled though nothing
+        cancelled it (a library raising CancelledError from inside), is logged and started again.
+        (A loop replaced by ``_spawn`` is no longer in ``_tasks``; at shutdown this watchdog is
+        cancelled first.)"""
         while True:
             await asyncio.sleep(1)
             for name, t in list(self._tasks.items()):
-                if t.done() and not t.cancelled() and t.exception() is not None:
+                if not t.done():
+                    continue
+                if t.cancelled():
+                    log.error("background task ended cancelled; restarting it", task=name)
+                elif t.exception() is not None:
                     log.error("background task failed; restarting it", task=name, error=repr(t.exception()))
-                    self._spawn(name, self._factories[name])
+                else:
+                    continue
+                self._spawn(name, self._factories[name])
 
     async def shutdown(self, health: HealthServer | None) -> None:
         """Stop everything at once, bounded to ~1 s; leases, kernel state and rules are kept."""

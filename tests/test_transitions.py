@@ -9,9 +9,9 @@ import shutil
 import time
 
 import pytest
-from freshstart import assert_like_fresh_start, diff, settle, snapshot
+from freshstart import Notifications, assert_like_fresh_start, diff, settle, snapshot
 from helpers import key_of, subnet_of, wait_for
-from test_faults import HZ, PREFIX, VXLAN, peers_of, vxlan_cluster
+from test_faults import HZ, PREFIX, VXLAN, flannel_routes, peers_of, vxlan_cluster
 
 pytestmark = pytest.mark.lab
 
@@ -187,3 +187,358 @@ def test_etcd_restored_from_a_snapshot_older_than_an_address_change(lab, etcd):
     wait_for(lambda: peers_of(h2) == {sn1}, 15, 0.2, "h2 programs h1")
     assert p2.wait_ping(p1.address, timeout=10)
     assert_like_fresh_start(h1, d1, etcd)
+
+
+# -- helpers for many leases --------------------------------------------------------------------
+def put_many(etcd, items: dict[str, str], chunk: int = 100) -> None:
+    """Many keys in few transactions (etcdctl txn, ``chunk`` puts each)."""
+    kv = list(items.items())
+    for i in range(0, len(kv), chunk):
+        ops = "".join(f'put {k} "{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"\n'
+                      for k, v in kv[i:i + chunk])
+        etcd.etcdctl("txn", input="\n" + ops + "\n\n")
+
+
+def fake_vxlan_peers(n: int, second_octet: int = 100) -> dict[str, str]:
+    """n vxlan leases of hosts that exist only in etcd: 10.<second_octet+i//256>.<i%256>.0/24."""
+    out = {}
+    for i in range(n):
+        sn = f"10.{second_octet + i // 256}.{i % 256}.0/24"
+        mac = f"02:00:{(i >> 16) & 255:02x}:{(i >> 8) & 255:02x}:{i & 255:02x}:01"
+        out[key_of(sn)] = json.dumps({"PublicIP": f"192.168.100.{100 + i % 100}", "PublicIPv6": None,
+                                      "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": mac}},
+                                     separators=(",", ":"))
+    return out
+
+
+BIG = '{"Network":"10.0.0.0/8","SubnetMin":"10.0.1.0","SubnetMax":"10.0.200.0","Backend":{"Type":"vxlan"}}'
+
+
+def test_sigterm_in_the_middle_of_a_convergence(lab, etcd):
+    etcd.put(f"{PREFIX}/config", BIG)
+    put_many(etcd, fake_vxlan_peers(1200))
+    from lab.cluster import start_daemon
+    h1 = lab.add_host("h1")
+    notes = Notifications(lab)
+    try:
+        d1 = start_daemon(h1, "--healthz-port", str(HZ), "--healthz-ip", "127.0.0.1", env=notes.env)
+        for i, delay in enumerate((0.0, 0.05, 0.3)):
+            wait_for(lambda i=i: d1.log_text().count("running backend") > i, 60, 0.01, "the backend running")
+            time.sleep(delay)
+            assert d1.stop(timeout=10) == 0
+            d1.restart()
+        d1.wait_subnet_env(60)
+        s = assert_like_fresh_start(h1, d1, etcd, timeout=120, notes=notes)
+        assert len(s["/peers"]) == 1200 and len(flannel_routes(h1)) == 1200
+        assert len(s["neigh"]) == 1200 and len(s["fdb"]) == 1200
+    finally:
+        notes.close()
+
+
+def test_compaction_during_a_burst_of_joins(lab, etcd):
+    etcd.put(f"{PREFIX}/config", BIG)
+    (h1,), (d1,), _ = vxlan_cluster(lab, etcd, ["h1"])
+    settle(h1, d1, etcd)
+    peers = fake_vxlan_peers(600)
+    kv = list(peers.items())
+    for i in range(0, len(kv), 50):
+        put_many(etcd, dict(kv[i:i + 50]), chunk=50)
+        etcd.compact(etcd.revision(), physical=False)
+    etcd.delete(kv[0][0])
+    etcd.compact(etcd.revision(), physical=False)
+    want = {k.rsplit("/", 1)[1].replace("-", "/") for k, _ in kv[1:]}
+    wait_for(lambda: peers_of(h1) == want, 60, 0.5, "h1 programs every lease of the burst, and no other")
+    assert flannel_routes(h1) == want
+    assert_like_fresh_start(h1, d1, etcd, timeout=120)
+
+
+def test_two_daemons_with_the_same_subnet_file_on_one_host(lab, etcd):
+    """systemd (or an operator) starts a second copy while the first runs: same flags, same file."""
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    (h1, h2), (d1, d2), (p1, p2) = vxlan_cluster(lab, etcd, ["h1", "h2"])
+    before = settle(h1, d1, etcd)
+    from lab.cluster import start_daemon
+    twin = start_daemon(h1, subnet_file=d1.subnet_file)
+    twin.wait_log("flannel is ready", timeout=30)
+    time.sleep(12)  # a safety-net pass of each
+    assert diff(before, snapshot(h1, d1, etcd)) == []
+    assert "own lease lost" not in d1.log_text() + twin.log_text()
+    assert twin.stop() == 0
+    assert_like_fresh_start(h1, d1, etcd)
+    assert p1.wait_ping(p2.address, timeout=10)
+
+
+def test_network_changed_then_restart_with_peers_of_both_networks(lab, etcd):
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    (h1, h2, h3), (d1, d2, d3), (p1, p2, p3) = vxlan_cluster(lab, etcd, ["h1", "h2", "h3"], "--ip-masq")
+    settle(h1, d1, etcd)
+    etcd.put(f"{PREFIX}/config", VXLAN.replace("10.5.0.0/16", "10.6.0.0/16"))
+    d1.restart()
+    wait_for(lambda: (e := d1.subnet_env()) and e["FLANNEL_NETWORK"] == "10.6.0.0/16", 30, 0.2, "h1 on 10.6")
+    s = assert_like_fresh_start(h1, d1, etcd)
+    assert s["/peers"] == [] and not any(r.startswith("10.5.") and "docker0" not in r for r in s["routes"]), s
+    assert s["neigh"] == [] and s["fdb"] == []
+    assert not any("10.5.0.0/16" in r for r in s["iptables"]), s["iptables"]
+    # h2 follows (h3 keeps the old Network): h1 and h2 reach each other, h3 stays apart
+    d2.restart()
+    wait_for(lambda: (e := d2.subnet_env()) and e["FLANNEL_NETWORK"] == "10.6.0.0/16", 30, 0.2, "h2 on 10.6")
+    sn1, sn2 = str(subnet_of(d1.subnet_env())), str(subnet_of(d2.subnet_env()))
+    wait_for(lambda: peers_of(h1) == {sn2} and peers_of(h2) == {sn1}, 15, 0.2, "h1 and h2 see each other")
+    assert_like_fresh_start(h2, d2, etcd)
+    assert_like_fresh_start(h1, d1, etcd)
+    assert flannel_routes(h3) == set()  # the old Network's host programs neither of the new ones
+
+
+def test_subnet_env_unwritable_while_the_subnet_changes(lab, etcd):
+    from test_faults import vxlan_value
+    from test_lifecycle import take_over
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    notes = Notifications(lab)
+    try:
+        (h1, h2), (d1, d2), _ = vxlan_cluster(lab, etcd, ["h1", "h2"])
+        old = str(subnet_of(d1.subnet_env()))
+        settle(h1, d1, etcd)
+        d1.subnet_file.unlink()
+        d1.subnet_file.mkdir()  # a directory where the file should be: cannot be written
+        take_over(etcd, old, vxlan_value("192.168.100.77", "02:77:77:77:77:77"))
+        from test_lifecycle import readyz
+        code, body = wait_for(lambda: (r := readyz(h1))[0] == 503 and "subnet file" in r[1] and r, 30, 0.2,
+                              "/readyz 503 naming subnet.env")
+        assert str(d1.subnet_file) in body
+        wait_for(lambda: etcd.get(key_of(old)) and [k for k, v in etcd.get_prefix(f"{PREFIX}/subnets/").items()
+                                                    if h1.address + '"' in v], 30, 0.2, "h1 on a new lease")
+        d1.subnet_file.rmdir()
+        new = wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old and str(subnet_of(e)), 30, 0.2,
+                       "subnet.env with the new subnet")
+        assert json.loads(etcd.get(key_of(new)))["PublicIP"] == h1.address
+        assert_like_fresh_start(h1, d1, etcd)
+    finally:
+        notes.close()
+
+
+def test_reservation_and_takeover_back_to_back(lab, etcd):
+    """The operator reserves h1's key for another host (no TTL) right after h1 renewed: h1 moves,
+    the reservation stays."""
+    from test_faults import vxlan_value
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    (h1, h2), (d1, d2), _ = vxlan_cluster(lab, etcd, ["h1", "h2"])
+    old = str(subnet_of(d1.subnet_env()))
+    settle(h1, d1, etcd)
+    value = etcd.get(key_of(old))
+    etcd.put(key_of(old), value)  # reserved for h1 ...
+    etcd.put(key_of(old), vxlan_value("192.168.100.77", "02:77:77:77:77:77"))  # ... no: for another host
+    new = wait_for(lambda: (e := d1.subnet_env()) and str(subnet_of(e)) != old and str(subnet_of(e)), 30, 0.2,
+                   "h1 on a new subnet")
+    assert json.loads(etcd.get(key_of(new)))["PublicIP"] == h1.address
+    s = assert_like_fresh_start(h1, d1, etcd)
+    assert s["etcd"][key_of(old)] == (json.loads(vxlan_value("192.168.100.77", "02:77:77:77:77:77")), "no ttl")
+
+
+def test_ready_only_when_etcd_comes_and_without_docker0(lab, etcd):
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    etcd.stop()
+    from test_lifecycle import readyz
+
+    from lab.cluster import start_daemon
+    h1 = lab.add_host("h1")
+    notes = Notifications(lab)
+    try:
+        d1 = start_daemon(h1, "--healthz-port", str(HZ), "--healthz-ip", "127.0.0.1", env=notes.env)
+        d1.wait_log("couldn't fetch network config|failed to acquire", timeout=30)
+        time.sleep(2)
+        code, body = readyz(h1)
+        assert code == 503 and "etcd" in body, body
+        assert notes.messages == []
+        etcd.start()
+        wait_for(lambda: notes.count("READY=1") == 1, 30, 0.1, "READY=1")
+        assert d1.subnet_env() is not None  # it was there when READY=1 came
+        assert_like_fresh_start(h1, d1, etcd, notes=notes)
+    finally:
+        notes.close()
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "udp"])
+def test_address_change(lab, etcd, backend):
+    etcd.put(f"{PREFIX}/config", json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": backend}}))
+    (h1, h2), (d1, d2), (p1, p2) = vxlan_cluster(lab, etcd, ["h1", "h2"], "--iface", "eth0")
+    sn1 = str(subnet_of(d1.subnet_env()))
+    dev = "flannel0" if backend == "udp" else "flannel.1"
+    assert p1.wait_ping(p2.address, timeout=10)
+    new_ip = "192.168.100.51"
+    h1.ip("addr", "del", f"{h1.address}/{h1.prefixlen}", "dev", "eth0")
+    h1.ip("addr", "add", f"{new_ip}/{h1.prefixlen}", "dev", "eth0")
+    h1.ip("route", "add", "default", "via", h1.gateway)
+    h1.address = new_ip
+    wait_for(lambda: json.loads(etcd.get(key_of(sn1)))["PublicIP"] == new_ip, 60, 0.2, "lease PublicIP follows")
+    assert_like_fresh_start(h1, d1, etcd, dev=dev)
+    assert p2.wait_ping(p1.address, timeout=15) and p1.wait_ping(p2.address, timeout=10)
+
+
+@pytest.mark.parametrize("backend", ["host-gw", "udp"])
+def test_nic_recreated(lab, etcd, backend):
+    etcd.put(f"{PREFIX}/config", json.dumps({"Network": "10.5.0.0/16", "Backend": {"Type": backend}}))
+    (h1, h2), (d1, d2), (p1, p2) = vxlan_cluster(lab, etcd, ["h1", "h2"], "--iface", "eth0")
+    dev = "flannel0" if backend == "udp" else "flannel.1"
+    before = settle(h1, d1, etcd, dev=dev)
+    h1.ip("link", "del", "eth0")
+    time.sleep(1)
+    readd_eth0(h1)
+    wait_for(lambda: snapshot(h1, d1, etcd, dev) == before, 30, 0.3, "state as before")
+    assert_like_fresh_start(h1, d1, etcd, dev=dev)
+    assert p2.wait_ping(p1.address, timeout=15) and p1.wait_ping(p2.address, timeout=10)
+
+
+# -- a mixed cluster: the real upstream flanneld keeps reaching pyflanneld hosts through transitions -----
+@pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
+def test_upstream_keeps_reaching_pyflanneld_hosts_through_transitions(lab, etcd, backend):
+    from e2e_helpers import (
+        Node,
+        attach_pod,
+        config,
+        hostgw_expected,
+        ping_all,
+        routes,
+        vxlan_expected,
+        vxlan_state,
+    )
+    from test_faults import vxlan_value
+    from test_lifecycle import take_over
+
+    from lab.cluster import start_daemon
+    from lab.upstream import missing_reason, upstream_binary
+
+    binary = upstream_binary("v0.20.2")
+    if binary is None:
+        pytest.skip(missing_reason("v0.20.2"))
+    etcd.put(f"{PREFIX}/config", config({"Type": backend}))
+    h1, h2, h3 = lab.add_host("h1"), lab.add_host("h2"), lab.add_host("h3")
+    up = start_daemon(h1, "-iface=eth0", binary=str(binary))
+    env1 = up.wait_subnet_env(timeout=30)
+    n1 = Node(h1, up, env1, attach_pod(lab, h1, env1))
+    ours = []
+    for h in (h2, h3):
+        d = start_daemon(h, "--iface", "eth0", "--healthz-port", str(HZ), "--healthz-ip", "127.0.0.1")
+        env = d.wait_subnet_env(timeout=30)
+        ours.append(Node(h, d, env, attach_pod(lab, h, env)))
+    n2, n3 = ours
+
+    def upstream_sees_everyone() -> bool:
+        n2.env, n3.env = n2.daemon.subnet_env(), n3.daemon.subnet_env()
+        if backend == "vxlan":
+            return vxlan_state(n1) == vxlan_expected(n1, [n2, n3], etcd)
+        return routes(n1.host) == hostgw_expected(n1, [n2, n3])
+
+    wait_for(upstream_sees_everyone, 30, 0.3, "upstream programs both pyflanneld hosts")
+    assert ping_all([n1.pod, n2.pod, n3.pod], timeout=10) == []
+
+    # 1. h2's address changes: its lease's PublicIP follows, upstream reprograms it
+    new_ip = "192.168.100.51"
+    h2.ip("addr", "del", f"{h2.address}/{h2.prefixlen}", "dev", "eth0")
+    h2.ip("addr", "add", f"{new_ip}/{h2.prefixlen}", "dev", "eth0")
+    h2.ip("route", "add", "default", "via", h2.gateway)
+    h2.address = new_ip
+    wait_for(lambda: json.loads(etcd.get(key_of(n2.subnet)))["PublicIP"] == new_ip, 60, 0.3, "h2's lease follows")
+    wait_for(upstream_sees_everyone, 30, 0.3, "upstream reprograms h2")
+    # 2. h3's NIC is deleted and comes back (a driver reload)
+    h3.ip("link", "del", "eth0")
+    time.sleep(1)
+    readd_eth0(h3)
+    # 3. h2's subnet is taken by a host that exists only in etcd: h2 moves, the pod follows
+    old2 = str(n2.subnet)
+    other = vxlan_value("192.168.100.77", "02:77:77:77:77:77") if backend == "vxlan" else json.dumps(
+        {"PublicIP": "192.168.100.77", "PublicIPv6": None, "BackendType": "host-gw"})
+    take_over(etcd, old2, other)
+    wait_for(lambda: (e := n2.daemon.subnet_env()) and str(subnet_of(e)) != old2, 30, 0.2, "h2 moved")
+    env2 = n2.daemon.subnet_env()
+    h2.ip("link", "del", "docker0")  # what restarting docker does: docker0 on the new subnet, a new pod
+    n2.env, n2.pod = env2, attach_pod(lab, h2, env2, name="p2")
+
+    def upstream_sees_all_three() -> bool:
+        n2.env, n3.env = n2.daemon.subnet_env(), n3.daemon.subnet_env()
+        if backend == "vxlan":
+            want = vxlan_expected(n1, [n2, n3], etcd)
+            mac = "02:77:77:77:77:77"
+            want["neigh"].add(f"{old2.split('/')[0]} lladdr {mac} PERMANENT")
+            want["fdb"].add(f"{mac} dst 192.168.100.77 self permanent")
+            want["routes"].add(f"{old2} via {old2.split('/')[0]} dev flannel.1 onlink")
+            return vxlan_state(n1) == want
+        return routes(n1.host) == hostgw_expected(n1, [n2, n3]) | {f"{old2} via 192.168.100.77 dev eth0"}
+
+    try:
+        wait_for(upstream_sees_all_three, 30, 0.3, "upstream programs h2's new subnet and the taker")
+    except AssertionError:
+        have = vxlan_state(n1) if backend == "vxlan" else routes(n1.host)
+        raise AssertionError(f"upstream has {have}; h2 env {n2.env} h3 env {n3.env}\n{up.log_text()[-3000:]}") from None
+    assert ping_all([n1.pod, n2.pod, n3.pod], timeout=15) == []
+    dev = "flannel.1"
+    for n in (n2, n3):
+        assert_like_fresh_start(n.host, n.daemon, etcd, dev=dev)
+    assert ping_all([n1.pod, n2.pod, n3.pod], timeout=10) == []
+    assert up.alive
+
+
+# -- a store call cut off by a closed channel ------------------------------------------------------
+CANCEL_PROBE = """
+import asyncio, sys
+from pyflanneld.subnet.etcd_common import EtcdSettings
+from pyflanneld.subnet.etcdv3 import EtcdV3Store
+from pyflanneld.subnet.store import StoreError
+
+async def main(endpoint):
+    store = EtcdV3Store(EtcdSettings.from_flags(endpoints=endpoint, prefix="/coreos.com/network"))
+    await store.get_config()
+    put = asyncio.create_task(store.put_subnet("10.5.1.0-24", b"{}", 60))
+    await asyncio.sleep(0.5)  # in flight: the round trip takes 2 s
+    await store._drop_client(rotate=False)  # what another call does when it finds the connection dead
+    try:
+        await put
+        print("RESULT ok")
+    except StoreError as e:
+        print("RESULT StoreError", e)
+    except asyncio.CancelledError:
+        print("RESULT CancelledError")
+    await store.close()
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def test_etcd_call_cut_off_by_a_closed_connection_is_a_store_error(lab, etcd):
+    """After an address change the etcd connection is dead; the call that notices it drops the
+    channel, and grpc cancels the other calls in flight on it. That CancelledError ended the
+    caller's task as if it were cancelled: the converger stopped for good (/readyz stuck on "the
+    lease does not carry the new interface address yet", nothing programmed any more)."""
+    import sys
+    url = etcd.slow_endpoint(2.0)
+    out = lab.switch.run(sys.executable, "-c", CANCEL_PROBE, url, check=False, timeout=60)
+    assert "RESULT StoreError" in out.stdout and "closed" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_background_loop_that_ends_cancelled_is_started_again():
+    import asyncio
+
+    from pyflanneld.daemon import Daemon
+    from pyflanneld.options import parse_args
+
+    async def main() -> int:
+        d = Daemon(parse_args([], {}))
+        runs = []
+
+        async def loop() -> None:
+            runs.append(1)
+            if len(runs) == 1:
+                raise asyncio.CancelledError  # from inside, as grpc does: nobody cancelled the task
+            await asyncio.sleep(3600)
+
+        d._spawn("converge", loop)
+        watchdog = asyncio.create_task(d._watch_tasks())
+        for _ in range(60):
+            await asyncio.sleep(0.1)
+            if len(runs) == 2:
+                break
+        watchdog.cancel()
+        for t in d._tasks.values():
+            t.cancel()
+        return len(runs)
+
+    assert asyncio.run(main()) == 2

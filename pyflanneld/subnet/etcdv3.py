@@ -265,6 +265,15 @@ class EtcdV3Store:
                 last = _describe(e, ep, self.s)
                 await self._drop_client(rotate=True)
                 tries -= 1
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this task is being cancelled (shutdown)
+                # grpc cancels the calls in flight on a channel that is closed (another call found
+                # the connection dead and dropped it). Raised on, it ended the caller's task as if
+                # cancelled — the converger or the lease keeper stopped for good.
+                last = self._problem(ep, "unreachable: the connection was closed during the call")
+                tries -= 1
             except aex.ClientError as e:
                 raise StoreError(self._problem(ep, str(e) or type(e).__name__)) from None
             else:
