@@ -195,5 +195,5 @@ def assert_like_fresh_start(host, daemon, etcd, dev: str = "flannel.1", timeout:
     assert not problems, ("after the transition vs a fresh start:\n  " + "\n  ".join(problems)
                           + f"\nlog:\n{daemon.log_text()[-5000:]}")
     if notes is not None:
-        wait_for(lambda: notes.count("READY=1") == sent + 1, 10, 0.1, "READY=1 from the fresh start")
+        wait_for(lambda: notes.count("READY=1") == sent + 1, 30, "READY=1 from the fresh start", 0.1)
     return after
