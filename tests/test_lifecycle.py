@@ -410,7 +410,8 @@ def test_network_changed_then_restart_removes_the_old_networks_state(lab, etcd):
     # the previous Network's peer routes go (docker0 keeps its old subnet until docker restarts)
     wait_for(lambda: not any(r.startswith("10.5.") for r in flannel_routes(h1)),
              30, "no route of the old Network on flannel.1", interval=0.2)
-    assert kernel_view(h1) == ({}, set(), set())  # and no ARP/FDB entry of the old peers
+    wait_for(lambda: kernel_view(h1) == ({}, set(), set()), 30, "no ARP/FDB entry of the old peers",
+             detail=lambda: kernel_view(h1))
 
 
 # -- case 10: --ip-blackhole-route after a subnet change -----------------------------------------
