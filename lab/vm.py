@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import fcntl
 import gzip
+import hashlib
 import lzma
 import os
 import re
@@ -130,9 +131,23 @@ def kernel_package() -> str:
     raise LabError(f"apt-cache knows no {META_PACKAGE}: check the machine's Debian package sources")
 
 
+def _initrd_name() -> str:
+    """The cached initramfs' file name: it carries a digest of /init and its modules, so a change
+    to either builds a new one instead of booting a stale cached copy."""
+    digest = hashlib.sha256((INIT + " ".join(INITRD_MODULES)).encode()).hexdigest()[:12]
+    return f"initrd-{digest}.gz"
+
+
 def _kernel_from(d: Path) -> Kernel:
+    """The unpacked kernel in cache directory ``d``; its initramfs built first when missing."""
     version = (d / "version").read_text().strip()
-    return Kernel(version, d / "vmlinux", d / "initrd.gz", d / "root" / "lib" / "modules" / version)
+    moddir = d / "root" / "lib" / "modules" / version
+    initrd = d / _initrd_name()
+    if not initrd.exists():
+        for old in d.glob("initrd*.gz"):
+            old.unlink()
+        build_initrd(moddir, initrd)
+    return Kernel(version, d / "vmlinux", initrd, moddir)
 
 
 def prepare(cache: Path = CACHE) -> Kernel:
@@ -160,7 +175,6 @@ def prepare(cache: Path = CACHE) -> Kernel:
         _sh(["depmod", "-b", d / "root", version])
         (d / "version").write_text(version + "\n")
         extract_vmlinux(d / "root" / "boot" / f"vmlinuz-{version}", d / "vmlinux")
-        build_initrd(d / "root" / "lib" / "modules" / version, d / "initrd.gz")
         (d / "ready").touch()
         return _kernel_from(d)
 
@@ -213,7 +227,7 @@ mkdir -p $R/dev/pts $R/dev/shm
 mount -t devpts devpts $R/dev/pts
 mount -t tmpfs shm $R/dev/shm
 mount -t tmpfs -o mode=0755 run $R/run
-mount -t tmpfs -o mode=1777 tmp $R/tmp
+# /tmp stays the overlay's (host content, writes kept in the VM): the repository may live there
 mkdir -p $R/lib/modules/$vm_kver && mount --bind $R$vm_kmods $R/lib/modules/$vm_kver || die "modules"
 mkdir -p $R$vm_scratch
 mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144,cache=none scratch $R$vm_scratch || die "scratch share"
