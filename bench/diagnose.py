@@ -55,7 +55,9 @@ HEAVY = ["grpc", "aetcd", "google.protobuf", "pyroute2.netlink", "pyroute2.ndb",
          "structlog", "click", "yaml"]  # pyroute2.netlink: pyroute2 proper (pyflanneld.lean_imports registers a bare "pyroute2")
 # the daemon's imports in the order it needs them (vxlan, etcd v3), then what it should not need
 CHAIN = ["asyncio, ssl, json, logging, ipaddress", "structlog", "pyflanneld.netlink", "grpc", "aetcd",
-         "pyflanneld.daemon", "pyflanneld.backend.vxlan", "pyflanneld.backend.load_all", "numpy"]
+         "pyflanneld.daemon", "pyflanneld.backend.vxlan",
+         "pyflanneld.backend.udp, pyflanneld.backend.awsvpc, pyflanneld.backend.gce, pyflanneld.backend.extension",
+         "numpy"]
 MEMTRACE = str(HERE / "memtrace.py")
 MEMORY_PEERS = 5000
 TRACE_FRAMES = 40
@@ -115,8 +117,9 @@ def bench_imports(run: Run) -> list[Table]:
         after = median([int(s[i][1]) for s in steps])
         added = median([int(s[i][1]) - int(s[i - 1][1]) for s in steps])
         t2.add(CHAIN[i - 1], mib(after), mib(added), ms(median([float(s[i][2]) for s in steps])))
-    t2.note("pyflanneld.netlink: the parts of pyroute2 it uses (pyflanneld.lean_imports); load_all: every backend module, imported by the daemon to resolve the configured type (it brings "
-            "httpx with the cloud backends); numpy: udp workers only, never the daemon")
+    t2.note("pyflanneld.netlink: the parts of pyroute2 it uses (pyflanneld.lean_imports); the other backends "
+            "(udp, cloud, extension: httpx, click, the udp supervisor) are imported only when configured "
+            "(backend.base.BACKEND_MODULES); numpy: udp workers only, never the daemon")
     return [t, t2]
 
 

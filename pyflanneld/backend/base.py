@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -233,16 +234,26 @@ class Backend:
                 self.peers[le.peer_id] = le
             if resync:
                 self.have_snapshot = True
-            if self._full_pass and (resync or len(changed) + len(removed) > BATCH_THRESHOLD):
+            if self._full_pass and self.needs_full_pass(len(changed) + len(removed), resync):
                 self.repairing = not (changed or removed)
                 await self.resync(reason if resync else "batch")
                 return
-            for old in stale:
-                await self._safe(self.drop_peer, old)
-            for le in changed:
-                await self._safe(self.ensure_peer, le)
+            await self.apply_peers(stale, changed)
         if resync and not self._full_pass:
             await self.reconcile()  # a backend without a full pass has its own safety net
+
+    def needs_full_pass(self, changes: int, resync: bool) -> bool:
+        """Is a batch of ``changes`` applied by a full pass (``resync``) rather than peer by peer?
+        Default: snapshots, and batches larger than :data:`BATCH_THRESHOLD`."""
+        return resync or changes > BATCH_THRESHOLD
+
+    async def apply_peers(self, stale: Sequence[Lease], changed: Sequence[Lease]) -> None:
+        """Program one batch peer by peer (the lock is held): ``drop_peer`` for each stale lease,
+        then ``ensure_peer`` for each changed one (upstream's way); a failure is logged and skipped."""
+        for old in stale:
+            await self._safe(self.drop_peer, old)
+        for le in changed:
+            await self._safe(self.ensure_peer, le)
 
     @property
     def _full_pass(self) -> bool:
@@ -289,6 +300,23 @@ class PeerSetBackend(Backend):
 
 _REGISTRY: dict[str, type[Backend]] = {}
 
+# Backend.Type (lower case) → the module of this package that defines it. Only the configured
+# type's module is imported (a module registers its class on import): the others would cost
+# memory and start-up time for nothing (the cloud backends bring httpx, udp its supervisor, …;
+# ~7 MiB resident in all). A new backend adds its line here.
+BACKEND_MODULES: dict[str, str] = {
+    "alloc": "alloc",
+    "vxlan": "vxlan",
+    "host-gw": "hostgw",
+    "udp": "udp",
+    "aws-vpc": "awsvpc",
+    "gce": "gce",
+    "extension": "extension",
+    "wireguard": "wireguard",
+    "ipip": "ipip",
+    "ipsec": "ipsec",
+}
+
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make ``cls`` the backend for ``cls.type_name`` (case-insensitive)."""
@@ -297,17 +325,17 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def backend_class(type_name: str) -> type[Backend]:
-    """The backend class for a config's Backend.Type; BackendError when unknown."""
-    from . import load_all  # noqa: F401  (import side effect: registrations)
-
+    """The backend class for a config's Backend.Type (its module imported now); BackendError when
+    unknown."""
+    name = type_name.lower()
+    if name not in _REGISTRY and name in BACKEND_MODULES:
+        importlib.import_module(f"{__package__}.{BACKEND_MODULES[name]}")
     try:
-        return _REGISTRY[type_name.lower()]
+        return _REGISTRY[name]
     except KeyError:
         raise BackendError(f"unknown backend type: {type_name}") from None
 
 
 def registered_types() -> list[str]:
-    """The known Backend.Type names, sorted."""
-    from . import load_all  # noqa: F401
-
-    return sorted(_REGISTRY)
+    """The known Backend.Type names, sorted (without importing their modules)."""
+    return sorted(BACKEND_MODULES.keys() | _REGISTRY.keys())
