@@ -188,6 +188,9 @@ class Event:
     name: str | None = None
     dst: str | None = None
     table: int | None = None
+    plen: int | None = None  # route: destination prefix length
+    proto: int | None = None  # route: rtm_protocol (RTPROT_KERNEL for the kernel's own)
+    state: int | None = None  # neigh/fdb: NUD state (NUD_PERMANENT for static entries)
 
 
 # --- the adapter ----------------------------------------------------------------------------------
@@ -201,6 +204,8 @@ class Netlink:
         self._wg: AsyncWireGuard | None = None  # opened on first use (needs the wireguard module)
         self._lock = asyncio.Lock()
         self.retries = retries
+        self._bsock: socket.socket | None = None  # small batches (see batch)
+        self._bseq = 0
 
     async def __aenter__(self) -> Netlink:
         return self
@@ -209,6 +214,9 @@ class Netlink:
         await self.close()
 
     async def close(self) -> None:
+        if self._bsock is not None:
+            self._bsock.close()
+            self._bsock = None
         socks, self._ipr, self._wg = (self._ipr, self._wg), None, None
         for sock in socks:
             if sock is not None:
@@ -274,9 +282,26 @@ class Netlink:
         socket of their own, in a worker thread (the loop keeps running). One result per op: None
         when applied (for deletes: or already gone), else the op's NetlinkError; one failing op
         never stops the others. Transient errors are retried like the single calls."""
+        ops = list(ops)
         if not ops:
             return []
-        return await asyncio.to_thread(run_batch, list(ops), self.retries)
+        if len(ops) > INLINE_BATCH:
+            return await asyncio.to_thread(run_batch, ops, self.retries)
+        # A few ops (a lease event): rtnetlink handles requests within the sender's sendmsg, so the
+        # acks are queued when send returns — one round on the loop, without a thread's round trip.
+        # What needs a retry (or an ack that is not there) goes the threaded way.
+        if self._bsock is None:
+            self._bsock = _batch_socket()
+            self._bsock.setblocking(False)
+        results: list[NetlinkError | None] = [None] * len(ops)
+        again, self._bseq = _batch_round(self._bsock, ops, list(range(len(ops))), results, self._bseq, final=False)
+        if self._bseq > 1 << 30:
+            self._bseq = 0
+        if again:
+            retried = await asyncio.to_thread(run_batch, ops, self.retries, again)
+            for k in again:
+                results[k] = retried[k]
+        return results
 
     # --- links ------------------------------------------------------------------------------------
     async def link(self, name: str | None = None, index: int | None = None) -> Link | None:
@@ -525,6 +550,7 @@ SOL_NETLINK, NETLINK_CAP_ACK = 270, 10
 BATCH_SIZE = 256  # messages per sendmsg
 BATCH_RCVBUF = 4 * 1024 * 1024
 BATCH_ACK_TIMEOUT = 5.0
+INLINE_BATCH = 32  # batches up to this many ops are sent from the event loop itself (see Netlink.batch)
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
@@ -536,22 +562,52 @@ def _nlmsg(kind: int, flags: int, body: bytes) -> bytes:
     return struct.pack("=IHHII", 16 + len(body), kind, NLM_F_REQUEST | NLM_F_ACK | flags, 0, 0) + body
 
 
-def _mac(mac: str) -> bytes:
+def _mac(mac: str | bytes) -> bytes:
+    """A MAC as its 6 bytes (``aa:bb:…`` / ``aa-bb-…`` strings, or already bytes)."""
+    if isinstance(mac, bytes):
+        return mac
     return bytes.fromhex(mac.replace(":", "").replace("-", ""))
 
 
+def mac_str(mac: bytes) -> str:
+    """6 bytes → ``aa:bb:cc:dd:ee:ff`` (lower case, as iproute2 prints it)."""
+    return mac.hex(":")
+
+
+def _ip_bytes(ip: IPAddress | int) -> bytes:
+    """An address (IPv4 or IPv6 object, or an IPv4 address as a 32-bit int) in network order."""
+    return _BE32.pack(ip) if isinstance(ip, int) else ip.packed
+
+
+def _af(addr: bytes) -> int:
+    """The address family of an address in network order (4 or 16 bytes)."""
+    return socket.AF_INET6 if len(addr) == 16 else socket.AF_INET
+
+
 _REPLACE = NLM_F_REPLACE | NLM_F_CREATE
+_BE32 = struct.Struct("!I")
+_U32 = struct.Struct("=I")
+_NLA_HDR = struct.Struct("=HH")
 
 
-@dataclass(frozen=True)
 class BatchOp:
-    """One kernel change for :meth:`Netlink.batch`: a request message (sequence number 0, set at
-    send) and its one-line description. Build them with the constructors below; the messages are
-    byte for byte what the single calls (pyroute2) send."""
+    """One kernel change for :meth:`Netlink.batch`: a complete request message (sequence number 0,
+    set at send); ``delete``: a vanished object counts as done. Build them with the constructors
+    below: the messages are byte for byte what the single calls (pyroute2) send. An op holds only
+    its bytes (a first sync builds thousands); ``what`` (the one-line description of errors) and
+    ``target`` (how the monitor names the entry) are decoded from them when asked for.
 
-    what: str
-    msg: bytes
-    delete: bool = False  # a vanished object (ESRCH/ENOENT/...) counts as done
+    Addresses are IPv4 or IPv6 ``ipaddress`` objects (the message's family follows), or IPv4
+    addresses as 32-bit ints; MACs strings or 6 bytes."""
+
+    __slots__ = ("msg", "delete")
+
+    def __init__(self, msg: bytes, delete: bool = False) -> None:
+        self.msg = msg
+        self.delete = delete
+
+    def __repr__(self) -> str:
+        return f"BatchOp({self.what!r})"
 
     @property
     def entry(self) -> str:
@@ -562,57 +618,129 @@ class BatchOp:
         return "fdb" if self.msg[16] == AF_BRIDGE else "neigh"
 
     @staticmethod
-    def replace_neighbour(index: int, ip: IPAddress, mac: str) -> BatchOp:
+    def replace_neighbour(index: int, ip: IPAddress | int, mac: str | bytes) -> BatchOp:
         """``ip [-6] neigh replace IP lladdr MAC dev IDX nud permanent``."""
-        body = struct.pack("=BxxxiHBB", _family(ip), index, NUD_PERMANENT, 0, 0)
-        body += _nla(NDA_DST, ip.packed) + _nla(NDA_LLADDR, _mac(mac))
-        return BatchOp(f"replace neighbour {ip} lladdr {mac} dev {index}", _nlmsg(RTM_NEWNEIGH, _REPLACE, body))
+        addr = _ip_bytes(ip)
+        body = struct.pack("=BxxxiHBB", _af(addr), index, NUD_PERMANENT, 0, 0)
+        body += _nla(NDA_DST, addr) + _nla(NDA_LLADDR, _mac(mac))
+        return BatchOp(_nlmsg(RTM_NEWNEIGH, _REPLACE, body))
 
     @staticmethod
-    def delete_neighbour(index: int, ip: IPAddress) -> BatchOp:
-        body = struct.pack("=BxxxiHBB", _family(ip), index, NUD_PERMANENT, 0, 0) + _nla(NDA_DST, ip.packed)
-        return BatchOp(f"delete neighbour {ip} dev {index}", _nlmsg(RTM_DELNEIGH, 0, body), delete=True)
+    def delete_neighbour(index: int, ip: IPAddress | int) -> BatchOp:
+        addr = _ip_bytes(ip)
+        body = struct.pack("=BxxxiHBB", _af(addr), index, NUD_PERMANENT, 0, 0) + _nla(NDA_DST, addr)
+        return BatchOp(_nlmsg(RTM_DELNEIGH, 0, body), delete=True)
 
     @staticmethod
-    def replace_fdb(index: int, mac: str, dst: IPAddress) -> BatchOp:
+    def replace_fdb(index: int, mac: str | bytes, dst: IPAddress | int) -> BatchOp:
         """``bridge fdb replace MAC dev IDX dst DST self permanent`` (DST IPv4 or IPv6)."""
         body = struct.pack("=BxxxiHBB", AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
-        body += _nla(NDA_LLADDR, _mac(mac)) + _nla(NDA_DST, dst.packed)
-        return BatchOp(f"replace fdb {mac} dst {dst} dev {index}", _nlmsg(RTM_NEWNEIGH, _REPLACE, body))
+        body += _nla(NDA_LLADDR, _mac(mac)) + _nla(NDA_DST, _ip_bytes(dst))
+        return BatchOp(_nlmsg(RTM_NEWNEIGH, _REPLACE, body))
 
     @staticmethod
-    def delete_fdb(index: int, mac: str, dst: IPAddress | None) -> BatchOp:
+    def delete_fdb(index: int, mac: str | bytes, dst: IPAddress | int | None) -> BatchOp:
         body = struct.pack("=BxxxiHBB", AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
         body += _nla(NDA_LLADDR, _mac(mac))
         if dst is not None:
-            body += _nla(NDA_DST, dst.packed)
-        return BatchOp(f"delete fdb {mac} dst {dst} dev {index}", _nlmsg(RTM_DELNEIGH, 0, body), delete=True)
+            body += _nla(NDA_DST, _ip_bytes(dst))
+        return BatchOp(_nlmsg(RTM_DELNEIGH, 0, body), delete=True)
 
     @staticmethod
     def replace_route(r: Route) -> BatchOp:
         """``ip [-6] route replace DST via GW dev OIF [onlink] proto boot`` (a gateway is required)."""
         if r.gateway is None:
             raise ValueError(f"batched route {r.dst} needs a gateway")
-        return BatchOp(f"replace route {_route_str(r)}",
-                       _nlmsg(RTM_NEWROUTE, _REPLACE, _rtmsg(r, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST)))
+        return BatchOp(_nlmsg(RTM_NEWROUTE, _REPLACE, _rtmsg(
+            r.dst.network_address.packed, r.dst.prefixlen, r.gateway.packed, r.oif or 0, r.onlink, r.table,
+            RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST)))
 
     @staticmethod
     def delete_route(r: Route) -> BatchOp:
         # any proto and type; any scope for a route without gateway (it may be scope link)
         scope = RT_SCOPE_UNIVERSE if r.gateway is not None else RT_SCOPE_NOWHERE
-        return BatchOp(f"delete route {_route_str(r)}", _nlmsg(RTM_DELROUTE, 0, _rtmsg(r, 0, scope, 0)),
-                       delete=True)
+        gw = r.gateway.packed if r.gateway is not None else None
+        return BatchOp(_nlmsg(RTM_DELROUTE, 0, _rtmsg(r.dst.network_address.packed, r.dst.prefixlen, gw, r.oif or 0,
+                                                      r.onlink, r.table, 0, scope, 0)), delete=True)
+
+    @staticmethod
+    def delete_route_raw(dst: int, plen: int, gateway: int, oif: int, onlink: bool,
+                         table: int = MAIN_TABLE, family: int = socket.AF_INET) -> BatchOp:
+        """:meth:`delete_route` of a route of ``family`` given as ints (a raw dump's row; gateway/oif
+        0: none)."""
+        size = 16 if family == socket.AF_INET6 else 4
+        scope = RT_SCOPE_UNIVERSE if gateway else RT_SCOPE_NOWHERE
+        return BatchOp(_nlmsg(RTM_DELROUTE, 0, _rtmsg(dst.to_bytes(size, "big"), plen,
+                                                      gateway.to_bytes(size, "big") if gateway else None,
+                                                      oif, onlink, table, 0, scope, 0)), delete=True)
+
+    # -- decoding (errors, expectations) --------------------------------------------------------
+    def fields(self) -> dict[str, Any]:
+        """The request decoded: ``kind`` ("route" | "neigh" | "fdb"), ``index`` (device; a route's
+        output device, None when absent), ``dst`` (route destination / neighbour IP / FDB remote,
+        as a string; None when absent), and ``plen``, ``gateway``, ``onlink`` (routes) or ``mac``
+        (neighbours, FDB)."""
+        m = self.msg
+        mtype = struct.unpack_from("=H", m, 4)[0]
+        if mtype in (RTM_NEWROUTE, RTM_DELROUTE):
+            plen, flags = m[17], _U32.unpack_from(m, 24)[0]
+            a = _attrs(m, 28, len(m))
+            oif = a.get(RTA_OIF)
+            return {"kind": "route", "dst": _ip_str(a.get(RTA_DST)) or "0.0.0.0", "plen": plen,
+                    "gateway": _ip_str(a.get(RTA_GATEWAY)), "index": _U32.unpack(oif)[0] if oif else None,
+                    "onlink": bool(flags & RTNH_F_ONLINK)}
+        family, index = m[16], struct.unpack_from("=i", m, 20)[0]
+        a = _attrs(m, 28, len(m))
+        mac = a.get(NDA_LLADDR)
+        return {"kind": "fdb" if family == AF_BRIDGE else "neigh", "index": index, "dst": _ip_str(a.get(NDA_DST)),
+                "mac": mac_str(mac) if mac else None}
+
+    def log_context(self) -> dict[str, Any]:
+        """Log fields naming the entry: routes ``dst`` (CIDR) and ``via``, neighbours ``ip`` and
+        ``mac``, FDB entries ``mac`` and ``dst``."""
+        f = self.fields()
+        if f["kind"] == "route":
+            return {"dst": f"{f['dst']}/{f['plen']}", "via": str(f["gateway"])}
+        if f["kind"] == "fdb":
+            return {"mac": f["mac"], "dst": str(f["dst"])}
+        return {"ip": f["dst"], "mac": f["mac"]} if f["mac"] else {"ip": f["dst"]}
+
+    @property
+    def target(self) -> tuple[str, str | None]:
+        """(kind, dst) of the entry, as the monitor's :class:`Event` names it."""
+        f = self.fields()
+        return f["kind"], f["dst"]
+
+    @property
+    def what(self) -> str:
+        """One line: ``replace route 10.5.2.0/24 via 10.5.2.0 dev 4 onlink``,
+        ``delete neighbour 10.5.2.0 dev 4``, ``replace fdb MAC dst 192.168.1.2 dev 4``."""
+        f = self.fields()
+        verb = "delete" if self.delete else "replace"
+        if f["kind"] == "route":
+            s = f"{verb} route {f['dst']}/{f['plen']}"
+            if f["gateway"] is not None:
+                s += f" via {f['gateway']}"
+            if f["index"] is not None:
+                s += f" dev {f['index']}"
+            return s + (" onlink" if f["onlink"] else "")
+        if f["kind"] == "fdb":
+            return f"{verb} fdb {f['mac']} dst {f['dst']} dev {f['index']}"
+        lladdr = f" lladdr {f['mac']}" if f["mac"] else ""
+        return f"{verb} neighbour {f['dst']}{lladdr} dev {f['index']}"
 
 
-def _rtmsg(r: Route, proto: int, scope: int, kind: int) -> bytes:
-    table = r.table if r.table < 256 else 252  # RT_TABLE_COMPAT; RTA_TABLE carries the real one
-    body = struct.pack("=BBBBBBBBI", _family(r.dst), r.dst.prefixlen, 0, 0, table, proto, scope, kind,
-                       RTNH_F_ONLINK if r.onlink else 0)
-    body += _nla(RTA_DST, r.dst.network_address.packed) + _nla(RTA_TABLE, struct.pack("=I", r.table))
-    if r.gateway is not None:
-        body += _nla(RTA_GATEWAY, r.gateway.packed)
-    if r.oif is not None:
-        body += _nla(RTA_OIF, struct.pack("=i", r.oif))
+def _rtmsg(dst: bytes, plen: int, gateway: bytes | None, oif: int, onlink: bool, table: int, proto: int,
+           scope: int, kind: int) -> bytes:
+    """An rtmsg body (family from ``dst``'s length; oif 0: none)."""
+    rtm_table = table if table < 256 else 252  # RT_TABLE_COMPAT; RTA_TABLE carries the real one
+    body = struct.pack("=BBBBBBBBI", _af(dst), plen, 0, 0, rtm_table, proto, scope, kind,
+                       RTNH_F_ONLINK if onlink else 0)
+    body += _nla(RTA_DST, dst) + _nla(RTA_TABLE, _U32.pack(table))
+    if gateway is not None:
+        body += _nla(RTA_GATEWAY, gateway)
+    if oif:
+        body += _nla(RTA_OIF, struct.pack("=i", oif))
     return body
 
 
@@ -662,35 +790,45 @@ def _send_chunk(s: socket.socket, msgs: list[bytes], first_seq: int) -> dict[int
     return codes
 
 
-def run_batch(ops: Sequence[BatchOp], retries: int = RETRIES) -> list[NetlinkError | None]:
+def _batch_round(s: socket.socket, ops: Sequence[BatchOp], pending: list[int], results: list[NetlinkError | None],
+                 seq: int, final: bool) -> tuple[list[int], int]:
+    """Send ``ops[k]`` for k in ``pending`` once (BATCH_SIZE per sendmsg, sequence numbers from
+    seq + 1) and record each result; returns (the indices worth retrying, the last sequence number).
+    ``final``: nothing is retried (transient errors and lost acks become the op's error)."""
+    again: list[int] = []
+    for i in range(0, len(pending), BATCH_SIZE):
+        chunk = pending[i:i + BATCH_SIZE]
+        first = seq + 1
+        seq += len(chunk)
+        codes = _send_chunk(s, [ops[k].msg for k in chunk], first)
+        for n, k in enumerate(chunk):
+            code = codes.get(first + n, errno.ETIMEDOUT)
+            op = ops[k]
+            if code == 0 or (op.delete and code in GONE_ERRNOS):
+                results[k] = None
+            elif (code in RETRY_ERRNOS or code == errno.ETIMEDOUT) and not final:
+                again.append(k)
+            else:
+                results[k] = NetlinkError(_hint(code, op.what), code)
+    return again, seq
+
+
+def run_batch(ops: Sequence[BatchOp], retries: int = RETRIES,
+              pending: list[int] | None = None) -> list[NetlinkError | None]:
     """Blocking: apply ops in order, BATCH_SIZE per sendmsg; one result per op (None: applied).
-    Transient errors (and lost acks) are retried, up to ``retries`` rounds, for the failed ops only."""
+    Transient errors (and lost acks) are retried, up to ``retries`` rounds, for the failed ops only.
+    ``pending``: only these indices (the others' results are None)."""
     results: list[NetlinkError | None] = [None] * len(ops)
-    pending = list(range(len(ops)))
+    pending = list(range(len(ops))) if pending is None else pending
     delay = RETRY_BASE_DELAY
     seq = 0
     s = _batch_socket()
     try:
         for attempt in range(1, retries + 1):
-            again: list[int] = []
-            for i in range(0, len(pending), BATCH_SIZE):
-                chunk = pending[i:i + BATCH_SIZE]
-                first = seq + 1
-                seq += len(chunk)
-                codes = _send_chunk(s, [ops[k].msg for k in chunk], first)
-                for n, k in enumerate(chunk):
-                    code = codes.get(first + n, errno.ETIMEDOUT)
-                    op = ops[k]
-                    if code == 0 or (op.delete and code in GONE_ERRNOS):
-                        results[k] = None
-                    elif (code in RETRY_ERRNOS or code == errno.ETIMEDOUT) and attempt < retries:
-                        again.append(k)
-                    else:
-                        results[k] = NetlinkError(_hint(code, op.what), code)
-            if not again:
+            pending, seq = _batch_round(s, ops, pending, results, seq, final=attempt >= retries)
+            if not pending:
                 break
-            log.debug("netlink batch retry", ops=len(again), attempt=attempt)
-            pending = again
+            log.debug("netlink batch retry", ops=len(pending), attempt=attempt)
             time.sleep(delay)
             delay = min(delay * 2, RETRY_MAX_DELAY)
     finally:
@@ -813,6 +951,179 @@ async def xfrm_delete_policy(p: XfrmPolicy) -> None:
     body = _selector(p) + struct.pack("=IB3x", 0, XFRM_DIRS[p.dir])
     await asyncio.to_thread(_xfrm_request, XFRM_MSG_DELPOLICY, NLM_F_ACK, body, f"delete xfrm policy {p}",
                             ok_if_gone=True)
+
+
+# --- raw dumps (what a full pass reads) -------------------------------------------------------------
+#
+# A full pass compares thousands of kernel entries with the desired state. Decoded by pyroute2 that
+# cost ~0.6 s of CPU and 15,000 message objects a pass (the arena fragmentation that made the daemon
+# grow); here a dump is read on a raw socket and each entry decoded, with ``struct``, into a tuple of
+# the few fields the comparison needs (~10 ms for 15,000 entries). The kernel filters by device
+# where it can (NETLINK_GET_STRICT_CHK, Linux ≥ 4.20); the rows are filtered here as well.
+
+NLM_F_DUMP_INTR = 0x10
+RTM_GETROUTE, RTM_GETNEIGH = 26, 30
+NETLINK_GET_STRICT_CHK = 12
+NDA_IFINDEX = 8
+RTA_MULTIPATH = 9
+DUMP_RCVBUF = 4 * 1024 * 1024
+DUMP_ATTEMPTS = 5
+_HDR = struct.Struct("=IHHII")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=BxxxiHBB")
+
+# Addresses in rows are ints (IPv4: 32 bits, IPv6: 128 bits; one family per dump).
+RouteRow = tuple[int, int, int, int, int, int]  # dst, prefix length, gateway (0: none), oif (0: none), rtm_flags, proto
+NeighRow = tuple[int, bytes, int]  # address, lladdr (b"" if none), NUD state
+FdbRow = tuple[bytes, int, int]  # lladdr, remote VTEP (NDA_DST; 0 if none), NUD state
+
+
+def _dump(what: str, kind: int, body: bytes) -> list[bytes]:
+    """Blocking: the datagrams answering one dump request (the caller decodes them). A dump the
+    kernel marks inconsistent (NLM_F_DUMP_INTR: the table changed meanwhile) is read again.
+    Raises NetlinkError."""
+    for _attempt in range(DUMP_ATTEMPTS):
+        s = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        try:
+            try:
+                s.setsockopt(socket.SOL_SOCKET, 33, DUMP_RCVBUF)  # SO_RCVBUFFORCE
+            except OSError:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, DUMP_RCVBUF)
+            try:
+                s.setsockopt(SOL_NETLINK, NETLINK_GET_STRICT_CHK, 1)
+            except OSError:  # older kernels: no filtering by the kernel, the rows are filtered anyway
+                pass
+            s.bind((0, 0))
+            s.settimeout(BATCH_ACK_TIMEOUT)
+            s.send(_HDR.pack(16 + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, 1, 0) + body)
+            chunks: list[bytes] = []
+            intr = False
+            while True:
+                data = s.recv(1 << 20)
+                chunks.append(data)
+                off, n = 0, len(data)
+                done = False
+                while off + 16 <= n:
+                    length, mtype, flags, _seq, _pid = _HDR.unpack_from(data, off)
+                    if length < 16:
+                        break
+                    intr |= bool(flags & NLM_F_DUMP_INTR)
+                    if mtype == NLMSG_DONE:
+                        done = True
+                        break
+                    if mtype == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, off + 16)[0]
+                        raise NetlinkError(_hint(code, what), code)
+                    off += (length + 3) & ~3
+                if done:
+                    break
+        except OSError as e:
+            raise NetlinkError(_hint(e.errno or 0, what), e.errno or 0) from None
+        finally:
+            s.close()
+        if not intr:
+            return chunks
+    return chunks  # still changing after several reads: the next pass reads again
+
+
+def _messages(chunks: list[bytes], want: int):
+    """(datagram, offset of the body, end) of every message of type ``want`` in a dump's datagrams."""
+    for data in chunks:
+        off, n = 0, len(data)
+        while off + 16 <= n:
+            length, mtype = _HDR.unpack_from(data, off)[:2]
+            if length < 16 or off + length > n:
+                break
+            if mtype == want:
+                yield data, off + 16, off + length
+            off += (length + 3) & ~3
+
+
+def _addr_int(data: bytes, off: int, alen: int, size: int) -> int | None:
+    """The address in the attribute at ``off`` (length ``alen``, header included) as an int, if it
+    has ``size`` bytes (4: IPv4, 16: IPv6); else None."""
+    if alen != 4 + size:
+        return None
+    return _BE32.unpack_from(data, off + 4)[0] if size == 4 else int.from_bytes(data[off + 4:off + 20], "big")
+
+
+def read_routes(table: int = MAIN_TABLE, family: int = socket.AF_INET) -> list[RouteRow]:
+    """Blocking: the unicast routes of ``family`` (AF_INET or AF_INET6) in ``table`` (multipath
+    routes skipped), as :data:`RouteRow`."""
+    body = _RTMSG.pack(family, 0, 0, 0, table if table < 256 else 0, 0, 0, 0, 0)
+    size = 16 if family == socket.AF_INET6 else 4
+    out = []
+    unpack_nla, u32 = _NLA_HDR.unpack_from, _U32.unpack_from
+    for data, b, end in _messages(_dump("list routes", RTM_GETROUTE, body), RTM_NEWROUTE):
+        fam, plen, _src, _tos, tbl, proto, _scope, rtype, flags = _RTMSG.unpack_from(data, b)
+        if fam != family or rtype != RTN_UNICAST:
+            continue
+        dst = gw = oif = 0
+        multipath = False
+        a = b + 12
+        while a + 4 <= end:
+            alen, atype = unpack_nla(data, a)
+            if alen < 4:
+                break
+            if atype == RTA_DST:
+                dst = _addr_int(data, a, alen, size) or 0
+            elif atype == RTA_GATEWAY:
+                gw = _addr_int(data, a, alen, size) or 0
+            elif atype == RTA_OIF and alen == 8:
+                oif = u32(data, a + 4)[0]
+            elif atype == RTA_TABLE and alen == 8:
+                tbl = u32(data, a + 4)[0]
+            elif atype == RTA_MULTIPATH:
+                multipath = True
+            a += (alen + 3) & ~3
+        if tbl == table and not multipath:
+            out.append((dst, plen, gw, oif, flags, proto))
+    return out
+
+
+def _neigh_rows(chunks: list[bytes], family: int, index: int, size: int) -> list[tuple[int, bytes, int]]:
+    """(NDA_DST as an int or 0, NDA_LLADDR or b"", state) of ``index``'s entries of ``family``
+    whose NDA_DST, if any, has ``size`` bytes (4: IPv4, 16: IPv6; others are left out)."""
+    out = []
+    unpack_nla = _NLA_HDR.unpack_from
+    for data, b, end in _messages(chunks, RTM_NEWNEIGH):
+        fam, ifindex, state, _flags, _type = _NDMSG.unpack_from(data, b)
+        if fam != family or ifindex != index:
+            continue
+        ip: int | None = 0
+        mac = b""
+        a = b + 12
+        while a + 4 <= end:
+            alen, atype = unpack_nla(data, a)
+            if alen < 4:
+                break
+            if atype == NDA_DST:
+                ip = _addr_int(data, a, alen, size)
+            elif atype == NDA_LLADDR:
+                mac = data[a + 4:a + alen]
+            a += (alen + 3) & ~3
+        if ip is not None:
+            out.append((ip, mac, state))
+    return out
+
+
+def read_neighbours(index: int, family: int = socket.AF_INET) -> list[NeighRow]:
+    """Blocking: the neighbour entries (AF_INET: ARP, AF_INET6: NDP) of device ``index``, as
+    :data:`NeighRow`."""
+    body = _NDMSG.pack(family, 0, 0, 0, 0) + _nla(NDA_IFINDEX, _U32.pack(index))
+    size = 16 if family == socket.AF_INET6 else 4
+    return [r for r in _neigh_rows(_dump(f"list neighbours of link {index}", RTM_GETNEIGH, body),
+                                   family, index, size) if r[0]]
+
+
+def read_fdb(index: int, family: int = socket.AF_INET) -> list[FdbRow]:
+    """Blocking: the bridge FDB entries of device ``index`` (a vxlan device's remote VTEPs) whose
+    remote, if any, is of ``family`` (AF_INET: flannel.N's, AF_INET6: flannel-v6.N's), as
+    :data:`FdbRow`."""
+    body = _NDMSG.pack(AF_BRIDGE, index, 0, 0, 0)
+    size = 16 if family == socket.AF_INET6 else 4
+    return [(mac, ip, state) for ip, mac, state in
+            _neigh_rows(_dump(f"list fdb of link {index}", RTM_GETNEIGH, body), AF_BRIDGE, index, size)]
 
 
 def write_sysctl(key: str, value: str) -> bool:
@@ -975,15 +1286,17 @@ def _raw_events(data: bytes, skip: frozenset[int] = frozenset()) -> list[Event]:
             oif = struct.unpack("=i", a[RTA_OIF])[0] if len(a.get(RTA_OIF, b"")) == 4 else None
             if len(a.get(RTA_TABLE, b"")) == 4:
                 table = struct.unpack("=I", a[RTA_TABLE])[0] or table
-            out.append(Event(what, action, ifindex=oif, dst=_ip_str(a.get(RTA_DST)), table=table))
+            out.append(Event(what, action, ifindex=oif, dst=_ip_str(a.get(RTA_DST)), table=table,
+                             plen=data[body + 1], proto=data[body + 5]))
         elif what == "neigh" and end >= body + 12:
             family = data[body]
-            index = struct.unpack_from("=i", data, body + 4)[0]
+            index, state = struct.unpack_from("=iH", data, body + 4)
             if family == AF_BRIDGE:
                 what = "fdb"
             elif family not in (socket.AF_INET, socket.AF_INET6):
                 continue
-            out.append(Event(what, action, ifindex=index, dst=_ip_str(_attrs(data, body + 12, end).get(NDA_DST))))
+            out.append(Event(what, action, ifindex=index, dst=_ip_str(_attrs(data, body + 12, end).get(NDA_DST)),
+                             state=state))
     return out
 
 # --- pyroute2 message decoding --------------------------------------------------------------------

@@ -8,7 +8,8 @@
   iface>`` per remote lease with an IPv6 subnet. Beyond upstream, a PublicIPv6 other than the
   interface's IPv6 address (``--public-ipv6``) is refused like the IPv4 NAT case.
 * Upstream re-adds missing routes every 10 s ("Route recovered"); here the shared reconciliation
-  (kernelsync) also removes stale routes at start and repairs deletions within ~100 ms.
+  (kernelsync) also removes stale routes at start and repairs deletions and changes within ~100 ms
+  of the netlink event (a full pass every minute is the safety net).
 * A peer on another L3 segment (the kernel refuses ``via <PublicIP>``: Network is unreachable) is
   explained once per peer — host-gw needs all hosts on one L2 segment — instead of a failure line
   every 10 s (upstream logs the error at every retry); the route is still retried silently.
@@ -23,10 +24,10 @@ from typing import Any
 
 import structlog
 
-from ..netlink import Event, IPNetwork, NetlinkError, Route
+from ..netlink import BatchOp, Event, IPNetwork, NetlinkError, Route
 from ..subnet.lease import Lease
 from .base import BackendError, BackendInfo, register_backend
-from .kernelsync import KernelPeerBackend
+from .kernelsync import SAFETY_NET_INTERVAL, KernelPeerBackend
 
 log = structlog.get_logger()
 
@@ -43,6 +44,7 @@ OTHER_SEGMENT_HINT = ("host-gw cannot route to this peer: its PublicIP is not on
 class HostGWBackend(KernelPeerBackend):
     type_name = "host-gw"
     ipv6 = True
+    reconcile_interval = SAFETY_NET_INTERVAL  # the monitor sees every change of a route of ours
 
     def __init__(self, ctx) -> None:
         super().__init__(ctx)
@@ -73,25 +75,24 @@ class HostGWBackend(KernelPeerBackend):
         return out
 
     # --- the event path -------------------------------------------------------------------------
-    async def ensure_peer(self, lease: Lease) -> None:
-        for r in self.routes(lease):
-            log.info("subnet added", subnet=str(r.dst), via=str(r.gateway))
-            try:
-                await self.nl.replace_route(r)  # NLM_F_REPLACE: a route to the same dst via another gw is replaced
-            except NetlinkError as e:
-                if not self._other_segment(r.dst, str(r.gateway), e):
-                    raise
-                continue
-            self._unreachable.discard(r.dst)
+    async def peer_ops(self, lease: Lease, remove: bool) -> list[BatchOp]:
+        if remove:
+            if lease.attrs.backend_type != self.type_name:
+                return []
+            self._unreachable.discard(lease.subnet)
+            if lease.subnet6 is not None:
+                self._unreachable.discard(lease.subnet6)
+        # NLM_F_REPLACE: a route to the same dst via another gw is replaced
+        return [BatchOp.delete_route(r) if remove else BatchOp.replace_route(r) for r in self.routes(lease)]
 
-    async def drop_peer(self, lease: Lease) -> None:
-        if lease.attrs.backend_type != self.type_name:
-            return
-        for r in self.routes(lease):
-            log.info("subnet removed", subnet=str(r.dst))
-            self._unreachable.discard(r.dst)
-            self.expect_deleted("route", r.dst.network_address)
-            await self.nl.delete_route(r)
+    def log_peer(self, lease: Lease, ops: list[BatchOp], remove: bool) -> None:
+        for op in ops:
+            f = op.fields()
+            subnet = f"{f['dst']}/{f['plen']}"
+            if remove:
+                log.info("subnet removed", subnet=subnet)
+            else:
+                log.info("subnet added", subnet=subnet, via=str(f["gateway"]))
 
     # --- reconciliation -------------------------------------------------------------------------
     async def sync_entries(self) -> dict[str, int]:
@@ -108,7 +109,8 @@ class HostGWBackend(KernelPeerBackend):
         return changes
 
     def entry_failed(self, what: str, err: NetlinkError, ctx: dict[str, Any]) -> None:
-        if what == "route recovery" and self._other_segment(ip_network(ctx["dst"]), ctx["via"], err):
+        if what in ("route recovery", "peer programming") and "via" in ctx and \
+                self._other_segment(ip_network(ctx["dst"]), ctx["via"], err):
             return
         super().entry_failed(what, err, ctx)
 
@@ -127,5 +129,6 @@ class HostGWBackend(KernelPeerBackend):
     def relevant(self, ev: Event) -> bool:
         if ev.kind == "overrun":
             return True
-        return ev.kind == "route" and ev.action == "del" and ev.ifindex == self.ctx.ext.index \
-            and ev.table in (None, 254)
+        if ev.kind != "route" or ev.ifindex != self.ctx.ext.index or ev.table not in (None, 254):
+            return False
+        return ev.action == "del" or self.route_event_inside(ev)

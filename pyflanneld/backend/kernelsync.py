@@ -2,21 +2,29 @@
 
 Upstream applies lease events and (host-gw only) re-adds missing routes every 10 s. Here every
 backend built on :class:`KernelPeerBackend` keeps one desired state — "the entries the current
-peer leases justify" — and one function, :meth:`KernelPeerBackend.sync`, that makes the kernel
-match it. That function runs
+peer leases justify" — and one function, :meth:`KernelPeerBackend.sync`, the full pass, that makes
+the kernel match it. The full pass runs
 
 * with every full snapshot (start, relist, own-lease or interface change: ``update_peers(...,
   resync=True)``) — stale entries of peers that vanished while the daemon was down are removed
-  (flannel #2554) — and for a large batch of changes (a burst of joins);
-* every ``reconcile_interval`` seconds (the daemon calls ``reconcile()``);
-* ~100 ms after a netlink notification that something of ours was deleted (route, ARP, FDB,
-  the device itself), so hand-deleted entries come back well within the 10 s period.
+  (flannel #2554);
+* ~100 ms after a netlink notification that something of ours changed: an entry deleted, one
+  added or replaced by someone else (a permanent ARP/FDB entry, a route inside the Network on one
+  of our devices), our device or its address changed, or the monitor's socket overran (events
+  may be lost). Our own changes are expected (:meth:`KernelPeerBackend.expect`) and ignored;
+* every ``reconcile_interval`` seconds (the daemon's converger calls it) — the safety net for what
+  no notification reports. Backends whose monitor sees every change of their entries (vxlan,
+  host-gw) set it to :data:`SAFETY_NET_INTERVAL` (a minute); the pass reads the kernel through raw
+  netlink dumps (~10 ms per 15,000 entries, :func:`pyflanneld.netlink.read_routes`), so it costs
+  next to nothing when nothing changed.
 
-The passes send their changes in batches (``apply``: many requests per netlink message, ~7×
-cheaper per entry), so a start with thousands of peers programs them in well under a second.
-Single lease events still go the upstream way (``ensure_peer``/``drop_peer``, in upstream's order).
-Everything runs under the backend's one lock, so a reconcile never interleaves with an event.
-The route part of a pass is the same for every kernel backend: :meth:`KernelPeerBackend.sync_routes`.
+Peer changes between full passes (lease events, a burst of 5,000 joins) are programmed without
+reading the kernel: :meth:`KernelPeerBackend.program` sends every changed peer's entries in one
+netlink batch (many requests per message, ~7× cheaper per entry than single calls), each peer's in
+upstream's order (vxlan: ARP → FDB → route; a failure rolls the peer's other entries back), from
+the backend's :meth:`KernelPeerBackend.peer_ops`. Everything runs under the backend's one lock, so
+a full pass never interleaves with an event. The route part of a full pass is the same for every
+kernel backend: :meth:`KernelPeerBackend.sync_routes`.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from ipaddress import ip_address
 from typing import Any
 
 import structlog
@@ -33,6 +42,7 @@ from .. import metrics
 from ..config import json_type
 from ..netlink import (
     MAIN_TABLE,
+    RTNH_F_ONLINK,
     RTPROT_KERNEL,
     BatchOp,
     Event,
@@ -41,14 +51,17 @@ from ..netlink import (
     NetlinkError,
     NetlinkMonitor,
     Route,
+    read_routes,
 )
 from ..subnet.lease import Lease
 from .base import BackendContext, BackendError, PeerId, PeerSetBackend
 
 log = structlog.get_logger()
 
-RECONCILE_INTERVAL = 10.0
+RECONCILE_INTERVAL = 10.0  # the full pass's period for a backend whose monitor misses changes
+SAFETY_NET_INTERVAL = 60.0  # … and for one whose monitor sees every change of its entries
 EVENT_DEBOUNCE = 0.1
+LOG_EACH_PEER = 10  # batches up to this size log a line per peer (upstream's); larger ones a summary
 
 
 def backend_options(ctx: BackendContext, spec: dict[str, tuple[type, Any]], label: str) -> dict[str, Any]:
@@ -80,8 +93,10 @@ def backend_options(ctx: BackendContext, spec: dict[str, tuple[type, Any]], labe
 class KernelPeerBackend(PeerSetBackend):
     """A PeerSetBackend whose peers become kernel entries, kept in place by reconciliation.
 
-    Subclasses implement ``ensure_peer``/``drop_peer`` (the event path) and ``sync_entries`` (make
-    the kernel equal to the desired state of ``self.peers``), plus ``relevant(event)``.
+    Subclasses implement ``sync_entries`` (the full pass: make the kernel equal to the desired
+    state of ``self.peers``) and ``relevant(event)``, and either ``peer_ops`` (the entries of one
+    peer as netlink batch requests: peer changes are then programmed in batches) or
+    ``ensure_peer``/``drop_peer`` (one peer at a time).
     """
 
     reconcile_interval = RECONCILE_INTERVAL
@@ -93,10 +108,10 @@ class KernelPeerBackend(PeerSetBackend):
         self._repairs: set[asyncio.Task] = set()
         self._armed = False  # a repair pass is scheduled and has not started yet
         self._warned: set[PeerId] = set()
-        # (kind, dst) of entries we are deleting ourselves: their notifications are not drift. Without
-        # this every peer removal set off a full repair pass (3 dumps), and removing thousands of
-        # peers took hours.
-        self._own_deletes: set[tuple[str, str]] = set()
+        # (action, kind, dst) of the notifications our own changes cause ("new"/"del", kind and dst
+        # as in Event): they are not drift. Without this every peer removal set off a full repair
+        # pass, and removing thousands of peers took hours. Cleared by every full pass.
+        self._expected: set[tuple[str, str, str | None]] = set()
         self._closed = False
         self.sync_error = ""  # the last full pass's failure ("" when it succeeded): readiness
 
@@ -105,6 +120,24 @@ class KernelPeerBackend(PeerSetBackend):
         await super().update_peers(changed, removed, **kw)
         for le in removed:
             self._forget(le.peer_id)  # O(1): a burst of removals must not be quadratic
+
+    def needs_full_pass(self, changes: int, resync: bool) -> bool:
+        # with peer_ops, a batch of any size is one netlink batch: no need to read the kernel
+        if self.batched:
+            return resync
+        return super().needs_full_pass(changes, resync)
+
+    async def apply_peers(self, stale: Sequence[Lease], changed: Sequence[Lease]) -> None:
+        if self.batched:
+            await self.program(stale, changed)
+        else:
+            await super().apply_peers(stale, changed)
+
+    async def ensure_peer(self, lease: Lease) -> None:
+        await self.program([], [lease])
+
+    async def drop_peer(self, lease: Lease) -> None:
+        await self.program([lease], [])
 
     async def resync(self, reason: str) -> None:
         await self._sync(reason)
@@ -129,8 +162,19 @@ class KernelPeerBackend(PeerSetBackend):
         raise NotImplementedError
 
     def relevant(self, ev: Event) -> bool:
-        """Does this netlink event (possibly) undo something of ours?"""
+        """Does this netlink event (possibly) undo something of ours? (Our own changes never get here.)"""
         raise NotImplementedError
+
+    async def peer_ops(self, lease: Lease, remove: bool) -> list[BatchOp] | None:
+        """The kernel changes that program (``remove`` False) or remove one peer, in upstream's
+        order; [] for a lease this backend does not program. None (the default): this backend
+        programs peers with ``ensure_peer``/``drop_peer`` instead."""
+        return None
+
+    def log_peer(self, lease: Lease, ops: Sequence[BatchOp], remove: bool) -> None:
+        """Upstream's log line for one peer programmed or removed (small batches only)."""
+        log.info("removing subnet" if remove else "adding subnet", subnet=str(lease),
+                 public_ip=str(lease.attrs.public_ip))
 
     def skip_other_type(self, lease: Lease) -> bool:
         """Upstream ignores leases of another BackendType, with a warning; here once per subnet."""
@@ -143,7 +187,12 @@ class KernelPeerBackend(PeerSetBackend):
 
     def expect_deleted(self, kind: str, dst: object) -> None:
         """Call before deleting an entry of ours (kind "route"/"neigh"/"fdb", dst as in Event.dst)."""
-        self._own_deletes.add((kind, str(dst)))
+        self._expected.add(("del", kind, str(dst)))
+
+    def expect(self, op: BatchOp) -> None:
+        """The notification ``op`` will cause is ours (``apply`` calls this for every op)."""
+        kind, dst = op.target
+        self._expected.add(("del" if op.delete else "new", kind, dst))
 
     def owns_route(self, r: Route, devices: set[int]) -> bool:
         """Is this a route of ours: main table, not the kernel's, inside the flannel Network of its
@@ -151,23 +200,54 @@ class KernelPeerBackend(PeerSetBackend):
         (``ctx.previous_network``/``previous_network6``), not the own subnet (that one is on
         docker0/cni0), and on one of ``devices``? Routes on the external interface count only with a
         gateway and a destination strictly inside the (previous) Network."""
-        if r.table != MAIN_TABLE or r.proto == RTPROT_KERNEL or r.oif not in devices:
+        if r.table != MAIN_TABLE:
             return False
-        cfg, ctx = self.ctx.config, self.ctx
-        if r.dst.version == 4:
-            net, prev, own = cfg.network, ctx.previous_network, self.own_lease.subnet if self.own_lease else None
-        else:
-            net, prev, own = cfg.ipv6_network, ctx.previous_network6, self.own_lease.subnet6 if self.own_lease else None
-        now = net is not None and r.dst.subnet_of(net)  # type: ignore[arg-type]
-        if not now and not (prev is not None and r.dst.subnet_of(prev)):  # type: ignore[arg-type]
+        gw = int(r.gateway) if r.gateway is not None else 0
+        return self._owns(int(r.dst.network_address), r.dst.prefixlen, gw, r.oif or 0, r.proto, devices,
+                          r.dst.version)
+
+    def _owns(self, dst: int, plen: int, gw: int, oif: int, proto: int, devices: set[int], version: int = 4) -> bool:
+        """:meth:`owns_route` for a main-table route given as ints (a raw dump's row; addresses of
+        IP ``version``)."""
+        if proto == RTPROT_KERNEL or oif not in devices:
             return False
-        if r.dst == own:
+        net_plen = self._inside_family(dst, plen, version)
+        if net_plen is None:
             return False
-        if r.oif == self.ctx.ext.index:
-            inside = net if now else prev
-            assert inside is not None
-            return r.gateway is not None and r.dst.prefixlen > inside.prefixlen
+        own = self._family_nets(version)[2]
+        if own is not None and dst == int(own.network_address) and plen == own.prefixlen:
+            return False
+        if oif == self.ctx.ext.index:
+            return gw != 0 and plen > net_plen
         return True
+
+    def route_event_inside(self, ev: Event) -> bool:
+        """Is this route notification (IPv4 or IPv6) about a destination inside the (previous)
+        Network of its family, not the kernel's own route? (Changes of other routes on the external
+        interface are not ours.)"""
+        if ev.proto == RTPROT_KERNEL or ev.dst is None or ev.plen is None:
+            return False
+        try:
+            addr = ip_address(ev.dst)
+        except ValueError:
+            return False
+        return self._inside_family(int(addr), ev.plen, addr.version) is not None
+
+    def _family_nets(self, version: int) -> tuple[IPNetwork | None, IPNetwork | None, IPNetwork | None]:
+        """(Network, previous run's Network, own subnet) of IP version 4 or 6 (None: not in use)."""
+        cfg, ctx, own = self.ctx.config, self.ctx, self.own_lease
+        if version == 4:
+            return cfg.network, ctx.previous_network, own.subnet if own is not None else None
+        return cfg.ipv6_network, ctx.previous_network6, own.subnet6 if own is not None else None
+
+    def _inside_family(self, dst: int, plen: int, version: int) -> int | None:
+        """The prefix length of the Network (or else the previous run's) of ``version`` holding
+        dst/plen (an address as an int of that version), or None."""
+        net, prev, _ = self._family_nets(version)
+        n = _inside(dst, plen, net) if net is not None else None
+        if n is None and prev is not None:
+            n = _inside(dst, plen, prev)
+        return n
 
     async def sync_routes(self, changes: dict[str, int], want: Mapping[IPNetwork, Route], devices: set[int],
                           removed_what: str = "stale route removed", added_what: str = "route set",
@@ -175,21 +255,23 @@ class KernelPeerBackend(PeerSetBackend):
         """The route part of a full pass for one IP family (``want``'s), shared by the kernel
         backends: routes of ours (see ``owns_route``) on ``devices`` that ``want`` does not hold
         exactly are deleted, wanted routes that are missing or differ are set (one batch each;
-        counted in ``changes``). Returns the destinations that were already in place."""
-        ok = set()
+        counted in ``changes``). Returns the destinations that were already in place. The kernel is
+        read with one raw dump of the main table's routes of ``family``."""
+        version = 6 if family == socket.AF_INET6 else 4
+        wanted = {(int(dst.network_address), dst.prefixlen): (dst, r) for dst, r in want.items()}
+        ok: set[IPNetwork] = set()
         stale = []
-        for r in await self.nl.routes(family=family):
-            if not self.owns_route(r, devices):
+        for dst, plen, gw, oif, flags, proto in await asyncio.to_thread(read_routes, MAIN_TABLE, family):
+            if not self._owns(dst, plen, gw, oif, proto, devices, version):
                 continue
-            w = want.get(r.dst)
-            if w is not None and w.key == r.key:
-                ok.add(r.dst)
+            w = wanted.get((dst, plen))
+            if w is not None and _route_matches(w[1], gw, oif, flags):
+                ok.add(w[0])
             else:
-                stale.append((BatchOp.delete_route(r), removed_what, {"dst": str(r.dst), "via": str(r.gateway)}))
-        await self.apply(changes, "removed", stale)
-        await self.apply(changes, "added", [
-            (BatchOp.replace_route(r), added_what, {"dst": str(dst), "via": str(r.gateway)})
-            for dst, r in want.items() if dst not in ok])
+                stale.append(BatchOp.delete_route_raw(dst, plen, gw, oif, bool(flags & RTNH_F_ONLINK), family=family))
+        await self.apply(changes, "removed", removed_what, stale)
+        await self.apply(changes, "added", added_what,
+                         [BatchOp.replace_route(r) for dst, r in want.items() if dst not in ok])
         return ok
 
     async def attempt(self, what: str, fn: Callable[[], Awaitable[Any]], **ctx: Any) -> bool:
@@ -206,26 +288,94 @@ class KernelPeerBackend(PeerSetBackend):
         A backend overrides this to explain failures whose cause is the host (see host-gw)."""
         log.warning(f"{what} failed", error=str(err), **ctx)
 
-    async def apply(self, changes: dict[str, int], kind: str,
-                    ops: list[tuple[BatchOp, str, dict[str, Any]]]) -> None:
-        """Many independent kernel changes at once (Netlink.batch): ``(op, what, log context)`` each.
-        What ``attempt`` does per change: a failure goes to ``entry_failed`` and never stops the
-        others; each success counts in ``changes[kind]``."""
+    async def apply(self, changes: dict[str, int], kind: str, what: str, ops: Sequence[BatchOp]) -> None:
+        """Many independent kernel changes at once (Netlink.batch), all described by ``what`` (e.g.
+        "stale ARP entry removed"): a failure goes to ``entry_failed`` (with the entry's fields) and
+        never stops the others; each success counts in ``changes[kind]``. Their notifications are
+        expected (not drift)."""
         if not ops:
             return
-        results = await self.nl.batch([op for op, _, _ in ops])
-        for (op, what, ctx), err in zip(ops, results, strict=True):
+        for op in ops:
+            self.expect(op)
+        results = await self.nl.batch(ops)
+        done = 0
+        for op, err in zip(ops, results, strict=True):
             if err is None:
-                changes[kind] += 1
-                log.debug(what, **ctx)
+                done += 1
                 if self.repairing:
                     metrics.KERNEL_REPAIRS.labels(op.entry).inc()
             else:
-                self.entry_failed(what, err, ctx)
+                self.entry_failed(what, err, op.log_context())
+        changes[kind] += done
+        log.debug(what, entries=done)
+
+    async def program(self, stale: Sequence[Lease], changed: Sequence[Lease]) -> None:
+        """Remove the entries of ``stale`` leases and program those of ``changed`` ones (the lock is
+        held), without reading the kernel: one netlink batch, removals first, then each stage of
+        ``peer_ops`` for every peer (vxlan: every ARP entry, then every FDB entry, then every route:
+        each peer's entries in upstream's order). A peer whose entry failed is rolled back (its
+        other new entries removed), each failed entry is one ``entry_failed("peer programming")``
+        line; the other peers are not affected."""
+        few = len(stale) + len(changed) <= LOG_EACH_PEER
+        removals: list[BatchOp] = []
+        for le in stale:
+            ops = await self.peer_ops(le, remove=True) or []
+            if few and ops:
+                self.log_peer(le, ops, remove=True)
+            removals += ops
+        per_peer: list[tuple[Lease, list[BatchOp]]] = []
+        for le in changed:
+            ops = await self.peer_ops(le, remove=False) or []
+            if ops:
+                if few:
+                    self.log_peer(le, ops, remove=False)
+                per_peer.append((le, ops))
+        stages = max((len(ops) for _, ops in per_peer), default=0)
+        adds = [ops[i] for i in range(stages) for _, ops in per_peer if i < len(ops)]
+        todo = removals + adds
+        if not todo:
+            return
+        for op in todo:
+            self.expect(op)
+        results = await self.nl.batch(todo)
+        for op, err in zip(removals, results, strict=False):
+            if err is not None:
+                self.entry_failed("peer removal", err, op.log_context())
+        failed: dict[int, NetlinkError] = {}
+        for op, err in zip(adds, results[len(removals):], strict=True):
+            if err is not None:
+                failed[id(op)] = err
+        if not failed:
+            if not few:
+                log.info("peers programmed", added=len(per_peer), removed=len(stale))
+            return
+        rollback: list[BatchOp] = []
+        bad = 0
+        for le, ops in per_peer:
+            errs = [(op, failed[id(op)]) for op in ops if id(op) in failed]
+            if not errs:
+                continue
+            bad += 1
+            undo = await self.peer_ops(le, remove=True) or []
+            rollback += [u for op, u in zip(ops, undo, strict=False) if id(op) not in failed]
+            for op, err in errs:
+                self.entry_failed("peer programming", err, {"subnet": str(le),
+                                                            "public_ip": str(le.attrs.public_ip), **op.log_context()})
+        for op in rollback:
+            self.expect(op)
+        if rollback:
+            await self.nl.batch(rollback)
+        if not few:
+            log.info("peers programmed", added=len(per_peer) - bad, removed=len(stale), failed=bad)
 
     def start_monitor(self) -> None:
         if self._monitor_task is None:
             self._monitor_task = asyncio.create_task(self._watch_kernel(), name=f"{self.type_name}-netlink")
+
+    @property
+    def batched(self) -> bool:
+        """Does this backend describe its peers' entries as batch requests (``peer_ops``)?"""
+        return type(self).peer_ops is not KernelPeerBackend.peer_ops
 
     # --- internals ------------------------------------------------------------------------------
     def _forget_gone(self) -> None:
@@ -241,7 +391,7 @@ class KernelPeerBackend(PeerSetBackend):
         if not self.have_snapshot:
             log.debug("reconcile skipped: no lease snapshot yet", reason=reason)
             return
-        self._own_deletes.clear()  # a full pass settles everything; stale expectations must not linger
+        self._expected.clear()  # a full pass settles everything; stale expectations must not linger
         self._forget_gone()
         try:
             changes = await self.sync_entries()
@@ -257,12 +407,16 @@ class KernelPeerBackend(PeerSetBackend):
             log.info("kernel state reconciled", reason=reason, **changes)
 
     async def _watch_kernel(self) -> None:
-        groups = NetlinkMonitor.GROUPS | (NetlinkMonitor.IPV6_ROUTES if self.ctx.config.enable_ipv6 else 0)
-        mon = NetlinkMonitor(skip_new_entries=True, groups=groups)  # only deletions and link changes undo ours
+        groups = NetlinkMonitor.GROUPS | NetlinkMonitor.LINKS_AND_ADDRESSES
+        if self.ctx.config.enable_ipv6:
+            groups |= NetlinkMonitor.IPV6_ROUTES | NetlinkMonitor.IPV6_ADDRESSES
+        mon = NetlinkMonitor(groups=groups)
+        expected = self._expected
         try:
             async for ev in mon.events():
-                if ev.action == "del" and (ev.kind, ev.dst) in self._own_deletes:
-                    self._own_deletes.discard((ev.kind, ev.dst))
+                key = (ev.action, ev.kind, ev.dst)
+                if key in expected:
+                    expected.discard(key)
                     continue
                 if not self._closed and self.relevant(ev):
                     self._schedule()
@@ -288,3 +442,18 @@ class KernelPeerBackend(PeerSetBackend):
             if not self._closed:
                 self.repairing = True
                 await self._sync("netlink event")
+
+
+def _inside(dst: int, plen: int, net: IPNetwork) -> int | None:
+    """``net``'s prefix length if dst/plen (an address of ``net``'s version as an int) lies inside
+    ``net``, else None."""
+    n = net.prefixlen
+    if plen < n or (n and (dst ^ int(net.network_address)) >> (net.max_prefixlen - n)):
+        return None
+    return n
+
+
+def _route_matches(r: Route, gw: int, oif: int, flags: int) -> bool:
+    """Is a kernel route (gateway, oif, rtm_flags as ints) the same as ``r`` (dst and table equal)?"""
+    return (int(r.gateway) if r.gateway is not None else 0) == gw and (r.oif or 0) == oif \
+        and r.onlink == bool(flags & RTNH_F_ONLINK)

@@ -9,7 +9,8 @@
 * BackendData ``{"VNI": n, "VtepMAC": "<mac>"}`` (VNI as Go's uint16).
 * Per remote vxlan lease, in this order: ARP ``<subnet addr> lladdr <VtepMAC> PERMANENT``, FDB
   ``<VtepMAC> dst <PublicIP> self permanent``, route ``<subnet> via <subnet addr> dev flannel.N
-  onlink``; a failure rolls back the earlier ones. Removal deletes ARP, FDB, route.
+  onlink``; a failure rolls back the others. Removal deletes ARP, FDB, route. Sent as netlink
+  batches (``peer_ops``): a burst of joins is one batch, each peer's entries in this order.
 * ``DirectRouting``: a peer whose PublicIP ``ip route get`` resolves without a gateway (on the
   external interface) gets ``<subnet> via <PublicIP> dev <ext>`` instead.
 * IPv6 (``EnableIPv6``; IPv6-only with ``EnableIPv4: false``): a second device ``flannel-v6.<VNI>``
@@ -21,13 +22,14 @@
   flannel-v6.N onlink`` (DirectRouting: ``via <PublicIPv6> dev <ext>``). IPv6-only: only this
   device, no BackendData (upstream's IPv6-only lease).
 
-Beyond upstream (see kernelsync): stale entries are removed at start, deleted entries and a deleted
-device (recreated with the same MAC) come back within ~100 ms of the netlink event, or at the next
-10 s reconcile.
+Beyond upstream (see kernelsync): stale entries are removed at start; entries deleted or changed by
+someone else, the devices' addresses, and a deleted device (recreated with the same MAC) come back
+within ~100 ms of the netlink event; a full pass every minute is the safety net.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 from dataclasses import dataclass, field
@@ -37,6 +39,7 @@ import structlog
 
 from .. import metrics
 from ..netlink import (
+    NUD_PERMANENT,
     VXLAN_DEFAULT_PORT,
     BatchOp,
     Event,
@@ -45,13 +48,15 @@ from ..netlink import (
     Link,
     NetlinkError,
     Route,
+    read_fdb,
+    read_neighbours,
     write_sysctl,
 )
 from ..subnet.lease import Lease, vtep_mac
 from .base import BackendContext, BackendError, BackendInfo, PeerId, register_backend
 from .devaddr import ensure_own_address
 from .direct import DirectRouting
-from .kernelsync import KernelPeerBackend, backend_options
+from .kernelsync import SAFETY_NET_INTERVAL, KernelPeerBackend, backend_options
 
 log = structlog.get_logger()
 
@@ -95,6 +100,7 @@ class Vtep:
 class VXLANBackend(KernelPeerBackend):
     type_name = "vxlan"
     ipv6 = True
+    reconcile_interval = SAFETY_NET_INTERVAL  # the monitor sees every change of ARP, FDB, routes, devices
 
     def __init__(self, ctx: BackendContext) -> None:
         super().__init__(ctx)
@@ -276,46 +282,43 @@ class VXLANBackend(KernelPeerBackend):
         return out
 
     # --- the event path (upstream order) --------------------------------------------------------
-    async def ensure_peer(self, lease: Lease) -> None:
-        nl = self.nl
+    async def peer_ops(self, lease: Lease, remove: bool) -> list[BatchOp]:
+        """Per device, upstream's order: ARP, FDB, route (removal: the same order); a direct route
+        alone."""
+        if remove and lease.attrs.backend_type != self.type_name:
+            return []
+        ops = []
         for _v, e in await self.entries(lease):
-            if e.arp is None:
-                log.info("adding direct route to subnet", subnet=str(e.route.dst), public_ip=str(e.route.gateway))
-                await nl.replace_route(e.route)
+            if e.arp is None or e.fdb is None:
+                ops.append(BatchOp.delete_route(e.route) if remove else BatchOp.replace_route(e.route))
                 continue
-            assert e.fdb is not None
-            log.info("adding subnet", subnet=str(e.route.dst), public_ip=str(e.fdb[1]), vtep_mac=e.arp[1])
-            await nl.replace_neighbour(e.route.oif, *e.arp)
-            try:
-                await nl.replace_fdb(e.route.oif, *e.fdb)
-            except NetlinkError:
-                await self.attempt("DelARP", lambda e=e: nl.delete_neighbour(e.route.oif, e.arp[0]))
-                raise
-            try:
-                await nl.replace_route(e.route)
-            except NetlinkError:
-                await self.attempt("DelARP", lambda e=e: nl.delete_neighbour(e.route.oif, e.arp[0]))
-                await self.attempt("DelFDB", lambda e=e: nl.delete_fdb(e.route.oif, *e.fdb))
-                raise
+            idx = e.route.oif
+            assert idx is not None
+            if remove:
+                ops += [BatchOp.delete_neighbour(idx, e.arp[0]), BatchOp.delete_fdb(idx, *e.fdb),
+                        BatchOp.delete_route(e.route)]
+            else:
+                ops += [BatchOp.replace_neighbour(idx, *e.arp), BatchOp.replace_fdb(idx, *e.fdb),
+                        BatchOp.replace_route(e.route)]
+        return ops
 
-    async def drop_peer(self, lease: Lease) -> None:
-        if lease.attrs.backend_type != self.type_name:
-            return
-        for _v, e in await self.entries(lease):
-            ctx = {"subnet": str(e.route.dst)}
-            if e.arp is None:
-                log.info("removing direct route to subnet", subnet=str(e.route.dst), public_ip=str(e.route.gateway))
-                self.expect_deleted("route", e.route.dst.network_address)
-                await self.attempt("route delete", lambda e=e: self.nl.delete_route(e.route), **ctx)
-                continue
-            assert e.fdb is not None
-            log.info("removing subnet", subnet=str(e.route.dst), public_ip=str(e.fdb[1]), vtep_mac=e.arp[1])
-            self.expect_deleted("neigh", e.arp[0])
-            self.expect_deleted("fdb", e.fdb[1])
-            self.expect_deleted("route", e.route.dst.network_address)
-            await self.attempt("DelARP", lambda e=e: self.nl.delete_neighbour(e.route.oif, e.arp[0]), **ctx)
-            await self.attempt("DelFDB", lambda e=e: self.nl.delete_fdb(e.route.oif, *e.fdb), **ctx)
-            await self.attempt("route delete", lambda e=e: self.nl.delete_route(e.route), **ctx)
+    def log_peer(self, lease: Lease, ops: list[BatchOp], remove: bool) -> None:
+        """Upstream's line per device: "adding subnet" (with the remote VTEP's PublicIP and MAC) or
+        "adding direct route to subnet" (and their "removing" forms), read back from ``ops``."""
+        fdb = None
+        for op in ops:
+            f = op.fields()
+            if f["kind"] == "fdb":
+                fdb = f
+            elif f["kind"] == "route":
+                subnet = f"{f['dst']}/{f['plen']}"
+                if fdb is None:
+                    log.info("removing direct route to subnet" if remove else "adding direct route to subnet",
+                             subnet=subnet, public_ip=str(f["gateway"]))
+                else:
+                    log.info("removing subnet" if remove else "adding subnet", subnet=subnet,
+                             public_ip=str(fdb["dst"]), vtep_mac=fdb["mac"])
+                fdb = None
 
     # --- reconciliation -------------------------------------------------------------------------
     def _forget(self, peer: PeerId) -> None:
@@ -337,45 +340,44 @@ class VXLANBackend(KernelPeerBackend):
             return changes
         for v in self.vteps:
             await self._configure_device(v)
-        arp: dict[int, dict[IPAddress, str]] = {v.version: {} for v in self.vteps}
-        fdb: dict[int, set[tuple[str, IPAddress]]] = {v.version: set() for v in self.vteps}
+        # the wanted state per IP version, addresses as ints and MACs as bytes (a raw dump's form)
+        arp: dict[int, dict[int, bytes]] = {v.version: {} for v in self.vteps}  # IP → VtepMAC
+        fdb: dict[int, set[tuple[bytes, int]]] = {v.version: set() for v in self.vteps}  # (VtepMAC, PublicIP)
         routes: dict[int, dict[IPNetwork, Route]] = {v.version: {} for v in self.vteps}
         for lease in list(self.peers.values()):
             for v, e in await self.entries(lease):
                 routes[v.version][e.route.dst] = e.route
                 if e.arp is not None and e.fdb is not None:
-                    arp[v.version][e.arp[0]] = e.arp[1]
-                    fdb[v.version].add(e.fdb)
+                    mac = bytes.fromhex(e.arp[1].replace(":", ""))
+                    arp[v.version][int(e.arp[0])] = mac
+                    fdb[v.version].add((mac, int(e.fdb[1])))
         for v in self.vteps:
             await self._sync_device(v, changes, arp[v.version], fdb[v.version], routes[v.version])
         return changes
 
-    async def _sync_device(self, v: Vtep, changes: dict[str, int], arp: dict[IPAddress, str],
-                           fdb: set[tuple[str, IPAddress]], routes: dict[IPNetwork, Route]) -> None:
+    async def _sync_device(self, v: Vtep, changes: dict[str, int], arp: dict[int, bytes],
+                           fdb: set[tuple[bytes, int]], routes: dict[IPNetwork, Route]) -> None:
         """One device's part of a full pass: its neighbours, FDB entries and routes (and the direct
-        routes of its family on the external interface) made equal to the wanted ones."""
+        routes of its family on the external interface) made equal to the wanted ones. The kernel
+        is read with raw dumps (addresses as ints of the device's family)."""
         assert v.dev is not None
-        idx, nl = v.dev.index, self.nl
+        idx = v.dev.index
+        addr = IPv6Address if v.version == 6 else int  # what BatchOp takes (IPv4: the int itself)
         # 1. ARP/NDP entries on the device (only permanent ones are ours; the kernel's own come and go)
-        have_arp = {n.ip: n for n in await nl.neighbours(idx, v.family)}
-        await self.apply(changes, "removed", [
-            (BatchOp.delete_neighbour(idx, ip), "stale ARP entry removed", {"ip": str(ip)})
-            for ip, n in have_arp.items() if n.permanent and ip not in arp])
-        ops = []
-        for ip, mac in arp.items():
-            n = have_arp.get(ip)
-            if n is None or n.mac != mac or not n.permanent:
-                ops.append((BatchOp.replace_neighbour(idx, ip, mac), "ARP entry set", {"ip": str(ip), "mac": mac}))
-        await self.apply(changes, "added", ops)
+        have_arp = {ip: (mac, state) for ip, mac, state in await asyncio.to_thread(read_neighbours, idx, v.family)}
+        await self.apply(changes, "removed", "stale ARP entry removed", [
+            BatchOp.delete_neighbour(idx, addr(ip)) for ip, (_, state) in have_arp.items()
+            if state & NUD_PERMANENT and ip not in arp])
+        await self.apply(changes, "added", "ARP entry set", [
+            BatchOp.replace_neighbour(idx, addr(ip), mac) for ip, mac in arp.items()
+            if not _same_permanent(have_arp.get(ip), mac)])
         # 2. FDB entries (remote VTEPs)
-        entries = [f for f in await nl.fdb(idx, v.family) if f.dst is not None]
-        have_fdb = {(f.mac, f.dst) for f in entries if f.permanent}
-        await self.apply(changes, "removed", [
-            (BatchOp.delete_fdb(idx, mac, dst), "stale FDB entry removed", {"mac": mac, "dst": str(dst)})
-            for mac, dst in have_fdb - fdb])
-        await self.apply(changes, "added", [
-            (BatchOp.replace_fdb(idx, mac, dst), "FDB entry set", {"mac": mac, "dst": str(dst)})
-            for mac, dst in fdb - have_fdb])
+        have_fdb = {(mac, dst) for mac, dst, state in await asyncio.to_thread(read_fdb, idx, v.family)
+                    if dst and state & NUD_PERMANENT}
+        await self.apply(changes, "removed", "stale FDB entry removed",
+                         [BatchOp.delete_fdb(idx, mac, addr(dst)) for mac, dst in have_fdb - fdb])
+        await self.apply(changes, "added", "FDB entry set",
+                         [BatchOp.replace_fdb(idx, mac, addr(dst)) for mac, dst in fdb - have_fdb])
         # 3. routes: on the device, or direct routes on the external interface
         await self.sync_routes(changes, routes, {idx, self.ctx.ext.index}, family=v.family)
 
@@ -385,11 +387,20 @@ class VXLANBackend(KernelPeerBackend):
         devs = {v.dev.index for v in self.vteps if v.dev is not None}
         if ev.kind == "link":
             return ev.ifindex in devs or ev.name in {v.name for v in self.vteps}
-        if ev.action != "del":
-            return False
+        if ev.kind == "addr":
+            return ev.ifindex in devs
         if ev.kind == "route":
-            return (ev.ifindex in devs or ev.ifindex == self.ctx.ext.index) and (ev.table in (None, 254))
-        return ev.ifindex in devs  # neigh / fdb
+            if (ev.ifindex not in devs and ev.ifindex != self.ctx.ext.index) or ev.table not in (None, 254):
+                return False
+            return ev.action == "del" or self.route_event_inside(ev)
+        if ev.ifindex not in devs:  # neigh / fdb
+            return False
+        return ev.action == "del" or bool((ev.state or 0) & NUD_PERMANENT)
+
+
+def _same_permanent(have: tuple[bytes, int] | None, mac: bytes) -> bool:
+    """Is a kernel ARP entry (lladdr, state) already the permanent entry for ``mac``?"""
+    return have is not None and have[0] == mac and bool(have[1] & NUD_PERMANENT)
 
 
 def _address_text(value: object) -> str | None:
