@@ -252,23 +252,31 @@ class Converger:
         return True
 
     async def _apply_peers(self, full: bool) -> None:
-        """Hand the backend the difference between the book's accepted leases and what it has
-        (by key and object identity: O(peers) string lookups, ~2 ms for 5,000)."""
+        """Hand the backend the difference between the book's accepted leases and what it has, by
+        key and object identity: over every key for a full pass (O(peers) string lookups, ~2 ms for
+        5,000), else over the keys touched since the last pass (one event: O(1))."""
         arrived = metrics.LEASE_EVENTS.take()  # every event before now is in this batch
         claiming = self.m.claiming
         accepted = self.m.book.accepted
         applied = self._applied
+        touched = self.m.take_touched()
+        keys = [*accepted, *(k for k in applied if k not in accepted)] if full else touched
         changed_items = []
-        for key, le in accepted.items():
+        removed_keys = []
+        for key in keys:
+            le = accepted.get(key)
             old = applied.get(key)
-            if old is le or key in claiming:
+            if le is None or key in claiming:
+                if old is not None:
+                    removed_keys.append(key)
+                continue
+            if old is le:
                 continue
             if old is not None and old == le:
                 applied[key] = le  # the same lease as a new object (a relist): no change
                 continue
             changed_items.append((key, le))
         changed = [le for _, le in changed_items]
-        removed_keys = [key for key in applied if key not in accepted or key in claiming]
         if not (changed or removed_keys or full):
             return
         removed = [applied[key] for key in removed_keys]

@@ -134,6 +134,9 @@ class SubnetManager:
         # keys we are writing to acquire a lease: their watch events may come before the write
         # returns, and must not make us our own peer
         self.claiming: set[str] = set()
+        # book keys whose peer may have changed since the listener last took them (take_touched):
+        # a convergence after one event looks at those keys only, not at every peer
+        self.touched: set[str] = set()
         # subnet keys that another host with our PublicIP took from us: not reused (no flip-flop)
         self.foreign: dict[str, tuple[str, str]] = {}
         self._kick = asyncio.Event()
@@ -176,6 +179,7 @@ class SubnetManager:
             return await write()
         finally:
             self.claiming.discard(key)
+            self.touched.add(key)
             self.notify(False)
 
     def _host_address(self, attrs: LeaseAttrs) -> IPv4Address | IPv6Address | None:
@@ -542,13 +546,22 @@ class SubnetManager:
                 await asyncio.sleep(delay)
                 rev = None  # relist on reconnect: the diff covers anything missed, even data loss
 
+    def take_touched(self) -> set[str]:
+        """The keys touched since the last call (events, claims; see ``touched``), forgotten here."""
+        touched, self.touched = self.touched, set()
+        return touched
+
     def _on_event(self, kind: str, rec: Record) -> None:
         self._seen_rev = max(self._seen_rev, rec.revision)
         if kind == "delete":
-            self.book.delete(rec.key)
+            ch = self.book.delete(rec.key)
         else:
             metrics.LEASE_EVENTS.arrived(rec.key)
-            self.book.put(rec)
+            ch = self.book.put(rec)
+        self.touched.add(rec.key)
+        if ch:  # a put or delete may also accept or reject other keys (conflicts)
+            self.touched.update(le.key for le in ch.added)
+            self.touched.update(le.key for le in ch.removed)
         if self.lease is not None and rec.key == self.lease.key:
             self._own_record(None if kind == "delete" else rec, rec.revision)
         self.notify(False)
