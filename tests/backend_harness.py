@@ -6,6 +6,7 @@ The test side::
     info = proc.call("register")                                # {"mtu", "backend_type", "backend_data"}
     proc.call("start", lease=lease_json(...))
     proc.call("set_peers", leases=[...]); proc.call("add_peer", lease=...); proc.call("reconcile")
+    proc.call("update_peers", changed=[...], removed=[...])     # one batch of events
     proc.close()                                                # backend.close(), process exits
     proc.log()                                                  # its structlog output
 
@@ -216,6 +217,9 @@ async def _driver() -> None:
                 await backend.add_peer(lease(cmd["lease"]))
             elif op == "remove_peer":
                 await backend.remove_peer(lease(cmd["lease"]))
+            elif op == "update_peers":  # one batch of lease events, as the converger hands them over
+                await backend.update_peers([lease(d) for d in cmd.get("changed", [])],
+                                           [lease(d) for d in cmd.get("removed", [])])
             elif op == "reconcile":
                 await backend.reconcile()
             elif op == "timer":  # run reconcile() periodically, like the daemon

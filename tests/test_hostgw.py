@@ -125,3 +125,25 @@ def test_unreachable_peer_does_not_stop_others(lab, trio):
     assert not any(x.startswith("10.6.8.0") for x in r)
     # explained once, with the fix (not "route recovery failed" at every pass)
     assert a.proc.log().count("host-gw needs all hosts on one L2 segment") == 1
+
+
+def test_a_batch_of_joins_and_leaves_with_an_unreachable_peer(lab, trio):
+    """Many lease events at once (one netlink batch, no kernel re-read): every reachable peer is
+    routed, the unreachable one explained once (not a failure line), and a batch of leaves removes
+    exactly those routes."""
+    a, b, c = trio
+    many = [lease_json(f"10.6.{i}.0/24", f"192.168.100.{i}", "host-gw") for i in range(50, 80)]
+    far = lease_json("10.6.8.0/24", "198.18.0.8", "host-gw")
+    a.proc.call("update_peers", changed=[*many, far])
+    r = routes(a.host)
+    assert {f"10.6.{i}.0/24 via 192.168.100.{i} dev eth0" for i in range(50, 80)} <= r
+    assert route_to(b) in r and route_to(c) in r
+    assert not any(x.startswith("10.6.8.0") for x in r)
+    log = a.proc.log()
+    assert log.count("host-gw needs all hosts on one L2 segment") == 1
+    assert " failed " not in log  # no failure line (the summary counts the peer: failed=1)
+    a.proc.call("update_peers", removed=many[:20])
+    r = routes(a.host)
+    assert not any(f"10.6.{i}.0/24 " in x for x in r for i in range(50, 70))
+    assert {f"10.6.{i}.0/24 via 192.168.100.{i} dev eth0" for i in range(70, 80)} <= r
+    assert route_to(b) in r and a.pod.ping(b.pod.address)

@@ -96,8 +96,8 @@ def assert_converged(nodes: list[Node], etcd, timeout: float = 10) -> None:
 
 def wait_full_pass(n: Node) -> None:
     """Plant a stale ARP entry on flannel.1 (harmless: 10.5.0.0/24 is never leased) and wait until
-    the periodic reconcile removes it: a full kernel pass has run (the pass that, before the gate,
-    re-programmed a bad lease or failed on one at every round)."""
+    a full kernel pass (started by the entry's netlink event) removes it: the pass that, before the
+    gate, re-programmed a bad lease or failed on one at every round."""
     n.host.ip("neigh", "add", "10.5.0.250", "lladdr", "02:00:00:00:00:fa", "dev", "flannel.1", "nud", "permanent")
     wait_for(lambda: "10.5.0.250 " not in n.host.ip("neigh", "show", "dev", "flannel.1"), 30,
              f"{n.host.name}: a reconcile pass")

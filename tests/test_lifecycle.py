@@ -84,12 +84,13 @@ def test_vxlan_own_subnet_taken_over_converges_like_a_fresh_start(lab, etcd):
     wait_for(lambda: flannel_routes(h2) == {old, new},
              30, "h2 routes to h1's new subnet and the taker", interval=0.1)
     wait_ready(h1)
-    # a safety-net pass (every 10 s) over that state: it repairs an ARP entry changed behind its
-    # back (a change without a delete event: only the full pass sees it), and nothing else
+    # a full pass over that state (started by the netlink events of an ARP entry changed behind the
+    # daemon's back and of a stale one planted) repairs exactly those two, and nothing else
     repairs = d1.log_text().count("kernel state reconciled")
     h1.ip("neigh", "replace", sn2.split("/")[0], "lladdr", "02:00:00:00:00:99", "dev", "flannel.1", "nud", "permanent")
+    h1.ip("neigh", "add", "10.5.0.250", "lladdr", "02:00:00:00:00:fa", "dev", "flannel.1", "nud", "permanent")
     wait_for(lambda: d1.log_text().count("kernel state reconciled") > repairs and kernel_view(h1) == want, 60,
-             "the safety-net pass", detail=lambda: kernel_view(h1))
+             "a full pass", detail=lambda: kernel_view(h1))
     assert "route set failed" not in d1.log_text() and "failed" not in d1.log_text().split("subnet changed")[-1]
     no_traceback(d1)
 

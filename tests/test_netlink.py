@@ -211,6 +211,60 @@ def test_batch_programs_exact_entries_and_reports_failures(lab):
     assert sorted(fdb) == sorted(f"{m} dst {p} self permanent" for _, m, p in left)
 
 
+RAW_DUMPS = """
+import json, socket
+from pyflanneld.netlink import read_fdb, read_neighbours, read_routes
+idx, eth0 = socket.if_nametoindex("flannel.1"), socket.if_nametoindex("eth0")
+ip = lambda n: socket.inet_ntoa(n.to_bytes(4, "big"))
+print(json.dumps({
+    "routes": sorted([ip(d), p, ip(g) if g else None, o == idx and "flannel.1" or o == eth0 and "eth0" or o, f & 4, proto]
+                     for d, p, g, o, f, proto in read_routes()),
+    "table7": [ip(d) for d, *_ in read_routes(7)],
+    "neigh": sorted([ip(i), m.hex(":"), s & 0x80] for i, m, s in read_neighbours(idx)),
+    "fdb": sorted([m.hex(":"), ip(d) if d else None, s & 0x80] for m, d, s in read_fdb(idx)),
+}))
+"""
+
+
+@pytest.mark.lab
+def test_raw_dumps_read_what_ip_and_bridge_show(lab):
+    """The full pass's raw reads (netlink.read_routes/read_neighbours/read_fdb) against entries made
+    with iproute2: every field, several datagrams (300 routes), other tables/devices/families left out."""
+    h = lab.add_host("h1")
+    h.ip("link", "add", "flannel.1", "type", "vxlan", "id", "1", "local", h.address, "dev", "eth0",
+         "dstport", "8472", "nolearning")
+    h.ip("link", "set", "flannel.1", "up")
+    h.ip("link", "add", "other", "type", "vxlan", "id", "2", "local", h.address, "dev", "eth0", "dstport", "8473")
+    h.ip("link", "set", "other", "up")
+    batch = [f"route add 10.8.{i}.{j}/32 via 10.8.{i}.{j} dev flannel.1 onlink" for i in range(3) for j in range(100)]
+    batch += ["route add 10.9.0.0/24 via 192.168.100.9 dev eth0 proto 4",
+              "route add 10.9.1.0/24 via 192.168.100.9 dev eth0 table 7",
+              "route add 10.9.2.0/24 nexthop via 192.168.100.9 dev eth0 nexthop via 192.168.100.8 dev eth0",
+              "route add blackhole 10.9.3.0/24",
+              "route add fd00:9::/64 dev flannel.1",
+              "neigh add 10.8.0.0 lladdr 02:00:00:00:00:01 dev flannel.1 nud permanent",
+              "neigh add 10.8.1.0 lladdr 02:00:00:00:00:02 dev flannel.1 nud stale",
+              "neigh add 10.8.2.0 lladdr 02:00:00:00:00:03 dev other nud permanent",
+              "neigh add fd00:9::1 lladdr 02:00:00:00:00:04 dev flannel.1 nud permanent"]
+    h.run("ip", "-batch", "-", input="\n".join(batch) + "\n")
+    h.bridge("fdb", "append", "02:00:00:00:00:01", "dev", "flannel.1", "dst", "192.168.100.7", "self", "permanent")
+    h.bridge("fdb", "append", "00:00:00:00:00:00", "dev", "flannel.1", "dst", "192.168.100.8", "self", "permanent")
+    h.bridge("fdb", "append", "02:00:00:00:00:06", "dev", "other", "dst", "192.168.100.6", "self", "permanent")
+    cp = h.run(PYTHON, "-c", RAW_DUMPS, check=False, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    got = json.loads(cp.stdout)
+    ours = [[f"10.8.{i}.{j}", 32, f"10.8.{i}.{j}", "flannel.1", 4, 3] for i in range(3) for j in range(100)]
+    assert [r for r in got["routes"] if r[3] == "flannel.1"] == sorted(ours)
+    eth0 = [r for r in got["routes"] if r[3] == "eth0"]
+    assert ["10.9.0.0", 24, "192.168.100.9", "eth0", 0, 4] in eth0  # proto kept (4 = static)
+    assert ["192.168.100.0", 24, None, "eth0", 0, 2] in eth0  # the kernel's own (proto 2)
+    assert not [r for r in got["routes"] if r[0] in ("10.9.1.0", "10.9.2.0", "10.9.3.0")]  # table 7, multipath, blackhole
+    assert got["table7"] == ["10.9.1.0"]
+    assert got["neigh"] == [["10.8.0.0", "02:00:00:00:00:01", 128], ["10.8.1.0", "02:00:00:00:00:02", 0]]
+    fdb = [f for f in got["fdb"] if f[1] is not None]
+    assert fdb == [["00:00:00:00:00:00", "192.168.100.8", 128], ["02:00:00:00:00:01", "192.168.100.7", 128]]
+
+
 MONITOR = """
 import asyncio, socket, subprocess
 from pyflanneld.netlink import NetlinkMonitor

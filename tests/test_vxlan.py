@@ -149,6 +149,32 @@ def test_changed_entries_fixed_by_reconcile(lab, pair):
              "the replaced route fixed by the timer pass", detail=lambda: vxlan_state(a.host))
 
 
+@pytest.mark.parametrize("what", ["route", "neigh", "fdb", "address"])
+def test_changed_entry_is_repaired_by_netlink_event(lab, pair, what):
+    """An entry someone replaces (no delete event), or the device's address removed, is repaired
+    within ~0.1 s of its notification — not at the next safety-net pass (a minute)."""
+    a, b = pair
+    wrong = {"route": f"{b.subnet} via 192.168.100.254 dev eth0",
+             "neigh": "10.5.2.0 lladdr 02:00:00:00:00:99 PERMANENT",
+             "fdb": f"{mac_of(b)} dst 192.168.100.254 self permanent"}.get(what)
+    if what == "route":
+        a.host.ip("route", "replace", b.subnet, "via", "192.168.100.254", "dev", "eth0")
+    elif what == "neigh":
+        a.host.ip("neigh", "replace", "10.5.2.0", "lladdr", "02:00:00:00:00:99", "dev", "flannel.1", "nud", "permanent")
+    elif what == "fdb":
+        a.host.bridge("fdb", "replace", mac_of(b), "dev", "flannel.1", "dst", "192.168.100.254", "self", "permanent")
+    else:
+        a.host.ip("addr", "del", "10.5.1.0/32", "dev", "flannel.1")
+
+    def repaired() -> bool:
+        st = vxlan_state(a.host)
+        addrs = a.host.ip("-4", "addr", "show", "flannel.1")
+        return has_entries(a.host, b) and not any(wrong in x for x in st.values()) and "10.5.1.0/32" in addrs
+
+    assert wait_for(repaired, timeout=3), vxlan_state(a.host)
+    assert a.pod.ping(b.pod.address)
+
+
 def test_deleted_device_is_recreated_with_same_mac(lab, pair):
     a, b = pair
     old_index = a.host.ip_json("link", "show", "flannel.1")[0]["ifindex"]
