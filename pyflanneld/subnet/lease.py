@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import re
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ def _ipv4_int(s: str) -> int | None:
     m = _IPV4_RE.fullmatch(s)
     if m is None:
         return None
-    a, b, c, d = (int(x) for x in m.groups())
+    a, b, c, d = map(int, m.groups())
     if a > 255 or b > 255 or c > 255 or d > 255:
         return None
     return a << 24 | b << 16 | c << 8 | d
@@ -118,7 +119,7 @@ def parse_mac(value: Any) -> str | None:
     if not _MAC_RE.fullmatch(s):
         return None
     if s[2] == ":":
-        return s
+        return value if s == value else s  # the caller's string when already normal: one copy per lease
     h = s.replace("-", "").replace(".", "")
     return f"{h[0:2]}:{h[2:4]}:{h[4:6]}:{h[6:8]}:{h[8:10]}:{h[10:12]}"
 
@@ -254,7 +255,15 @@ def _check_public_ipv6(v: Any) -> IPv6Address | None:
         raise LeaseFormatError(f"PublicIPv6: {_show(v)} is not an IPv6 address") from None
 
 
-@dataclass(frozen=True)
+def _compact(data: Any) -> Any:
+    """Decoded BackendData as it is kept for the lease's lifetime: an object's keys interned (the
+    JSON decoder makes new "VNI"/"VtepMAC" strings for every lease; thousands of peers share one)."""
+    if isinstance(data, dict):
+        return {sys.intern(k): v for k, v in data.items()}
+    return data
+
+
+@dataclass(frozen=True, slots=True)
 class LeaseAttrs:
     """upstream pkg/lease LeaseAttrs: what a host publishes in its lease value.
 
@@ -304,14 +313,14 @@ class LeaseAttrs:
         pub6 = _check_public_ipv6(d.get("publicipv6"))
         return cls(
             public_ip=pub,
-            backend_type=bt,
-            backend_data=d.get("backenddata"),
+            backend_type=sys.intern(bt),
+            backend_data=_compact(d.get("backenddata")),
             public_ipv6=pub6,
-            backend_v6_data=d.get("backendv6data"),
+            backend_v6_data=_compact(d.get("backendv6data")),
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Lease:
     subnet: IPv4Network
     attrs: LeaseAttrs

@@ -53,7 +53,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import structlog
 
@@ -103,15 +103,55 @@ class _Claims(NamedTuple):
     mac6: str | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Cand:
     """A lease that passed the per-lease checks, with what the set checks need."""
 
     key: str
     lease: Lease
-    order: tuple[bool, int, str]  # (not of the config's shape, create_revision, key): lower wins
+    odd: bool  # not of the config's shape (SubnetLen, SubnetMin..SubnetMax)
+    created: int  # create_revision
     claims: _Claims
     revision: int  # mod revision: one warning per change
+
+    @property
+    def order(self) -> tuple[bool, int, str]:
+        """(not of the config's shape, create_revision, key): lower wins a conflict."""
+        return self.odd, self.created, self.key
+
+
+# Indexes map a claim to the key that holds it, or to the set of keys when several do (conflicts
+# are rare: a set per entry would cost ~220 bytes per lease).
+Index = dict[Any, "str | set[str]"]
+
+
+def _index_add(index: Index, claim: Any, key: str) -> None:
+    have = index.get(claim)
+    if have is None:
+        index[claim] = key
+    elif isinstance(have, set):
+        have.add(key)
+    elif have != key:
+        index[claim] = {have, key}
+
+
+def _index_remove(index: Index, claim: Any, key: str) -> None:
+    have = index.get(claim)
+    if isinstance(have, set):
+        have.discard(key)
+        if len(have) == 1:
+            index[claim] = next(iter(have))
+    elif have == key:
+        del index[claim]
+
+
+def _index_get(index: Index, claim: Any, out: set[str]) -> None:
+    """Add the keys holding ``claim`` to ``out``."""
+    have = index.get(claim)
+    if isinstance(have, set):
+        out |= have
+    elif have is not None:
+        out.add(have)
 
 
 class _Spans:
@@ -121,7 +161,7 @@ class _Spans:
 
     def __init__(self, bits: int) -> None:
         self.bits = bits
-        self.by_cidr: dict[tuple[int, int], set[str]] = {}  # (start, prefix length) → keys
+        self.by_cidr: Index = {}  # start << 8 | prefix length → key(s)
         self.starts: list[tuple[int, int, str]] = []  # (start, prefix length, key), sorted
         self.plens: dict[int, int] = {}  # prefix length → number of candidates with it
 
@@ -133,7 +173,7 @@ class _Spans:
     def add(self, span: Span, key: str, bulk: bool = False) -> None:
         """Index ``key``'s subnet; ``bulk``: append unsorted (call :meth:`sort` after)."""
         start, _end, plen = span
-        self.by_cidr.setdefault((start, plen), set()).add(key)
+        _index_add(self.by_cidr, start << 8 | plen, key)
         if bulk:
             self.starts.append((start, plen, key))
         else:
@@ -145,10 +185,7 @@ class _Spans:
 
     def remove(self, span: Span, key: str) -> None:
         start, _end, plen = span
-        keys = self.by_cidr[(start, plen)]
-        keys.discard(key)
-        if not keys:
-            del self.by_cidr[(start, plen)]
+        _index_remove(self.by_cidr, start << 8 | plen, key)
         del self.starts[bisect_left(self.starts, (start, plen, key))]
         self.plens[plen] -= 1
         if not self.plens[plen]:
@@ -160,7 +197,7 @@ class _Spans:
         out: set[str] = set()
         for p in self.plens:
             if p < plen:
-                out |= self.by_cidr.get((start & _mask(p, self.bits), p), set())
+                _index_get(self.by_cidr, (start & _mask(p, self.bits)) << 8 | p, out)
         i = bisect_left(self.starts, (start,))
         while i < len(self.starts) and self.starts[i][0] <= end:
             out.add(self.starts[i][2])
@@ -206,7 +243,7 @@ class LeaseBook:
         self._cands: dict[str, _Cand] = {}
         self._spans = _Spans(32)
         self._spans6 = _Spans(128)
-        self._by_mac: dict[tuple[int, str], set[str]] = {}  # (IP version, VtepMAC) → keys
+        self._by_mac: dict[int, Index] = {4: {}, 6: {}}  # IP version → VtepMAC → key(s)
         self._accepted: dict[str, Lease] = {}
         self._rejected: dict[str, str] = {}
         self._warned: dict[str, tuple[int, str]] = {}  # key → (mod revision, reason) last warned
@@ -241,7 +278,8 @@ class LeaseBook:
         self._cands.clear()
         self._spans.clear()
         self._spans6.clear()
-        self._by_mac.clear()
+        for macs in self._by_mac.values():
+            macs.clear()
         self._accepted.clear()
         self._warned = {k: v for k, v in self._warned.items() if k in self._records}
         old_rejected = dict(self._rejected)
@@ -286,7 +324,7 @@ class LeaseBook:
         if problem:
             return problem
         odd = not lease_compatible(self.cfg, lease.subnet, lease.subnet6)
-        return _Cand(key=rec.key, lease=lease, order=(odd, rec.create_revision, rec.key), claims=claims,
+        return _Cand(key=rec.key, lease=lease, odd=odd, created=rec.create_revision, claims=claims,
                      revision=rec.revision)
 
     def _check_v4(self, lease: Lease, span: Span) -> str | None:
@@ -430,9 +468,9 @@ class LeaseBook:
         if cl.span6 is not None:
             out |= self._spans6.overlapping(cl.span6)
         if cl.mac is not None:
-            out |= self._by_mac.get((4, cl.mac), set())
+            _index_get(self._by_mac[4], cl.mac, out)
         if cl.mac6 is not None:
-            out |= self._by_mac.get((6, cl.mac6), set())
+            _index_get(self._by_mac[6], cl.mac6, out)
         out.discard(exclude)
         return out
 
@@ -444,9 +482,9 @@ class LeaseBook:
         if cl.span6 is not None:
             self._spans6.add(cl.span6, c.key, bulk)
         if cl.mac is not None:
-            self._by_mac.setdefault((4, cl.mac), set()).add(c.key)
+            _index_add(self._by_mac[4], cl.mac, c.key)
         if cl.mac6 is not None:
-            self._by_mac.setdefault((6, cl.mac6), set()).add(c.key)
+            _index_add(self._by_mac[6], cl.mac6, c.key)
 
     def _unindex(self, c: _Cand) -> None:
         cl = c.claims
@@ -454,13 +492,10 @@ class LeaseBook:
             self._spans.remove(cl.span, c.key)
         if cl.span6 is not None:
             self._spans6.remove(cl.span6, c.key)
-        for mac_key in ((4, cl.mac), (6, cl.mac6)):
-            if mac_key[1] is None:
-                continue
-            macs = self._by_mac[mac_key]
-            macs.discard(c.key)
-            if not macs:
-                del self._by_mac[mac_key]
+        if cl.mac is not None:
+            _index_remove(self._by_mac[4], cl.mac, c.key)
+        if cl.mac6 is not None:
+            _index_remove(self._by_mac[6], cl.mac6, c.key)
 
     def _set_accepted(self, key: str, lease: Lease | None) -> None:
         if key not in self._before:

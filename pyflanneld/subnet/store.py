@@ -22,7 +22,7 @@ class AuthError(StoreError):
     """Credentials or certificates were refused; the message names what to fix."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     key: str  # last path element, e.g. "10.1.15.0-24"
     value: bytes
