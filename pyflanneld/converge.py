@@ -28,7 +28,7 @@ from ipaddress import IPv4Network, IPv6Network
 
 import structlog
 
-from . import metrics, subnetenv
+from . import memtrim, metrics, subnetenv
 from .backend.base import Backend, BackendError, BackendInfo, ExternalInterface, lease_attrs
 from .subnet.lease import Lease, LeaseAttrs
 from .subnet.manager import SubnetManager, wait_event
@@ -41,6 +41,7 @@ FACTS = ("lease", "interface", "backend", "subnet.env", "converged")
 RETRY_S = 1.0  # a false fact is retried this soon (doubling up to the period)
 LOG_EACH_PEER = 10  # batches up to this size log one line per lease; larger ones one summary
 IFACE_PERIOD_S = 10.0  # the interface is resolved again at least this often (and on link/address events)
+TRIM_AFTER_PEERS = 100  # a batch of more peer changes than this gives freed memory back (memtrim)
 
 
 class Converger:
@@ -294,6 +295,8 @@ class Converger:
         applied.update(changed_items)
         await self.backend.update_peers(changed, removed, resync=full, reason="converge")
         metrics.LEASE_EVENTS.programmed(arrived, (key for key, _ in changed_items))
+        if full or len(changed) + len(removed) > TRIM_AFTER_PEERS:
+            memtrim.trim()  # what the pass built and dropped (a relist's records, a burst) goes back
         if not self._peers_done:
             self._peers_done = True
             self._set("converged")

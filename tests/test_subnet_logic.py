@@ -4,11 +4,13 @@ import random
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pyflanneld import subnetenv
 from pyflanneld.config import parse_config
 from pyflanneld.subnet.allocate import MAX_CANDIDATES, Taken, choose_subnet, free_subnets, pool_size
-from pyflanneld.subnet.lease import LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
+from pyflanneld.subnet.lease import _CANONICAL, LeaseAttrs, LeaseFormatError, parse_subnet_key, subnet_key
 
 CFG = parse_config('{"Network":"10.1.0.0/16"}')
 # The example lease value of upstream's Documentation/reservations.md, byte for byte.
@@ -36,6 +38,42 @@ def test_lease_json_is_upstreams():
     back = LeaseAttrs.from_json(a.to_json())
     assert back == a
     assert LeaseAttrs.from_json('{"publicip":"1.2.3.4","backendtype":"host-gw"}').backend_type == "host-gw"
+
+
+def _read(decode, value: bytes):
+    try:
+        return decode(value)
+    except LeaseFormatError as e:
+        return f"LeaseFormatError: {e}"
+
+
+_octet = st.integers(0, 300).map(str) | st.sampled_from(["01", "00", "1a", ""])
+
+
+@given(pub=st.builds(".".join, st.lists(_octet, min_size=3, max_size=5)),
+       pub6=st.sampled_from(["null", '"fd00::1"', "nul", '""']),
+       bt=st.none() | st.sampled_from(["vxlan", "host-gw", "udp", "", "VXLAN", "x-1"]),
+       vni=st.none() | st.integers(0, 2**40).map(str) | st.sampled_from(["01", "-1", "1.0", "1e3", '"1"']),
+       mac=st.sampled_from(["02:be:00:00:01:02", "02:BE:00:00:01:02", "02-be-00-00-01-02", "02:be:00:00:01",
+                            "00:00:00:00:00:00", "ff:ff:ff:ff:ff:ff", "02:be:00:00:01:02\\u0000"]),
+       space=st.sampled_from(["", " "]), tail=st.sampled_from(["", ",", ',"X":1', '}']))
+def test_canonical_lease_values_read_as_the_json_decoder_reads_them(pub, pub6, bt, vni, mac, space, tail):
+    """The fast path of LeaseAttrs.from_json (a value as a flanneld writes it) gives what the JSON
+    decoder gives, for such values and for every near miss (which take the general path)."""
+    value = f'{{"PublicIP":{space}"{pub}","PublicIPv6":{pub6}'
+    if bt is not None:
+        value += f',"BackendType":"{bt}"'
+    if vni is not None:
+        value += f',"BackendData":{{"VNI":{vni},"VtepMAC":"{mac}"}}'
+    raw = (value + "}" + tail).encode()
+    assert _read(LeaseAttrs.from_json, raw) == _read(LeaseAttrs.decode, raw)
+
+
+def test_canonical_lease_values_take_the_fast_path():
+    for a in (LeaseAttrs(IPv4Address("192.168.64.3"), "vxlan", {"VNI": 1, "VtepMAC": "c6:d2:32:6f:8f:44"}),
+              LeaseAttrs(IPv4Address("10.0.0.1"), "host-gw"), LeaseAttrs(IPv4Address("10.0.0.1"))):
+        raw = a.to_json().encode()
+        assert _CANONICAL.fullmatch(raw) and LeaseAttrs.from_json(raw) == a == LeaseAttrs.decode(raw)
 
 
 @pytest.mark.parametrize("bad", [b"not json", b"[]", b'{"PublicIP":"nope"}', b'{"PublicIP":"1.2.3.4","BackendType":5}'])

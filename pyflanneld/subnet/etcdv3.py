@@ -305,7 +305,9 @@ class EtcdV3Store:
                 continue
             recs.append(self._record(kv))
             if kv.lease:
-                self._lease_ids[recs[-1].key] = kv.lease
+                key = recs[-1].key
+                self._lease_ids.pop(key, None)  # keep this list's key string: not a second copy per lease
+                self._lease_ids[key] = kv.lease
         return recs, r.header.revision
 
     async def get_subnet(self, key: str) -> Record | None:
