@@ -595,7 +595,8 @@ class BatchOp:
     set at send); ``delete``: a vanished object counts as done. Build them with the constructors
     below: the messages are byte for byte what the single calls (pyroute2) send. An op holds only
     its bytes (a first sync builds thousands); ``what`` (the one-line description of errors) and
-    ``target`` (how the monitor names the entry) are decoded from them when asked for.
+    ``event_key()`` (the monitor's name of the notification it causes) are decoded from them when
+    asked for.
 
     Addresses are IPv4 or IPv6 ``ipaddress`` objects (the message's family follows), or IPv4
     addresses as 32-bit ints; MACs strings or 6 bytes."""
@@ -705,11 +706,12 @@ class BatchOp:
             return {"mac": f["mac"], "dst": str(f["dst"])}
         return {"ip": f["dst"], "mac": f["mac"]} if f["mac"] else {"ip": f["dst"]}
 
-    @property
-    def target(self) -> tuple[str, str | None]:
-        """(kind, dst) of the entry, as the monitor's :class:`Event` names it."""
-        f = self.fields()
-        return f["kind"], f["dst"]
+    def event_key(self) -> bytes:
+        """:func:`event_key` of the notification this op causes (a few bytes: a full pass expects
+        thousands)."""
+        kind = self.entry
+        dst = _attrs(self.msg, 28, len(self.msg)).get(RTA_DST if kind == "route" else NDA_DST, b"")
+        return _EVENT_CODES["del" if self.delete else "new", kind] + dst
 
     @property
     def what(self) -> str:
@@ -728,6 +730,21 @@ class BatchOp:
             return f"{verb} fdb {f['mac']} dst {f['dst']} dev {f['index']}"
         lladdr = f" lladdr {f['mac']}" if f["mac"] else ""
         return f"{verb} neighbour {f['dst']}{lladdr} dev {f['index']}"
+
+
+_EVENT_CODES = {(a, k): bytes([n]) for n, (a, k) in enumerate(
+    (a, k) for a in ("new", "del") for k in ("route", "neigh", "fdb", "link", "addr", "overrun"))}
+
+
+def event_key(action: str, kind: str, dst: str | None) -> bytes:
+    """A compact key naming a notification: its action, kind and destination (as in :class:`Event`)."""
+    code = _EVENT_CODES.get((action, kind), b"?")
+    if dst is None:
+        return code
+    try:
+        return code + socket.inet_pton(socket.AF_INET6 if ":" in dst else socket.AF_INET, dst)
+    except OSError:
+        return code
 
 
 def _rtmsg(dst: bytes, plen: int, gateway: bytes | None, oif: int, onlink: bool, table: int, proto: int,

@@ -14,7 +14,7 @@ import pytest
 from pyroute2.netlink.rtnl.ndmsg import ndmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-from pyflanneld.netlink import BatchOp, Route
+from pyflanneld.netlink import BatchOp, Route, _raw_events, event_key
 
 RTM_NEWROUTE, RTM_DELROUTE, RTM_NEWNEIGH, RTM_DELNEIGH = 24, 25, 28, 29
 REQUEST_ACK = 0x1 | 0x4
@@ -143,3 +143,31 @@ def test_ipv6_fdb_is_pyroute2s_encoding():
     op = BatchOp.delete_fdb(12, MAC, V6_PUBLIC)
     assert op.msg == pyroute2_bytes(ndmsg, RTM_DELNEIGH, REQUEST_ACK, fields,
                                     [("NDA_LLADDR", MAC), ("NDA_DST", str(V6_PUBLIC))]) and op.delete
+
+
+# --- expectations: an op's event_key is the key of the notification the monitor decodes for it ----
+@pytest.mark.parametrize("op", [
+    BatchOp.replace_neighbour(7, IPv4Address("10.5.3.0"), MAC),
+    BatchOp.delete_neighbour(7, IPv4Address("10.5.3.0")),
+    BatchOp.replace_fdb(9, MAC, IPv4Address("192.168.100.3")),
+    BatchOp.delete_fdb(9, MAC, IPv4Address("192.168.100.3")),
+    BatchOp.delete_fdb(9, MAC, None),
+    BatchOp.replace_route(Route(IPv4Network("10.5.3.0/24"), IPv4Address("10.5.3.0"), 11, onlink=True)),
+    BatchOp.delete_route(Route(IPv4Network("10.5.6.0/24"), None, 11)),
+    BatchOp.delete_route_raw(int(IPv4Address("10.5.4.0")), 24, int(IPv4Address("192.168.100.4")), 2, False),
+    BatchOp.replace_neighbour(12, V6_PEER, MAC),
+    BatchOp.delete_neighbour(12, V6_PEER),
+    BatchOp.replace_fdb(12, MAC, V6_PUBLIC),
+    BatchOp.delete_fdb(12, MAC, V6_PUBLIC),
+    BatchOp.replace_route(Route(IPv6Network("fd80:0:0:3::/64"), V6_PEER, 12, onlink=True)),
+    BatchOp.delete_route_raw(int(IPv6Network("fd80:0:0:4::/64").network_address), 64, int(V6_PUBLIC), 2, False,
+                             family=socket.AF_INET6),
+], ids=lambda op: op.what)
+def test_event_key_names_the_notification_the_op_causes(op):
+    # the kernel's notification of a change carries the request's header type and body: decoding the
+    # request as a notification gives the Event the monitor sees
+    (ev,) = _raw_events(op.msg)
+    assert op.event_key() == event_key(ev.action, ev.kind, ev.dst)
+    others = {event_key(a, k, "10.5.3.0") for a in ("new", "del") for k in ("route", "neigh", "fdb")}
+    assert len(others) == 6  # action and kind are part of the key
+    assert event_key(ev.action, ev.kind, "10.99.99.0") != op.event_key()  # and so is the destination

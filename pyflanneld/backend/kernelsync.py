@@ -51,6 +51,7 @@ from ..netlink import (
     NetlinkError,
     NetlinkMonitor,
     Route,
+    event_key,
     read_routes,
 )
 from ..subnet.lease import Lease
@@ -108,10 +109,10 @@ class KernelPeerBackend(PeerSetBackend):
         self._repairs: set[asyncio.Task] = set()
         self._armed = False  # a repair pass is scheduled and has not started yet
         self._warned: set[PeerId] = set()
-        # (action, kind, dst) of the notifications our own changes cause ("new"/"del", kind and dst
-        # as in Event): they are not drift. Without this every peer removal set off a full repair
-        # pass, and removing thousands of peers took hours. Cleared by every full pass.
-        self._expected: set[tuple[str, str, str | None]] = set()
+        # netlink.event_key of the notifications our own changes cause: they are not drift. Without
+        # this every peer removal set off a full repair pass, and removing thousands of peers took
+        # hours. Cleared by every full pass.
+        self._expected: set[bytes] = set()
         self._closed = False
         self.sync_error = ""  # the last full pass's failure ("" when it succeeded): readiness
 
@@ -187,12 +188,11 @@ class KernelPeerBackend(PeerSetBackend):
 
     def expect_deleted(self, kind: str, dst: object) -> None:
         """Call before deleting an entry of ours (kind "route"/"neigh"/"fdb", dst as in Event.dst)."""
-        self._expected.add(("del", kind, str(dst)))
+        self._expected.add(event_key("del", kind, str(dst)))
 
     def expect(self, op: BatchOp) -> None:
         """The notification ``op`` will cause is ours (``apply`` calls this for every op)."""
-        kind, dst = op.target
-        self._expected.add(("del" if op.delete else "new", kind, dst))
+        self._expected.add(op.event_key())
 
     def owns_route(self, r: Route, devices: set[int]) -> bool:
         """Is this a route of ours: main table, not the kernel's, inside the flannel Network of its
@@ -414,7 +414,7 @@ class KernelPeerBackend(PeerSetBackend):
         expected = self._expected
         try:
             async for ev in mon.events():
-                key = (ev.action, ev.kind, ev.dst)
+                key = event_key(ev.action, ev.kind, ev.dst)
                 if key in expected:
                     expected.discard(key)
                     continue
