@@ -32,8 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from ipaddress import ip_address
+from itertools import islice
 from typing import Any
 
 import structlog
@@ -63,6 +64,7 @@ RECONCILE_INTERVAL = 10.0  # the full pass's period for a backend whose monitor 
 SAFETY_NET_INTERVAL = 60.0  # … and for one whose monitor sees every change of its entries
 EVENT_DEBOUNCE = 0.1
 LOG_EACH_PEER = 10  # batches up to this size log a line per peer (upstream's); larger ones a summary
+APPLY_CHUNK = 1024  # requests built and sent at a time by a full pass (see apply)
 
 
 def backend_options(ctx: BackendContext, spec: dict[str, tuple[type, Any]], label: str) -> dict[str, Any]:
@@ -258,20 +260,20 @@ class KernelPeerBackend(PeerSetBackend):
         counted in ``changes``). Returns the destinations that were already in place. The kernel is
         read with one raw dump of the main table's routes of ``family``."""
         version = 6 if family == socket.AF_INET6 else 4
-        wanted = {(int(dst.network_address), dst.prefixlen): (dst, r) for dst, r in want.items()}
+        wanted = {int(r.dst.network_address) << 8 | r.dst.prefixlen: r for r in want.values()}  # one family: no clash
         ok: set[IPNetwork] = set()
         stale = []
         for dst, plen, gw, oif, flags, proto in await asyncio.to_thread(read_routes, MAIN_TABLE, family):
             if not self._owns(dst, plen, gw, oif, proto, devices, version):
                 continue
-            w = wanted.get((dst, plen))
-            if w is not None and _route_matches(w[1], gw, oif, flags):
-                ok.add(w[0])
+            w = wanted.get(dst << 8 | plen)
+            if w is not None and _route_matches(w, gw, oif, flags):
+                ok.add(w.dst)
             else:
                 stale.append(BatchOp.delete_route_raw(dst, plen, gw, oif, bool(flags & RTNH_F_ONLINK), family=family))
         await self.apply(changes, "removed", removed_what, stale)
         await self.apply(changes, "added", added_what,
-                         [BatchOp.replace_route(r) for dst, r in want.items() if dst not in ok])
+                         (BatchOp.replace_route(r) for dst, r in want.items() if dst not in ok))
         return ok
 
     async def attempt(self, what: str, fn: Callable[[], Awaitable[Any]], **ctx: Any) -> bool:
@@ -288,26 +290,28 @@ class KernelPeerBackend(PeerSetBackend):
         A backend overrides this to explain failures whose cause is the host (see host-gw)."""
         log.warning(f"{what} failed", error=str(err), **ctx)
 
-    async def apply(self, changes: dict[str, int], kind: str, what: str, ops: Sequence[BatchOp]) -> None:
+    async def apply(self, changes: dict[str, int], kind: str, what: str, ops: Iterable[BatchOp]) -> None:
         """Many independent kernel changes at once (Netlink.batch), all described by ``what`` (e.g.
         "stale ARP entry removed"): a failure goes to ``entry_failed`` (with the entry's fields) and
         never stops the others; each success counts in ``changes[kind]``. Their notifications are
-        expected (not drift)."""
-        if not ops:
-            return
-        for op in ops:
-            self.expect(op)
-        results = await self.nl.batch(ops)
+        expected (not drift). ``ops`` is consumed APPLY_CHUNK at a time (a generator: a first sync's
+        15,000 requests never exist at once)."""
+        it = iter(ops)
         done = 0
-        for op, err in zip(ops, results, strict=True):
-            if err is None:
-                done += 1
-                if self.repairing:
-                    metrics.KERNEL_REPAIRS.labels(op.entry).inc()
-            else:
-                self.entry_failed(what, err, op.log_context())
-        changes[kind] += done
-        log.debug(what, entries=done)
+        while chunk := list(islice(it, APPLY_CHUNK)):
+            for op in chunk:
+                self.expect(op)
+            results = await self.nl.batch(chunk)
+            for op, err in zip(chunk, results, strict=True):
+                if err is None:
+                    done += 1
+                    if self.repairing:
+                        metrics.KERNEL_REPAIRS.labels(op.entry).inc()
+                else:
+                    self.entry_failed(what, err, op.log_context())
+        if done:
+            changes[kind] += done
+            log.debug(what, entries=done)
 
     async def program(self, stale: Sequence[Lease], changed: Sequence[Lease]) -> None:
         """Remove the entries of ``stale`` leases and program those of ``changed`` ones (the lock is

@@ -365,19 +365,19 @@ class VXLANBackend(KernelPeerBackend):
         addr = IPv6Address if v.version == 6 else int  # what BatchOp takes (IPv4: the int itself)
         # 1. ARP/NDP entries on the device (only permanent ones are ours; the kernel's own come and go)
         have_arp = {ip: (mac, state) for ip, mac, state in await asyncio.to_thread(read_neighbours, idx, v.family)}
-        await self.apply(changes, "removed", "stale ARP entry removed", [
+        await self.apply(changes, "removed", "stale ARP entry removed", (
             BatchOp.delete_neighbour(idx, addr(ip)) for ip, (_, state) in have_arp.items()
-            if state & NUD_PERMANENT and ip not in arp])
-        await self.apply(changes, "added", "ARP entry set", [
+            if state & NUD_PERMANENT and ip not in arp))
+        await self.apply(changes, "added", "ARP entry set", (
             BatchOp.replace_neighbour(idx, addr(ip), mac) for ip, mac in arp.items()
-            if not _same_permanent(have_arp.get(ip), mac)])
+            if not _same_permanent(have_arp.get(ip), mac)))
         # 2. FDB entries (remote VTEPs)
         have_fdb = {(mac, dst) for mac, dst, state in await asyncio.to_thread(read_fdb, idx, v.family)
                     if dst and state & NUD_PERMANENT}
         await self.apply(changes, "removed", "stale FDB entry removed",
-                         [BatchOp.delete_fdb(idx, mac, addr(dst)) for mac, dst in have_fdb - fdb])
+                         (BatchOp.delete_fdb(idx, mac, addr(dst)) for mac, dst in have_fdb - fdb))
         await self.apply(changes, "added", "FDB entry set",
-                         [BatchOp.replace_fdb(idx, mac, addr(dst)) for mac, dst in fdb - have_fdb])
+                         (BatchOp.replace_fdb(idx, mac, addr(dst)) for mac, dst in fdb - have_fdb))
         # 3. routes: on the device, or direct routes on the external interface
         await self.sync_routes(changes, routes, {idx, self.ctx.ext.index}, family=v.family)
 
