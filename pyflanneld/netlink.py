@@ -105,7 +105,7 @@ def _hint(code: int, what: str) -> str:
 # --- value types ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Link:
     index: int
     name: str
@@ -116,7 +116,7 @@ class Link:
     info: dict[str, Any] = field(default_factory=dict, compare=False)  # IFLA_INFO_DATA as a dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Route:
     """A route (IPv4 or IPv6: ``dst`` and ``gateway`` of one family)."""
 
@@ -133,7 +133,7 @@ class Route:
         return (self.dst, self.gateway, self.oif, self.onlink)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Neighbour:
     ip: IPAddress  # IPv4 (ARP) or IPv6 (NDP)
     mac: str
@@ -144,7 +144,7 @@ class Neighbour:
         return bool(self.state & NUD_PERMANENT)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class FdbEntry:
     mac: str
     dst: IPAddress | None  # remote VTEP (NDA_DST, IPv4 or IPv6); None for entries without one
@@ -178,7 +178,7 @@ class WgDevice:
     peers: tuple[WgPeer, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Event:
     """A netlink notification, reduced to what reconcilers look at."""
 

@@ -71,7 +71,7 @@ def random_mac() -> str:
     return ":".join(f"{x:02x}" for x in b)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PeerEntries:
     """The kernel entries one remote lease justifies on one device."""
 
