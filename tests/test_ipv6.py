@@ -343,6 +343,16 @@ def test_vxlan_ipv6_direct_routing_and_a_deleted_device(lab, etcd):
     assert h1.ip_json("link", "show", "flannel-v6.1")[0]["address"] == mac == n1.lease(etcd)["BackendV6Data"]["VtepMAC"]
     assert ping_pairs(pods, v6=True) == []
 
+    # a stale route planted inside IPv6Network, then an NDP entry changed behind the daemon's back
+    # (no delete: only its notification tells): each repaired by the full pass its IPv6
+    # notification starts (the safety-net pass is a minute away)
+    h1.ip("-6", "route", "add", "fd80:0:0:ff::/64", "via", "fd80:0:0:ff::", "dev", "flannel-v6.1", "onlink")
+    wait_for(lambda: flannel_state(h1) == want, 30, "the stale IPv6 route removed", detail=lambda: flannel_state(h1))
+    h1.ip("-6", "neigh", "replace", str(n3.subnet6.network_address), "lladdr", "02:00:00:00:00:99",
+          "dev", "flannel-v6.1", "nud", "permanent")
+    wait_for(lambda: flannel_state(h1) == want, 30, "the NDP entry repaired", detail=lambda: flannel_state(h1))
+    assert ping_pairs(pods, v6=True) == []
+
 
 # --- interface selection and --public-ipv6 --------------------------------------------------------
 def test_iface_by_ipv6_address_and_public_ipv6(lab, etcd):

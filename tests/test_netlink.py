@@ -216,12 +216,19 @@ import json, socket
 from pyflanneld.netlink import read_fdb, read_neighbours, read_routes
 idx, eth0 = socket.if_nametoindex("flannel.1"), socket.if_nametoindex("eth0")
 ip = lambda n: socket.inet_ntoa(n.to_bytes(4, "big"))
+ip6 = lambda n: socket.inet_ntop(socket.AF_INET6, n.to_bytes(16, "big"))
 print(json.dumps({
     "routes": sorted([ip(d), p, ip(g) if g else None, o == idx and "flannel.1" or o == eth0 and "eth0" or o, f & 4, proto]
                      for d, p, g, o, f, proto in read_routes()),
     "table7": [ip(d) for d, *_ in read_routes(7)],
     "neigh": sorted([ip(i), m.hex(":"), s & 0x80] for i, m, s in read_neighbours(idx)),
     "fdb": sorted([m.hex(":"), ip(d) if d else None, s & 0x80] for m, d, s in read_fdb(idx)),
+    "routes6": sorted([ip6(d), p, ip6(g) if g else None, o == idx and "flannel.1" or o == eth0 and "eth0" or o, f & 4, proto]
+                      for d, p, g, o, f, proto in read_routes(family=socket.AF_INET6) if proto != 2),
+    "neigh6": sorted([ip6(i), m.hex(":"), s & 0x80] for i, m, s in read_neighbours(idx, socket.AF_INET6) if s & 0x80),
+    "fdb6": sorted([m.hex(":"), ip6(d), s & 0x80]
+                   for m, d, s in read_fdb(socket.if_nametoindex("flannel-v6.1"), socket.AF_INET6) if d),
+    "fdb4_of_v6": [d for m, d, s in read_fdb(socket.if_nametoindex("flannel-v6.1")) if d],
 }))
 """
 
@@ -245,11 +252,16 @@ def test_raw_dumps_read_what_ip_and_bridge_show(lab):
               "neigh add 10.8.0.0 lladdr 02:00:00:00:00:01 dev flannel.1 nud permanent",
               "neigh add 10.8.1.0 lladdr 02:00:00:00:00:02 dev flannel.1 nud stale",
               "neigh add 10.8.2.0 lladdr 02:00:00:00:00:03 dev other nud permanent",
-              "neigh add fd00:9::1 lladdr 02:00:00:00:00:04 dev flannel.1 nud permanent"]
+              "neigh add fd00:9::1 lladdr 02:00:00:00:00:04 dev flannel.1 nud permanent",
+              "route add fd80:0:0:3::/64 via fd80:0:0:3:: dev flannel.1 onlink",
+              "route add fd80:0:0:4::/64 via fd00:8::4 dev eth0 onlink",
+              "route add fd80:0:0:5::/64 via fd00:8::4 dev eth0 onlink table 7"]
     h.run("ip", "-batch", "-", input="\n".join(batch) + "\n")
     h.bridge("fdb", "append", "02:00:00:00:00:01", "dev", "flannel.1", "dst", "192.168.100.7", "self", "permanent")
     h.bridge("fdb", "append", "00:00:00:00:00:00", "dev", "flannel.1", "dst", "192.168.100.8", "self", "permanent")
     h.bridge("fdb", "append", "02:00:00:00:00:06", "dev", "other", "dst", "192.168.100.6", "self", "permanent")
+    h.ip("link", "add", "flannel-v6.1", "type", "vxlan", "id", "1", "local", "fd00:8::1", "dstport", "8472", "nolearning")
+    h.bridge("fdb", "append", "02:00:00:00:00:07", "dev", "flannel-v6.1", "dst", "fd99::7", "self", "permanent")
     cp = h.run(PYTHON, "-c", RAW_DUMPS, check=False, timeout=60)
     assert cp.returncode == 0, cp.stderr
     got = json.loads(cp.stdout)
@@ -263,6 +275,13 @@ def test_raw_dumps_read_what_ip_and_bridge_show(lab):
     assert got["neigh"] == [["10.8.0.0", "02:00:00:00:00:01", 128], ["10.8.1.0", "02:00:00:00:00:02", 0]]
     fdb = [f for f in got["fdb"] if f[1] is not None]
     assert fdb == [["00:00:00:00:00:00", "192.168.100.8", 128], ["02:00:00:00:00:01", "192.168.100.7", 128]]
+    # IPv6 (flannel-v6.N's entries, direct routes): the same rows with 128-bit addresses
+    assert got["routes6"] == [["fd00:9::", 64, None, "flannel.1", 0, 3],  # added without proto: boot
+                              ["fd80:0:0:3::", 64, "fd80:0:0:3::", "flannel.1", 4, 3],
+                              ["fd80:0:0:4::", 64, "fd00:8::4", "eth0", 4, 3]]
+    assert got["neigh6"] == [["fd00:9::1", "02:00:00:00:00:04", 128]]
+    assert got["fdb6"] == [["02:00:00:00:00:07", "fd99::7", 128]]
+    assert got["fdb4_of_v6"] == []  # an IPv4 read leaves IPv6 remotes out
 
 
 MONITOR = """
