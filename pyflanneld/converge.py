@@ -38,7 +38,8 @@ log = structlog.get_logger()
 
 # The facts readiness is made of, in the order /readyz reports the first false one.
 FACTS = ("lease", "interface", "backend", "subnet.env", "converged")
-RETRY_S = 1.0  # a false fact is retried this soon (doubling up to the period)
+RETRY_S = 1.0  # a false fact is retried this soon (doubling up to RETRY_MAX_S)
+RETRY_MAX_S = 10.0  # … and at least this often, however long the safety-net period
 LOG_EACH_PEER = 10  # batches up to this size log one line per lease; larger ones one summary
 IFACE_PERIOD_S = 10.0  # the interface is resolved again at least this often (and on link/address events)
 TRIM_AFTER_PEERS = 100  # a batch of more peer changes than this gives freed memory back (memtrim)
@@ -50,7 +51,8 @@ class Converger:
     resolve_ext: the operator's interface rule, evaluated now (raises on no match — the message is
     the fact's reason). on_subnet(lease, previous_lease): called after the backend was started for
     a new own subnet (traffic rules, blackhole route). on_ready(): the first time all facts hold.
-    period_s: the safety-net timer; retry_s: the first retry of a false fact (doubling to period_s).
+    period_s: the safety-net timer; retry_s: the first retry of a false fact (doubling to
+    RETRY_MAX_S or period_s, the shorter). The interface is resolved again every IFACE_PERIOD_S.
     network/network6: the config's Network and IPv6Network for subnet.env (None: the family is off).
     """
 
@@ -128,7 +130,9 @@ class Converger:
         retry = self.retry_s
         while True:
             healthy = self.readiness()[0]
-            timeout = max(0.0, self._last_full + self.period_s - time.monotonic())  # the safety net is due
+            now = time.monotonic()
+            timeout = max(0.0, min(self._last_full + self.period_s,  # the safety net is due
+                                   self._last_iface + IFACE_PERIOD_S) - now)  # … or the interface check
             if not healthy:
                 timeout = min(timeout, retry)
             woken = await wait_event(self._event, timeout)
@@ -137,7 +141,7 @@ class Converger:
                 self._full = True  # the safety net, however busy the events keep us
             if (not woken and not healthy) or now >= self._last_iface + IFACE_PERIOD_S:
                 self._iface = True  # a retry while a fact is false; the interface every 10 s
-            retry = self.retry_s if healthy else min(retry * 2, self.period_s)
+            retry = self.retry_s if healthy else min(retry * 2, RETRY_MAX_S, self.period_s)
             self._event.clear()
             full, iface = self._full, self._iface
             self._full = self._iface = False
