@@ -421,7 +421,8 @@ def test_ipv6_lease_gate_and_own_lease_lost(lab, etcd):
         assert readyz(n.host)[0] == 200
     for n in nodes:  # never programmed, neither family
         st = flannel_state(n.host)
-        assert not [ln for v in st.values() for ln in v if "10.5.25" in ln or "fd81:" in ln or "02:7" in ln], st
+        assert not [ln for v in st.values() for ln in v
+                    if "10.5.250." in ln or "10.5.251." in ln or "fd81:" in ln or "02:7" in ln], st
     assert "outside the flannel IPv6Network fd80::/48" in n1.daemon.log_text()
     for key, _ in (outside, overlapping):
         etcd.delete(key)
