@@ -196,21 +196,13 @@ class KernelPeerBackend(PeerSetBackend):
         """The notification ``op`` will cause is ours (``apply`` calls this for every op)."""
         self._expected.add(op.event_key())
 
-    def owns_route(self, r: Route, devices: set[int]) -> bool:
-        """Is this a route of ours: main table, not the kernel's, inside the flannel Network of its
-        family (IPv4: Network, IPv6: IPv6Network) or that family's previous run's Network
+    def _owns(self, dst: int, plen: int, gw: int, oif: int, proto: int, devices: set[int], version: int = 4) -> bool:
+        """Is this main-table route (a raw dump's row: addresses as ints of IP ``version``, gw 0
+        for none) one of ours: not the kernel's, inside the flannel Network of its family (IPv4:
+        Network, IPv6: IPv6Network) or that family's previous run's Network
         (``ctx.previous_network``/``previous_network6``), not the own subnet (that one is on
         docker0/cni0), and on one of ``devices``? Routes on the external interface count only with a
         gateway and a destination strictly inside the (previous) Network."""
-        if r.table != MAIN_TABLE:
-            return False
-        gw = int(r.gateway) if r.gateway is not None else 0
-        return self._owns(int(r.dst.network_address), r.dst.prefixlen, gw, r.oif or 0, r.proto, devices,
-                          r.dst.version)
-
-    def _owns(self, dst: int, plen: int, gw: int, oif: int, proto: int, devices: set[int], version: int = 4) -> bool:
-        """:meth:`owns_route` for a main-table route given as ints (a raw dump's row; addresses of
-        IP ``version``)."""
         if proto == RTPROT_KERNEL or oif not in devices:
             return False
         net_plen = self._inside_family(dst, plen, version)
@@ -255,7 +247,7 @@ class KernelPeerBackend(PeerSetBackend):
                           removed_what: str = "stale route removed", added_what: str = "route set",
                           family: int = socket.AF_INET) -> set[IPNetwork]:
         """The route part of a full pass for one IP family (``want``'s), shared by the kernel
-        backends: routes of ours (see ``owns_route``) on ``devices`` that ``want`` does not hold
+        backends: routes of ours (see ``_owns``) on ``devices`` that ``want`` does not hold
         exactly are deleted, wanted routes that are missing or differ are set (one batch each;
         counted in ``changes``). Returns the destinations that were already in place. The kernel is
         read with one raw dump of the main table's routes of ``family``."""
