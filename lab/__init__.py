@@ -17,13 +17,13 @@ _paths = [p for p in _os.environ.get("PYTHONPATH", "").split(_os.pathsep) if p]
 if str(ROOT) not in _paths:
     _os.environ["PYTHONPATH"] = _os.pathsep.join([str(ROOT), *_paths])
 
-from .cluster import Daemon, parse_env_file, pyflanneld_argv, start_daemon  # noqa: E402 (after the set-up above)
+from .cluster import Daemon, pyflanneld_argv, start_daemon  # noqa: E402 (after the set-up above)
 from .etcd import EtcdCluster, EtcdServer, TlsFiles, make_tls_certs  # noqa: E402
 from .netns import Bridge, Host, Lab, LabError, LabProcess, Pod  # noqa: E402
 from .wait import WaitTimeout, wait_for, wait_timed  # noqa: E402
 
 __all__ = [
     "Bridge", "Daemon", "EtcdCluster", "EtcdServer", "Host", "Lab", "LabError", "LabProcess", "Pod",
-    "TlsFiles", "WaitTimeout", "make_tls_certs", "parse_env_file", "pyflanneld_argv", "start_daemon", "wait_for",
+    "TlsFiles", "WaitTimeout", "make_tls_certs", "pyflanneld_argv", "start_daemon", "wait_for",
     "wait_timed",
 ]

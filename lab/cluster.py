@@ -19,7 +19,6 @@ Public API::
 
     pyflanneld_argv() -> list[str]   # the pyflanneld console script next to sys.executable
     udp_worker_pids(daemon_pid) -> list[int]   # the udp backend's forwarder worker processes
-    parse_env_file(text) -> dict[str, str]
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from pyflanneld import envfile
 
 from .netns import Host, LabError, LabProcess
 from .wait import wait_for
@@ -60,18 +61,6 @@ def udp_worker_pids(daemon_pid: int) -> list[int]:
         if ppid == daemon_pid and b"pyflanneld.udpfwd.worker" in cmd:
             out.append(int(d.name))
     return sorted(out)
-
-
-def parse_env_file(text: str) -> dict[str, str]:
-    """KEY=VALUE lines → dict (blank lines and # comments ignored)."""
-    out = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        k, v = line.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
 
 
 def _has_flag(args: Sequence[str], flag: str) -> bool:
@@ -123,7 +112,7 @@ class Daemon:
 
     def subnet_env(self) -> dict[str, str] | None:
         try:
-            return parse_env_file(self.subnet_file.read_text())
+            return envfile.read(self.subnet_file)
         except FileNotFoundError:
             return None
 

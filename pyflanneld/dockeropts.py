@@ -51,7 +51,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shlex
 import stat
 import subprocess
 import sys
@@ -61,13 +60,14 @@ from typing import Any
 
 import click
 
+from . import envfile
+
 DEFAULT_FLANNEL_ENV = "/run/flannel/subnet.env"
 DEFAULT_DOCKER_ENV = "/run/docker_opts.env"
 DEFAULT_COMBINED_KEY = "DOCKER_OPTS"
 DEFAULT_PROG = "pyflanneld docker-opts"
 
 _OPT_PREFIX = "DOCKER_OPT_"
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SUBNET_RE = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+)$")
 _IPV6_SUBNET_RE = re.compile(r"^[0-9A-Fa-f:.]+/\d{1,3}$")
 
@@ -170,10 +170,9 @@ def parse_args(argv: list[str]) -> Options:
 
 
 def parse_env_file(path: str) -> dict[str, str]:
-    """Read the NAME=VALUE assignments of a shell env file such as subnet.env.
-
-    Understands comments, blank lines, ``export NAME=VALUE`` and single/double quotes;
-    anything that is not an assignment is ignored (nothing is executed)."""
+    """The NAME=VALUE assignments of the flannel env file at ``path``
+    (:func:`pyflanneld.envfile.parse`; nothing is executed). Raises DockerOptsError (one line)
+    when it is missing, not a regular file, unreadable or has an unbalanced quote."""
     if not os.path.exists(path):
         raise DockerOptsError(
             f"flannel env file {path} does not exist: start pyflanneld first "
@@ -182,23 +181,11 @@ def parse_env_file(path: str) -> dict[str, str]:
     if not os.path.isfile(path):
         raise DockerOptsError(f"flannel env file {path} is not a regular file: pass the subnet.env path with -f")
     try:
-        with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-            lines = fh.read().splitlines()
+        return envfile.read(path)
     except OSError as exc:
         raise DockerOptsError(f"cannot read flannel env file {path}: {exc.strerror}") from None
-    values: dict[str, str] = {}
-    for lineno, line in enumerate(lines, start=1):
-        try:
-            words = shlex.split(line, comments=True, posix=True)
-        except ValueError as exc:
-            raise DockerOptsError(f"cannot parse {path} line {lineno}: {exc}; fix the file") from None
-        if words and words[0] == "export":
-            words = words[1:]
-        for word in words:
-            name, sep, value = word.partition("=")
-            if sep and _NAME_RE.match(name):
-                values[name] = value
-    return values
+    except envfile.EnvFileError as exc:
+        raise DockerOptsError(f"cannot parse {path} {exc}; fix the file") from None
 
 
 def _echo_value(value: str) -> str:
@@ -228,7 +215,7 @@ def build_output(opts: Options, variables: dict[str, str]) -> str:
         else:
             raise DockerOptsError(f"Invalid value of FLANNEL_IPMASQ: {ipmasq}")
 
-    if not _NAME_RE.match(opts.combined_key):
+    if not envfile.is_name(opts.combined_key):
         raise DockerOptsError(
             f"invalid combined key {opts.combined_key!r} for -k: use a shell variable name such as DOCKER_OPTS"
         )
@@ -237,7 +224,7 @@ def build_output(opts: Options, variables: dict[str, str]) -> str:
         combined += " "
 
     lines: list[str] = []
-    for name in sorted(n for n in values if n.startswith(_OPT_PREFIX) and _NAME_RE.match(n)):
+    for name in sorted(n for n in values if n.startswith(_OPT_PREFIX) and envfile.is_name(n)):
         value = _echo_value(values[name])
         if opts.indiv:
             lines.append(f'{name}="{value}"\n')

@@ -6,6 +6,7 @@ import os
 import tempfile
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
+from . import envfile
 from .subnet.lease import go_ip6_text
 
 
@@ -64,27 +65,12 @@ def read_text(path: str) -> str:
 
 
 def read(path: str) -> dict[str, str]:
-    """KEY=VALUE lines (godotenv-like: comments, blank lines, optional quotes, `export`)."""
-    out: dict[str, str] = {}
+    """The file's assignments (:func:`pyflanneld.envfile.parse`); {} when it is absent, unreadable
+    or not parseable — then there is no previous subnet to reuse."""
     try:
-        with open(path) as f:
-            text = f.read()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[7:].lstrip()
-        k, eq, v = line.partition("=")
-        if not eq:
-            continue
-        v = v.strip()
-        if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-            v = v[1:-1]
-        out[k.strip()] = v
-    return out
+        return envfile.read(path)
+    except (OSError, envfile.EnvFileError):
+        return {}
 
 
 def previous(path: str) -> tuple[IPv4Network | None, IPv4Network | None]:

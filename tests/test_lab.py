@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab import netns
-from lab.cluster import parse_env_file, pyflanneld_argv, start_daemon
+from lab.cluster import pyflanneld_argv, start_daemon
 from lab.etcd import EtcdCluster, EtcdServer, make_tls_certs
 from lab.netns import Lab, LabError
 from lab.wait import wait_for
@@ -366,12 +366,11 @@ def test_start_daemon_reports_early_exit_with_log(lab, etcd):
     assert d.returncode == 1
 
 
-def test_pyflanneld_argv_and_env_parsing():
+def test_pyflanneld_argv():
     argv = pyflanneld_argv()
     assert argv[0].endswith("pyflanneld") or argv[1:] == ["-m", "pyflanneld"]
     if len(argv) == 1:
         assert Path(argv[0]).parent == Path(sys.executable).parent or os.path.isabs(argv[0])
-    assert parse_env_file("# c\nA=1\n\nB=x=y\n") == {"A": "1", "B": "x=y"}
 
 
 def test_start_daemon_runs_real_pyflanneld_and_pods_ping_across_hosts(lab, etcd):
