@@ -241,7 +241,6 @@ class Run:
     repeats: int
     scale: float
     flavours: list[Flavour]
-    upstream_missing: str | None = None
 
     def n(self, full: int) -> int:
         """A size of the full benchmark (peers, events) at this run's scale (never 0 unless full is)."""

@@ -5,7 +5,7 @@ datastore on command (a broken watch, a partition, expiry).
 Public API::
 
     s = MemStore(config=b'{"Network":...}')
-    # the Store interface: get_config, list_subnets, get_subnet, create_subnet, put_subnet,
+    # the Store interface: get_config, list_subnets, create_subnet, put_subnet,
     # renew_subnet, delete_subnet, watch_subnets, close (all async, as the daemon uses them)
     # an operator or another host, acting directly on the store (sync, never partitioned):
     s.put(key, value: bytes, ttl: bool = True); s.delete(key); s.expire(key)   # expiry = a delete
@@ -109,11 +109,6 @@ class MemStore:
         self._check()
         await asyncio.sleep(0)
         return [self._record(k, e, e.mod_revision) for k, e in self.kv.items()], self.rev
-
-    async def get_subnet(self, key: str) -> Record | None:
-        self._check()
-        e = self.kv.get(key)
-        return None if e is None else self._record(key, e, e.mod_revision)
 
     async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         self._check()

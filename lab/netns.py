@@ -498,7 +498,6 @@ class Pod(Host):
         super().__init__(lab, name, ns, address=address, prefixlen=prefixlen, gateway=bridge.address,
                          mtu=bridge.mtu, address6=address6)
         self.host = host
-        self.bridge_dev = bridge
 
 
 class Lab:

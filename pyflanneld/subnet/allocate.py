@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Network, IPv6Network
 
 from ..config import NetworkConfig
 
@@ -78,10 +78,6 @@ def pool_size(cfg: NetworkConfig) -> int:
     if cfg.network is None:
         return 0
     return (int(cfg.subnet_max) - int(cfg.subnet_min)) // (1 << (32 - cfg.subnet_len)) + 1
-
-
-def subnet_of(ip: IPv4Address, cfg: NetworkConfig) -> IPv4Network:
-    return IPv4Network((int(ip), cfg.subnet_len), strict=False)
 
 
 # --- IPv6 ---------------------------------------------------------------------------------------

@@ -217,15 +217,6 @@ class EtcdV2Store:
         known, self._created = self._created, {}
         return [self._record(n, known.get(n["key"].rsplit("/", 1)[-1])) for n in nodes], index
 
-    async def get_subnet(self, key: str) -> Record | None:
-        r = await self._send("GET", f"subnets/{key}", params={"quorum": "true"})
-        if r.status_code == 404:
-            return None
-        d = self._json(r)
-        if r.status_code != 200:
-            raise self._failed(f"get {key}", d)
-        return self._record(d["node"], self._created.get(key))
-
     async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
         data = {"value": value.decode()}
         if ttl:

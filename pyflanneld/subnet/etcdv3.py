@@ -310,10 +310,6 @@ class EtcdV3Store:
                 self._lease_ids[key] = kv.lease
         return recs, r.header.revision
 
-    async def get_subnet(self, key: str) -> Record | None:
-        r = await self._call(lambda c: c.get(self._subnets + key.encode()))
-        return None if r is None else self._record(r)
-
     async def _grant(self, c: _Client, ttl: int | None) -> int:
         if not ttl:
             return 0

@@ -16,11 +16,10 @@ import binascii
 import json
 import re
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from ..jsondecode import JSONValueError, decode_json
 
@@ -378,12 +377,6 @@ class Lease:
             return str(self.subnet6)
         return f"{self.subnet} {self.subnet6}"
 
-    def ttl_left(self, now: float | None = None) -> float:
-        if self.expiration is None:
-            return float("inf")
-        return self.expiration - (time.time() if now is None else now)
-
-
 def lease_from_record(rec: Record) -> Lease:
     """A datastore record as a Lease: key parsed, value decoded (:meth:`LeaseAttrs.from_json`).
     Per-lease format only; what depends on the config or on other leases is the LeaseBook's.
@@ -391,9 +384,3 @@ def lease_from_record(rec: Record) -> Lease:
     sn, sn6 = parse_subnet_key(rec.key)
     attrs = LeaseAttrs.from_json(rec.value)
     return Lease(sn, attrs, rec.expiration, not rec.has_ttl, sn6, rec.revision)
-
-
-@dataclass(frozen=True)
-class LeaseEvent:
-    type: Literal["added", "removed"]
-    lease: Lease

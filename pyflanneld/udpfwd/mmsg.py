@@ -151,10 +151,6 @@ class MsgBatch:
 
     # --- send --------------------------------------------------------------------------------
 
-    def set_send(self, i: int, length: int, name_addr: int) -> None:
-        self.iov_q[2 * i + 1] = length
-        self.hdr_q[i * 8 + _Q_NAME] = name_addr
-
     def send(self, fd: int, n: int) -> int:
         """``sendmmsg`` slots 0..n-1 (blocking when the socket buffer is full); returns how many went out.
 

@@ -30,9 +30,6 @@ ICMP_TTL = 8  # upstream's TTL for the ICMP it synthesises
 MAX_IPOPTLEN = 40
 MIN_IP_HEADER = 20
 
-_U32 = struct.Struct("!I")
-dst_of = _U32.unpack_from  # dst_of(buf, 16)[0] -> destination address as int
-
 
 def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """The Internet checksum (RFC 1071) of ``data``: the one's complement of the one's complement sum.

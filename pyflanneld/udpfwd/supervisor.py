@@ -66,10 +66,6 @@ class _WorkerProc:
     counters: dict[str, int] = field(default_factory=dict)  # its Stats as last polled
 
 
-class ForwarderError(Exception):
-    """The forwarder could not start; one line naming the cause."""
-
-
 class Forwarder:
     def __init__(self, *, tun_name: str, bind_ip: IPv4Address | str, port: int, tun_ip: IPv4Address | str,
                  mtu: int, workers: int | None = None, offload: bool | None = None, batch: int = 64,
