@@ -20,8 +20,8 @@ from typing import Any, NamedTuple
 import structlog
 
 from . import __version__, iface, metrics, sdnotify, subnetenv
-from .backend import Backend, BackendContext, BackendError, ExternalInterface, backend_class, registered_types
-from .backend.base import check_ip_families, lease_attrs
+from .backend import Backend, BackendContext, BackendError, ExternalInterface, backend_class
+from .backend.base import check_config, lease_attrs
 from .config import ConfigError, NetworkConfig, parse_config
 from .converge import Converger
 from .health import HealthServer, Response
@@ -30,8 +30,8 @@ from .options import Options
 from .subnet.etcd_common import EtcdSettings
 from .subnet.etcdv3 import EtcdV3Store
 from .subnet.lease import Lease, log_key
-from .subnet.manager import HOW_TO_SET, SubnetManager, read_config
-from .subnet.store import Store, StoreError
+from .subnet.manager import HOW_TO_SET, SubnetManager
+from .subnet.store import Store, StoreError, find_config
 from .trafficmngr import RulesError, TrafficManager, traffic_manager
 
 log = structlog.get_logger()
@@ -140,36 +140,31 @@ class Daemon:
                     v2 = EtcdV2Store(settings)
                 yield v2
 
+        async def fetch() -> tuple[Store, NetworkConfig] | str:
+            """The store and its checked config, or the problem (one line) to retry on."""
+            try:
+                store, raw = await find_config(stores())
+            except StoreError as e:
+                metrics.DATASTORE_ERRORS.labels("config").inc()
+                # each store's message names its API ("etcd v3 API at …"): find_config keeps both
+                return f"cannot read the network config: {e}"
+            if raw is None:
+                apis = "v3 or v2 API" if api == "auto" else f"{api} API"
+                return (f"network config not found at {settings.prefix}/config ({apis}); create it with "
+                        + HOW_TO_SET.format(prefix=settings.prefix))
+            try:
+                cfg = parse_config(raw)
+                check_config(cfg)
+            except ConfigError as e:
+                return (f"invalid network config at {settings.prefix}/config (etcd {store.api}): {e}; "
+                        f"fix it with {HOW_TO_SET.format(prefix=settings.prefix)}")
+            return store, cfg
+
         last, last_at = "", 0.0
         while True:
-            problem = ""
-            for store in stores():
-                try:
-                    cfg = await read_config(store)
-                except ConfigError as e:
-                    problem = (f"invalid network config at {settings.prefix}/config (etcd {store.api}): {e}; "
-                               f"fix it with {HOW_TO_SET.format(prefix=settings.prefix)}")
-                    break
-                except StoreError as e:
-                    if store is v2 and v3 is not None and problem == "":
-                        continue  # v3 answered "no config": v2 is only a fallback, its errors don't matter
-                    metrics.DATASTORE_ERRORS.labels("config").inc()
-                    # each store's message names its API ("etcd v3 API at …"): keep both
-                    problem = f"{problem}; {e}" if problem else f"cannot read the network config: {e}"
-                    continue
-                if cfg is None:
-                    continue
-                try:
-                    cls = backend_class(cfg.backend_type)
-                except BackendError as e:
-                    problem = (f"invalid network config at {settings.prefix}/config: {e}; "
-                               f"known types: {', '.join(registered_types())}")
-                    break
-                try:
-                    check_ip_families(cls, cfg)
-                except BackendError as e:
-                    problem = f"invalid network config at {settings.prefix}/config: {e}"
-                    break
+            found = await fetch()
+            if not isinstance(found, str):
+                store, cfg = found
                 for other in (v3, v2):
                     if other is not None and other is not store:
                         await other.close()
@@ -177,11 +172,8 @@ class Daemon:
                          etcd_api=store.api, subnet_len=cfg.subnet_len,
                          **({"ipv6_network": str(cfg.ipv6_network), "ipv6_subnet_len": cfg.ipv6_subnet_len}
                             if cfg.enable_ipv6 else {}))
-                return store, cfg
-            if not problem:
-                apis = "v3 or v2 API" if api == "auto" else f"{api} API"
-                problem = (f"network config not found at {settings.prefix}/config ({apis}); create it with "
-                           + HOW_TO_SET.format(prefix=settings.prefix))
+                return found
+            problem = found
             self.not_ready_reason = problem
             if problem != last or time.monotonic() - last_at > 30:
                 log.error("couldn't fetch network config, retrying every second", error=problem)

@@ -61,6 +61,7 @@ from typing import Any
 import click
 
 from . import envfile
+from .oneline import one_line
 
 DEFAULT_FLANNEL_ENV = "/run/flannel/subnet.env"
 DEFAULT_DOCKER_ENV = "/run/docker_opts.env"
@@ -188,11 +189,6 @@ def parse_env_file(path: str) -> dict[str, str]:
         raise DockerOptsError(f"cannot parse {path} {exc}; fix the file") from None
 
 
-def _echo_value(value: str) -> str:
-    # The script reads values back through an unquoted `echo $VAR`, which collapses whitespace.
-    return " ".join(value.split())
-
-
 def build_output(opts: Options, variables: dict[str, str]) -> str:
     """The docker env file content, exactly as mk-docker-opts.sh writes it."""
     values = dict(variables)
@@ -225,7 +221,7 @@ def build_output(opts: Options, variables: dict[str, str]) -> str:
 
     lines: list[str] = []
     for name in sorted(n for n in values if n.startswith(_OPT_PREFIX) and envfile.is_name(n)):
-        value = _echo_value(values[name])
+        value = one_line(values[name])  # the script's unquoted `echo $VAR` collapses whitespace
         if opts.indiv:
             lines.append(f'{name}="{value}"\n')
         combined += f" {value}"

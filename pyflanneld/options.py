@@ -34,6 +34,12 @@ class Flag:
     help: str
     unsupported: str = ""  # non-empty: setting it to a non-default value is refused with this text
 
+    @property
+    def env_var(self) -> str:
+        """The variable that sets this flag when the command line does not: ``etcd-endpoints`` →
+        ``FLANNELD_ETCD_ENDPOINTS`` (upstream's flagutil.SetFlagsFromEnv naming, prefix FLANNELD)."""
+        return "FLANNELD_" + self.name.upper().replace("-", "_")
+
 
 _KUBE = "Kubernetes subnet manager mode is not supported by pyflanneld; use the etcd datastore (--etcd-endpoints)"
 
@@ -204,6 +210,11 @@ class Options:
     env_warnings: list[str] = field(default_factory=list)
     help: bool = False
 
+    @classmethod
+    def defaults(cls) -> Options:
+        """Every flag at its default (lists copied), nothing from the command line or environment."""
+        return cls(values={f.name: (list(f.default) if f.kind == "list" else f.default) for f in FLAGS})
+
     def __getattr__(self, item: str) -> Any:
         name = item.replace("_", "-")
         if name in BY_NAME or item in BY_NAME:
@@ -228,7 +239,7 @@ class Options:
 def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Options:
     """Parse like Go's flag package (stops at the first non-flag argument or `--`)."""
     env = os.environ if environ is None else environ
-    opts = Options(values={f.name: (list(f.default) if f.kind == "list" else f.default) for f in FLAGS})
+    opts = Options.defaults()
     i = 0
     bare_bool = ""  # a boolean flag given without "=" just before this argument
     while i < len(argv):
@@ -281,7 +292,7 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Option
     for flag in FLAGS:
         if flag.name in opts.from_cli or flag.name == "version":
             continue
-        key = "FLANNELD_" + flag.name.upper().replace("-", "_")
+        key = flag.env_var
         raw = env.get(key, "")
         if raw == "":
             continue

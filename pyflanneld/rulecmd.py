@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 
+from .oneline import one_line
+
 CMD_TIMEOUT_S = 30.0
 
 
@@ -43,6 +45,6 @@ async def run_command(argv: list[str], stdin: str | None = None, timeout_s: floa
             await proc.wait()
         raise
     if proc.returncode != 0:
-        msg = " ".join(err.decode(errors="replace").split()) or f"exit status {proc.returncode}"
+        msg = one_line(err.decode(errors="replace")) or f"exit status {proc.returncode}"
         raise RulesError(f"{' '.join(argv[:4])}: {msg}")
     return out.decode(errors="replace")

@@ -33,7 +33,7 @@ import structlog
 
 from .. import __version__
 from ..subnet.lease import Lease
-from .base import BackendContext, BackendError, register_backend
+from .base import BackendContext, BackendError, in_daemon_thread, register_backend
 from .cloudhttp import CloudError, CloudRouteBackend, MetadataSession, http_error, require, setting
 
 log = structlog.get_logger()
@@ -201,7 +201,7 @@ class AwsVpcBackend(CloudRouteBackend):
         if not self.instance_id:
             self.region, self.instance_id = await self.identity()
             log.info("AWS instance identity", instance_id=self.instance_id, region=self.region)
-        await self.in_thread(self.program, lease.subnet)
+        await in_daemon_thread(self.program, lease.subnet, name="aws-vpc-api")
 
     def find_eni(self) -> dict:
         ip = str(self.ctx.ext.ip)

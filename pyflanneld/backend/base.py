@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 
 import structlog
 
-from ..config import NetworkConfig
+from ..config import ConfigError, NetworkConfig
 from ..subnet.lease import Lease, LeaseAttrs
 
 log = structlog.get_logger()
@@ -133,10 +133,11 @@ def diff_peers(have: Mapping[PeerId, Lease], want: Iterable[Lease]) -> tuple[lis
     return changed, removed
 
 
-async def in_daemon_thread(fn: Any, *args: Any) -> Any:
-    """Run a blocking call in a daemon thread and await its result. Unlike ``asyncio.to_thread``
-    (the loop's executor, whose threads ``asyncio.run`` waits for at exit), a call that hangs never
-    delays the daemon's exit."""
+async def in_daemon_thread(fn: Any, *args: Any, name: str | None = None) -> Any:
+    """Run the blocking call ``fn(*args)`` in a daemon thread (named ``name``, default fn's name)
+    and await its result; what it raises is raised here. Unlike ``asyncio.to_thread`` (the loop's
+    executor, whose threads ``asyncio.run`` waits for at exit), a call that hangs never delays the
+    daemon's exit. Used for the udp forwarder's stop and the cloud SDK calls."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future = loop.create_future()
 
@@ -157,7 +158,7 @@ async def in_daemon_thread(fn: Any, *args: Any) -> Any:
         with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
             loop.call_soon_threadsafe(deliver, result, error)
 
-    threading.Thread(target=work, name=getattr(fn, "__name__", "blocking"), daemon=True).start()
+    threading.Thread(target=work, name=name or getattr(fn, "__name__", "blocking"), daemon=True).start()
     return await fut
 
 
@@ -339,3 +340,20 @@ def backend_class(type_name: str) -> type[Backend]:
 def registered_types() -> list[str]:
     """The known Backend.Type names, sorted (without importing their modules)."""
     return sorted(BACKEND_MODULES.keys() | _REGISTRY.keys())
+
+
+def check_config(cfg: NetworkConfig) -> type[Backend]:
+    """What flannel checks of a parsed config beyond its own fields (upstream: the backend
+    manager's lookup in ``main.go`` plus the IP-family checks of the backends): ``cfg``'s
+    Backend.Type is a known backend that carries the config's IP families. Returns that
+    backend's class; raises ConfigError (one line; an unknown type lists the known ones). Used
+    by the daemon (Daemon.get_config) and by ``pyflanneld config validate|set``."""
+    try:
+        cls = backend_class(cfg.backend_type)
+    except BackendError as e:
+        raise ConfigError(f"{e}; known types: {', '.join(registered_types())}") from None
+    try:
+        check_ip_families(cls, cfg)
+    except BackendError as e:
+        raise ConfigError(str(e)) from None
+    return cls

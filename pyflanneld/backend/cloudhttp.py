@@ -23,7 +23,7 @@ Life cycle of a cloud backend (see :class:`CloudRouteBackend`):
 * ``reconcile()`` asks for a pass now (the loop's wait ends early); it does not wait for it.
 * Peer leases need nothing (the cloud routes traffic); the peer set is tracked for ``/peers``.
 * ``close()`` stops the loop; the cloud route stays, as upstream.
-* Blocking SDK calls run in daemon threads (:meth:`CloudRouteBackend.in_thread`): a call stuck on
+* Blocking SDK calls run in daemon threads (:func:`~pyflanneld.backend.base.in_daemon_thread`): a call stuck on
   a black-holed API never delays the daemon's exit.
 """
 
@@ -35,7 +35,6 @@ import importlib
 import math
 import os
 import random
-import threading
 from types import ModuleType
 from typing import Any
 
@@ -307,29 +306,3 @@ class CloudRouteBackend(PeerSetBackend):
                 pass
             except Exception:  # noqa: BLE001, S110 - the task logs its own failures
                 pass
-
-    async def in_thread(self, fn: Any, *args: Any) -> Any:
-        """Run a blocking SDK call in a daemon thread (not the loop's executor, whose threads the
-        interpreter waits for at exit) and await its result."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future = loop.create_future()
-
-        def deliver(result: Any, error: BaseException | None) -> None:
-            if fut.done():
-                return  # the caller was cancelled meanwhile
-            if error is not None:
-                fut.set_exception(error)
-            else:
-                fut.set_result(result)
-
-        def work() -> None:
-            result, error = None, None
-            try:
-                result = fn(*args)
-            except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-                error = e
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
-                loop.call_soon_threadsafe(deliver, result, error)
-
-        threading.Thread(target=work, name=f"{self.type_name}-api", daemon=True).start()
-        return await fut

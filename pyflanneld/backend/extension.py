@@ -57,6 +57,7 @@ from typing import Any
 import structlog
 
 from ..config import json_type
+from ..oneline import one_line
 from ..subnet.lease import Lease
 from .base import BackendContext, BackendError, BackendInfo, PeerSetBackend, register_backend
 
@@ -94,14 +95,8 @@ class CommandResult:
     def problem(self) -> str:
         """One line: ``exit status 2: RTNETLINK answers: File exists`` / ``killed after 5s timeout``."""
         what = f"exit status {self.status}" if self.status is not None else self.failure
-        err = one_line(self.stderr)
+        err = one_line(self.stderr, OUTPUT_LOG_CHARS)
         return f"{what}: {err}" if err else what
-
-
-def one_line(text: str, limit: int = OUTPUT_LOG_CHARS) -> str:
-    """Whitespace collapsed to single spaces, cut to ``limit`` characters."""
-    s = " ".join(text.split())
-    return s if len(s) <= limit else s[:limit] + "…"
 
 
 async def run_shell(command: str, env: dict[str, str], stdin: str, timeout_s: float) -> CommandResult:
@@ -247,7 +242,7 @@ class ExtensionBackend(PeerSetBackend):
         res = await run_shell(self.commands[key], env, "", self.timeout_s)
         if not res.ok:
             raise BackendError(f"{key} failed ({res.problem()}); fix the command in the network config's Backend")
-        log.info("ran command", command=key, output=one_line(res.stdout))
+        log.info("ran command", command=key, output=one_line(res.stdout, OUTPUT_LOG_CHARS))
         return res
 
     # --- peers: desired state in self.peers, applied state in self._added --------------------------
@@ -339,7 +334,7 @@ class ExtensionBackend(PeerSetBackend):
         async with self._slots:
             res = await run_shell(self.commands[key], lease_env(lease), stdin, self.timeout_s)
         if res.ok:
-            log.info("ran command", **fields, output=one_line(res.stdout))
+            log.info("ran command", **fields, output=one_line(res.stdout, OUTPUT_LOG_CHARS))
             return True
         r = self._retry.get(sn) or _Retry(0, 0.0)
         r.attempts += 1

@@ -41,8 +41,9 @@ from typing import Any
 import httpx
 import structlog
 
+from ..oneline import one_line
 from ..subnet.lease import Lease
-from .base import BackendContext, register_backend
+from .base import BackendContext, in_daemon_thread, register_backend
 from .cloudhttp import (
     METADATA_TIMEOUT,
     CloudError,
@@ -65,11 +66,6 @@ INSTANCE_URL = re.compile(r"projects/([^/]+)/zones/([^/]+)/instances/([^/]+)$")
 SCOPE_HINT = ("the instance's service account lacks the compute-rw scope "
               "(https://www.googleapis.com/auth/compute); stop the instance and run "
               "'gcloud compute instances set-service-account INSTANCE --scopes compute-rw'")
-
-
-def one_line(value: object) -> str:
-    """An API's text (any JSON value) as one line (line breaks become spaces; the rest is kept)."""
-    return " ".join(str(value).splitlines()).strip()
 
 
 def route_name(subnet: IPv4Network) -> str:
@@ -248,7 +244,7 @@ class GceBackend(CloudRouteBackend):
 
     async def api(self, label: str, make: Any) -> dict:
         """One Compute API call off the loop; make(service) builds the request. Errors → CloudError."""
-        return await self.in_thread(self._execute, label, make)
+        return await in_daemon_thread(self._execute, label, make, name="gce-api")
 
     def quota_error(self, code: str, message: str) -> CloudError:
         return CloudError(f"route quota exceeded ({code}: {message}): project {self.route_project or self.project} can "

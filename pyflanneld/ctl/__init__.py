@@ -14,12 +14,9 @@ import sys
 
 import click
 
+from ..oneline import one_line
 from .config_cmd import config
 from .lease_cmd import lease, leases
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 @click.group(name="pyflanneld", context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +47,7 @@ def _unknown_option(e: click.NoSuchOption, argv: list[str]) -> str:
         for word in argv:
             if word.startswith(name) and len(word) > 2 and not word.startswith("--"):
                 return f"no such option: {word.split('=', 1)[0]}"
-    return _one_line(e.format_message())
+    return one_line(e.format_message())
 
 
 def main(argv: list[str]) -> int:
@@ -67,11 +64,11 @@ def main(argv: list[str]) -> int:
         return 2
     except click.UsageError as e:
         path = e.ctx.command_path if e.ctx is not None else "pyflanneld"
-        message = _unknown_option(e, argv) if isinstance(e, click.NoSuchOption) else _one_line(e.format_message())
+        message = _unknown_option(e, argv) if isinstance(e, click.NoSuchOption) else one_line(e.format_message())
         print(f"{path}: {message} (see '{path} --help')", file=sys.stderr)
         return 2
     except click.ClickException as e:  # CtlError and click's own (unreadable file): exit 1
-        print(f"pyflanneld: {_one_line(e.format_message())}", file=sys.stderr)
+        print(f"pyflanneld: {one_line(e.format_message())}", file=sys.stderr)
         return e.exit_code
     except click.Abort:  # Ctrl-C
         return 130

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError, NetworkConfig, parse_config
+from ..config import NetworkConfig, parse_config
+from ..oneline import one_line
 
 MAX_BYTES = 1 << 20  # a network config is a few hundred bytes; etcd's default request limit is 1.5 MiB
 MAX_NODES = 100_000  # values in the document, YAML aliases expanded
@@ -46,7 +47,7 @@ def load_document(text: str, source: str) -> Any:
         except yaml.YAMLError as e:
             if text.lstrip().startswith("{"):
                 raise ConfigFileError(f"{source}: invalid JSON: {json_error}") from None
-            raise ConfigFileError(f"{source}: invalid YAML: {_one_line(e)}") from None
+            raise ConfigFileError(f"{source}: invalid YAML: {_yaml_problem(e)}") from None
         except RecursionError:
             raise ConfigFileError(f"{source}: the document is nested too deeply") from None
     return _plain(doc, source)
@@ -56,11 +57,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-def _one_line(e: yaml.YAMLError) -> str:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The parser's problem and where it is, as one line."""
     mark = getattr(e, "problem_mark", None)
     problem = getattr(e, "problem", None) or str(e)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return " ".join(f"{problem}{where}".split())
+    return one_line(f"{problem}{where}")
 
 
 def _plain(doc: Any, source: str) -> Any:
@@ -121,19 +123,11 @@ def to_json(doc: Any) -> str:
 def check(raw: str) -> NetworkConfig:
     """Everything flannel checks before using a config, with its texts: upstream's
     CheckNetworkConfig (parse_config, IPv4 and IPv6), then a known backend type that carries the
-    config's IP families (pyflanneld.daemon.Daemon.get_config). Raises ConfigError."""
-    from ..backend import BackendError, backend_class, registered_types  # the registry imports every backend
-    from ..backend.base import check_ip_families
+    config's IP families (pyflanneld.backend.base.check_config, as the daemon). Raises ConfigError."""
+    from ..backend.base import check_config  # the registry imports every backend
 
     cfg = parse_config(raw)
-    try:
-        cls = backend_class(cfg.backend_type)
-    except BackendError as e:
-        raise ConfigError(f"{e} (known types: {', '.join(registered_types())})") from None
-    try:
-        check_ip_families(cls, cfg)
-    except BackendError as e:
-        raise ConfigError(str(e)) from None
+    check_config(cfg)
     return cfg
 
 

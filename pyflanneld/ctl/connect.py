@@ -12,16 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import click
 
 from ..config import ConfigError, NetworkConfig, parse_config
-from ..options import BY_NAME, FLAGS, OptionError, Options
+from ..options import BY_NAME, OptionError, Options
 from ..subnet.etcd_common import EtcdSettings
-from ..subnet.store import AdminStore, StoreError
+from ..subnet.store import AdminStore, StoreError, find_config
 
 ETCD_FLAGS = ("etcd-endpoints", "etcd-prefix", "etcd-cafile", "etcd-certfile", "etcd-keyfile",
               "etcd-username", "etcd-password", "etcd-api")
@@ -41,11 +41,6 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         raise CtlError(str(e)) from None
 
 
-def env_name(flag: str) -> str:
-    """`etcd-endpoints` → `FLANNELD_ETCD_ENDPOINTS` (upstream's flagutil.SetFlagsFromEnv naming)."""
-    return "FLANNELD_" + flag.upper().replace("-", "_")
-
-
 class GoFlag(click.Option):
     """A long option that also answers to Go's single-dash spelling (`-etcd-prefix=/x`); `--help`
     lists only the double-dash one."""
@@ -61,7 +56,7 @@ class GoFlag(click.Option):
 
 def _etcd_option(name: str) -> Callable:
     flag = BY_NAME[name]
-    kw: dict[str, Any] = {"default": flag.default, "envvar": env_name(name), "show_envvar": True,
+    kw: dict[str, Any] = {"default": flag.default, "envvar": flag.env_var, "show_envvar": True,
                           "help": flag.help.replace(" [pyflanneld]", "")}
     if name == "etcd-api":
         kw["type"] = click.Choice(APIS, case_sensitive=False)
@@ -98,7 +93,7 @@ class Connection:
         Raises CtlError."""
         from ..cli import validate  # cli imports this package: import at call time
 
-        opts = Options(values={f.name: (list(f.default) if f.kind == "list" else f.default) for f in FLAGS})
+        opts = Options.defaults()
         opts.values.update(values)
         try:
             validate(opts)
@@ -140,36 +135,19 @@ class Connection:
         """`async with conn.open() as (store, raw_config)`: the store to use and the raw config it
         holds (None: absent); every store opened is closed on exit.
 
-        `--etcd-api auto` picks like the daemon: v3 when its config is there, else v2 when v2 has
-        one, else v3 (where `config set` then writes). Raises StoreError when the chosen API
-        cannot be read."""
+        `--etcd-api auto` picks like the daemon (pyflanneld.subnet.store.find_config): v3 when its
+        config is there, else v2 when v2 has one, else v3 (where `config set` then writes). Raises
+        StoreError when the chosen API cannot be read."""
         opened: list[AdminStore] = []
 
-        async def read(api: str) -> tuple[AdminStore, bytes | None]:
-            store = self._store(api)
-            opened.append(store)
-            return store, await store.get_config()
+        def stores() -> Iterator[AdminStore]:
+            for api in (("v3", "v2") if self.api == "auto" else (self.api,)):
+                opened.append(self._store(api))
+                yield opened[-1]
 
         try:
-            if self.api != "auto":
-                yield await read(self.api)
-                return
-            try:
-                v3, raw = await read("v3")
-                v3_error = None
-            except StoreError as e:
-                v3, raw, v3_error = opened[0], None, e
-            if raw is None:
-                try:
-                    v2, raw2 = await read("v2")
-                except StoreError:
-                    raw2 = None  # v2 is only a fallback: its errors (e.g. v2 disabled) don't matter
-                if raw2 is not None:
-                    yield v2, raw2
-                    return
-                if v3_error is not None:
-                    raise v3_error
-            yield v3, raw
+            store, raw = await find_config(stores())
+            yield store, raw
         finally:
             for store in opened:
                 await store.close()

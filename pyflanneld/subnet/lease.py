@@ -377,10 +377,12 @@ class Lease:
             return str(self.subnet6)
         return f"{self.subnet} {self.subnet6}"
 
-def lease_from_record(rec: Record) -> Lease:
-    """A datastore record as a Lease: key parsed, value decoded (:meth:`LeaseAttrs.from_json`).
-    Per-lease format only; what depends on the config or on other leases is the LeaseBook's.
-    Raises :class:`LeaseFormatError`."""
+def lease_from_record(rec: Record, attrs: LeaseAttrs | None = None) -> Lease:
+    """A datastore record as a Lease: key parsed, value decoded (:meth:`LeaseAttrs.from_json`),
+    or ``attrs`` taken as the value when the caller has them (the record it just wrote). Per-lease
+    format only; what depends on the config or on other leases is the LeaseBook's. Raises
+    :class:`LeaseFormatError`."""
     sn, sn6 = parse_subnet_key(rec.key)
-    attrs = LeaseAttrs.from_json(rec.value)
+    if attrs is None:
+        attrs = LeaseAttrs.from_json(rec.value)
     return Lease(sn, attrs, rec.expiration, not rec.has_ttl, sn6, rec.revision)

@@ -28,7 +28,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 import structlog
 
 from .. import metrics
-from ..config import ConfigError, NetworkConfig, parse_config
+from ..config import ConfigError, NetworkConfig
 from .allocate import (
     IPV4_OFF_SUBNET,
     Taken,
@@ -163,10 +163,6 @@ class SubnetManager:
         self.store_ok, self.store_error = ok, error
 
     # -- acquisition ---------------------------------------------------------------------------
-    def _lease_from_record(self, rec: Record, attrs: LeaseAttrs) -> Lease:
-        sn, sn6 = parse_subnet_key(rec.key)
-        return Lease(sn, attrs, rec.expiration, not rec.has_ttl, sn6, rec.revision)
-
     def _foreign_twin(self, le: Lease, attrs: LeaseAttrs) -> bool:
         """A lease with our PublicIP that another host holds (it took it from us with another
         backend identity): warned about once, never reused."""
@@ -209,7 +205,7 @@ class SubnetManager:
                     rec = await self._claim(le.key, lambda le=le, ttl=ttl: self.store.put_subnet(le.key, value, ttl))
                     log.info("found lease for current IP, reusing", subnet=str(le),
                              public_ip=str(mine), reservation=le.reserved)
-                    return self._lease_from_record(rec, attrs)
+                    return lease_from_record(rec, attrs)
                 # Only its IPv6 part does not fit (EnableIPv6 switched on or off): a reservation too is
                 # replaced, by a reservation of the same IPv4 subnet with the IPv6 part as it must be.
                 family_switch = cfg.enable_ipv4 and cfg.contains_subnet(le.subnet)
@@ -249,7 +245,7 @@ class SubnetManager:
                     self.prev_subnet6 = None
                 continue
             reason = "previous subnet" if (prev, prev6) != (None, None) else "new subnet"
-            lease = self._lease_from_record(rec, attrs)
+            lease = lease_from_record(rec, attrs)
             log.info("allocated lease", subnet=str(lease), public_ip=str(mine), reason=reason)
             return lease
         raise StoreError("could not acquire a subnet after 1000 lost races")
@@ -466,7 +462,7 @@ class SubnetManager:
             self._rewrite = False
         elif ttl is not None:
             metrics.LEASE_RENEWALS.inc()
-        self.lease = self._lease_from_record(rec, self.attrs)
+        self.lease = lease_from_record(rec, self.attrs)
         log.info(what, subnet=str(lease), expires_in=ttl)
 
     async def _reacquire(self, lease: Lease) -> None:
@@ -494,7 +490,7 @@ class SubnetManager:
         rec = await self._claim(lease.key, lambda: self.store.put_subnet(
             lease.key, value, None if lease.reserved else self.ttl))
         self.attrs = attrs
-        self.lease = self._lease_from_record(rec, attrs)
+        self.lease = lease_from_record(rec, attrs)
         log.info("lease updated", subnet=str(lease), public_ip=str(self._host_address(attrs)))
         self._kick.set()
 
@@ -601,12 +597,4 @@ HOW_TO_SET = ("etcdctl put {prefix}/config '{{\"Network\":\"10.5.0.0/16\",\"Back
               " (v3) or curl -X PUT -d value=... <etcd>/v2/keys{prefix}/config (v2)")
 
 
-async def read_config(store: Store) -> NetworkConfig | None:
-    """The parsed config, or None if the key is absent; raises ConfigError/StoreError."""
-    raw = await store.get_config()
-    if raw is None:
-        return None
-    return parse_config(raw)
-
-
-__all__ = ["SubnetManager", "PoolExhausted", "read_config", "ConfigError", "Backoff", "backend_identity"]
+__all__ = ["SubnetManager", "PoolExhausted", "ConfigError", "Backoff", "backend_identity"]

@@ -5,9 +5,9 @@ The manager (manager.py) turns records into leases; stores know nothing of subne
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 
 class StoreError(Exception):
@@ -84,3 +84,36 @@ class AdminStore(Store, Protocol):
         """The records with `expiration` filled in where the list left it unknown (v3: one
         LeaseTimeToLive per lease; v2 already knows it). Reservations keep None."""
         ...
+
+
+S = TypeVar("S", bound=Store)
+
+async def find_config(stores: Iterable[S]) -> tuple[S, bytes | None]:
+    """The store that holds the network config, and the config's raw bytes: the first of
+    ``stores`` (in order: v3, then v2 under ``--etcd-api auto``; a generator, so that a later store
+    is only made when it is needed) whose ``<prefix>/config`` exists. When none has it, the first
+    store and None.
+
+    A store that fails is passed over while a later one may hold the config; a later store's
+    failure after the first answered "no config" is ignored (it is only a fallback, e.g. v2
+    switched off). Raises StoreError (the failing stores' messages joined by "; ") when a store
+    failed and none held the config. Used by the daemon (Daemon.get_config, every second until
+    found) and by the operator commands (pyflanneld.ctl.connect)."""
+    first: S | None = None
+    errors: list[str] = []
+    for store in stores:
+        try:
+            raw = await store.get_config()
+        except StoreError as e:
+            if first is None or errors:
+                errors.append(str(e))
+            first = first or store
+            continue
+        first = first or store
+        if raw is not None:
+            return store, raw
+    if errors:
+        raise StoreError("; ".join(errors))
+    if first is None:
+        raise ValueError("find_config: no store given")
+    return first, None
