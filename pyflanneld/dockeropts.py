@@ -61,7 +61,6 @@ from typing import Any
 import click
 
 from . import envfile
-from .oneline import one_line
 
 DEFAULT_FLANNEL_ENV = "/run/flannel/subnet.env"
 DEFAULT_DOCKER_ENV = "/run/docker_opts.env"
@@ -221,7 +220,7 @@ def build_output(opts: Options, variables: dict[str, str]) -> str:
 
     lines: list[str] = []
     for name in sorted(n for n in values if n.startswith(_OPT_PREFIX) and envfile.is_name(n)):
-        value = one_line(values[name])  # the script's unquoted `echo $VAR` collapses whitespace
+        value = " ".join(values[name].split())  # the script's unquoted `echo $VAR`: shell word splitting
         if opts.indiv:
             lines.append(f'{name}="{value}"\n')
         combined += f" {value}"

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 
 def one_line(text: object, limit: int | None = None) -> str:
-    """``str(text)`` with every run of whitespace (line breaks, tabs, spaces) made one space and
-    none at either end; cut to ``limit`` characters plus "…" when longer (None: no limit)."""
-    s = " ".join(str(text).split())
+    """``str(text)`` on one line: its lines stripped, blank ones dropped, the rest joined by one
+    space (within a line the text is kept as it is: an API's message stays greppable); cut to
+    ``limit`` characters plus "…" when longer (None: no limit)."""
+    s = " ".join(part for line in str(text).splitlines() if (part := line.strip()))
     return s if limit is None or len(s) <= limit else s[:limit] + "…"
