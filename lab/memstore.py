@@ -71,10 +71,10 @@ class MemStore:
             kw["create_revision"] = e.create_revision
         return Record(**kw)
 
-    def _write(self, key: str, value: bytes, ttl: float | None) -> Record:
+    def _write(self, key: str, value: bytes, ttl_s: float | None) -> Record:
         self.rev += 1
         old = self.kv.get(key)
-        e = _Entry(value, ttl is not None, time.time() + ttl if ttl else None, self.rev,
+        e = _Entry(value, ttl_s is not None, time.time() + ttl_s if ttl_s else None, self.rev,
                    old.create_revision if old is not None else self.rev)
         self.kv[key] = e
         rec = self._record(key, e, self.rev)
@@ -110,28 +110,28 @@ class MemStore:
         await asyncio.sleep(0)
         return [self._record(k, e, e.mod_revision) for k, e in self.kv.items()], self.rev
 
-    async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+    async def create_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record | None:
         self._check()
         await asyncio.sleep(0)  # the watch may run between the request and its answer
         self._check()
         if key in self.kv:
             return None
-        return self._write(key, value, ttl)
+        return self._write(key, value, ttl_s)
 
-    async def put_subnet(self, key: str, value: bytes, ttl: int | None) -> Record:
+    async def put_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record:
         self._check()
         await asyncio.sleep(0)
         self._check()
-        return self._write(key, value, ttl)
+        return self._write(key, value, ttl_s)
 
-    async def renew_subnet(self, key: str, value: bytes, ttl: int) -> Record | None:
+    async def renew_subnet(self, key: str, value: bytes, ttl_s: int) -> Record | None:
         self._check()
         await asyncio.sleep(0)
         self._check()
         e = self.kv.get(key)
         if e is None or e.value != value:
             return None
-        return self._write(key, value, ttl)
+        return self._write(key, value, ttl_s)
 
     async def delete_subnet(self, key: str) -> None:
         self._check()

@@ -25,14 +25,14 @@ def validate(o: Options) -> None:
         f = BY_NAME[name]
         if f.unsupported and o.values[name] != f.default:
             raise OptionError(f"-{name}: {f.unsupported}")
-    margin = o.subnet_lease_renew_margin
+    margin = o.subnet_lease_renew_margin_s
     if "subnet-lease-renew-margin" in o.from_cli or margin != BY_NAME["subnet-lease-renew-margin"].default:
         if margin % 60 == 0 and not (60 <= margin <= 1439 * 60):
             raise OptionError("Invalid subnet-lease-renew-margin option, out of acceptable range "
                               "(1..1439 minutes)")
     if margin <= 0:
         raise OptionError("Invalid subnet-lease-renew-margin option, out of acceptable range (must be > 0)")
-    ttl = o.subnet_lease_ttl
+    ttl = o.subnet_lease_ttl_s
     if ttl < 1:
         raise OptionError(f"--subnet-lease-ttl must be at least 1s (got {ttl}s)")
     if ttl > MAX_LEASE_TTL_S:
@@ -57,8 +57,8 @@ def validate(o: Options) -> None:
                               "length or zone, e.g. --public-ipv6 2001:db8::10)") from None
     if not 0 <= o.healthz_port <= 65535:
         raise OptionError(f"--healthz-port {o.healthz_port} is out of range (0..65535)")
-    if o.iptables_resync < 1:
-        raise OptionError(f"--iptables-resync must be at least 1 second (got {o.iptables_resync})")
+    if o.iptables_resync_s < 1:
+        raise OptionError(f"--iptables-resync must be at least 1 second (got {o.iptables_resync_s})")
     if o.log_format not in ("auto", "console", "logfmt", "json"):
         raise OptionError(f"--log-format {o.log_format!r}: use auto, console, logfmt or json")
     for flag, path in (("--etcd-cafile", o.etcd_cafile), ("--etcd-certfile", o.etcd_certfile),

@@ -302,7 +302,7 @@ class Daemon:
                                 metrics.KERNEL_REPAIRS.labels("route").inc()
                 except NetlinkError as e:
                     log.warning("cannot set the blackhole route", subnet=" ".join(map(str, want)), error=str(e))
-                await asyncio.sleep(self.o.iptables_resync)
+                await asyncio.sleep(self.o.iptables_resync_s)
         finally:
             await nl.close()
 
@@ -351,9 +351,9 @@ class Daemon:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None
 
         self.manager = manager = SubnetManager(
-            self.store, cfg, ttl=int(self.o.subnet_lease_ttl), renew_margin=self.o.subnet_lease_renew_margin,
+            self.store, cfg, ttl_s=int(self.o.subnet_lease_ttl_s), renew_margin_s=self.o.subnet_lease_renew_margin_s,
             prev_subnet=prev.subnet, prev_subnet6=prev.subnet6,
-            renew_retry=min(60.0, max(1.0, self.o.subnet_lease_ttl / 10)), prefix=settings.prefix,
+            renew_retry_s=min(60.0, max(1.0, self.o.subnet_lease_ttl_s / 10)), prefix=settings.prefix,
             notify=self._notify,
         )
 

@@ -143,7 +143,7 @@ class TrafficRules:
     """Install flannel's iptables rules and keep them exactly in place (a :class:`~pyflanneld.trafficmngr.TrafficManager`).
 
     ``await setup()`` once (after the lease, before subnet.env), then ``await run()`` as a task
-    (the resync loop, every ``resync`` seconds); ``await close()`` on shutdown (rules stay).
+    (the resync loop, every ``resync_s`` seconds); ``await close()`` on shutdown (rules stay).
     ``cleanup``, when given, runs at the end of ``setup()``: the daemon passes the removal of the
     nftables mode's tables (:func:`pyflanneld.nftables.remove_tables`).
 
@@ -153,7 +153,7 @@ class TrafficRules:
     """
 
     def __init__(self, network: Network, own_subnet: Network, ip_masq: bool,
-                 fully_random: bool = True, forward_rules: bool = True, resync: float = 5,
+                 fully_random: bool = True, forward_rules: bool = True, resync_s: float = 5,
                  prev_network: Network | None = None, prev_subnet: Network | None = None,
                  iptables: str = "iptables", iptables_restore: str = "iptables-restore",
                  cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
@@ -162,7 +162,7 @@ class TrafficRules:
         self.ip_masq = ip_masq
         self.fully_random = fully_random
         self.forward = forward_rules
-        self.resync = resync
+        self.resync_s = resync_s
         self.prev_network = prev_network
         self.prev_subnet = prev_subnet
         self.iptables = iptables
@@ -238,11 +238,11 @@ class TrafficRules:
         return True
 
     async def run(self) -> None:
-        """The resync loop: every ``resync`` seconds, ``ensure()``. Cancel to stop."""
-        if not self.available or not self.rulesets or self.resync <= 0:
+        """The resync loop: every ``resync_s`` seconds, ``ensure()``. Cancel to stop."""
+        if not self.available or not self.rulesets or self.resync_s <= 0:
             return
         while not self._closed:
-            await asyncio.sleep(self.resync)
+            await asyncio.sleep(self.resync_s)
             await self.ensure()
 
     async def close(self) -> None:

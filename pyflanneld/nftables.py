@@ -191,13 +191,13 @@ class NftRules:
 
     ``await setup()`` once (after the lease, before subnet.env) — raises :class:`RulesError` when
     nft is missing or the kernel refuses the ruleset (upstream exits then too) —, then
-    ``await run()`` as a task (check and repair every ``resync`` seconds); ``await close()`` on
+    ``await run()`` as a task (check and repair every ``resync_s`` seconds); ``await close()`` on
     shutdown (the tables stay). ``cleanup``, when given, runs at the end of ``setup()``: the daemon
     passes the removal of the iptables chains (:func:`pyflanneld.iptables.remove_chains`).
     """
 
     def __init__(self, network: IPv4Network | None, own_subnet: IPv4Network | None, ip_masq: bool,
-                 fully_random: bool = True, forward_rules: bool = True, resync: float = 5,
+                 fully_random: bool = True, forward_rules: bool = True, resync_s: float = 5,
                  nft: str = "nft", cleanup: Callable[[], Awaitable[None]] | None = None, *,
                  network6: IPv6Network | None = None, own_subnet6: IPv6Network | None = None) -> None:
         # (Network, own subnet) per IP version in use: IPv4 unless None (IPv6-only), IPv6 when given
@@ -206,7 +206,7 @@ class NftRules:
         self.ip_masq = ip_masq
         self.fully_random = fully_random
         self.forward = forward_rules
-        self.resync = resync
+        self.resync_s = resync_s
         self.nft = nft
         self.cleanup = cleanup
         self.tables: list[Table] = []
@@ -251,11 +251,11 @@ class NftRules:
         return not await self._drifted()
 
     async def run(self) -> None:
-        """The resync loop: every ``resync`` seconds, ``ensure()``. Cancel to stop."""
-        if not self.tables or self.resync <= 0:
+        """The resync loop: every ``resync_s`` seconds, ``ensure()``. Cancel to stop."""
+        if not self.tables or self.resync_s <= 0:
             return
         while not self._closed:
-            await asyncio.sleep(self.resync)
+            await asyncio.sleep(self.resync_s)
             await self.ensure()
 
     async def close(self) -> None:

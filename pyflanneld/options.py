@@ -28,11 +28,25 @@ class OptionError(Exception):
 
 @dataclass(frozen=True)
 class Flag:
+    """One flanneld flag: its name (without dashes), how its text is read (``kind``: "str",
+    "int", "bool", "list" — repeatable —, "duration" — a Go duration or seconds —, or
+    "duration_min" — whole minutes, as upstream, or a Go duration), its default (durations in
+    seconds), its help text, and for a flag upstream has but pyflanneld refuses, why."""
+
     name: str
-    kind: str  # "str" | "int" | "bool" | "list" | "duration"
+    kind: str  # "str" | "int" | "bool" | "list" | "duration" | "duration_min"
     default: Any
     help: str
     unsupported: str = ""  # non-empty: setting it to a non-default value is refused with this text
+    seconds: bool = False  # an "int" flag whose value is seconds (durations always are)
+
+    @property
+    def attr(self) -> str:
+        """The :class:`Options` attribute that holds the value: the name with ``-`` → ``_``, and
+        ``_s`` added when the value is seconds (``subnet-lease-renew-margin``, given in minutes,
+        is held as ``subnet_lease_renew_margin_s``)."""
+        unit = "_s" if self.seconds or self.kind in ("duration", "duration_min") else ""
+        return self.name.replace("-", "_") + unit
 
     @property
     def env_var(self) -> str:
@@ -71,7 +85,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag("version", "bool", False, "print version and exit"),
     Flag("healthz-ip", "str", "0.0.0.0", "the IP address for healthz server to listen"),
     Flag("healthz-port", "int", 0, "the port for healthz server to listen (0 to disable)"),
-    Flag("iptables-resync", "int", 5, "resync period for iptables rules, in seconds"),
+    Flag("iptables-resync", "int", 5, "resync period for iptables rules, in seconds", seconds=True),
     Flag("iptables-forward-rules", "bool", True, "add default accept rules to FORWARD chain in iptables"),
     Flag("ip-blackhole-route", "bool", False, "keep a blackhole route for the local subnet"),
     Flag("log-format", "str", "auto", "log format: auto (console on a terminal, else key=value), console, logfmt or json [pyflanneld]"),
@@ -92,6 +106,7 @@ REMOVED = {
 }
 
 BY_NAME = {f.name: f for f in FLAGS}
+BY_ATTR = {f.attr: f for f in FLAGS}
 # What Go's strconv.ParseBool accepts: "--ip-masq true" is a stray argument, not a value.
 GO_BOOL_WORDS = frozenset({"1", "0", "t", "f", "T", "F", "true", "false", "TRUE", "FALSE", "True", "False"})
 SECRET_FLAGS = frozenset({"etcd-password"})  # never shown: logs, /readyz, errors
@@ -205,6 +220,11 @@ def _convert(flag: Flag, raw: str) -> Any:
 
 @dataclass
 class Options:
+    """The daemon's settings: ``values`` by flag name (durations in seconds), read as attributes
+    named by :attr:`Flag.attr` (``o.etcd_endpoints``, ``o.subnet_lease_ttl_s``,
+    ``o.subnet_lease_renew_margin_s``, ``o.iptables_resync_s``); ``from_cli``: the flags given
+    on the command line; ``env_warnings``: FLANNELD_* values that could not be used."""
+
     values: dict[str, Any] = field(default_factory=dict)
     from_cli: set[str] = field(default_factory=set)
     env_warnings: list[str] = field(default_factory=list)
@@ -216,10 +236,10 @@ class Options:
         return cls(values={f.name: (list(f.default) if f.kind == "list" else f.default) for f in FLAGS})
 
     def __getattr__(self, item: str) -> Any:
-        name = item.replace("_", "-")
-        if name in BY_NAME or item in BY_NAME:
-            return self.values[name if name in BY_NAME else item]
-        raise AttributeError(item)
+        flag = BY_ATTR.get(item)
+        if flag is None:
+            raise AttributeError(item)
+        return self.values[flag.name]
 
     def redacted(self) -> dict[str, Any]:
         """All values for a start-up log line, secrets masked: --etcd-password and any password

@@ -83,7 +83,7 @@ def traffic_manager(config: NetworkConfig, options: Any, own_subnet: IPv4Network
                     prev_network6: IPv6Network | None = None,
                     prev_subnet6: IPv6Network | None = None) -> TrafficManager:
     """The rules manager for ``config`` and the daemon's ``options`` (``ip_masq``,
-    ``ip_masq_fully_random_disable``, ``iptables_forward_rules``, ``iptables_resync``).
+    ``ip_masq_fully_random_disable``, ``iptables_forward_rules``, ``iptables_resync_s``).
     ``prev_network``/``prev_subnet`` (from the previous subnet.env) let iptables mode remove
     rules of an earlier Network or subnet; nftables mode replaces whole tables and needs neither.
 
@@ -92,7 +92,7 @@ def traffic_manager(config: NetworkConfig, options: Any, own_subnet: IPv4Network
     FLANNEL_IPV6_* (subnetenv.previous_ipv6). IPv4 rules need ``config.network`` (None when
     IPv4 is off) and ``own_subnet``."""
     common = dict(ip_masq=options.ip_masq, fully_random=not options.ip_masq_fully_random_disable,
-                  forward_rules=options.iptables_forward_rules, resync=options.iptables_resync)
+                  forward_rules=options.iptables_forward_rules, resync_s=options.iptables_resync_s)
     v4 = config.network is not None and own_subnet is not None
     v6 = config.ipv6_network is not None and own_subnet6 is not None
     if config.enable_nftables:

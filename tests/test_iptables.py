@@ -11,7 +11,7 @@ from test_iptables_rules import GOLDEN_FWD, GOLDEN_FWD6, GOLDEN_MASQ, GOLDEN_MAS
 
 pytestmark = pytest.mark.lab
 
-# Runs inside the namespace: TrafficRules(**args).setup(), then run() when resync > 0.
+# Runs inside the namespace: TrafficRules(**args).setup(), then run() when resync_s > 0.
 DRIVER = """
 import asyncio, json, sys
 from ipaddress import ip_network as N
@@ -40,13 +40,13 @@ def ours(host, table: str, tool: str = "iptables") -> list[str]:
 
 
 def setup_rules(host, **args):
-    base = {"network": "10.5.0.0/16", "own_subnet": "10.5.1.0/24", "ip_masq": True, "resync": 0}
+    base = {"network": "10.5.0.0/16", "own_subnet": "10.5.1.0/24", "ip_masq": True, "resync_s": 0}
     base.update(args)
     return host.run(PYTHON, "-c", DRIVER, json.dumps(base))
 
 
 def resync_loop(host, **args):
-    base = {"network": "10.5.0.0/16", "own_subnet": "10.5.1.0/24", "ip_masq": True, "resync": 0.5, "loop": True}
+    base = {"network": "10.5.0.0/16", "own_subnet": "10.5.1.0/24", "ip_masq": True, "resync_s": 0.5, "loop": True}
     base.update(args)
     p = host.popen(PYTHON, "-c", DRIVER, json.dumps(base), name="rules")
     wait_for(lambda: "SETUP-DONE" in p.log_text(), 30, "the rules set up", detail=p.log_text)
@@ -131,7 +131,7 @@ def test_order_and_duplicates_repaired(lab):
 def test_chain_never_empty_while_repairing(lab):
     """Upstream #2237: ClearChain then refill left a window with an empty FLANNEL-POSTRTG."""
     h = lab.add_host("h1")
-    resync_loop(h, resync=0.05)
+    resync_loop(h, resync_s=0.05)
     script = (
         "for i in $(seq 150); do "
         "iptables -w -t nat -A FLANNEL-POSTRTG -j RETURN; "  # a stray rule: forces a rewrite
@@ -186,7 +186,7 @@ from pyflanneld.config import parse_config
 from pyflanneld.trafficmngr import traffic_manager
 cfg = parse_config('{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd80::/48"%s}' % sys.argv[1])
 opts = SimpleNamespace(ip_masq=True, ip_masq_fully_random_disable=False, iptables_forward_rules=True,
-                       iptables_resync=0.5)
+                       iptables_resync_s=0.5)
 async def main():
     t = traffic_manager(cfg, opts, N("10.5.1.0/24"), own_subnet6=N("fd80:0:0:1::/64"))
     await t.setup()

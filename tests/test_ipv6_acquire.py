@@ -31,7 +31,7 @@ def attrs(n: int, v4: bool = True, v6: bool = True) -> LeaseAttrs:
 
 
 def manager(store: MemStore, config: str, **kw) -> SubnetManager:
-    return SubnetManager(store, parse_config(config), ttl=3600, renew_margin=60, rng=random.Random(1), **kw)
+    return SubnetManager(store, parse_config(config), ttl_s=3600, renew_margin_s=60, rng=random.Random(1), **kw)
 
 
 def acquire(store: MemStore, config: str, a: LeaseAttrs, **kw) -> str:

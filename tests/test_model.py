@@ -111,7 +111,7 @@ class DaemonModel(RuleBasedStateMachine):
         if kernel is not None:
             self.backend.kernel = dict(kernel)
         info = await self.backend.register()
-        self.m = SubnetManager(self.store, cfg, ttl=3600, renew_margin=60, renew_retry=0.001, rng=random.Random(0),
+        self.m = SubnetManager(self.store, cfg, ttl_s=3600, renew_margin_s=60, renew_retry_s=0.001, rng=random.Random(0),
                                prev_subnet=subnetenv.previous(self.good_file)[1],
                                notify=lambda full: self.c.wake(full=full) if hasattr(self, "c") else None)
         self.m.ACQUIRE_BACKOFF_S = self.m.WATCH_BACKOFF_S = (0.001, 0.002)

@@ -104,7 +104,7 @@ def test_listing_fingerprint_drops_handles_and_checks_shape():
 
 def test_traffic_manager_follows_enable_nftables():
     opts = SimpleNamespace(ip_masq=True, ip_masq_fully_random_disable=False, iptables_forward_rules=True,
-                           iptables_resync=5)
+                           iptables_resync_s=5)
     nft = traffic_manager(parse_config('{"Network": "10.5.0.0/16", "EnableNFTables": true}'), opts, SUB)
     ipt = traffic_manager(parse_config('{"Network": "10.5.0.0/16"}'), opts, SUB)
     assert isinstance(nft, NftRules) and isinstance(ipt, TrafficRules)
@@ -115,7 +115,7 @@ def test_traffic_manager_takes_the_ipv6_pair():
     """Issue 13.6: dual stack gets the ip6tables rules too (a second TrafficRules with ip6tables),
     nftables mode fills its ip6 table; IPv6-only has no IPv4 rules at all."""
     opts = SimpleNamespace(ip_masq=True, ip_masq_fully_random_disable=False, iptables_forward_rules=True,
-                           iptables_resync=5)
+                           iptables_resync_s=5)
     net6, sub6 = IPv6Network("fd80::/48"), IPv6Network("fd80:0:0:1::/64")
     dual = '{"Network":"10.5.0.0/16","EnableIPv6":true,"IPv6Network":"fd80::/48"%s}'
     ipt = traffic_manager(parse_config(dual % ""), opts, SUB, own_subnet6=sub6, prev_subnet6=IPv6Network("fd80:0:0:9::/64"))

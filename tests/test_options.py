@@ -19,9 +19,9 @@ def test_defaults_match_upstream():
     assert o.etcd_endpoints == "http://127.0.0.1:4001,http://127.0.0.1:2379"
     assert o.etcd_prefix == "/coreos.com/network"
     assert o.subnet_file == "/run/flannel/subnet.env"
-    assert o.subnet_lease_renew_margin == 60 * 60
-    assert o.subnet_lease_ttl == 24 * 3600
-    assert o.iptables_resync == 5
+    assert o.subnet_lease_renew_margin_s == 60 * 60
+    assert o.subnet_lease_ttl_s == 24 * 3600
+    assert o.iptables_resync_s == 5
     assert o.iptables_forward_rules is True
     assert o.ip_masq is False
     assert o.healthz_ip == "0.0.0.0" and o.healthz_port == 0
@@ -149,7 +149,7 @@ def test_public_ipv6_is_accepted_from_flag_and_env():
 def test_short_ttl_with_duration_margin_is_valid():
     o = parse_args(["--subnet-lease-ttl=10s", "--subnet-lease-renew-margin=5s"], {})
     validate(o)
-    assert o.subnet_lease_ttl == 10 and o.subnet_lease_renew_margin == 5
+    assert o.subnet_lease_ttl_s == 10 and o.subnet_lease_renew_margin_s == 5
 
 
 @pytest.mark.parametrize("text,secs", [("24h", 86400), ("1h30m", 5400), ("90s", 90), ("1.5s", 1.5),

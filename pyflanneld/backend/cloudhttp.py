@@ -142,9 +142,9 @@ class MetadataSession:
     """Requests to a link-local metadata service (never through a proxy), transport errors as
     retryable CloudError naming `what` and `hint`. Use as ``async with MetadataSession(...) as m``."""
 
-    def __init__(self, what: str, hint: str = "", timeout: float = METADATA_TIMEOUT):
+    def __init__(self, what: str, hint: str = "", timeout_s: float = METADATA_TIMEOUT):
         self.what, self.hint = what, hint
-        self.client = httpx.AsyncClient(trust_env=False, timeout=timeout)
+        self.client = httpx.AsyncClient(trust_env=False, timeout=timeout_s)
 
     async def __aenter__(self) -> MetadataSession:
         return self

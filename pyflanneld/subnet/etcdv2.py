@@ -41,7 +41,8 @@ _MAX_RESPONSE_BYTES = 256 << 20  # a listing of every lease, far beyond any real
 _PUT_ACTIONS = {"set", "create", "update", "compareAndSwap"}
 _DEL_ACTIONS = {"delete", "expire", "compareAndDelete"}
 
-# A long poll silent for this long is re-issued (etcd v2 never ends an idle one itself).
+# A long poll silent for this long is re-issued from the same index (etcd v2 itself keeps an idle
+# one open: its watch timeout is unbounded).
 WATCH_IDLE_S = 60.0
 # TCP keepalive on every connection: first probe after 10 s idle, then every 5 s, dead after 3
 # unanswered ones — a silently dropped path is noticed within ~25 s even while a poll waits.
@@ -217,10 +218,10 @@ class EtcdV2Store:
         known, self._created = self._created, {}
         return [self._record(n, known.get(n["key"].rsplit("/", 1)[-1])) for n in nodes], index
 
-    async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+    async def create_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record | None:
         data = {"value": value.decode()}
-        if ttl:
-            data["ttl"] = str(int(ttl))
+        if ttl_s:
+            data["ttl"] = str(int(ttl_s))
         r = await self._send("PUT", f"subnets/{key}", params={"prevExist": "false"}, data=data)
         d = self._json(r)
         if r.status_code == 412 or d.get("errorCode") == 105:
@@ -229,12 +230,12 @@ class EtcdV2Store:
             raise self._failed(f"create {key}", d)
         return self._answer_record(d)
 
-    async def put_subnet(self, key: str, value: bytes, ttl: int | None) -> Record:
+    async def put_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record:
         """Update the key in place when it exists (a plain set would replace the node and give it
         a new createdIndex), else create it."""
         data = {"value": value.decode()}
-        if ttl:
-            data["ttl"] = str(int(ttl))
+        if ttl_s:
+            data["ttl"] = str(int(ttl_s))
         for exists in ("true", "false", "true"):
             r = await self._send("PUT", f"subnets/{key}", params={"prevExist": exists}, data=data)
             d = self._json(r)
@@ -245,10 +246,10 @@ class EtcdV2Store:
             return self._answer_record(d)
         raise self._failed(f"put {key}", d)
 
-    async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+    async def renew_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record | None:
         data = {"value": value.decode()}
-        if ttl:
-            data["ttl"] = str(int(ttl))  # without it, the compare-and-swap leaves the key without TTL
+        if ttl_s:
+            data["ttl"] = str(int(ttl_s))  # without it, the compare-and-swap leaves the key without TTL
         r = await self._send("PUT", f"subnets/{key}", params={"prevValue": value.decode()}, data=data)
         d = self._json(r)
         if d.get("errorCode") in (100, 101):  # key not found / compare failed
@@ -293,7 +294,7 @@ class EtcdV2Store:
         while True:
             r = await self._poll(index)
             if r is None or (r.status_code == 200 and not r.content):
-                continue  # silent for a while, or the server closed an idle poll
+                continue  # silent for WATCH_IDLE_S, or etcd ended the poll without an event (empty 200)
             d = self._json(r)
             if d.get("errorCode") == 401:
                 raise CompactedError(d.get("message", "event index cleared"))

@@ -1,6 +1,6 @@
 """etcd v3 store over aetcd (gRPC, asyncio), with TLS, auth and endpoint failover.
 
-Leases are etcd leases: each create/renew grants a fresh lease of `ttl` seconds and writes the key
+Leases are etcd leases: each create/renew grants a fresh lease of `ttl_s` seconds and writes the key
 with it (upstream's behaviour); we also revoke the lease we replaced, so none pile up.
 """
 
@@ -310,17 +310,17 @@ class EtcdV3Store:
                 self._lease_ids[key] = kv.lease
         return recs, r.header.revision
 
-    async def _grant(self, c: _Client, ttl: int | None) -> int:
-        if not ttl:
+    async def _grant(self, c: _Client, ttl_s: int | None) -> int:
+        if not ttl_s:
             return 0
-        lease = await c.lease(int(ttl))
+        lease = await c.lease(int(ttl_s))
         return lease.id
 
-    async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+    async def create_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record | None:
         k = self._subnets + key.encode()
 
         async def op(c: _Client):
-            lease_id = await self._grant(c, ttl)
+            lease_id = await self._grant(c, ttl_s)
             t0 = time.time()
             ok, resp = await c.transaction(
                 compare=[c.transactions.version(k) == 0],
@@ -334,15 +334,15 @@ class EtcdV3Store:
             if lease_id:
                 self._lease_ids[key] = lease_id
             rev = resp[0].response_put.header.revision
-            return Record(key, value, bool(ttl), t0 + ttl if ttl else None, rev, create_revision=rev)
+            return Record(key, value, bool(ttl_s), t0 + ttl_s if ttl_s else None, rev, create_revision=rev)
 
         return await self._call(op)
 
-    async def put_subnet(self, key: str, value: bytes, ttl: int | None) -> Record:
+    async def put_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record:
         k = self._subnets + key.encode()
 
         async def op(c: _Client):
-            lease_id = await self._grant(c, ttl)
+            lease_id = await self._grant(c, ttl_s)
             t0 = time.time()
             r = await c.put(k, value, lease=lease_id)
             old = self._lease_ids.pop(key, 0)
@@ -353,15 +353,15 @@ class EtcdV3Store:
                     await c.revoke_lease(old)
                 except aex.ClientError:
                     pass  # already expired, or granted by another daemon
-            return Record(key, value, bool(ttl), t0 + ttl if ttl else None, r.header.revision)
+            return Record(key, value, bool(ttl_s), t0 + ttl_s if ttl_s else None, r.header.revision)
 
         return await self._call(op)
 
-    async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+    async def renew_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record | None:
         k = self._subnets + key.encode()
 
         async def op(c: _Client):
-            lease_id = await self._grant(c, ttl)
+            lease_id = await self._grant(c, ttl_s)
             t0 = time.time()
             ok, resp = await c.transaction(
                 compare=[c.transactions.value(k) == value],
@@ -380,7 +380,7 @@ class EtcdV3Store:
                     await c.revoke_lease(old)
                 except aex.ClientError:
                     pass
-            return Record(key, value, bool(ttl), t0 + ttl if ttl else None, resp[0].response_put.header.revision)
+            return Record(key, value, bool(ttl_s), t0 + ttl_s if ttl_s else None, resp[0].response_put.header.revision)
 
         return await self._call(op)
 

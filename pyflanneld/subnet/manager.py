@@ -59,18 +59,19 @@ class PoolExhausted(Exception):
 
 
 class Backoff:
-    """Exponential backoff: ``next()`` gives first, 2×first, … up to limit seconds."""
+    """Exponential backoff: ``next()`` gives the next delay in seconds — first_s, 2×first_s, …
+    up to limit_s; ``reset()`` starts again at first_s."""
 
-    def __init__(self, first: float, limit: float) -> None:
-        self.first, self.limit, self.delay = first, limit, first
+    def __init__(self, first_s: float, limit_s: float) -> None:
+        self.first_s, self.limit_s, self.delay_s = first_s, limit_s, first_s
 
     def next(self) -> float:
-        d = self.delay
-        self.delay = min(self.delay * 2, self.limit)
+        d = self.delay_s
+        self.delay_s = min(self.delay_s * 2, self.limit_s)
         return d
 
     def reset(self) -> None:
-        self.delay = self.first
+        self.delay_s = self.first_s
 
 
 async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
@@ -101,7 +102,8 @@ def same_vtep(a: LeaseAttrs, b: LeaseAttrs) -> bool:
 class SubnetManager:
     """The own lease and the book of all leases (see the module docstring).
 
-    ttl/renew_margin/renew_retry in seconds. ``notify(full)`` is called (synchronously, it must
+    ``ttl_s``: the lease TTL written to etcd; ``renew_margin_s``: renew this long before expiry;
+    ``renew_retry_s``: wait after a failed renewal (all seconds). ``notify(full)`` is called (synchronously, it must
     not block) after every change of the own lease or the book.
     """
 
@@ -109,16 +111,16 @@ class SubnetManager:
     WRITE_BOUND_S = 30.0  # a renewal without an answer for this long counts as failed
     WATCH_BACKOFF_S = (0.1, 5.0)  # between failed watches (upstream's)
 
-    def __init__(self, store: Store, cfg: NetworkConfig, *, ttl: int, renew_margin: float,
+    def __init__(self, store: Store, cfg: NetworkConfig, *, ttl_s: int, renew_margin_s: float,
                  prev_subnet: IPv4Network | None = None, prev_subnet6: IPv6Network | None = None,
                  rng: random.Random | None = None,
-                 renew_retry: float = 60.0, prefix: str = "/coreos.com/network",
+                 renew_retry_s: float = 60.0, prefix: str = "/coreos.com/network",
                  notify: Callable[[bool], None] | None = None) -> None:
         self.store = store
         self.cfg = cfg
-        self.ttl = ttl
-        self.renew_margin = renew_margin
-        self.renew_retry = renew_retry
+        self.ttl_s = ttl_s
+        self.renew_margin_s = renew_margin_s
+        self.renew_retry_s = renew_retry_s
         self.prev_subnet = prev_subnet
         self.prev_subnet6 = prev_subnet6
         self.rng = rng or random.Random()
@@ -201,7 +203,7 @@ class SubnetManager:
                 if (self._host_address(le.attrs) != mine and not same_vtep(le.attrs, attrs)) or self._foreign_twin(le, attrs):
                     continue
                 if lease_compatible(cfg, le.subnet, le.subnet6):
-                    ttl = None if le.reserved else self.ttl
+                    ttl = None if le.reserved else self.ttl_s
                     rec = await self._claim(le.key, lambda le=le, ttl=ttl: self.store.put_subnet(le.key, value, ttl))
                     log.info("found lease for current IP, reusing", subnet=str(le),
                              public_ip=str(mine), reservation=le.reserved)
@@ -235,7 +237,7 @@ class SubnetManager:
             if sn is None or (cfg.enable_ipv6 and sn6 is None):
                 raise PoolExhausted(self._exhausted(ipv6=sn is not None))
             key = subnet_key(sn, sn6)
-            ttl = None if reserve and sn == prev else self.ttl
+            ttl = None if reserve and sn == prev else self.ttl_s
             rec = await self._claim(key, lambda key=key, ttl=ttl: self.store.create_subnet(key, value, ttl))
             if rec is None:
                 log.info("lost the race for a subnet, trying another", subnet=key)
@@ -403,26 +405,26 @@ class SubnetManager:
                 continue
             if self._rewrite:
                 reserved = lease.reserved
-                await self._write(lease, None if reserved else self.ttl,
+                await self._write(lease, None if reserved else self.ttl_s,
                                   "own lease rewritten" + (" as a reservation" if reserved else ""), put=True)
                 continue
-            due = lease.expiration is not None and time.time() >= lease.expiration - self.renew_margin
+            due = lease.expiration is not None and time.time() >= lease.expiration - self.renew_margin_s
             if lease.reserved:
                 self._renew_now = False  # a reservation is never renewed (that would give it a TTL)
             elif self._renew_now or due:
-                await self._write(lease, self.ttl, "lease renewed")
+                await self._write(lease, self.ttl_s, "lease renewed")
                 continue
             if lease.reserved or lease.expiration is None:
                 wait = None
             else:
-                wait = max(0.0, lease.expiration - self.renew_margin - time.time())
+                wait = max(0.0, lease.expiration - self.renew_margin_s - time.time())
                 log.debug("waiting to renew lease", subnet=str(lease), seconds=round(wait, 1))
             await self._sleep(wait)
 
     async def _write(self, lease: Lease, ttl: int | None, what: str, put: bool = False) -> None:
         """Renew (ttl) the own key if it still holds our value, or (put, or ttl None: without TTL)
         write our value whatever it holds.
-        A store error waits ``renew_retry`` (a loss noticed meanwhile cuts the wait short)."""
+        A store error waits ``renew_retry_s`` (a loss noticed meanwhile cuts the wait short)."""
         assert self.attrs is not None
         value = self.attrs.to_json().encode()
         if ttl is None or put:
@@ -448,8 +450,8 @@ class SubnetManager:
             metrics.DATASTORE_ERRORS.labels("renew").inc()
             self._mark(False, str(e))
             log.warning("error renewing lease, trying again", subnet=str(lease),
-                        retry_in=self.renew_retry, error=str(e))
-            await self._sleep(self.renew_retry)
+                        retry_in=self.renew_retry_s, error=str(e))
+            await self._sleep(self.renew_retry_s)
             return
         self._mark(True)
         if self.lease is not lease or self.lost_reason:
@@ -488,7 +490,7 @@ class SubnetManager:
             return
         value = attrs.to_json().encode()
         rec = await self._claim(lease.key, lambda: self.store.put_subnet(
-            lease.key, value, None if lease.reserved else self.ttl))
+            lease.key, value, None if lease.reserved else self.ttl_s))
         self.attrs = attrs
         self.lease = lease_from_record(rec, attrs)
         log.info("lease updated", subnet=str(lease), public_ip=str(self._host_address(attrs)))

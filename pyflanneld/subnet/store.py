@@ -50,17 +50,17 @@ class Store(Protocol):
         """All subnet records and the store revision they reflect."""
         ...
 
-    async def create_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
-        """Create-if-absent in one step; None when the key exists. ttl None: no TTL."""
+    async def create_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record | None:
+        """Create-if-absent in one step; None when the key exists. ttl_s None: no TTL."""
         ...
 
-    async def put_subnet(self, key: str, value: bytes, ttl: int | None) -> Record:
-        """Unconditional write (renewal, reuse); ttl None keeps it without TTL."""
+    async def put_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record:
+        """Unconditional write (renewal, reuse); ttl_s None keeps it without TTL."""
         ...
 
-    async def renew_subnet(self, key: str, value: bytes, ttl: int | None) -> Record | None:
+    async def renew_subnet(self, key: str, value: bytes, ttl_s: int | None) -> Record | None:
         """Write again with a fresh TTL only if the key still holds `value`; None when it does not
-        (expired, deleted, or taken over): the caller must acquire again. ttl None writes it without
+        (expired, deleted, or taken over): the caller must acquire again. ttl_s None writes it without
         TTL (turns a lease into a reservation in place: `pyflanneld lease reserve`)."""
         ...
 

@@ -202,7 +202,7 @@ class Forwarder:
 
     # --- synchronisation ---------------------------------------------------------------------
 
-    def sync(self, timeout: float = 5.0) -> list[dict]:
+    def sync(self, timeout_s: float = 5.0) -> list[dict]:
         """Ping every worker and wait for the answers: all earlier route updates are applied.
 
         Returns each worker's counters (plus ``routes`` and ``pid``); raises TimeoutError.
@@ -212,7 +212,7 @@ class Forwarder:
         for wp in self.workers:
             self._send(wp, control.encode_ping(token))
         out: dict[int, dict] = {}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -233,11 +233,11 @@ class Forwarder:
                         del pending[fd]
         return [out[i] for i in sorted(out)]
 
-    async def poll_counters(self, timeout: float = 1.0) -> dict[str, int]:
+    async def poll_counters(self, timeout_s: float = 1.0) -> dict[str, int]:
         """The workers' counters (:class:`~pyflanneld.udpfwd.worker.Stats`) summed, those of
         workers that exited included (the totals never go down), for /metrics. Asks every worker
         (a ping on its control socket, answered between two packet batches) on the running loop,
-        never blocking it; a worker that does not answer within ``timeout`` seconds counts with
+        never blocking it; a worker that does not answer within ``timeout_s`` seconds counts with
         its last answer. The daemon's loop must be the only reader of the control sockets
         (:meth:`sync` is for a forwarder without a loop)."""
         async with self.polling:
@@ -258,7 +258,7 @@ class Forwarder:
 
             tasks = [asyncio.ensure_future(ask(wp)) for wp in self.workers]
             if tasks:
-                _done, pending = await asyncio.wait(tasks, timeout=timeout)
+                _done, pending = await asyncio.wait(tasks, timeout=timeout_s)
                 for t in pending:
                     t.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)  # their reads end before the lock goes
@@ -274,8 +274,8 @@ class Forwarder:
             add_counters(total, wp.counters)
         return total
 
-    def wait_ready(self, timeout: float = 10.0) -> None:
-        self.sync(timeout)
+    def wait_ready(self, timeout_s: float = 10.0) -> None:
+        self.sync(timeout_s)
 
     def stats(self) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -291,14 +291,14 @@ class Forwarder:
 
     # --- shutdown ----------------------------------------------------------------------------
 
-    def stop(self, timeout: float = 2.0, close_device: bool = True) -> None:
+    def stop(self, timeout_s: float = 2.0, close_device: bool = True) -> None:
         """Stop the workers (STOP message, then SIGTERM, then SIGKILL); close the device holder."""
         for wp in self.workers:
             try:
                 wp.ctl.send(control.STOP)
             except OSError:
                 pass
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for wp in self.workers:
                 left = max(0.0, deadline - time.monotonic())
@@ -306,10 +306,10 @@ class Forwarder:
                     wp.proc.wait(left)
                 except subprocess.TimeoutExpired:
                     wp.proc.send_signal(sig)
-            deadline = time.monotonic() + timeout
+            deadline = time.monotonic() + timeout_s
         for wp in self.workers:
             try:
-                wp.proc.wait(timeout)
+                wp.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 pass
             add_counters(self.retired, wp.counters)
