@@ -80,6 +80,10 @@ def _sighup_while_starting(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The ``pyflanneld`` console script: an operator command (``config``, ``leases``, ``lease``,
+    ``docker-opts``) when ``argv`` (default ``sys.argv[1:]``) starts with one, else the daemon with
+    upstream flanneld's flags. Never returns: exits 0 (help, version, clean stop), 1 (a bad flag
+    value or a fatal error: one line on stderr) or 2 (usage error, as Go's flag package)."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in COMMANDS:
         from .ctl import main as ctl_main

@@ -390,6 +390,10 @@ class Daemon:
         log.info("running backend", backend=cfg.backend_type)
 
     async def run(self) -> int:
+        """The daemon's whole life on the running loop: signal handlers, the health server, :meth:`start`,
+        then the long-running tasks (restarted when one dies of an unexpected error) until SIGTERM or
+        SIGINT. Returns the exit status: 0 after a signal, 1 after a FatalError (logged as one line);
+        SIGHUP is logged and ignored. Shutdown (:meth:`shutdown`) runs either way."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         def on_signal(sig: signal.Signals) -> None:
@@ -516,6 +520,9 @@ def rejected_summary(subnets_path: str, rejected: Mapping[str, str], limit: int 
 
 
 def run(opts: Options) -> int:
+    """Run the daemon with parsed and validated ``opts`` (the start-up line logs them, secrets
+    masked; FLANNELD_* values that could not be used are warnings) on a new event loop; returns
+    the exit status (see :meth:`Daemon.run`)."""
     log.info("starting pyflanneld", version=__version__, pid=os.getpid(), options=opts.redacted())
     for w in opts.env_warnings:
         log.warning(w)

@@ -83,6 +83,9 @@ class DockerOptsError(Exception):
 
 @dataclass
 class Options:
+    """The parsed docker-opts options: input (``-f``) and output (``-d``) paths, the combined
+    variable's name (``-k``), which outputs to write (``-i``, ``-c``; both when neither is given),
+    ``--ip-masq`` wanted (not ``-m``), and the words after the options (ignored, as the script)."""
     flannel_env: str = DEFAULT_FLANNEL_ENV
     docker_env: str = DEFAULT_DOCKER_ENV
     combined_key: str = DEFAULT_COMBINED_KEY
@@ -93,6 +96,8 @@ class Options:
 
 
 def usage_text(prog: str) -> str:
+    """mk-docker-opts.sh's usage text with ``prog`` as the command name (tabs and blank lines as the
+    script prints them)."""
     return (
         f"{prog} [-f FLANNEL-ENV-FILE] [-d DOCKER-ENV-FILE] [-i] [-c] [-m] [-k COMBINED-KEY]\n"
         "\n"
@@ -316,6 +321,8 @@ def check_routes(subnet: str) -> None:
 
 
 def run(opts: Options, environ: dict[str, str]) -> None:
+    """What the script does: read the flannel env file over ``environ``, write the docker env file,
+    then check the routing table for the subnet. Raises DockerOptsError (one line)."""
     variables = dict(environ)
     variables.update(parse_env_file(opts.flannel_env))
     content = build_output(opts, variables)

@@ -70,6 +70,7 @@ class Response:
 
     @classmethod
     def text(cls, status: int, text: str) -> Response:
+        """A response with ``status`` (an HTTP status code) and ``text`` as its UTF-8 body."""
         return cls(status, text.encode())
 
 
@@ -198,6 +199,7 @@ class HealthServer:
         return sock
 
     async def close(self) -> None:
+        """Stop accepting, cancel the open connections and close the listening socket. Idempotent."""
         tasks = [t for t in (self._accepting, *self._conns) if t is not None]
         for t in tasks:
             t.cancel()

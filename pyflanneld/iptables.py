@@ -63,6 +63,7 @@ class RuleSet:
 
     @property
     def parent(self) -> str:
+        """The built-in chain that jumps to this rule set's chain (``POSTROUTING``, ``FORWARD``)."""
         return self.jump.split()[1]
 
     def golden(self) -> list[str]:
@@ -97,11 +98,15 @@ def forward_rules(network: Network) -> RuleSet:
 
 @dataclass(frozen=True)
 class ChainState:
+    """What ``iptables -S`` shows of one of our chains: whether it exists, its rules in order, and how
+    many jump rules to it the parent chain holds."""
     exists: bool
     rules: tuple[str, ...]  # '-A CHAIN ...' lines of the chain, in order
     jumps: int  # how often the jump rule is in the parent chain
 
     def matches(self, rs: RuleSet) -> bool:
+        """True when the chain is exactly as ``rs`` wants it: present, the same rules in the same order,
+        one jump."""
         return self.exists and self.rules == rs.rules and self.jumps == 1
 
 
@@ -246,6 +251,7 @@ class TrafficRules:
             await self.ensure()
 
     async def close(self) -> None:
+        """Stop the resync loop (see :meth:`run`); the rules stay, as upstream leaves them."""
         self._closed = True
 
     # --- internals ------------------------------------------------------------------------------

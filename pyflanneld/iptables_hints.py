@@ -87,11 +87,15 @@ class IptablesHints:
         self._warned: set[str] = set()
 
     async def run(self) -> None:
+        """Check now and then every ``interval_s`` seconds, until cancelled. Never raises."""
         while True:
             await self.check()
             await asyncio.sleep(self.interval_s)
 
     async def check(self) -> None:
+        """Run the checks once and warn (once per finding) about what would break the overlay: a FORWARD
+        policy DROP that nothing opens for the Network, flannel chains left in the other iptables
+        flavour (legacy vs nft). A listing that fails is a debug line."""
         if shutil.which(self.iptables) is None:
             return
         findings: dict[str, tuple[str, dict[str, str]]] = {}

@@ -34,6 +34,8 @@ LIGHT = {
 
 
 def install() -> None:
+    """Register pyroute2 and prometheus_client as bare packages (see the module docstring); a no-op
+    for a package already imported or not installed."""
     for name, light in LIGHT.items():
         _install(name, light)
 

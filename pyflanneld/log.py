@@ -9,6 +9,9 @@ import structlog
 
 
 def setup(verbosity: int = 0, fmt: str = "auto") -> None:
+    """Configure structlog for the daemon: one line per event on stderr, UTC ISO timestamps; level
+    debug with ``verbosity`` ≥ 1 (``-v``), else info; ``fmt`` "logfmt", "json", "console" or
+    "auto" (console on a terminal, logfmt otherwise)."""
     level = logging.DEBUG if verbosity >= 1 else logging.INFO
     if fmt == "auto":
         fmt = "console" if sys.stderr.isatty() else "logfmt"

@@ -90,6 +90,7 @@ class Table:
 
     @property
     def comment(self) -> str:
+        """The table's comment (``rules for <name>``), as upstream's nftables mode sets it."""
         return f"rules for {self.name}"
 
     def render(self) -> str:
@@ -259,6 +260,7 @@ class NftRules:
             await self.ensure()
 
     async def close(self) -> None:
+        """Stop the resync loop (see :meth:`run`); the tables stay."""
         self._closed = True
 
     # --- internals ------------------------------------------------------------------------------

@@ -326,6 +326,8 @@ def parse_args(argv: list[str], environ: dict[str, str] | None = None) -> Option
 
 
 def usage() -> str:
+    """The ``-h`` text: the operator commands, then every flag in Go's ``flag.PrintDefaults`` layout
+    with its default (durations as Go prints them, the renew margin in minutes)."""
     lines = ["Usage: pyflanneld [OPTION]...",
              "       pyflanneld config get|validate|set ...      the network config in etcd",
              "       pyflanneld leases [-o table|json|yaml]      the subnet leases in etcd",

@@ -7,6 +7,9 @@ import socket
 
 
 def notify(state: str) -> bool:
+    """Send ``state`` (e.g. ``READY=1``) to systemd's $NOTIFY_SOCKET (a path or ``@abstract`` name).
+    Returns False when the variable is not set (not run by systemd with Type=notify); raises
+    OSError when the socket cannot be reached."""
     addr = os.environ.get("NOTIFY_SOCKET")
     if not addr:
         return False

@@ -46,7 +46,7 @@ class TrafficManager(Protocol):
         """Stop the resync loop; the rules stay."""
 
 
-class FamilyRules:
+class FamilyRules(TrafficManager):
     """Several traffic managers driven as one (the iptables and the ip6tables rules of a
     dual-stack host): ``setup``, ``ensure``, ``check`` and ``close`` call each in order (``ensure``
     every one even after a failure), ``run`` runs their resync loops side by side."""

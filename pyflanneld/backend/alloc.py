@@ -8,6 +8,8 @@ from .base import BackendInfo, PeerSetBackend, register_backend
 
 @register_backend
 class AllocBackend(PeerSetBackend):
+    """The alloc backend (upstream ``pkg/backend/alloc``): only holds a lease and writes subnet.env;
+    programs nothing (MTU the interface's, BackendType "", IPv4 and IPv6)."""
     type_name = "alloc"
     ipv6 = True  # nothing to program: a dual-stack or IPv6-only lease and subnet.env are all it does
 

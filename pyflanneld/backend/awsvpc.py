@@ -51,6 +51,8 @@ NO_CREDENTIALS = ("no AWS credentials found: attach an IAM role (instance profil
 
 
 def imds_hop_limit_message(base: str) -> str:
+    """The one-line error when the IMDSv2 token request to ``base`` got no answer: the instance's
+    PUT response hop limit is too low for a container; names the ``aws ec2`` command that fixes it."""
     return (f"EC2 instance metadata service at {base} requires IMDSv2 (HttpTokens=required), but the answer to "
             "its session-token request (PUT /latest/api/token) never arrived: the instance's "
             "HttpPutResponseHopLimit is too low for a process in a container; raise it: aws ec2 "
@@ -59,6 +61,8 @@ def imds_hop_limit_message(base: str) -> str:
 
 
 def imds_disabled_message(base: str) -> str:
+    """The one-line error when the metadata service at ``base`` answers 403 (HttpEndpoint=disabled);
+    names the ``aws ec2`` command that turns it on."""
     return (f"EC2 instance metadata service at {base} answers 403 Forbidden: it is turned off for this instance "
             "(HttpEndpoint=disabled); turn it on: aws ec2 modify-instance-metadata-options --instance-id INSTANCE "
             "--http-endpoint enabled")
@@ -78,6 +82,8 @@ def parse_route_tables(value: Any) -> list[str]:
 
 @register_backend
 class AwsVpcBackend(CloudRouteBackend):
+    """The aws-vpc backend (upstream ``pkg/backend/awsvpc``): a route for the own subnet to this
+    instance's ENI in the VPC route table(s); see the module docstring for settings and errors."""
     type_name = "aws-vpc"
     cloud_name = "AWS"
 
@@ -204,6 +210,8 @@ class AwsVpcBackend(CloudRouteBackend):
         await in_daemon_thread(self.program, lease.subnet, name="aws-vpc-api")
 
     def find_eni(self) -> dict:
+        """The ENI (DescribeInstances' NetworkInterface dict) of this instance that holds the external
+        interface's IP. Blocking (an SDK call: run it in a daemon thread); raises CloudError."""
         ip = str(self.ctx.ext.ip)
         resp = self.call("DescribeInstances", InstanceIds=[self.instance_id])
         for res in resp.get("Reservations", []):
@@ -216,6 +224,8 @@ class AwsVpcBackend(CloudRouteBackend):
                          f"{self.ctx.ext.name}: pick the VPC interface with --iface")
 
     def detect_route_table(self, eni: dict) -> str:
+        """The route table id (``rtb-…``) for ``eni``: the table associated with its subnet, else the VPC's
+        main table (upstream's detectRouteTableID). Blocking; raises CloudError when there is none."""
         found = self.call("DescribeRouteTables", Filters=[{"Name": "association.subnet-id", "Values": [eni["SubnetId"]]}])
         tables = found.get("RouteTables", [])
         if not tables:

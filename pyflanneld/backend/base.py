@@ -88,6 +88,8 @@ class BackendContext:
 
 @dataclass(frozen=True)
 class BackendInfo:
+    """What a backend's ``register()`` returns: the MTU for subnet.env (bytes), the lease's BackendType,
+    and the BackendData (and IPv6 half's BackendV6Data) published in the lease, as JSON values."""
     mtu: int
     backend_type: str  # goes into the lease's BackendType ("" for udp/alloc, as upstream)
     backend_data: Any = None

@@ -55,6 +55,7 @@ class Charon:
 
     @property
     def alive(self) -> bool:
+        """True while the charon child process runs."""
         return self.proc is not None and self.proc.returncode is None
 
     async def start(self, ready_timeout_s: float = 60.0) -> None:
@@ -121,9 +122,12 @@ class Charon:
                                                     "owners": [owner_ip]}))
 
     async def load_conn(self, name: str, conf: dict[str, Any]) -> None:
+        """Load (add or replace) the VICI connection ``name`` with swanctl-style settings ``conf``
+        (upstream's loadConnection). Raises CharonError."""
         await self.request(lambda s: s.load_conn({name: conf}))
 
     async def unload_conn(self, name: str) -> None:
+        """Unload the VICI connection ``name`` (upstream's unloadConnection). Raises CharonError."""
         await self.request(lambda s: s.unload_conn({"name": name}))
 
     async def conn_names(self) -> set[str]:

@@ -90,6 +90,7 @@ class CommandResult:
 
     @property
     def ok(self) -> bool:
+        """True when the command exited with status 0."""
         return self.status == 0
 
     def problem(self) -> str:
@@ -189,6 +190,8 @@ class _Retry:
 
 @register_backend
 class ExtensionBackend(PeerSetBackend):
+    """The extension backend (upstream ``pkg/backend/extension``): the operator's shell commands per
+    lifecycle step and per remote lease, with retries; see the module docstring."""
     type_name = "extension"
     reconcile_interval = 1.0  # only looks for due retries: cheap
 

@@ -116,6 +116,8 @@ class GceApiError(CloudError):
 
 @register_backend
 class GceBackend(CloudRouteBackend):
+    """The gce backend (upstream ``pkg/backend/gce``): a GCE route ``flannel-<subnet>`` for the own
+    subnet to this instance (Shared VPC: in the network's host project); see the module docstring."""
     type_name = "gce"
     cloud_name = "GCE"
 
@@ -247,6 +249,8 @@ class GceBackend(CloudRouteBackend):
         return await in_daemon_thread(self._execute, label, make, name="gce-api")
 
     def quota_error(self, code: str, message: str) -> CloudError:
+        """The CloudError (not retried soon, ``code`` kept) for a project at its ROUTES quota: the API's
+        ``code`` and ``message`` verbatim, and the fix."""
         return CloudError(f"route quota exceeded ({code}: {message}): project {self.route_project or self.project} can "
                           "hold no more routes; ask for a higher ROUTES quota or delete unused routes", code=code)
 
@@ -289,6 +293,10 @@ class GceBackend(CloudRouteBackend):
         return GceApiError(text, status, transient, reason)
 
     async def wait_operation(self, label: str, op: dict) -> None:
+        """Poll the global operation ``op`` (the API's dict) every OP_POLL_INTERVAL seconds until DONE,
+        at most OP_POLLS times (upstream's PollForOp); ``label`` names the step in errors, warnings are
+        logged. Raises CloudError: retryable when it does not finish or is RESOURCE_NOT_READY,
+        :meth:`quota_error` for QUOTA_EXCEEDED, the operation's error otherwise."""
         name = op.get("name", "")
         for _ in range(OP_POLLS):
             if op.get("status") == "DONE":
@@ -351,6 +359,7 @@ class GceBackend(CloudRouteBackend):
 
     @property
     def shared_vpc(self) -> bool:
+        """True when the network lives in another project than the instance (a Shared VPC host project)."""
         return bool(self.route_project) and self.route_project != self.project
 
     def next_hop(self, inst: dict, net: dict) -> dict[str, str]:
@@ -364,6 +373,8 @@ class GceBackend(CloudRouteBackend):
         return {"nextHopIp": str(self.ctx.ext.ip)}
 
     def points_here(self, route: dict, hop: dict[str, str]) -> bool:
+        """True when ``route`` (an API route dict) already sends traffic where ``hop`` says
+        (``nextHopInstance`` or ``nextHopIp``)."""
         if "nextHopInstance" in hop:
             return same_resource(route.get("nextHopInstance"), hop["nextHopInstance"])
         return route.get("nextHopIp") == hop["nextHopIp"] and not route.get("nextHopInstance")

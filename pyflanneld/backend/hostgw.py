@@ -42,6 +42,8 @@ OTHER_SEGMENT_HINT = ("host-gw cannot route to this peer: its PublicIP is not on
 
 @register_backend
 class HostGWBackend(KernelPeerBackend):
+    """The host-gw backend (upstream ``pkg/backend/hostgw``): a route ``<subnet> via <PublicIP>`` per
+    remote lease, IPv4 and IPv6; see the module docstring."""
     type_name = "host-gw"
     ipv6 = True
     reconcile_interval = SAFETY_NET_INTERVAL  # the monitor sees every change of a route of ours

@@ -37,6 +37,8 @@ OVERHEAD = 20  # the outer IPv4 header
 
 @register_backend
 class IPIPBackend(KernelPeerBackend):
+    """The ipip backend (upstream ``pkg/backend/ipip``): device ``flannel.ipip`` and a route per remote
+    lease through it (or directly on the same L2 with DirectRouting); see the module docstring."""
     type_name = "ipip"
 
     def __init__(self, ctx: BackendContext) -> None:

@@ -54,6 +54,8 @@ UDP_ENCAP_OVERHEAD = 8
 
 @register_backend
 class IPsecBackend(KernelPeerBackend):
+    """The ipsec backend (upstream ``pkg/backend/ipsec``): charon for IKE, XFRM policies per remote
+    lease; see the module docstring."""
     type_name = "ipsec"
 
     def __init__(self, ctx: BackendContext) -> None:
@@ -74,6 +76,7 @@ class IPsecBackend(KernelPeerBackend):
 
     @property
     def mtu(self) -> int:
+        """The MTU for subnet.env: the interface's minus the ESP overhead (77 bytes, 8 more with UDPEncap)."""
         return self.ctx.ext.mtu - OVERHEAD - (UDP_ENCAP_OVERHEAD if self.udp_encap else 0)
 
     # --- life cycle -----------------------------------------------------------------------------
@@ -107,6 +110,7 @@ class IPsecBackend(KernelPeerBackend):
 
     # --- desired state --------------------------------------------------------------------------
     def usable(self, lease: Lease) -> bool:
+        """True when ``lease`` is an ipsec peer that can be programmed now (our own lease is known)."""
         return not self.skip_other_type(lease) and self.own_lease is not None
 
     def policies(self, peer: Lease) -> list[XfrmPolicy]:
@@ -119,6 +123,8 @@ class IPsecBackend(KernelPeerBackend):
                 XfrmPolicy(it, me, "fwd", its_ip, my_ip, REQID)]
 
     def conn_name(self, peer: Lease) -> str:
+        """The charon connection name for ``peer`` (upstream's format:
+        ``<our PublicIP>-<our subnet>-<peer subnet>-<peer PublicIP>``)."""
         assert self.own_lease is not None
         o = self.own_lease
         return f"{o.attrs.public_ip}-{o.subnet}-{peer.subnet}-{peer.attrs.public_ip}"

@@ -44,6 +44,8 @@ TUN_NAME = "flannel0"
 
 @register_backend
 class UdpBackend(PeerSetBackend):
+    """The udp backend (upstream ``pkg/backend/udp``): TUN ``flannel0`` and userspace forwarder
+    processes holding a route per remote lease; see the module docstring."""
     type_name = "udp"
     reconcile_interval = 5.0
 
@@ -59,6 +61,7 @@ class UdpBackend(PeerSetBackend):
 
     @property
     def mtu(self) -> int:
+        """The MTU for subnet.env and flannel0: the interface's minus 28 bytes (IP + UDP headers)."""
         return self.ctx.ext.mtu - ENCAP_OVERHEAD
 
     async def register(self) -> BackendInfo:

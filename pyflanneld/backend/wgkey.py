@@ -48,6 +48,7 @@ def key_file_path(env: Mapping[str, str] = os.environ) -> Path:
 
 
 def encode_key(raw: bytes) -> str:
+    """``raw`` key bytes as WireGuard writes keys: standard base64 text."""
     return base64.b64encode(raw).decode()
 
 

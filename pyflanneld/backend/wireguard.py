@@ -48,6 +48,8 @@ MODES = ("separate", "auto", "ipv4", "ipv6")
 
 @register_backend
 class WireGuardBackend(KernelPeerBackend):
+    """The wireguard backend (upstream ``pkg/backend/wireguard``): device ``flannel-wg`` with a peer
+    per remote lease (its PublicKey from BackendData); see the module docstring."""
     type_name = "wireguard"
 
     def __init__(self, ctx: BackendContext) -> None:

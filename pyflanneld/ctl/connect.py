@@ -46,6 +46,7 @@ class GoFlag(click.Option):
     lists only the double-dash one."""
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        """click's help line for this option, listing only its ``--`` spelling."""
         saved = self.opts
         self.opts = [o for o in self.opts if o.startswith("--")]
         try:
@@ -118,6 +119,8 @@ class Connection:
         return f"{self.settings.prefix.rstrip('/')}/subnets/{key}"
 
     def config_not_found(self, api: str) -> CtlError:
+        """The CtlError for a missing ``<prefix>/config`` in etcd ``api`` ("v3"/"v2"), naming the command
+        that creates it."""
         return CtlError(f"network config not found at {self.config_key} (etcd {api}); "
                         "create it with: pyflanneld config set -f FILE")
 

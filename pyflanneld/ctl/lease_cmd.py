@@ -161,6 +161,8 @@ class SubnetParam(click.ParamType):
     name = "SUBNET"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> IPv4Network:
+        """``10.5.1.0/24`` or a subnet key ``10.5.1.0-24`` → IPv4Network; click's usage error (exit 2,
+        one line, with a did-you-mean for host bits) otherwise."""
         if isinstance(value, IPv4Network):
             return value
         text = str(value)
@@ -176,9 +178,11 @@ class SubnetParam(click.ParamType):
 
 
 class IPv4Param(click.ParamType):
+    """A click parameter type for an IPv4 address without prefix length (``--public-ip``)."""
     name = "IP"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> IPv4Address:
+        """``value`` → IPv4Address; click's usage error (exit 2, one line) otherwise."""
         try:
             return IPv4Address(str(value))
         except ValueError:
@@ -191,6 +195,8 @@ class DurationParam(click.ParamType):
     name = "DURATION"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        """A Go duration (``24h``, ``90m``, ``30s``) or seconds → whole seconds (rounded up), 1 s up to
+        etcd's maximum lease TTL; click's usage error (exit 2, one line) otherwise."""
         if isinstance(value, int):
             return value
         try:

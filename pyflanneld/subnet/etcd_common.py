@@ -25,12 +25,16 @@ class Endpoint:
 
     @property
     def url(self) -> str:
+        """The endpoint as a URL without credentials: ``scheme://host:port`` (an IPv6 host in brackets)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.scheme}://{host}:{self.port}"
 
 
 @dataclass(frozen=True)
 class EtcdSettings:
+    """How to reach etcd (the daemon's ``--etcd-*`` flags): the endpoints tried in turn, the key prefix
+    (``--etcd-prefix``), TLS files, basic-auth credentials (the password never shown by ``repr``),
+    and the first per-request deadline in seconds. Build it with :meth:`from_flags`."""
     endpoints: tuple[Endpoint, ...]
     prefix: str
     cafile: str = ""

@@ -33,7 +33,7 @@ import structlog
 
 from ..jsondecode import JSONValueError, decode_json
 from .etcd_common import EtcdSettings, RequestDeadline, go_path_join
-from .store import AuthError, CompactedError, Record, StoreError, WatchEvent
+from .store import AdminStore, AuthError, CompactedError, Record, StoreError, WatchEvent
 
 log = structlog.get_logger()
 
@@ -75,7 +75,7 @@ def _expiration(node: dict) -> float | None:
         return None
 
 
-class EtcdV2Store:
+class EtcdV2Store(AdminStore):
     """The Store interface (store.py) over etcd's v2 keys API; mirrors upstream v0.17's
     subnet/etcdv2 registry. Every StoreError message starts with "etcd v2 API at <endpoint>"."""
 

@@ -27,7 +27,7 @@ from aetcd import rpc  # noqa: E402
 from aetcd.watcher import Watcher  # noqa: E402
 
 from .etcd_common import Endpoint, EtcdSettings, RequestDeadline, go_path_join  # noqa: E402
-from .store import AuthError, CompactedError, Record, StoreError, WatchEvent  # noqa: E402
+from .store import AdminStore, AuthError, CompactedError, Record, StoreError, WatchEvent  # noqa: E402
 
 log = structlog.get_logger()
 
@@ -158,7 +158,7 @@ def _describe(e: BaseException, ep: Endpoint, settings: EtcdSettings) -> str:
     return f"etcd v3 API at {ep.url}: unreachable: {text}"
 
 
-class EtcdV3Store:
+class EtcdV3Store(AdminStore):
     """The Store interface (store.py) over etcd's v3 API; mirrors upstream v0.20's
     pkg/subnet/etcd registry (keys: Go path.Join(prefix, ...), no slash added). Every StoreError
     message starts with "etcd v3 API at <endpoint>"."""
@@ -177,6 +177,7 @@ class EtcdV3Store:
     # -- connection management -------------------------------------------------------------
     @property
     def endpoint(self) -> Endpoint:
+        """The endpoint in use now (the next one is tried after a connection failure)."""
         return self.s.endpoints[self._idx % len(self.s.endpoints)]
 
     def _credentials(self) -> grpc.ChannelCredentials | None:

@@ -347,6 +347,10 @@ class LeaseAttrs:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
+    """One subnet lease as flannel keeps it in etcd (upstream ``pkg/subnet`` Lease): the IPv4 subnet
+    (0.0.0.0/0 for an IPv6-only lease), the attributes (the key's JSON value), the expiration (Unix
+    seconds; None when unknown or for a reservation), whether it is a reservation (no TTL), the
+    IPv6 subnet, and the key's revision. Equality ignores expiration and revision."""
     subnet: IPv4Network
     attrs: LeaseAttrs
     # Unix time the lease runs out; None when unknown (peers' leases) or never (reservations).
@@ -358,6 +362,8 @@ class Lease:
 
     @property
     def key(self) -> str:
+        """The etcd key's last element (:func:`subnet_key`: ``10.5.1.0-24``, dual stack
+        ``10.5.1.0-24&fd80:0:0:1::-64``)."""
         return subnet_key(self.subnet, self.subnet6)
 
     @property

@@ -254,6 +254,7 @@ class LeaseBook:
     # -- public operations ---------------------------------------------------------------------
     @property
     def own(self) -> Lease | None:
+        """This host's own lease (None before one is acquired); never one of the peers."""
         return self._own
 
     def set_own(self, lease: Lease | None) -> Changes:

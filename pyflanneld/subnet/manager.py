@@ -66,11 +66,13 @@ class Backoff:
         self.first_s, self.limit_s, self.delay_s = first_s, limit_s, first_s
 
     def next(self) -> float:
+        """The delay to wait now (seconds); the one after it is doubled, up to ``limit_s``."""
         d = self.delay_s
         self.delay_s = min(self.delay_s * 2, self.limit_s)
         return d
 
     def reset(self) -> None:
+        """Start again at ``first_s`` (after a success)."""
         self.delay_s = self.first_s
 
 

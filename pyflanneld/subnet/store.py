@@ -24,6 +24,9 @@ class AuthError(StoreError):
 
 @dataclass(frozen=True, slots=True)
 class Record:
+    """One subnet key of the datastore: its last path element, value bytes (the lease JSON), whether
+    it has a TTL, its expiration (Unix seconds, when known), and its modification and creation
+    revisions."""
     key: str  # last path element, e.g. "10.1.15.0-24"
     value: bytes
     has_ttl: bool  # False: a key without TTL (reservation)
@@ -37,14 +40,22 @@ class Record:
 
 @dataclass(frozen=True)
 class WatchEvent:
+    """One change of a subnet key seen by a watch: a put (the new record) or a delete (key and
+    revision only)."""
     kind: Literal["put", "delete"]
     record: Record  # for deletes only key and revision are meaningful
 
 
 class Store(Protocol):
+    """The small interface both etcd APIs implement (:class:`~pyflanneld.subnet.etcdv3.EtcdV3Store`,
+    :class:`~pyflanneld.subnet.etcdv2.EtcdV2Store`), in datastore terms: ``<prefix>/config`` and the
+    keys under ``<prefix>/subnets/``. Every method raises StoreError (AuthError, CompactedError)
+    when etcd cannot be reached or refuses; messages name the API and endpoint."""
     api: str  # "v3" or "v2"
 
-    async def get_config(self) -> bytes | None: ...
+    async def get_config(self) -> bytes | None:
+        """The raw bytes of ``<prefix>/config``; None when the key does not exist."""
+        ...
 
     async def list_subnets(self) -> tuple[list[Record], int]:
         """All subnet records and the store revision they reflect."""
@@ -64,13 +75,17 @@ class Store(Protocol):
         TTL (turns a lease into a reservation in place: `pyflanneld lease reserve`)."""
         ...
 
-    async def delete_subnet(self, key: str) -> None: ...
+    async def delete_subnet(self, key: str) -> None:
+        """Delete the subnet key ``key`` (``10.5.1.0-24``); a key that is already gone is no error."""
+        ...
 
     def watch_subnets(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events from start_revision on (inclusive). Raises CompactedError or StoreError."""
         ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Close the connections (a store is not used after this); revokes nothing."""
+        ...
 
 
 class AdminStore(Store, Protocol):
