@@ -56,6 +56,9 @@ def _command(fwd: Forwarder, words: list[str], port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python -m pyflanneld.udpfwd`` (see the module docstring): parse ``argv`` (default
+    ``sys.argv[1:]``), run the forwarder until EOF on stdin (``--commands``) or a signal; returns the
+    exit status (0)."""
     ap = argparse.ArgumentParser(prog="python -m pyflanneld.udpfwd")
     ap.add_argument("--tun", default="flannel0")
     ap.add_argument("--network", required=True, type=IPv4Network)

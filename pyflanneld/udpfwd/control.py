@@ -32,21 +32,25 @@ MAX_MSG = 1 << 20  # SO_SNDBUF/SO_RCVBUF of the pair, and the worker's receive s
 
 @dataclass(frozen=True)
 class Route:
+    """One forwarder route: packets for ``dst`` go in UDP to ``next_hop``:``port``."""
     dst: IPv4Network
     next_hop: IPv4Address
     port: int
 
 
 def encode_routes(kind: bytes, routes: Iterable[Route]) -> bytes:
+    """A SET or REPLACE message (``kind``) carrying ``routes`` (13 bytes each, network byte order)."""
     return kind + b"".join(_ROUTE.pack(int(r.dst.network_address), r.dst.prefixlen, int(r.next_hop), r.port)
                            for r in routes)
 
 
 def encode_delete(dsts: Iterable[IPv4Network]) -> bytes:
+    """A DEL message removing the routes for ``dsts`` (5 bytes each)."""
     return DEL + b"".join(_DEST.pack(int(d.network_address), d.prefixlen) for d in dsts)
 
 
 def encode_ping(token: int) -> bytes:
+    """A PING message with ``token`` (u32): the worker answers with :func:`encode_pong`."""
     return PING + _TOKEN.pack(token)
 
 
@@ -56,12 +60,15 @@ def decode_routes(body: bytes) -> list[tuple[int, int, int, int]]:
 
 
 def decode_delete(body: bytes) -> list[tuple[int, int]]:
+    """The body of a DEL message (after its kind byte) → [(dst as int, prefixlen)]."""
     return [_DEST.unpack_from(body, off) for off in range(0, len(body) - _DEST.size + 1, _DEST.size)]
 
 
 def encode_pong(token: int, stats: dict) -> bytes:
+    """A worker's answer to PING ``token``: the token and its counters ``stats`` as JSON."""
     return PING + _TOKEN.pack(token) + json.dumps(stats).encode()
 
 
 def decode_pong(msg: bytes) -> tuple[int, dict]:
+    """A whole PONG message → (token, the counters dict; {} when it carries none)."""
     return _TOKEN.unpack_from(msg, 1)[0], json.loads(msg[5:] or b"{}")

@@ -33,6 +33,8 @@ _AR64 = np.arange(2048, dtype=np.uint64)
 
 
 def fold(s: int) -> int:
+    """Fold a one's complement sum ``s`` (any size) into 16 bits (the end of an Internet checksum,
+    before inverting)."""
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return s

@@ -23,10 +23,12 @@ UDP_GRO = 104
 
 
 class iovec(ctypes.Structure):  # noqa: N801 (C name)
+    """``struct iovec`` (sys/uio.h)."""
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
 class msghdr(ctypes.Structure):  # noqa: N801
+    """``struct msghdr`` (sys/socket.h), 64-bit layout."""
     _fields_ = [
         ("msg_name", ctypes.c_void_p),
         ("msg_namelen", ctypes.c_uint32),
@@ -39,10 +41,12 @@ class msghdr(ctypes.Structure):  # noqa: N801
 
 
 class mmsghdr(ctypes.Structure):  # noqa: N801
+    """``struct mmsghdr`` for sendmmsg(2)/recvmmsg(2): a msghdr and the byte count the call returns."""
     _fields_ = [("msg_hdr", msghdr), ("msg_len", ctypes.c_uint)]
 
 
 class sockaddr_in(ctypes.Structure):  # noqa: N801
+    """``struct sockaddr_in`` (netinet/in.h): family, port and address in network byte order."""
     _fields_ = [("sin_family", ctypes.c_uint16), ("sin_port", ctypes.c_uint16),
                 ("sin_addr", ctypes.c_uint8 * 4), ("sin_zero", ctypes.c_uint8 * 8)]
 
@@ -68,6 +72,7 @@ _I_LEN = 14  # msg_len
 
 
 def make_sockaddr(ip: str, port: int) -> sockaddr_in:
+    """A ``sockaddr_in`` for the IPv4 address text ``ip`` and ``port``."""
     sa = sockaddr_in()
     sa.sin_family = socket.AF_INET
     sa.sin_port = socket.htons(port)
@@ -129,9 +134,11 @@ class MsgBatch:
         return got
 
     def length(self, i: int) -> int:
+        """The length in bytes of message ``i`` the last recvmmsg filled (msg_len)."""
         return self.hdr_i[i * 16 + _I_LEN]
 
     def truncated(self, i: int) -> bool:
+        """True when message ``i`` was cut to its slot (MSG_TRUNC in its msg_flags)."""
         return bool(self.hdr_i[i * 16 + _I_FLAGS] & MSG_TRUNC)
 
     def gro_size(self, i: int) -> int:

@@ -40,6 +40,8 @@ PKT = HEAD + VNET_HDR_LEN
 
 
 class OffloadWorker(Worker):
+    """The forwarder worker with TCP segmentation/coalescing offload (see the module docstring); the
+    same keyword arguments as :class:`~pyflanneld.udpfwd.worker.Worker`."""
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         batch = self.batch

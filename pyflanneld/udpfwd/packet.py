@@ -97,6 +97,7 @@ def net_unreachable(offender: bytes | bytearray | memoryview, tun_addr: int) -> 
 
 
 def mask_of(prefixlen: int) -> int:
+    """The IPv4 netmask of ``prefixlen`` (0..32) as a 32-bit int."""
     return (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF if prefixlen else 0
 
 
@@ -117,6 +118,7 @@ class RouteTable(Generic[V]):
                        for plen in sorted(self._by_len, reverse=True) if self._by_len[plen]]
 
     def set(self, net: int, prefixlen: int, value: V) -> None:
+        """Route ``net``/``prefixlen`` (ints; host bits ignored) to ``value``, replacing an earlier one."""
         mask = mask_of(prefixlen)
         tbl = self._by_len.setdefault(prefixlen, {})
         fresh = not tbl
@@ -125,6 +127,7 @@ class RouteTable(Generic[V]):
             self._rebuild()
 
     def delete(self, net: int, prefixlen: int) -> bool:
+        """Remove the route for ``net``/``prefixlen``; True when there was one."""
         tbl = self._by_len.get(prefixlen)
         if not tbl or tbl.pop(net & mask_of(prefixlen), None) is None:
             return False
@@ -133,10 +136,12 @@ class RouteTable(Generic[V]):
         return True
 
     def clear(self) -> None:
+        """Remove every route."""
         self._by_len.clear()
         self.tables = []
 
     def lookup(self, dst: int) -> V | None:
+        """The value of the longest prefix holding ``dst`` (an IPv4 address as int); None without one."""
         for mask, tbl in self.tables:
             v = tbl.get(dst & mask)
             if v is not None:
@@ -147,10 +152,12 @@ class RouteTable(Generic[V]):
         return sum(len(t) for t in self._by_len.values())
 
     def items(self) -> Iterator[tuple[IPv4Network, V]]:
+        """Every route as (IPv4Network, value), in no particular order."""
         for plen, tbl in self._by_len.items():
             for net, v in tbl.items():
                 yield IPv4Network((net, plen)), v
 
 
 def ip_to_int(ip: IPv4Address | str) -> int:
+    """An IPv4 address (object or text) as its 32-bit int. Raises ValueError for anything else."""
     return int(IPv4Address(ip))

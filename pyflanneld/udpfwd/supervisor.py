@@ -43,6 +43,8 @@ _PKG_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 
 
 def default_workers() -> int:
+    """How many workers to run: ``$PYFLANNELD_UDP_WORKERS`` when it is a number (at least 1; else a
+    warning), otherwise the number of CPUs."""
     env = os.environ.get("PYFLANNELD_UDP_WORKERS", "").strip()
     if env:
         try:
@@ -67,6 +69,11 @@ class _WorkerProc:
 
 
 class Forwarder:
+    """The udp backend's forwarder (see the module docstring): the TUN ``tun_name`` (address
+    ``tun_ip``, ``mtu`` bytes), ``workers`` worker processes (default :func:`default_workers`)
+    bound to ``bind_ip``:``port``, with offload when asked and possible (default
+    :func:`default_offload`), reading up to ``batch`` packets per wake-up; ``routes`` is the table
+    every worker holds."""
     def __init__(self, *, tun_name: str, bind_ip: IPv4Address | str, port: int, tun_ip: IPv4Address | str,
                  mtu: int, workers: int | None = None, offload: bool | None = None, batch: int = 64,
                  python: str = sys.executable) -> None:
@@ -123,6 +130,8 @@ class Forwarder:
     # --- workers -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Open the device (:meth:`open_device`) and spawn the workers with the current routes. Raises
+        OSError (tun.TunError) when the TUN cannot be made."""
         self.open_device()
         for i in range(self.nworkers):
             self.workers.append(self._spawn(i))
@@ -190,12 +199,14 @@ class Forwarder:
         self._broadcast(control.encode_routes(control.REPLACE, self.routes.values()))
 
     def add_route(self, route: Route) -> None:
+        """Set ``route`` in every worker (nothing is sent when it is already there)."""
         if self.routes.get(route.dst) == route:
             return
         self.routes[route.dst] = route
         self._broadcast(control.encode_routes(control.SET, [route]))
 
     def del_route(self, dst: IPv4Network) -> None:
+        """Remove the route for ``dst`` from every worker (nothing is sent when there is none)."""
         if self.routes.pop(dst, None) is None:
             return
         self._broadcast(control.encode_delete([dst]))
@@ -275,9 +286,12 @@ class Forwarder:
         return total
 
     def wait_ready(self, timeout_s: float = 10.0) -> None:
+        """Wait until every worker has applied every update so far (:meth:`sync`); raises
+        TimeoutError after ``timeout_s`` seconds."""
         self.sync(timeout_s)
 
     def stats(self) -> dict[str, int]:
+        """The workers' counters summed (:meth:`sync`: blocks until each answered)."""
         total: dict[str, int] = {}
         for st in self.sync():
             for k, v in st.items():
@@ -287,6 +301,7 @@ class Forwarder:
 
     @property
     def pids(self) -> list[int]:
+        """The process ids of the running workers."""
         return [wp.proc.pid for wp in self.workers]
 
     # --- shutdown ----------------------------------------------------------------------------

@@ -38,6 +38,8 @@ class TunError(OSError):
 
 
 def tun_flags(multi_queue: bool = True, vnet_hdr: bool = False) -> int:
+    """The TUNSETIFF flags: a TUN device without packet info, multi-queue (one queue per worker) and
+    with a virtio-net header (``vnet_hdr``, for offload) as asked."""
     flags = IFF_TUN | IFF_NO_PI
     if multi_queue:
         flags |= IFF_MULTI_QUEUE
@@ -73,4 +75,6 @@ def set_queue_enabled(fd: int, enabled: bool) -> None:
 
 
 def set_offload(fd: int, offload: int) -> None:
+    """TUNSETOFFLOAD on the TUN queue ``fd``: the TUN_F_* offloads (``offload``, a bit set) the
+    kernel may hand us. Raises OSError."""
     fcntl.ioctl(fd, TUNSETOFFLOAD, offload)

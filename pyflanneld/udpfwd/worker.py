@@ -52,6 +52,8 @@ _U32 = struct.Struct("!I").unpack_from
 
 
 def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
+    """Have the kernel send ``sig`` to this process when its parent thread exits (PR_SET_PDEATHSIG).
+    Raises OSError."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         err = ctypes.get_errno()
@@ -59,6 +61,8 @@ def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
 
 
 def open_udp_socket(bind_ip: str, port: int) -> socket.socket:
+    """A UDP socket bound to ``bind_ip``:``port`` with SO_REUSEPORT (one per worker: the kernel spreads
+    the flows) and large buffers where allowed. Raises OSError (e.g. the address is not local)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, SO_REUSEPORT, 1)
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
@@ -90,10 +94,14 @@ class Stats:
             setattr(self, k, 0)
 
     def as_dict(self) -> dict[str, int]:
+        """The counters by name (what a PONG carries)."""
         return {k: getattr(self, k) for k in self.__slots__}
 
 
 class Worker:
+    """One forwarder worker (see the module docstring): its TUN queue ``tun_fd``, UDP socket ``sock``,
+    control socket ``ctl_fd``, the TUN's address ``tun_ip`` (an int, source of ICMP errors), ``mtu``,
+    ``batch`` packets per wake-up and its ``index``. :meth:`run` forwards until stopped."""
     def __init__(self, *, tun_fd: int, sock: socket.socket, ctl_fd: int, tun_ip: int,
                  mtu: int, batch: int = DEFAULT_BATCH, index: int = 0) -> None:
         self.tun = tun_fd
@@ -124,6 +132,8 @@ class Worker:
         return ctypes.addressof(sa), (str(IPv4Address(ip)), port)
 
     def handle_control(self) -> None:
+        """Apply every pending control message (SET, REPLACE, DEL, PING, STOP) without blocking; the
+        daemon closing its end stops the worker."""
         while True:
             try:
                 msg = self._ctl_sock.recv(control.MAX_MSG)
@@ -155,6 +165,9 @@ class Worker:
     # --- packet paths (hot) ------------------------------------------------------------------
 
     def tun_to_udp(self) -> None:
+        """Forward up to ``batch`` packets read from the TUN: route lookup, TTL − 1 (checksum updated
+        in place), sent in UDP to the next hop; no route → ICMP net unreachable into the TUN. The hot
+        path: one loop with its names in locals, no calls per packet beyond the system calls."""
         tx = self.tx
         slots = tx.slots
         lists = self._tx_lists
@@ -246,6 +259,7 @@ class Worker:
         return 1
 
     def udp_to_tun(self) -> None:
+        """Write the packets of one recvmmsg batch to the TUN (TTL − 1, dropped at 0; bad ones counted)."""
         rx = self.rx
         n = rx.recv(self.sock_fd)
         if not n:
@@ -290,6 +304,8 @@ class Worker:
         self.stats.rx_bytes += sent_bytes
 
     def no_route(self, pkt: memoryview) -> None:
+        """Count ``pkt`` (an IPv4 packet without a route) as dropped and answer it with ICMP net
+        unreachable written into the TUN (upstream's send_net_unreachable)."""
         self.stats.no_route += 1
         self.drop_tx(len(pkt))
         icmp = net_unreachable(pkt, self.tun_ip)
@@ -302,6 +318,9 @@ class Worker:
     # --- loop -------------------------------------------------------------------------------
 
     def run(self) -> None:
+        """Forward until SIGTERM/SIGINT, a STOP message or the daemon's end of the control socket closes;
+        SIGHUP is ignored. Waits in epoll on the TUN queue, the socket, the control socket and
+        the signal wake-up pipe."""
         self._ctl_sock = socket.socket(fileno=self.ctl)
         self._ctl_sock.setblocking(False)
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -349,6 +368,8 @@ def _setup_logging() -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The worker's command line (``argv``, default ``sys.argv[1:]``) as an argparse Namespace; exits 2
+    on a usage error."""
     ap = argparse.ArgumentParser(prog="python -m pyflanneld.udpfwd.worker", description=__doc__.split("\n")[0])
     ap.add_argument("--tun", required=True, help="TUN device name (flannel0)")
     ap.add_argument("--bind", required=True, help="local IP to bind the UDP socket to")
@@ -364,6 +385,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The worker process: returns 0 after a clean stop, 1 when the daemon died before it could set
+    PR_SET_PDEATHSIG, 2 when the TUN queue or the socket cannot be opened (one log line)."""
     args = parse_args(argv)
     set_pdeathsig(signal.SIGTERM)
     if args.parent and os.getppid() != args.parent:
