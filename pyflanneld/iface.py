@@ -14,7 +14,8 @@ selected the interface, each enabled family's address is the interface's best on
 selector named it (an IP literal, the regex's match, the route's source); upstream leaves some of
 these combinations without an IPv6 (or IPv4) address. A host without a usable global IPv6 address
 or default IPv6 route is one line naming the fix.
-Runs before the asyncio loop, so it uses pyroute2's synchronous IPRoute.
+The host is read through :class:`pyflanneld.netlink.HostView`, which blocks: the daemon calls
+:func:`select` in a thread.
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import socket
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from .netlink import HostAddress, HostView, NetlinkError
 
 IFA_F_DADFAILED, IFA_F_DEPRECATED, IFA_F_TENTATIVE, IFA_F_PERMANENT = 0x08, 0x20, 0x40, 0x80
 
@@ -45,64 +45,48 @@ class Iface:
     ip6: IPv6Address | None = None
 
 
-def address_of(msg) -> str:
-    """The host's own address in an RTM_NEWADDR message: IFA_LOCAL, else IFA_ADDRESS.
-
-    For a point-to-point address (``ip addr add 10.99.0.2 peer 10.99.0.254/32``) IFA_ADDRESS is the
-    *peer's* address; IFA_LOCAL is ours (vishvananda/netlink's AddrList, which upstream uses, reads
-    it the same way). For other IPv4 addresses both are equal.
-    """
-    return msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-
-
-def _addrs(ipr: IPRoute) -> dict[int, list[IPv4Address]]:
+def _addrs(found: list[HostAddress]) -> dict[int, list[IPv4Address]]:
     """IPv4 addresses per ifindex, best first: global before link-local, permanent before dynamic."""
     out: dict[int, list[tuple[tuple, IPv4Address]]] = {}
-    for a in ipr.get_addr(family=socket.AF_INET):
-        ip = IPv4Address(address_of(a))
-        flags = a.get_attr("IFA_FLAGS") or a["flags"]
-        if ip.is_loopback:
+    for a in found:
+        ip, flags = a.ip, a.flags
+        if not isinstance(ip, IPv4Address) or ip.is_loopback:
             continue
-        key = (a["scope"] != 0, ip.is_link_local, not (flags & IFA_F_PERMANENT), bool(flags & IFA_F_DEPRECATED))
+        key = (a.scope != 0, ip.is_link_local, not (flags & IFA_F_PERMANENT), bool(flags & IFA_F_DEPRECATED))
         if flags & IFA_F_DEPRECATED:
             continue
-        out.setdefault(a["index"], []).append((key, ip))
+        out.setdefault(a.index, []).append((key, ip))
     return {i: [ip for _k, ip in sorted(v, key=lambda t: t[0])] for i, v in out.items()}
 
 
-def _addrs6(ipr: IPRoute) -> tuple[dict[int, list[IPv6Address]], set[int]]:
+def _addrs6(found: list[HostAddress]) -> tuple[dict[int, list[IPv6Address]], set[int]]:
     """Global IPv6 addresses per ifindex (ULA included), best first: permanent before dynamic,
     settled before tentative; deprecated and failed-DAD ones left out. Also the ifindexes that
     have a link-local address only (for the error message)."""
     out: dict[int, list[tuple[tuple, IPv6Address]]] = {}
     link_local: set[int] = set()
-    for a in ipr.get_addr(family=socket.AF_INET6):
-        ip = IPv6Address(address_of(a).split("%")[0])
-        flags = a.get_attr("IFA_FLAGS") or a["flags"]
-        if ip.is_loopback or ip.is_multicast or ip.is_unspecified or flags & (IFA_F_DEPRECATED | IFA_F_DADFAILED):
+    for a in found:
+        ip, flags = a.ip, a.flags
+        if not isinstance(ip, IPv6Address) or ip.is_loopback or ip.is_multicast or ip.is_unspecified or flags & (IFA_F_DEPRECATED | IFA_F_DADFAILED):
             continue
         if ip.is_link_local:
-            link_local.add(a["index"])
+            link_local.add(a.index)
             continue
         key = (not (flags & IFA_F_PERMANENT), bool(flags & IFA_F_TENTATIVE))
-        out.setdefault(a["index"], []).append((key, ip))
+        out.setdefault(a.index, []).append((key, ip))
     return {i: [ip for _k, ip in sorted(v, key=lambda t: t[0])] for i, v in out.items()}, link_local - set(out)
-
-
-def _links(ipr: IPRoute) -> dict[int, tuple[str, int]]:
-    return {ln["index"]: (ln.get_attr("IFLA_IFNAME"), ln.get_attr("IFLA_MTU")) for ln in ipr.get_links()}
 
 
 class _Host:
     """The host's links and addresses, read once, and the families the overlay needs."""
 
-    def __init__(self, ipr: IPRoute, ipv4: bool, ipv6: bool) -> None:
-        self.ipr = ipr
+    def __init__(self, view: HostView, ipv4: bool, ipv6: bool) -> None:
+        self.view = view
         self.ipv4, self.ipv6 = ipv4, ipv6
-        self.links = _links(ipr)
+        self.links = view.links()
         self.by_name = {name: idx for idx, (name, _m) in self.links.items()}
-        self.addrs = _addrs(ipr)
-        self.addrs6, self.link_local_only = _addrs6(ipr) if ipv6 else ({}, set())
+        self.addrs = _addrs(view.addresses(socket.AF_INET))
+        self.addrs6, self.link_local_only = _addrs6(view.addresses(socket.AF_INET6)) if ipv6 else ({}, set())
 
     def make(self, index: int, ip: IPv4Address | None = None, ip6: IPv6Address | None = None) -> Iface:
         """The Iface of ``index``: each enabled family's address is the given one, else the
@@ -178,7 +162,7 @@ def _by_spec(host: _Host, spec: str) -> Iface:
 def _owner6_any(host: _Host, ip: IPv6Address) -> int | None:
     """IPv4-only overlay, ``--iface`` given as an IPv6 address: the interface that has it (its
     IPv4 address is used; upstream refuses an IPv6 literal then)."""
-    return next((idx for idx, ips in _addrs6(host.ipr)[0].items() if ip in ips), None)
+    return next((idx for idx, ips in _addrs6(host.view.addresses(socket.AF_INET6))[0].items() if ip in ips), None)
 
 
 def _by_regex(host: _Host, rx: str, pat) -> Iface:
@@ -208,24 +192,16 @@ def _by_route(host: _Host, target: str) -> Iface:
     route's source address as that family's address."""
     try:
         dst = ip_address(target)
-        routes = host.ipr.route("get", dst=target)
+        oif, src_ip = host.view.route_to(dst)
     except (ValueError, NetlinkError) as e:
         raise InterfaceError(f"--iface-can-reach {target}: no route ({e})") from None
-    r = routes[0]
-    src = r.get_attr("RTA_PREFSRC")
-    src_ip = ip_address(src) if src else None
     if src_ip is not None and src_ip.version == 6 and (src_ip.is_link_local or not host.ipv6):
         src_ip = None
     try:
-        return host.make(r.get_attr("RTA_OIF"), src_ip if dst.version == 4 else None,
+        return host.make(oif, src_ip if dst.version == 4 else None,
                          src_ip if dst.version == 6 else None)  # type: ignore[arg-type]
     except InterfaceError as e:
         raise InterfaceError(f"--iface-can-reach {target}: {e}") from None
-
-
-def _default_oifs(host: _Host, family: int) -> list[int]:
-    """The interfaces of the default routes of ``family`` that have a single next hop, in order."""
-    return [oif for r in host.ipr.get_default_routes(family=family) if (oif := r.get_attr("RTA_OIF")) is not None]
 
 
 def _by_default_route(host: _Host) -> Iface:
@@ -233,10 +209,10 @@ def _by_default_route(host: _Host) -> Iface:
     routes; IPv6-only: IPv6's). In dual stack the default IPv6 route must leave through that
     interface (upstream's rule)."""
     fix = "pass --iface <name or IP> (or --iface-regex / --iface-can-reach)"
-    oifs4 = _default_oifs(host, socket.AF_INET) if host.ipv4 else []
+    oifs4 = host.view.default_route_oifs(socket.AF_INET) if host.ipv4 else []
     if host.ipv4 and not oifs4:
         raise InterfaceError(f"no default route to pick the interface from; {fix}")
-    oifs6 = _default_oifs(host, socket.AF_INET6) if host.ipv6 else []
+    oifs6 = host.view.default_route_oifs(socket.AF_INET6) if host.ipv6 else []
     if host.ipv6 and not oifs6:
         raise InterfaceError("IPv6 is enabled but there is no default IPv6 route to pick the interface from; "
                              f"add one (ip -6 route add default via ...) or {fix}")
@@ -264,8 +240,8 @@ def select(ifaces: list[str], regexes: list[str], can_reach: str, *, ipv4: bool 
     EnableIPv4/EnableIPv6); each needs an address on the chosen interface. Raises
     :class:`InterfaceError` (one line)."""
     patterns = [compile_regex(rx) for rx in regexes]
-    with IPRoute() as ipr:
-        host = _Host(ipr, ipv4, ipv6)
+    with HostView() as view:
+        host = _Host(view, ipv4, ipv6)
         if not (ifaces or regexes or can_reach):
             return _by_default_route(host)
         reasons = []

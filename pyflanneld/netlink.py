@@ -51,7 +51,7 @@ from ipaddress import (
 from typing import Any, TypeVar
 
 import structlog
-from pyroute2 import AsyncIPRoute
+from pyroute2 import AsyncIPRoute, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as PyNetlinkError
 from pyroute2.netlink.generic.wireguard import AsyncWireGuard
 from pyroute2.netlink.rtnl import (
@@ -417,6 +417,26 @@ class Netlink:
         if scope is not None:
             kw["scope"] = scope
         await self._call(f"replace route {_route_str(r)}", lambda i: i.route("replace", **kw))
+
+    async def add_route(self, r: Route, *, scope: int | None = None) -> bool:
+        """``ip route add`` (proto boot; ``scope`` as :meth:`replace_route`): unlike
+        :meth:`replace_route` a route to the same destination that is already there is kept
+        (upstream's udp backend: "there might be a route for a subnet already installed by
+        Docker"). True when added, False when one was there. Raises NetlinkError."""
+        kw = _route_kw(r)
+        if scope is not None:
+            kw["scope"] = scope
+
+        async def add(i: AsyncIPRoute) -> bool:
+            try:
+                await i.route("add", **kw)
+            except PyNetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+                return False
+            return True
+
+        return bool(await self._call(f"add route {_route_str(r)}", add))
 
     async def delete_route(self, r: Route) -> None:
         kw = _route_kw(r, add=False)
@@ -1143,14 +1163,19 @@ def read_fdb(index: int, family: int = socket.AF_INET) -> list[FdbRow]:
             _neigh_rows(_dump(f"list fdb of link {index}", RTM_GETNEIGH, body), AF_BRIDGE, index, size)]
 
 
-def write_sysctl(key: str, value: str) -> bool:
-    """Write /proc/sys/<key with '/' separators> in the caller's namespace; False if impossible."""
+def write_sysctl(key: str, value: str, *, warning: str = "", **fields: Any) -> bool:
+    """Write ``value`` to /proc/sys/<key with '/' separators> (``net/ipv6/conf/flannel.1/accept_ra``)
+    in the caller's network namespace; False if impossible. A failure is a debug line, or with
+    ``warning`` a warning line of that text (with ``fields`` and the error)."""
     try:
         with open(f"/proc/sys/{key}", "w") as f:
             f.write(value)
         return True
     except OSError as e:
-        log.debug("sysctl not written", key=key, error=str(e))
+        if warning:
+            log.warning(warning, **fields, error=str(e))
+        else:
+            log.debug("sysctl not written", key=key, error=str(e))
         return False
 
 
@@ -1426,3 +1451,76 @@ def _route_str(r: Route) -> str:
     if r.onlink:
         s += " onlink"
     return s
+
+
+# --- the host's links, addresses and routes, read synchronously (iface.py) ------------------------
+
+
+@dataclass(frozen=True)
+class HostAddress:
+    """One address of the host (an RTM_NEWADDR): the link's index, the host's own address
+    (IFA_LOCAL, else IFA_ADDRESS: for a point-to-point address ``ip addr add 10.99.0.2 peer
+    10.99.0.254/32`` IFA_ADDRESS is the *peer's*, as vishvananda/netlink's AddrList reads it too;
+    an IPv6 zone dropped), its scope (RT_SCOPE_*: 0 universe, 253 link) and its IFA_F_* flags."""
+
+    index: int
+    ip: IPAddress
+    scope: int
+    flags: int
+
+
+class HostView:
+    """A blocking netlink socket that reads the host's links, addresses and routes (pyroute2's
+    IPRoute, which runs its own event loop: call it from a thread, never on the daemon's loop).
+    ``with HostView() as host: ...``; every method raises NetlinkError."""
+
+    def __init__(self) -> None:
+        self._ipr = IPRoute()
+
+    def __enter__(self) -> HostView:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket."""
+        self._ipr.close()
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except PyNetlinkError as e:
+            raise NetlinkError(_hint(e.code or 0, what), e.code or 0) from None
+        except OSError as e:
+            raise NetlinkError(_hint(e.errno or 0, what), e.errno or 0) from None
+
+    def links(self) -> dict[int, tuple[str, int]]:
+        """Every link: index → (name, MTU in bytes)."""
+        return {ln["index"]: (ln.get_attr("IFLA_IFNAME"), ln.get_attr("IFLA_MTU"))
+                for ln in self._call("list links", self._ipr.get_links)}
+
+    def addresses(self, family: int = socket.AF_INET) -> list[HostAddress]:
+        """Every address of ``family`` (AF_INET or AF_INET6) on every link, in the kernel's order."""
+        out = []
+        for a in self._call("list addresses", lambda: self._ipr.get_addr(family=family)):
+            text = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            if text:
+                out.append(HostAddress(a["index"], ip_address(text.split("%")[0]), a["scope"],
+                                       a.get_attr("IFA_FLAGS") or a["flags"]))
+        return out
+
+    def route_to(self, dst: IPAddress) -> tuple[int | None, IPAddress | None]:
+        """``ip route get DST``: (the outgoing link's index, the preferred source address; each None
+        when the route has none). Raises NetlinkError (e.g. ENETUNREACH: no route)."""
+        routes = self._call(f"ip route get {dst}", lambda: self._ipr.route("get", dst=str(dst)))
+        if not routes:
+            raise NetlinkError(_hint(errno.ENETUNREACH, f"ip route get {dst}"), errno.ENETUNREACH)
+        src = routes[0].get_attr("RTA_PREFSRC")
+        return routes[0].get_attr("RTA_OIF"), ip_address(src) if src else None
+
+    def default_route_oifs(self, family: int = socket.AF_INET) -> list[int]:
+        """The outgoing links of the default routes of ``family`` that have a single next hop, in
+        the kernel's order."""
+        return [oif for r in self._call("list default routes", lambda: self._ipr.get_default_routes(family=family))
+                if (oif := r.get_attr("RTA_OIF")) is not None]
