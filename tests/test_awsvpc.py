@@ -20,10 +20,10 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
+from cloud_lab import CloudLab, assert_clean, module_cloud
 from helpers import http_get, subnet_of, wait_for
 
-from lab import netns
-from lab.cluster import Daemon, start_daemon
+from lab.cluster import Daemon
 from lab.fakeec2 import Ec2Error, Ec2Server
 from lab.fakemeta import start_metadata_server
 from pyflanneld.backend import BackendContext, BackendError, ExternalInterface
@@ -38,19 +38,17 @@ KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
 
 
 # --- the module's cloud -------------------------------------------------------------------------
-class Cloud:
+class Cloud(CloudLab):
     """The lab, its etcd and EC2 server, and helpers to build VPCs and instances."""
 
-    def __init__(self) -> None:
-        self.lab = netns.Lab()
-        try:
-            self.etcd = self.lab.start_etcd(enable_v2=False)
-            self.ec2 = Ec2Server(self.lab.switch, region=REGION).start()
-        except BaseException:
-            self.lab.close()
-            raise
-        self.daemons: list[Daemon] = []
-        self.n = 0
+    prefix_tag = "aws"
+
+    def start_server(self, switch) -> Ec2Server:
+        return Ec2Server(switch, region=REGION).start()
+
+    @property
+    def ec2(self) -> Ec2Server:
+        return self.server
 
     def call(self, op: str, **kw):
         return self.ec2.call(op, **kw)
@@ -97,55 +95,22 @@ class Cloud:
 
     def daemon(self, host, prefix: str, env: dict | None = None, *args: str) -> Daemon:
         full_env = {**NO_FILES, "PYFLANNELD_AWS_ENDPOINT": self.ec2.endpoint, **(env if env is not None else KEYS)}
-        d = start_daemon(host, "--iface", "eth0", "--etcd-prefix", prefix, *args, env=full_env, etcd=self.etcd)
-        self.daemons.append(d)
-        return d
-
-    def config(self, cfg: dict) -> str:
-        prefix = f"/aws{secrets.token_hex(3)}/network"
-        self.etcd.put(f"{prefix}/config", json.dumps(cfg))
-        return prefix
+        return self.start(host, prefix, full_env, args)
 
     def eni(self, eni_id: str) -> dict:
         return self.call("describe_network_interfaces", NetworkInterfaceIds=[eni_id])["NetworkInterfaces"][0]
 
-    def stop_daemons(self) -> None:
-        for d in self.daemons:
-            if d.alive:
-                d.stop()
-        self.daemons.clear()
-
-    def close(self) -> None:
-        self.stop_daemons()
-        self.ec2.close()
-        self.lab.close()
-
 
 @pytest.fixture(scope="module")
 def cloud():
-    c = Cloud()
-    try:
-        yield c
-    finally:
-        c.close()
-    assert not set(c.lab._namespaces) & netns.existing_namespaces()
+    yield from module_cloud(Cloud)
 
 
 @pytest.fixture
 def aws(cloud, request):
     cloud.ec2.faults([])
     yield cloud
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for d in cloud.daemons:
-            print(f"----- {d.host.name} daemon log -----\n{d.log_text()[-4000:]}")
-    cloud.stop_daemons()
-
-
-def assert_clean(d: Daemon) -> None:
-    text = d.log_text()
-    assert "Traceback" not in text, text[-3000:]
-    assert d.alive, text[-3000:]
+    cloud.after_test(request)
 
 
 # --- unit: settings -----------------------------------------------------------------------------

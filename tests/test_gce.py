@@ -14,10 +14,10 @@ import sys
 from ipaddress import IPv4Network
 
 import pytest
+from cloud_lab import CloudLab, assert_clean, module_cloud
 from helpers import http_get, subnet_of, wait_for
 
-from lab import netns
-from lab.cluster import Daemon, start_daemon
+from lab.cluster import Daemon
 from lab.fakegce import SCOPE_RO, SCOPE_RW, GceServer
 from lab.fakemeta import start_metadata_server
 from pyflanneld.backend.gce import route_name, same_resource
@@ -28,17 +28,17 @@ CONFIG = {"Network": NETWORK, "Backend": {"Type": "gce"}}
 LINK = "https://www.googleapis.com/compute/v1/projects"
 
 
-class Cloud:
-    def __init__(self) -> None:
-        self.lab = netns.Lab()
-        try:
-            self.etcd = self.lab.start_etcd(enable_v2=False)
-            self.api = GceServer(self.lab.switch).start()
-        except BaseException:
-            self.lab.close()
-            raise
-        self.daemons: list[Daemon] = []
-        self.n = 0
+class Cloud(CloudLab):
+    """The lab, its etcd and Compute API server, and helpers to build projects and instances."""
+
+    prefix_tag = "gce"
+
+    def start_server(self, switch) -> GceServer:
+        return GceServer(switch).start()
+
+    @property
+    def api(self) -> GceServer:
+        return self.server
 
     def project(self, **settings) -> str:
         name = f"proj-{secrets.token_hex(3)}"
@@ -74,56 +74,22 @@ class Cloud:
         assert code == 200, body
         return {r["name"]: r for r in body.get("items", [])}
 
-    def config(self, cfg: dict) -> str:
-        prefix = f"/gce{secrets.token_hex(3)}/network"
-        self.etcd.put(f"{prefix}/config", json.dumps(cfg))
-        return prefix
-
     def daemon(self, host, prefix: str, env: dict | None = None, args: tuple = ()) -> Daemon:
         full_env = {"PYFLANNELD_GCE_API_ENDPOINT": self.api.endpoint, **(env or {})}
         full_env = {k: v for k, v in full_env.items() if v is not None}
-        d = start_daemon(host, "--iface", "eth0", "--etcd-prefix", prefix, *args, env=full_env, etcd=self.etcd)
-        self.daemons.append(d)
-        return d
-
-    def stop_daemons(self) -> None:
-        for d in self.daemons:
-            if d.alive:
-                d.stop()
-        self.daemons.clear()
-
-    def close(self) -> None:
-        self.stop_daemons()
-        self.api.close()
-        self.lab.close()
+        return self.start(host, prefix, full_env, args)
 
 
 @pytest.fixture(scope="module")
 def cloud():
-    c = Cloud()
-    try:
-        yield c
-    finally:
-        c.close()
-    assert not set(c.lab._namespaces) & netns.existing_namespaces()
+    yield from module_cloud(Cloud)
 
 
 @pytest.fixture
 def gce(cloud, request):
     cloud.api.update(faults=[])
     yield cloud
-    rep = getattr(request.node, "rep_call", None)
-    if rep is not None and rep.failed:
-        for d in cloud.daemons:
-            print(f"----- {d.host.name} daemon log -----\n{d.log_text()[-4000:]}")
-        print(f"----- compute API log -----\n{cloud.api.process.log_text()[-3000:]}")
-    cloud.stop_daemons()
-
-
-def assert_clean(d: Daemon) -> None:
-    text = d.log_text()
-    assert "Traceback" not in text, text[-3000:]
-    assert d.alive, text[-3000:]
+    cloud.after_test(request)
 
 
 def test_route_names_and_links():
