@@ -64,6 +64,7 @@ import uuid
 from typing import Any
 
 from .netns import Host, LabError, LabProcess
+from .outage import BlockablePort
 from .wait import WaitTimeout, wait_for
 
 DEFAULT_ROUTE_LIMIT = 50
@@ -255,7 +256,7 @@ class Ec2Error(Exception):
         self.message = message
 
 
-class Ec2Server:
+class Ec2Server(BlockablePort):
     """The EC2 server and its driver in one lab namespace (normally the switch)."""
 
     def __init__(self, host: Host, region: str = "eu-west-1", route_limit: int = DEFAULT_ROUTE_LIMIT,
@@ -268,10 +269,6 @@ class Ec2Server:
         self._driver: subprocess.Popen | None = None
         self._lock = threading.Lock()
         self.blocked = ""  # "", "reject" or "drop"
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host.address}:{self.port}"
 
     def start(self, timeout: float = 30) -> Ec2Server:
         for _ in range(5):
@@ -324,23 +321,6 @@ class Ec2Server:
     def faults(self, rules: list[dict]) -> None:
         """Replace the server's fault rules (see the module docstring); [] ends them."""
         self.call("faults", rules=rules)
-
-    def _iptables(self, action: str) -> None:
-        target = ["DROP"] if self.blocked == "drop" else ["REJECT", "--reject-with", "tcp-reset"]
-        self.host.run("iptables", "-w", action, "INPUT", "-p", "tcp", "--dport", str(self.port),
-                      "!", "-s", "127.0.0.1", "-j", *target)
-
-    def block(self, drop: bool = False) -> None:
-        """API outage as the hosts see it: connections to the port are refused (or, with drop,
-        go unanswered: a black hole, clients wait for their timeouts)."""
-        if not self.blocked:
-            self.blocked = "drop" if drop else "reject"
-            self._iptables("-I")
-
-    def unblock(self) -> None:
-        if self.blocked:
-            self._iptables("-D")
-            self.blocked = ""
 
     def _stop_driver(self) -> None:
         if self._driver is not None:

@@ -77,6 +77,7 @@ from typing import Any
 
 from .fakemeta import LINK_LOCAL, QuickHTTPServer
 from .netns import Host, LabError, LabProcess
+from .outage import BlockablePort
 from .wait import wait_for
 
 LINK = "https://www.googleapis.com/compute/v1/"
@@ -490,7 +491,7 @@ class MetadataServer(QuickHTTPServer):
 
 
 # --- the lab side -------------------------------------------------------------------------------
-class GceServer:
+class GceServer(BlockablePort):
     """The fake Compute API in a lab namespace (normally the switch)."""
 
     def __init__(self, host: Host, port: int | None = None):
@@ -498,10 +499,6 @@ class GceServer:
         self.port = port or random.randint(20000, 40000)
         self.process: LabProcess | None = None
         self.blocked = ""  # "", "reject" or "drop"
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host.address}:{self.port}"
 
     def start(self, timeout: float = 15) -> GceServer:
         for _ in range(5):
@@ -541,22 +538,6 @@ class GceServer:
 
     def delete(self, path: str, token: str) -> tuple[int, Any]:
         return self._curl("DELETE", path, token=token)
-
-    def _iptables(self, action: str) -> None:
-        target = ["DROP"] if self.blocked == "drop" else ["REJECT", "--reject-with", "tcp-reset"]
-        self.host.run("iptables", "-w", action, "INPUT", "-p", "tcp", "--dport", str(self.port),
-                      "!", "-s", "127.0.0.1", "-j", *target)
-
-    def block(self, drop: bool = False) -> None:
-        """API outage: connections refused (or, with drop, unanswered)."""
-        if not self.blocked:
-            self.blocked = "drop" if drop else "reject"
-            self._iptables("-I")
-
-    def unblock(self) -> None:
-        if self.blocked:
-            self._iptables("-D")
-            self.blocked = ""
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
