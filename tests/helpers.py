@@ -6,10 +6,13 @@ from __future__ import annotations
 
 from ipaddress import IPv4Network
 
+import pytest
+
+from lab.upstream import missing_reason, upstream_binary
 from lab.wait import WaitTimeout, wait_for, wait_timed
 
-__all__ = ["CONFIG_RECHECK", "CONFIG_RETRY", "LEASE_RETRY", "PREFIX", "WaitTimeout", "http_get", "key_of", "said",
-           "subnet_of", "wait_config_rechecks", "wait_config_retries", "wait_lease_retries", "wait_for", "wait_timed"]
+__all__ = ["CONFIG_RECHECK", "CONFIG_RETRY", "LEASE_RETRY", "PREFIX", "WaitTimeout", "http_get", "key_of",
+           "one_line_error", "said", "subnet_of", "upstream_or_skip", "wait_config_rechecks", "wait_config_retries", "wait_lease_retries", "wait_for", "wait_timed"]
 
 PREFIX = "/coreos.com/network"
 
@@ -66,3 +69,20 @@ def wait_config_rechecks(d, n: int, timeout: float = 60) -> None:
 def said(d, text: str) -> int:
     """How many of the daemon's log lines above debug level contain ``text``."""
     return sum(1 for ln in d.log_text().splitlines() if text in ln and "level=debug" not in ln)
+
+
+def upstream_or_skip(version: str = "v0.20.2") -> str:
+    """The path of the real upstream flanneld ``version`` (lab.upstream); the test is skipped,
+    with a reason naming upstream, when the binary is absent."""
+    binary = upstream_binary(version)
+    if binary is None:
+        pytest.skip(missing_reason(version))
+    return str(binary)
+
+
+def one_line_error(cp, code: int = 1) -> str:
+    """The command (a CompletedProcess) failed with ``code`` and said why in exactly one line on
+    stderr; returns that line."""
+    assert cp.returncode == code, (cp.returncode, cp.stdout, cp.stderr)
+    assert cp.stderr.count("\n") == 1 and cp.stderr.endswith("\n"), cp.stderr
+    return cp.stderr

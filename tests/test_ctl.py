@@ -12,11 +12,10 @@ from ipaddress import IPv4Network
 
 import pytest
 import yaml
-from helpers import key_of, subnet_of, wait_config_rechecks, wait_for
+from helpers import key_of, one_line_error, subnet_of, upstream_or_skip, wait_config_rechecks, wait_for
 
 from lab.cluster import pyflanneld_argv, start_daemon
 from lab.etcd import EtcdServer, make_tls_certs
-from lab.upstream import missing_reason, upstream_binary
 
 PREFIX = "/coreos.com/network"
 APIS = ["v3", "v2"]
@@ -35,13 +34,6 @@ def ctl(host, etcd, *args, api: str | None = None, env: dict | None = None, inpu
     cp = host.run(*argv, check=False, env=env, input=input, timeout=60)
     assert "Traceback" not in cp.stderr, cp.stderr
     return cp
-
-
-def one_line_error(cp, code: int = 1) -> str:
-    """The command failed with `code` and said why in exactly one line; returns that line."""
-    assert cp.returncode == code, (cp.returncode, cp.stdout, cp.stderr)
-    assert cp.stderr.count("\n") == 1 and cp.stderr.endswith("\n"), cp.stderr
-    return cp.stderr
 
 
 def put_raw(etcd: EtcdServer, api: str, key: str, value: str, ttl: int | None = None) -> None:
@@ -348,14 +340,12 @@ def test_auth_and_endpoints_from_the_daemon_variables_go_style_flags(lab):
 
 @pytest.mark.parametrize("api", APIS)
 def test_upstream_flanneld_reads_the_config_set_and_its_lease_is_listed(lab, etcd, api, tmp_path):
-    binary = upstream_binary("v0.20.2" if api == "v3" else "v0.17.0")
-    if binary is None:
-        pytest.skip(missing_reason())
+    binary = upstream_or_skip("v0.20.2" if api == "v3" else "v0.17.0")
     h1 = lab.add_host("h1")
     f = tmp_path / "net.yaml"
     f.write_text("Network: 10.5.0.0/16\nBackend:\n  Type: vxlan\n")
     assert ctl(h1, etcd, "config", "set", "-f", f, api=api).returncode == 0
-    d = start_daemon(h1, "--iface", "eth0", binary=str(binary))
+    d = start_daemon(h1, "--iface", "eth0", binary=binary)
     sn = subnet_of(d.wait_subnet_env(timeout=30))
     rows = yaml.safe_load(ctl(h1, etcd, "leases", "-o", "yaml", api=api).stdout)
     mac = h1.ip_json("link", "show", "flannel.1")[0]["address"]

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import yaml
+from helpers import one_line_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -26,12 +27,6 @@ def run(*args, input: str | None = None) -> subprocess.CompletedProcess:
                         input=input)
     assert "Traceback" not in cp.stderr, cp.stderr
     return cp
-
-
-def one_line_error(cp, code: int = 1) -> str:
-    assert cp.returncode == code, (cp.returncode, cp.stdout, cp.stderr)
-    assert cp.stderr.count("\n") == 1 and cp.stderr.endswith("\n"), cp.stderr
-    return cp.stderr
 
 
 # -- the commands ---------------------------------------------------------------------------------------

@@ -10,11 +10,18 @@ import re
 from urllib.parse import quote
 
 import pytest
-from helpers import http_get, key_of, subnet_of, wait_config_rechecks, wait_config_retries, wait_for
+from helpers import (
+    http_get,
+    key_of,
+    subnet_of,
+    upstream_or_skip,
+    wait_config_rechecks,
+    wait_config_retries,
+    wait_for,
+)
 
 from lab.cluster import start_daemon
 from lab.etcd import EtcdServer
-from lab.upstream import missing_reason, upstream_binary
 
 pytestmark = pytest.mark.lab
 
@@ -152,12 +159,10 @@ def test_v2_prefix_without_leading_slash_reads_the_same_keys_as_upstream(lab, et
 
 
 def test_v2_prefix_shared_with_upstream_v017(lab, etcd):
-    up = upstream_binary("v0.17.0")
-    if up is None:
-        pytest.skip(missing_reason("v0.17.0"))
+    up = upstream_or_skip("v0.17.0")
     etcd.v2_put("/net/config", ALLOC)
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
-    theirs = start_daemon(h1, "--etcd-prefix", "net", binary=str(up))
+    theirs = start_daemon(h1, "--etcd-prefix", "net", binary=up)
     ours = start_daemon(h2, "--etcd-api", "v2", "--etcd-prefix", "net", "--healthz-port", str(HZ))
     sn_theirs = subnet_of(theirs.wait_subnet_env(timeout=30))
     sn_ours = subnet_of(ours.wait_subnet_env(timeout=30))

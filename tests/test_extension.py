@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 from e2e_helpers import NETWORK, PREFIX, attach_pod, ping_all, routes, start_nodes, wait_for
-from helpers import http_get, key_of
+from helpers import http_get, key_of, upstream_or_skip
 
 from lab import start_daemon
-from lab.upstream import missing_reason, upstream_binary
 
 pytestmark = pytest.mark.lab
 
@@ -30,13 +29,6 @@ DOC_EXAMPLE = {"Type": "extension",
 
 def ext_config(backend: dict) -> str:
     return json.dumps({"Network": NETWORK, "Backend": backend})
-
-
-def need_upstream():
-    binary = upstream_binary("v0.20.2")
-    if binary is None:
-        pytest.skip(missing_reason("v0.20.2"))
-    return str(binary)
 
 
 def start_upstream(lab, host, binary):
@@ -58,7 +50,7 @@ def cmdline(pid: str) -> str:
 
 
 def test_documented_hostgw_example_with_an_upstream_host(lab, etcd):
-    binary = need_upstream()
+    binary = upstream_or_skip()
     etcd.put(f"{PREFIX}/config", ext_config(DOC_EXAMPLE))
     h1, h2, h3 = lab.add_host("h1"), lab.add_host("h2"), lab.add_host("h3")
     up, env1, pod1 = start_upstream(lab, h1, binary)
@@ -88,7 +80,7 @@ def test_documented_hostgw_example_with_an_upstream_host(lab, etcd):
 
 
 def test_variables_stdin_and_backend_data_between_upstream_and_us(lab, etcd):
-    binary = need_upstream()
+    binary = upstream_or_skip()
     rec = lab.tmp / "rec"
     rec.mkdir()
     me = "$(cat /sys/class/net/eth0/address)"  # ip netns exec mounts the namespace's own /sys

@@ -5,6 +5,7 @@ import json
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
+from helpers import upstream_or_skip
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -83,14 +84,7 @@ def ptp_host(lab, etcd):
 
 
 def _binary(which: str):
-    if which == "pyflanneld":
-        return None
-    from lab.upstream import missing_reason, upstream_binary
-
-    path = upstream_binary("v0.20.2")
-    if path is None:
-        pytest.skip(missing_reason("v0.20.2"))
-    return str(path)
+    return None if which == "pyflanneld" else upstream_or_skip("v0.20.2")
 
 
 @pytest.mark.parametrize("which", ["pyflanneld", "upstream"])

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 
 import pytest
-from helpers import wait_for
+from helpers import upstream_or_skip, wait_for
 
 from lab.cluster import Daemon, start_daemon
 from lab.netns import Host, Lab, Pod
-from lab.upstream import missing_reason, settle, upstream_binary
+from lab.upstream import settle
 
 pytestmark = pytest.mark.lab
 
@@ -181,17 +181,10 @@ def ping_pairs(pods: list[Pod], v6: bool, timeout: float = 5) -> list[str]:
             for (a, b), g in zip(pairs, good, strict=True) if not g]
 
 
-def need_upstream() -> str:
-    binary = upstream_binary("v0.20.2")
-    if binary is None:
-        pytest.skip(missing_reason("v0.20.2"))
-    return str(binary)
-
-
 # --- dual stack with upstream ---------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
 def test_dual_stack_mixed_cluster_with_upstream(lab, etcd, backend):
-    binary = need_upstream()
+    binary = upstream_or_skip()
     etcd.put(f"{PREFIX}/config", net_config(backend))
     h1, h2, h3 = (lab.add_host(n, ipv6=True) for n in ("h1", "h2", "h3"))
     (up,) = start(lab, [h1], binary=binary)

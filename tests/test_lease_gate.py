@@ -31,10 +31,10 @@ from e2e_helpers import (
     vxlan_state,
     wait_for,
 )
-from helpers import http_get
+from helpers import http_get, upstream_or_skip
 
 from lab import start_daemon
-from lab.upstream import missing_reason, settle, upstream_binary
+from lab.upstream import settle
 
 pytestmark = pytest.mark.lab
 
@@ -355,12 +355,10 @@ def test_v2_upstream_v017_restart_keeps_its_lease_over_a_stray_overlap(lab, etcd
     """Upstream v0.17 renews and reuses its lease with a plain v2 set, which gives the key a new
     createdIndex: a stray half of its subnet written before then looked "created first" and took
     the upstream host's traffic, on running pyflanneld hosts and on ones started later."""
-    binary = upstream_binary("v0.17.0")
-    if binary is None:
-        pytest.skip(missing_reason("v0.17.0"))
+    binary = upstream_or_skip("v0.17.0")
     etcd.v2_put(f"{PREFIX}/config", VXLAN)
     h1, h2, h3 = (lab.add_host(h) for h in ("h1", "h2", "h3"))
-    up = start_daemon(h1, "--iface", "eth0", binary=str(binary))
+    up = start_daemon(h1, "--iface", "eth0", binary=binary)
     sn1 = IPv4Network(up.wait_subnet_env(timeout=30)["FLANNEL_SUBNET"], strict=False)
     key1, stray = f"{sn1.network_address}-24", f"{sn1.network_address}-25"
     route1 = f"{sn1} via {sn1.network_address} dev flannel.1 onlink"
@@ -483,9 +481,7 @@ def test_case8_subnet_min_above_max_and_out_of_subnets_names_the_prefix(lab, etc
 
 # --- a mixed cluster with the real upstream flanneld -----------------------------------------------
 def test_mixed_cluster_with_upstream_v0_20_2_no_lease_rejected(lab, etcd):
-    binary = upstream_binary("v0.20.2")
-    if binary is None:
-        pytest.skip(missing_reason("v0.20.2"))
+    binary = upstream_or_skip("v0.20.2")
     etcd.put(f"{PREFIX}/config", VXLAN)
     hosts = [lab.add_host(h) for h in ("h1", "h2", "h3", "h4")]
     nodes = []
@@ -498,7 +494,7 @@ def test_mixed_cluster_with_upstream_v0_20_2_no_lease_rejected(lab, etcd):
     # the upstream hosts one after the other, each watching before the next appears (v0.20.2 can
     # miss a lease created between its list and its watch: not what this test is about) ...
     for h in hosts[:2]:
-        nodes.append(up(h, binary=str(binary)))
+        nodes.append(up(h, binary=binary))
         nodes[-1].daemon.wait_log(r"watching for new subnet leases", timeout=30)
     settle(nodes[0].daemon, lambda: f"{nodes[1].subnet} via" in " ".join(vxlan_state(nodes[0])["routes"]), 20,
            "upstream h1 programs upstream h2")

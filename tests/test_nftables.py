@@ -26,9 +26,9 @@ from e2e_helpers import (
     start_nodes,
     wait_for,
 )
+from helpers import upstream_or_skip
 
 from lab import start_daemon
-from lab.upstream import missing_reason, upstream_binary
 
 pytestmark = pytest.mark.lab
 
@@ -222,12 +222,10 @@ def test_missing_nft_is_one_clear_fatal_line(lab, etcd):
 def test_nftables_host_next_to_upstream_iptables_host(lab, etcd):
     """Mixed cluster: upstream v0.20.2 (no nftables support: it ignores EnableNFTables and installs
     iptables rules) and pyflanneld in nftables mode share one host-gw network."""
-    binary = upstream_binary("v0.20.2")
-    if binary is None:
-        pytest.skip(missing_reason("v0.20.2"))
+    binary = upstream_or_skip("v0.20.2")
     etcd.put(f"{PREFIX}/config", nft_config())
     h1, h2 = lab.add_host("h1"), lab.add_host("h2")
-    up = start_daemon(h1, "-iface=eth0", "-ip-masq", binary=str(binary))
+    up = start_daemon(h1, "-iface=eth0", "-ip-masq", binary=binary)
     env1 = up.wait_subnet_env(timeout=30)
     pod1 = attach_pod(lab, h1, env1)
     (n2,) = start_nodes(lab, [h2], "--ip-masq")

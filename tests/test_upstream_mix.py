@@ -23,23 +23,16 @@ from e2e_helpers import (
     vxlan_state,
     wait_for,
 )
+from helpers import upstream_or_skip
 
 from lab.cluster import start_daemon
-from lab.upstream import missing_reason, upstream_binary
 
 pytestmark = pytest.mark.lab
 
 
-def need_upstream() -> str:
-    binary = upstream_binary("v0.20.2")
-    if binary is None:
-        pytest.skip(missing_reason("v0.20.2"))
-    return str(binary)
-
-
 @pytest.mark.parametrize("backend", ["vxlan", "host-gw"])
 def test_mixed_cluster_with_upstream(lab, etcd, backend):
-    binary = need_upstream()
+    binary = upstream_or_skip()
     etcd.put(f"{PREFIX}/config", config({"Type": backend}))
     h1, h2, h3 = lab.add_host("h1"), lab.add_host("h2"), lab.add_host("h3")
     up = start_daemon(h1, "-iface=eth0", binary=binary)
