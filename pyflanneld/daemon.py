@@ -351,7 +351,8 @@ class Daemon:
             raise FatalError(f"{cfg.backend_type} backend: {e}") from None
 
         self.manager = manager = SubnetManager(
-            self.store, cfg, ttl_s=int(self.o.subnet_lease_ttl_s), renew_margin_s=self.o.subnet_lease_renew_margin_s,
+            self.store, cfg, ttl_s=int(self.o.subnet_lease_ttl_s),
+            renew_margin_s=self.o.subnet_lease_renew_margin_s,
             prev_subnet=prev.subnet, prev_subnet6=prev.subnet6,
             renew_retry_s=min(60.0, max(1.0, self.o.subnet_lease_ttl_s / 10)), prefix=settings.prefix,
             notify=self._notify,

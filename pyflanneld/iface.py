@@ -67,7 +67,8 @@ def _addrs6(found: list[HostAddress]) -> tuple[dict[int, list[IPv6Address]], set
     link_local: set[int] = set()
     for a in found:
         ip, flags = a.ip, a.flags
-        if not isinstance(ip, IPv6Address) or ip.is_loopback or ip.is_multicast or ip.is_unspecified or flags & (IFA_F_DEPRECATED | IFA_F_DADFAILED):
+        if not isinstance(ip, IPv6Address) or ip.is_loopback or ip.is_multicast or ip.is_unspecified \
+                or flags & (IFA_F_DEPRECATED | IFA_F_DADFAILED):
             continue
         if ip.is_link_local:
             link_local.add(a.index)
@@ -162,7 +163,8 @@ def _by_spec(host: _Host, spec: str) -> Iface:
 def _owner6_any(host: _Host, ip: IPv6Address) -> int | None:
     """IPv4-only overlay, ``--iface`` given as an IPv6 address: the interface that has it (its
     IPv4 address is used; upstream refuses an IPv6 literal then)."""
-    return next((idx for idx, ips in _addrs6(host.view.addresses(socket.AF_INET6))[0].items() if ip in ips), None)
+    addrs6, _ = _addrs6(host.view.addresses(socket.AF_INET6))
+    return next((idx for idx, ips in addrs6.items() if ip in ips), None)
 
 
 def _by_regex(host: _Host, rx: str, pat) -> Iface:

@@ -107,6 +107,9 @@ def _hint(code: int, what: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Link:
+    """A network device as the kernel lists it: ifindex, name, kind (IFLA_INFO_KIND, "" for none), MAC
+    (lowercase ``aa:bb:…``), MTU in bytes, administratively up, and the kind's IFLA_INFO_DATA
+    attributes (``IFLA_VXLAN_ID`` …)."""
     index: int
     name: str
     kind: str  # IFLA_INFO_KIND ("vxlan", "veth", ...; "" for none)
@@ -135,17 +138,21 @@ class Route:
 
 @dataclass(frozen=True, slots=True)
 class Neighbour:
+    """A neighbour entry (ARP for IPv4, NDP for IPv6) of one device: the address, its MAC and the NUD
+    state bits."""
     ip: IPAddress  # IPv4 (ARP) or IPv6 (NDP)
     mac: str
     state: int
 
     @property
     def permanent(self) -> bool:
+        """Static entries (ours, NUD_PERMANENT); learned ones are the kernel's."""
         return bool(self.state & NUD_PERMANENT)
 
 
 @dataclass(frozen=True, slots=True)
 class FdbEntry:
+    """A bridge FDB entry of a vxlan device: the MAC, its remote VTEP and the NUD state bits."""
     mac: str
     dst: IPAddress | None  # remote VTEP (NDA_DST, IPv4 or IPv6); None for entries without one
     state: int = NUD_PERMANENT
@@ -214,6 +221,7 @@ class Netlink:
         await self.close()
 
     async def close(self) -> None:
+        """Close the sockets (the next call opens them again)."""
         if self._bsock is not None:
             self._bsock.close()
             self._bsock = None
@@ -363,6 +371,7 @@ class Netlink:
         await self._call(f"set link {index} {desc}", lambda i: i.link("set", index=index, **attrs))
 
     async def delete_link(self, index: int) -> None:
+        """``ip link del``; a device already gone is no error. Raises NetlinkError."""
         await self._call(f"delete link {index}", lambda i: i.link("del", index=index), ok_if_gone=True)
 
     # --- addresses --------------------------------------------------------------------------------
@@ -387,6 +396,7 @@ class Netlink:
         await self._call(f"add address {addr} to link {index}", add)
 
     async def delete_address(self, index: int, addr: IPInterface) -> None:
+        """``ip addr del ADDR/LEN dev IDX``; an address already gone is no error. Raises NetlinkError."""
         await self._call(f"delete address {addr} from link {index}",
                          lambda i: i.addr("del", index=index, address=str(addr.ip),
                                           prefixlen=addr.network.prefixlen),
@@ -439,6 +449,7 @@ class Netlink:
         return bool(await self._call(f"add route {_route_str(r)}", add))
 
     async def delete_route(self, r: Route) -> None:
+        """``ip route del`` of ``r`` (any proto); a route already gone is no error. Raises NetlinkError."""
         kw = _route_kw(r, add=False)
         await self._call(f"delete route {_route_str(r)}", lambda i: i.route("del", **kw), ok_if_gone=True)
 
@@ -473,6 +484,8 @@ class Netlink:
                                            state=NUD_PERMANENT, family=_family(ip)))
 
     async def delete_neighbour(self, index: int, ip: IPAddress) -> None:
+        """``ip neigh del IP dev IDX`` (IPv4 or IPv6); an entry already gone is no error. Raises
+        NetlinkError."""
         await self._call(f"delete neighbour {ip} dev {index}",
                          lambda i: i.neigh("del", ifindex=index, dst=str(ip), family=_family(ip)), ok_if_gone=True)
 
@@ -502,6 +515,8 @@ class Netlink:
                                          state=NUD_PERMANENT | NUD_NOARP, flags=NTF_SELF))
 
     async def delete_fdb(self, index: int, mac: str, dst: IPAddress | None) -> None:
+        """``bridge fdb del MAC [dst DST] dev IDX self``; an entry already gone is no error. Raises
+        NetlinkError."""
         kw: dict[str, Any] = {"ifindex": index, "lladdr": mac}
         if dst is not None:
             kw["dst"] = str(dst)
@@ -648,6 +663,7 @@ class BatchOp:
 
     @staticmethod
     def delete_neighbour(index: int, ip: IPAddress | int) -> BatchOp:
+        """The batch message deleting the neighbour ``ip`` (address or its int) of device ``index``."""
         addr = _ip_bytes(ip)
         body = struct.pack("=BxxxiHBB", _af(addr), index, NUD_PERMANENT, 0, 0) + _nla(NDA_DST, addr)
         return BatchOp(_nlmsg(RTM_DELNEIGH, 0, body), delete=True)
@@ -661,6 +677,8 @@ class BatchOp:
 
     @staticmethod
     def delete_fdb(index: int, mac: str | bytes, dst: IPAddress | int | None) -> BatchOp:
+        """The batch message deleting the FDB entry ``mac`` (text or 6 bytes) with remote ``dst`` (None:
+        without one) of device ``index``."""
         body = struct.pack("=BxxxiHBB", AF_BRIDGE, index, NUD_PERMANENT | NUD_NOARP, NTF_SELF, 0)
         body += _nla(NDA_LLADDR, _mac(mac))
         if dst is not None:
@@ -679,6 +697,8 @@ class BatchOp:
     @staticmethod
     def delete_route(r: Route) -> BatchOp:
         # any proto and type; any scope for a route without gateway (it may be scope link)
+        """The batch message deleting route ``r`` (any proto and type; any scope for a route without
+        gateway, which may be scope link)."""
         scope = RT_SCOPE_UNIVERSE if r.gateway is not None else RT_SCOPE_NOWHERE
         gw = r.gateway.packed if r.gateway is not None else None
         return BatchOp(_nlmsg(RTM_DELROUTE, 0, _rtmsg(r.dst.network_address.packed, r.dst.prefixlen, gw, r.oif or 0,
@@ -1222,11 +1242,14 @@ class NetlinkMonitor:
         return s
 
     def close(self) -> None:
+        """Close the socket; a running :meth:`events` opens a new one."""
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
 
     async def events(self) -> AsyncIterator[Event]:
+        """The notifications as :class:`Event` objects, until cancelled; after a socket failure the
+        socket is reopened and ``Event("overrun", "")`` comes first."""
         loop = asyncio.get_running_loop()
         delay = 0.05
         failed = False
@@ -1522,5 +1545,5 @@ class HostView:
     def default_route_oifs(self, family: int = socket.AF_INET) -> list[int]:
         """The outgoing links of the default routes of ``family`` that have a single next hop, in
         the kernel's order."""
-        return [oif for r in self._call("list default routes", lambda: self._ipr.get_default_routes(family=family))
-                if (oif := r.get_attr("RTA_OIF")) is not None]
+        routes = self._call("list default routes", lambda: self._ipr.get_default_routes(family=family))
+        return [oif for r in routes if (oif := r.get_attr("RTA_OIF")) is not None]

@@ -12,7 +12,8 @@ from lab.upstream import missing_reason, upstream_binary
 from lab.wait import WaitTimeout, wait_for, wait_timed
 
 __all__ = ["CONFIG_RECHECK", "CONFIG_RETRY", "LEASE_RETRY", "PREFIX", "WaitTimeout", "http_get", "key_of",
-           "one_line_error", "said", "subnet_of", "upstream_or_skip", "wait_config_rechecks", "wait_config_retries", "wait_lease_retries", "wait_for", "wait_timed"]
+           "one_line_error", "said", "subnet_of", "upstream_or_skip", "wait_config_rechecks", "wait_config_retries",
+           "wait_lease_retries", "wait_for", "wait_timed"]
 
 PREFIX = "/coreos.com/network"
 

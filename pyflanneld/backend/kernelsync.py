@@ -365,6 +365,9 @@ class KernelPeerBackend(PeerSetBackend):
             log.info("peers programmed", added=len(per_peer) - bad, removed=len(stale), failed=bad)
 
     def start_monitor(self) -> None:
+        """Start following the kernel's notifications (once; a second call does nothing): entries of ours
+        that are deleted or changed, and the devices' addresses, are repaired within ~100 ms; an overrun
+        makes a full pass. The task ends with :meth:`close`."""
         if self._monitor_task is None:
             self._monitor_task = asyncio.create_task(self._watch_kernel(), name=f"{self.type_name}-netlink")
 

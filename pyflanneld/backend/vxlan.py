@@ -98,6 +98,9 @@ class Vtep:
 
 @register_backend
 class VXLANBackend(KernelPeerBackend):
+    """The vxlan backend (upstream ``pkg/backend/vxlan``): devices ``flannel.<VNI>`` (and
+    ``flannel-v6.<VNI>``), and per remote lease a neighbour, an FDB entry and a route (or a direct
+    route with DirectRouting); see the module docstring."""
     type_name = "vxlan"
     ipv6 = True
     reconcile_interval = SAFETY_NET_INTERVAL  # the monitor sees every change of ARP, FDB, routes, devices
@@ -114,19 +117,6 @@ class VXLANBackend(KernelPeerBackend):
         self.vteps = [v for v, on in ((self.v4, cfg.enable_ipv4), (self.v6, cfg.enable_ipv6)) if on]
         self._direct = DirectRouting(self.nl, ctx.ext.index)
         self._bad_data: set[PeerId] = set()
-
-    # IPv4 device's name and link (the names of upstream's single-device days)
-    @property
-    def dev_name(self) -> str:
-        return self.v4.name
-
-    @property
-    def dev(self) -> Link | None:
-        return self.v4.dev
-
-    @property
-    def mac(self) -> str | None:
-        return self.v4.mac
 
     def _read_config(self) -> None:
         """Upstream RegisterNetwork's config struct; a wrong JSON type is a BackendError."""

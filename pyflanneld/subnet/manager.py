@@ -105,8 +105,8 @@ class SubnetManager:
     """The own lease and the book of all leases (see the module docstring).
 
     ``ttl_s``: the lease TTL written to etcd; ``renew_margin_s``: renew this long before expiry;
-    ``renew_retry_s``: wait after a failed renewal (all seconds). ``notify(full)`` is called (synchronously, it must
-    not block) after every change of the own lease or the book.
+    ``renew_retry_s``: wait after a failed renewal (all seconds). ``notify(full)`` is called
+    (synchronously, it must not block) after every change of the own lease or the book.
     """
 
     ACQUIRE_BACKOFF_S = (1.0, 30.0)  # (first, limit) between failed acquisitions
