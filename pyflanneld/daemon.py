@@ -186,7 +186,7 @@ class Daemon:
         """The external interface by the operator's rule, now (upstream LookupExtIface order);
         raises iface.InterfaceError naming the flag when nothing matches."""
         assert self.config is not None
-        # pyroute2's synchronous IPRoute runs its own loop: keep it off ours.
+        # iface.select reads the host through netlink.HostView, which blocks: keep it off our loop.
         found = await asyncio.to_thread(functools.partial(
             iface.select, self.o.iface, self.o.iface_regex, self.o.iface_can_reach,
             ipv4=self.config.enable_ipv4, ipv6=self.config.enable_ipv6))

@@ -16,7 +16,12 @@ What it adds to pyroute2, so that backends read as the upstream behaviour they i
 * IPsec policies (:class:`XfrmPolicy`; ``NETLINK_XFRM`` messages built with ``struct``, pyroute2
   has no XFRM support): dump, update, delete;
 * :class:`NetlinkMonitor`, an async iterator over link/route/neighbour events (raw socket, decoded
-  with ``struct``) that survives socket overruns (it reports them as an ``overrun`` event: the caller then reconciles everything).
+  with ``struct``) that survives socket overruns (it reports them as an ``overrun`` event: the caller then reconciles everything);
+* :func:`write_sysctl` (``/proc/sys``: the devices' ``accept_ra``, the TUN's ``accept_local``) and
+  :class:`HostView`, a blocking read of the host's links, addresses and routes for choosing the
+  external interface (:mod:`pyflanneld.iface`, in a thread) — the only other ways pyflanneld
+  touches the kernel's network state are the rule tools (:mod:`pyflanneld.rulecmd`) and the TUN
+  ioctls (:mod:`pyflanneld.udpfwd.tun`).
 
 IPv4 and IPv6: addresses, routes, neighbours and FDB destinations are ``ipaddress`` values of
 either family, and the family of each call follows from them (an IPv6 vxlan ``local``, neighbour,
