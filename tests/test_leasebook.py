@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from ipaddress import IPv4Address, IPv4Network
 
 import pytest
@@ -245,35 +244,22 @@ def test_reset_reports_the_difference():
     assert keys(ch.removed) == ["10.5.2.0-24"] and keys(ch.added) == ["10.5.4.0-24"]
 
 
-def test_five_thousand_leases_are_cheap():
-    """Relist and events scale linearly: measured against decoding the same records (so a busy
-    machine slows both alike). A pass that compared every lease with every other would be ~50x."""
+def test_five_thousand_leases_relisted_and_churned():
+    """5,000 distinct leases are all accepted by a relist and stay so through 1,000 deletes and
+    1,000 puts. (How fast: `make bench SCENARIOS="start burst"` — the 5,000-peer start and the
+    5,000-join burst go through this book; speed is measured there, not asserted here.)"""
     leases = [rec(f"10.{i // 250}.{i % 250}.0-24", vx(f"172.16.{i // 250}.{i % 250 + 1}",
                                                       "02:00:00:%02x:%02x:01" % (i // 256, i % 256)), i + 1)
               for i in range(5000)]
     cfg = parse_config('{"Network":"10.0.0.0/8","Backend":{"Type":"vxlan"}}')
-
-    def best_of_3(fn) -> float:
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_parse = best_of_3(lambda: [lease_from_record(r) for r in leases])
     b = book(cfg)
-    t_reset = best_of_3(lambda: b.reset(leases))
-
-    def churn():
-        for r in leases[::10]:
-            b.delete(r.key)
-            b.put(r)
-
-    t_events = best_of_3(churn)  # 1,000 deletes and 1,000 puts
+    b.reset(leases)
     assert len(b.accepted) == 5000 and not b.rejected
-    assert t_reset < 8 * t_parse, (t_reset, t_parse)
-    assert t_events < 8 * t_parse * 2000 / 5000, (t_events, t_parse)
+    for r in leases[::10]:
+        b.delete(r.key)
+        assert r.key not in b.accepted
+        b.put(r)
+    assert len(b.accepted) == 5000 and not b.rejected
 
 
 # --- properties -----------------------------------------------------------------------------------
