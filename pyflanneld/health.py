@@ -13,8 +13,9 @@ What keeps a client from hurting the daemon:
 * **a deadline per request** (``request_timeout_s``, from accept to the last byte written): a
   client sending a header every 3 s (slowloris) is closed when it runs out;
 * **a connection cap** (``max_connections``, default ``min(64, RLIMIT_NOFILE soft / 8)``): at the
-  cap, the oldest unfinished connection is closed for each new one, so a flood of idle connections
-  neither locks out a probe (whose request is answered within milliseconds of arriving) nor eats
+  cap, the oldest unfinished connection with no whole request to answer (read, or waiting in its
+  socket) is closed for each new one, so a flood of idle connections neither locks out a probe
+  (answered within milliseconds of its request arriving, however many connect after it) nor eats
   the descriptors the daemon's etcd, netlink and iptables work needs;
 * **an own accept loop**: running out of descriptors anyway (EMFILE/ENFILE) frees the oldest
   connection and pauses accepting briefly, with one warning a minute — asyncio's server would log
@@ -120,6 +121,15 @@ def render(resp: Response, head_only: bool = False, extra: str = "") -> bytes:
     return head if head_only else head + resp.body
 
 
+def _head_waiting(conn: socket.socket) -> bool:
+    """Does ``conn``'s receive buffer already hold a whole request head (peeked, not read)?"""
+    try:
+        data = conn.recv(MAX_HEAD_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except OSError:  # nothing there yet (EAGAIN), or the connection is gone
+        return False
+    return b"\r\n\r\n" in data or b"\n\n" in data
+
+
 def default_max_connections() -> int:
     """``min(MAX_CONNECTIONS, RLIMIT_NOFILE soft limit / FD_SHARE)``, at least 4."""
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -145,6 +155,7 @@ class HealthServer:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task | None = None
         self._conns: dict[asyncio.Task, socket.socket] = {}  # insertion order = oldest first
+        self._answering: set[asyncio.Task] = set()  # connections whose whole request was read
         self._last_warning: dict[str, float] = {}
 
     def add_route(self, path: str, handler: Handler) -> None:
@@ -239,17 +250,28 @@ class HealthServer:
             await asyncio.sleep(0)  # a full backlog must not keep the loop from everything else
 
     def _forget(self, task: asyncio.Task) -> None:
+        self._answering.discard(task)
         conn = self._conns.pop(task, None)
         if conn is not None:
             conn.close()
 
     def _evict_oldest(self) -> None:
-        """Cancel the oldest unfinished connection; its socket is closed when the task has let go
-        of it (closing it under a pending sock_recv would confuse the loop's selector)."""
-        for task in self._conns:
-            if not task.done():
-                task.cancel()
-                return
+        """Cancel the oldest unfinished connection that has no whole request to answer (one read
+        already, or waiting in its socket: a probe is answered within milliseconds, even when a
+        flood of new connections arrives before its turn); if every one has, the oldest. Its socket
+        is closed when the task has let go of it (closing it under a pending sock_recv would confuse
+        the loop's selector)."""
+        victim = None
+        for task, conn in self._conns.items():
+            if task.done():
+                continue
+            if task in self._answering or _head_waiting(conn):
+                victim = victim or task
+                continue
+            victim = task
+            break
+        if victim is not None:
+            victim.cancel()
 
     def _warn(self, key: str, message: str, **fields: object) -> None:
         now = time.monotonic()
@@ -267,6 +289,7 @@ class HealthServer:
                     head = await self._read_head(conn)
                     if head is None:
                         return  # the client left before sending a whole request
+                    self._answering.add(asyncio.current_task())
                     method, path = parse_request_head(head)
                     resp = await self._respond(path)
                 except BadRequest as e:

@@ -62,25 +62,27 @@ def readyz(node: Node) -> tuple[int, str]:
     return http_get(node.host, HZ, "/readyz")
 
 
-def rejected(node: Node) -> dict[str, str]:
-    """The rejected lease entries /readyz lists (``  <key>: <reason>`` lines), for a ready host."""
+def rejected(node: Node) -> dict[str, str] | None:
+    """The rejected lease entries /readyz lists (``  <key>: <reason>`` lines); None while the host
+    is not ready (a starting host answers 503 until its first convergence: wait for it)."""
     code, body = readyz(node)
-    assert code == 200, (node.host.name, code, body)
+    if code != 200:
+        return None
     return dict(re.findall(r"^  (\S+): (.*)$", body, re.M))
 
 
-def wait_rejected(nodes: list[Node], key: str, problems: dict[str, str], timeout: float = 15) -> None:
+def wait_rejected(nodes: list[Node], key: str, problems: dict[str, str], timeout: float = 30) -> None:
     """Each node lists ``key`` as rejected in /readyz with its reason containing problems[host]."""
     for n in nodes:
         want = problems[n.host.name]
-        wait_for(lambda n=n, want=want: want in rejected(n).get(key, ""), timeout,
+        wait_for(lambda n=n, want=want: want in ((rejected(n) or {}).get(key, "")), timeout,
                  f"{n.host.name} rejects {key} ({want})")
 
 
 def wait_forgotten(nodes: list[Node], key: str, timeout: float = 15) -> None:
     """The delete of a rejected key was processed: /readyz no longer lists it."""
     for n in nodes:
-        wait_for(lambda n=n: key not in rejected(n), timeout, f"{n.host.name} forgets {key}")
+        wait_for(lambda n=n: (r := rejected(n)) is not None and key not in r, timeout, f"{n.host.name} forgets {key}")
 
 
 def assert_converged(nodes: list[Node], etcd, timeout: float = 10) -> None:
