@@ -340,7 +340,9 @@ class DaemonModel(RuleBasedStateMachine):
     def _w_peer_put(self, n):
         sn = PEER_SUBNETS[n % len(PEER_SUBNETS)]
         if self.m.lease is None or sn != self.m.lease.subnet:
-            self.store.put(subnet_key(sn), peer_value(n % 6 * 10 + PEER_SUBNETS.index(sn) + 1, n % 3))
+            # host numbers as peer_put's (10 × host + subnet index): two subnets never share a
+            # VtepMAC (the gate would rightly refuse the second, which expected_peers does not model)
+            self.store.put(subnet_key(sn), peer_value((n % 6 + 1) * 10 + PEER_SUBNETS.index(sn), n % 3))
 
     def _w_peer_delete(self, n):
         sn = PEER_SUBNETS[n % len(PEER_SUBNETS)]
