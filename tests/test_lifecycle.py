@@ -392,6 +392,70 @@ def test_two_hosts_with_the_same_public_ip_warn_and_do_not_flip_flop(lab, etcd):
     assert sn1 in envs
 
 
+def vtep_mac_of(h) -> str:
+    return h.ip_json("link", "show", "flannel.1")[0]["address"]
+
+
+def test_two_hosts_with_the_same_public_ip_and_a_reservation_do_not_share_it(lab, etcd):
+    """The key of one is an operator's reservation (no TTL): the second host reuses it (same
+    PublicIP), the first puts its value back once, the second again: a live host, not an operator.
+    One warning naming both VTEPs, then each host on its own subnet for good — never both on one."""
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    h1, h2 = lab.add_host("h1"), lab.add_host("h2")
+    same = ("--public-ip", "192.168.100.50", "--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s")
+    d1 = start_daemon(h1, *same)
+    key1 = key_of(subnet_of(d1.wait_subnet_env(30)))
+    etcd.put(key1, etcd.get(key1))  # upstream's documented reservation
+    d1.wait_log(r"now a reservation", timeout=30)
+    d2 = start_daemon(h2, *same)
+    d2.wait_subnet_env(30)
+    macs = {vtep_mac_of(h1), vtep_mac_of(h2)}
+
+    def settled() -> list | None:
+        sns = [subnet_of(e) if (e := d.subnet_env()) else None for d in (d1, d2)]
+        if None in sns or sns[0] == sns[1]:
+            return None
+        vals = [etcd.get(key_of(sn)) for sn in sns]
+        mine = [vtep_mac_of(h) for h in (h1, h2)]
+        ok = all(v and json.loads(v)["BackendData"]["VtepMAC"] == m for v, m in zip(vals, mine, strict=True))
+        return sns if ok else None
+
+    envs = wait_for(settled, 60, "each host on its own subnet, each key holding its host's VTEP",
+                    detail=lambda: ([d.subnet_env() for d in (d1, d2)], etcd.get_prefix(f"{PREFIX}/subnets/")))
+    line = next(ln for ln in (d1.log_text() + d2.log_text()).splitlines() if "same PublicIP" in ln)
+    assert all(m in line for m in macs), line
+    # the reservation stays one (held by one of them), the other host has a lease with a TTL
+    assert sorted(v3_lease_id(etcd, key_of(sn)) == 0 for sn in envs) == [False, True]
+    renewed = [d.log_text().count("lease renewed") for d in (d1, d2)]
+    wait_for(lambda: sum(d.log_text().count("lease renewed") for d in (d1, d2)) >= sum(renewed) + 3,
+             60, "three renewals", interval=0.2)
+    assert settled() == envs
+    assert said(d1, "same PublicIP") + said(d2, "same PublicIP") == 1
+    no_traceback(d1)
+    no_traceback(d2)
+
+
+def test_own_key_reserved_with_another_vtep_is_put_back_once_and_stays_reserved(lab, etcd):
+    """An operator reserves the host's subnet with a made-up or stale VtepMAC: the host keeps its
+    subnet and the reservation, its own VTEP goes back in (else peers would program a wrong MAC),
+    with one warning naming both."""
+    etcd.put(f"{PREFIX}/config", VXLAN)
+    h1 = lab.add_host("h1")
+    d1 = start_daemon(h1, "--subnet-lease-ttl", "4s", "--subnet-lease-renew-margin", "2s", "-v", "1",
+                      env={"PYFLANNELD_CONFIG_RECHECK": "0.5"})
+    sn = subnet_of(d1.wait_subnet_env(30))
+    key, mac = key_of(sn), vtep_mac_of(h1)
+    etcd.put(key, vxlan_value(h1.address, "02:11:11:11:11:11"))  # no TTL
+    wait_for(lambda: json.loads(etcd.get(key))["BackendData"]["VtepMAC"] == mac, 30, "the host's VTEP back",
+             interval=0.2)
+    wait_config_rechecks(d1, 12)  # 6 s: longer than the TTL
+    assert v3_lease_id(etcd, key) == 0 and json.loads(etcd.get(key))["BackendData"]["VtepMAC"] == mac
+    assert subnet_of(d1.subnet_env()) == sn and "own lease lost" not in d1.log_text()
+    lines = [ln for ln in d1.log_text().splitlines() if "02:11:11:11:11:11" in ln]
+    assert len(lines) == 1 and mac in lines[0], lines
+    no_traceback(d1)
+
+
 # -- case 9: Network changed, then restart -------------------------------------------------------
 def test_network_changed_then_restart_removes_the_old_networks_state(lab, etcd):
     etcd.put(f"{PREFIX}/config", VXLAN)

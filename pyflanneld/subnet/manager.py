@@ -143,6 +143,9 @@ class SubnetManager:
         self.touched: set[str] = set()
         # subnet keys that another host with our PublicIP took from us: not reused (no flip-flop)
         self.foreign: dict[str, tuple[str, str]] = {}
+        # own keys reserved with another backend identity, whose value we put back once: the same
+        # identity writing it again is a live host, not an operator
+        self._contested: dict[str, tuple[str, str]] = {}
         self._kick = asyncio.Event()
         self._lost = asyncio.Event()  # set while lost_reason is
         self._renew_now = False
@@ -362,8 +365,11 @@ class SubnetManager:
             self.lose(f"taken over by {other}")
             return
         if rec.value != attrs.to_json().encode():
-            if rec.has_ttl and not mine:  # another live host with our PublicIP (a copied --public-ip)
-                ident = backend_identity(theirs)
+            ident = backend_identity(theirs)
+            # Another live host with our PublicIP (a copied --public-ip): its lease has a TTL, or it
+            # wrote its value without TTL again after we put ours back (it holds our reservation;
+            # two hosts putting theirs back in turn would flip-flop for ever).
+            if not mine and (rec.has_ttl or self._contested.get(lease.key) == ident):
                 if self.foreign.get(lease.key) != ident:
                     log.warning("another host with the same PublicIP took over our lease; two hosts share "
                                 "--public-ip? not taking it back", subnet=str(lease),
@@ -374,7 +380,13 @@ class SubnetManager:
                 return
             # reserved by the operator with another value, or an older value of ours: ours goes back
             # in (without TTL when reserved)
-            if mine:
+            if not mine and ident != backend_identity(attrs):
+                log.warning("own lease reserved with another backend identity; writing ours back, keeping the "
+                            "reservation (if it is rewritten again, another host has our PublicIP)",
+                            subnet=str(lease), public_ip=str(self._host_address(attrs)),
+                            ours=backend_identity(attrs)[1], theirs=ident[1])
+                self._contested[lease.key] = ident
+            elif mine:
                 log.warning("own lease holds an older value of ours (datastore restored?); writing the current one",
                             subnet=str(lease), public_ip=str(self._host_address(attrs)),
                             old=str(self._host_address(theirs)))
@@ -406,6 +418,7 @@ class SubnetManager:
                 await self._reacquire(lease)
                 continue
             if self._rewrite:
+                self._rewrite = False  # cleared first: a rewrite asked for while we write is not lost
                 reserved = lease.reserved
                 await self._write(lease, None if reserved else self.ttl_s,
                                   "own lease rewritten" + (" as a reservation" if reserved else ""), put=True)
@@ -450,6 +463,7 @@ class SubnetManager:
             rec = call.result()
         except StoreError as e:
             metrics.DATASTORE_ERRORS.labels("renew").inc()
+            self._rewrite |= put
             self._mark(False, str(e))
             log.warning("error renewing lease, trying again", subnet=str(lease),
                         retry_in=self.renew_retry_s, error=str(e))
@@ -462,9 +476,7 @@ class SubnetManager:
             self.lose("expired, deleted or overwritten")
             return
         self._renew_now = False
-        if put:
-            self._rewrite = False
-        elif ttl is not None:
+        if not put and ttl is not None:
             metrics.LEASE_RENEWALS.inc()
         self.lease = lease_from_record(rec, self.attrs)
         log.info(what, subnet=str(lease), expires_in=ttl)
