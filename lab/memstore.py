@@ -166,6 +166,9 @@ class MemStore:
         finally:
             self._watchers.pop(me, None)
 
+    async def reconnect(self) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

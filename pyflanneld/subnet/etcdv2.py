@@ -33,7 +33,7 @@ import structlog
 
 from ..jsondecode import JSONValueError, decode_json
 from .etcd_common import EtcdSettings, RequestDeadline, go_path_join
-from .store import AdminStore, AuthError, CompactedError, Record, StoreError, WatchEvent
+from .store import RECONNECTED, AdminStore, AuthError, CompactedError, Record, StoreError, WatchEvent
 
 log = structlog.get_logger()
 
@@ -87,6 +87,7 @@ class EtcdV2Store(AdminStore):
         self._http: httpx.AsyncClient | None = None
         self.deadline = RequestDeadline(settings.timeout_s)
         self._created: dict[str, int] = {}  # key → lowest createdIndex seen while the key existed
+        self._reconnects = 0  # reconnect() calls: a watch broken by one says so
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -268,12 +269,15 @@ class EtcdV2Store(AdminStore):
         silent for WATCH_IDLE_S (the caller re-issues it)."""
         r = await self._send("GET", "subnets", stream=True,
                              params={"wait": "true", "recursive": "true", "waitIndex": str(index)})
+        reconnects = self._reconnects
         try:
             await asyncio.wait_for(r.aread(), WATCH_IDLE_S)
         except TimeoutError:
             log.debug("etcd v2 watch silent; polling again", seconds=WATCH_IDLE_S, wait_index=index)
             return None
         except httpx.TransportError as e:  # e.g. TCP keepalive found the path dead
+            if reconnects != self._reconnects:
+                raise StoreError(self._problem(RECONNECTED)) from None
             raise StoreError(self._problem(f"watch connection lost: {_why(e)}")) from None
         finally:
             await r.aclose()
@@ -315,6 +319,10 @@ class EtcdV2Store(AdminStore):
                 rec = self._record(node)
                 self._created.pop(rec.key, None)
                 yield WatchEvent("delete", rec)
+
+    async def reconnect(self) -> None:
+        self._reconnects += 1
+        await self._reset_client()
 
     async def close(self) -> None:
         await self._reset_client()

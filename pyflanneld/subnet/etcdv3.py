@@ -27,7 +27,7 @@ from aetcd import rpc  # noqa: E402
 from aetcd.watcher import Watcher  # noqa: E402
 
 from .etcd_common import Endpoint, EtcdSettings, RequestDeadline, go_path_join  # noqa: E402
-from .store import AdminStore, AuthError, CompactedError, Record, StoreError, WatchEvent  # noqa: E402
+from .store import RECONNECTED, AdminStore, AuthError, CompactedError, Record, StoreError, WatchEvent  # noqa: E402
 
 log = structlog.get_logger()
 
@@ -173,6 +173,7 @@ class EtcdV3Store(AdminStore):
         self._client_obj: _Client | None = None
         self._lease_ids: dict[str, int] = {}
         self.deadline = RequestDeadline(settings.timeout_s)
+        self._reconnects = 0  # reconnect() calls: a watch broken by one says so
 
     # -- connection management -------------------------------------------------------------
     @property
@@ -412,7 +413,7 @@ class EtcdV3Store(AdminStore):
             return await c.watch_prefix(self._subnets, start_revision=start_revision)
 
         w = await self._call(start)
-        ep = self.endpoint
+        ep, reconnects = self.endpoint, self._reconnects
         try:
             async for ev in w:
                 if not self._is_lease(ev.kv):
@@ -423,10 +424,12 @@ class EtcdV3Store(AdminStore):
                 else:
                     self._lease_ids.pop(rec.key, None)
                     yield WatchEvent("delete", rec)
-            raise StoreError(self._problem(ep, "watch ended"))
+            raise StoreError(self._problem(ep, "watch ended" if reconnects == self._reconnects else RECONNECTED))
         except aex.RevisionCompactedError as e:
             raise CompactedError(str(e)) from None
         except aex.ClientError as e:
+            if reconnects != self._reconnects:
+                raise StoreError(self._problem(ep, RECONNECTED)) from None
             await self._drop_client(rotate=True)
             raise StoreError(_describe(e, ep, self.s)) from None
         finally:
@@ -434,6 +437,10 @@ class EtcdV3Store(AdminStore):
                 await asyncio.wait_for(w.cancel(), 1)
             except Exception:  # noqa: BLE001 - stream may already be gone
                 pass
+
+    async def reconnect(self) -> None:
+        self._reconnects += 1
+        await self._drop_client(rotate=False)
 
     async def close(self) -> None:
         await self._drop_client(rotate=False)

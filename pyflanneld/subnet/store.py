@@ -14,6 +14,10 @@ class StoreError(Exception):
     """The datastore could not be reached or answered with an error (retry later)."""
 
 
+# What a watch broken by Store.reconnect() says (after "etcd v3 API at <endpoint>: ").
+RECONNECTED = "connection dropped: the host's address changed; reconnecting"
+
+
 class CompactedError(StoreError):
     """The watch's start revision is gone (v3 compaction, v2 "event index cleared"): relist."""
 
@@ -81,6 +85,12 @@ class Store(Protocol):
 
     def watch_subnets(self, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events from start_revision on (inclusive). Raises CompactedError or StoreError."""
+        ...
+
+    async def reconnect(self) -> None:
+        """Drop the open connections; the next call opens new ones. For when the host's address
+        changed: a TCP connection from an address the host no longer has is dead, but nothing
+        says so until a keepalive or request deadline runs out (10-20 s)."""
         ...
 
     async def close(self) -> None:
