@@ -445,6 +445,41 @@ def test_ipv6_lease_gate_and_own_lease_lost(lab, etcd):
     assert ping_pairs([n1.pod, moved, n3.pod], v6=False) == []
 
 
+def test_ipv6_only_hosts_with_the_same_public_ipv6_warn_and_do_not_flip_flop(lab, etcd):
+    """Issue 9 case 8 in an IPv6-only network (a copied --public-ipv6): every IPv6-only lease has
+    PublicIP 0.0.0.0 and no BackendData (its VtepMAC is in BackendV6Data), which is what must
+    tell the two hosts apart. One warning naming both VTEPs, then each on its own subnet."""
+    etcd.put(f"{PREFIX}/config", net_config("vxlan", ipv4=False))
+    h1, h2 = lab.add_host("h1", ipv6=True), lab.add_host("h2", ipv6=True)
+    same = ("--iface", "eth0", "--public-ipv6", "fd99::50", "--subnet-lease-ttl", "4s",
+            "--subnet-lease-renew-margin", "2s")
+    d1 = start_daemon(h1, *same)
+    d1.wait_subnet_env(30)
+    d2 = start_daemon(h2, *same)
+    d2.wait_subnet_env(30)
+    wait_for(lambda: "same PublicIP" in d1.log_text() + d2.log_text(), 30, "a warning", 0.2)
+    macs = [h.ip_json("link", "show", "flannel-v6.1")[0]["address"] for h in (h1, h2)]
+
+    def settled() -> list | None:
+        nodes = [Leased(e) if (e := d.subnet_env()) else None for d in (d1, d2)]
+        if None in nodes or nodes[0].subnet6 == nodes[1].subnet6:
+            return None
+        vals = [etcd.get(n.key) for n in nodes]
+        ok = all(v and json.loads(v)["BackendV6Data"]["VtepMAC"] == m for v, m in zip(vals, macs, strict=True))
+        return [n.subnet6 for n in nodes] if ok else None
+
+    sns = wait_for(settled, 60, "each host on its own IPv6 subnet, each key holding its host's VTEP",
+                   detail=lambda: etcd.get_prefix(f"{PREFIX}/subnets/"))
+    lost = [d.log_text().count("own lease lost") for d in (d1, d2)]
+    renewed = [d.log_text().count("lease renewed") for d in (d1, d2)]
+    wait_for(lambda: all(d.log_text().count("lease renewed") >= n + 3 for d, n in zip((d1, d2), renewed, strict=True)),
+             60, "three renewals on each host", 0.2)
+    assert settled() == sns
+    assert [d.log_text().count("own lease lost") for d in (d1, d2)] == lost
+    line = next(ln for ln in (d1.log_text() + d2.log_text()).splitlines() if "same PublicIP" in ln)
+    assert all(m in line for m in macs), line
+
+
 def attach_moved_pod(lab: Lab, node: Node) -> Pod:
     """docker restarted on the new subnet: docker0 re-made from subnet.env, a new pod on it."""
     node.host.ip("link", "del", "docker0")

@@ -88,17 +88,21 @@ async def wait_event(event: asyncio.Event, timeout_s: float | None) -> bool:
 
 
 def backend_identity(attrs: LeaseAttrs) -> tuple[str, str]:
-    """What tells two hosts with the same PublicIP apart: BackendType and BackendData, as JSON."""
-    return attrs.backend_type, json.dumps(attrs.backend_data, sort_keys=True)
+    """What tells two hosts with the same PublicIP apart: BackendType and BackendData, as JSON,
+    with BackendV6Data when there is one (an IPv6-only vxlan lease has its VtepMAC there only)."""
+    data = attrs.backend_data if attrs.backend_v6_data is None else [attrs.backend_data, attrs.backend_v6_data]
+    return attrs.backend_type, json.dumps(data, sort_keys=True)
 
 
 def same_vtep(a: LeaseAttrs, b: LeaseAttrs) -> bool:
-    """Do two lease values name the same vxlan VTEP? Its VtepMAC is random per device (no two
-    hosts share one: the lease book rejects duplicates), so a lease carrying ours is ours even
-    with another PublicIP — an older value of ours (e.g. etcd restored from a snapshot taken
-    before the address changed)."""
-    mac = vtep_mac(a.backend_data) if a.backend_type == "vxlan" else None
-    return mac is not None and b.backend_type == "vxlan" and mac == vtep_mac(b.backend_data)
+    """Do two lease values name the same vxlan VTEP (IPv4's, or IPv6's)? Its VtepMAC is random
+    per device (no two hosts share one: the lease book rejects duplicates), so a lease carrying
+    ours is ours even with another PublicIP — an older value of ours (e.g. etcd restored from a
+    snapshot taken before the address changed)."""
+    if a.backend_type != "vxlan" or b.backend_type != "vxlan":
+        return False
+    return any((mac := vtep_mac(x)) is not None and mac == vtep_mac(y)
+               for x, y in ((a.backend_data, b.backend_data), (a.backend_v6_data, b.backend_v6_data)))
 
 
 class SubnetManager:
