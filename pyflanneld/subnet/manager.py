@@ -460,7 +460,7 @@ class SubnetManager:
             if not call.done():
                 call.cancel()
         try:
-            if call.cancelled():
+            if not call.done() or call.cancelled():  # cut off (a cancelled task is done only later)
                 if self.lost_reason:
                     return
                 raise StoreError(f"no answer from the datastore within {self.WRITE_BOUND_S:.0f}s")
