@@ -202,6 +202,7 @@ class Converger:
                         old_address=str(old.ip), **({"address6": str(ext.ip6), "public_ipv6": str(ext.public_ipv6),
                                                      "old_address6": str(old.ip6)} if ext.ip6 else {}))
             self.backend.ctx.ext = ext
+            self.m.book.set_host_networks(ext.networks)
             if (ext.ip, ext.ip6) != (old.ip, old.ip6):
                 # the datastore connections from the old address are dead: new ones at once, not
                 # after a keepalive or request deadline (10-20 s of "no answer from etcd")

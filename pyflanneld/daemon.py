@@ -191,8 +191,9 @@ class Daemon:
             iface.select, self.o.iface, self.o.iface_regex, self.o.iface_can_reach,
             ipv4=self.config.enable_ipv4, ipv6=self.config.enable_ipv6))
         public, public6 = iface.public_addresses(found, self.o.public_ip, self.o.public_ipv6)
+        networks = await asyncio.to_thread(iface.underlay_networks, found.index)
         return ExternalInterface(name=found.name, index=found.index, ip=found.ip, public_ip=public, mtu=found.mtu,
-                                 ip6=found.ip6, public_ipv6=public6)
+                                 ip6=found.ip6, public_ipv6=public6, networks=networks)
 
     async def external_interface(self) -> ExternalInterface:
         """The interface at startup: no match is fatal (the flags are wrong), as upstream."""
@@ -357,6 +358,14 @@ class Daemon:
             renew_retry_s=min(60.0, max(1.0, self.o.subnet_lease_ttl_s / 10)), prefix=settings.prefix,
             notify=self._notify,
         )
+
+        for net in (cfg.network, cfg.ipv6_network):
+            under = [str(n) for n in ext.networks if net is not None and n.version == net.version and n.overlaps(net)]
+            if under:
+                log.warning("the flannel network overlaps this host's underlay; no subnet there is leased or "
+                            "programmed on this host (give flannel a network apart from the hosts')",
+                            network=str(net), underlay=",".join(under), interface=ext.name)
+        manager.book.set_host_networks(ext.networks)
 
         def not_ready(msg: str) -> None:
             self.not_ready_reason = msg

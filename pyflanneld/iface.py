@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
 
 from .netlink import HostAddress, HostView, NetlinkError
 
@@ -258,6 +258,21 @@ def select(ifaces: list[str], regexes: list[str], can_reach: str, *, ipv4: bool 
                 reasons.append(str(e))
         raise InterfaceError("failed to find an interface that matches the interfaces and/or regexes "
                              f"provided ({'; '.join(reasons)}); check `ip {'' if ipv6 else '-4 '}addr`")
+
+
+def underlay_networks(index: int) -> tuple[IPv4Network | IPv6Network, ...]:
+    """The networks the interface ``index`` reaches directly: the prefix of each of its addresses
+    (IPv4 and global IPv6; a point-to-point address: its peer's prefix and its own address). A
+    flannel route to one of them would replace the host's route to its own underlay."""
+    nets: set[IPv4Network | IPv6Network] = set()
+    with HostView() as view:
+        for local, net in view.prefixes(index):
+            if local.is_link_local or local.is_loopback:
+                continue
+            nets.add(net)
+            if local not in net:
+                nets.add(ip_network(local))
+    return tuple(sorted(nets, key=lambda n: (n.version, n)))
 
 
 def public_addresses(found: Iface, public_ip: str = "", public_ipv6: str = "") -> tuple[

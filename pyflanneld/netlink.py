@@ -1538,6 +1538,18 @@ class HostView:
                                        a.get_attr("IFA_FLAGS") or a["flags"]))
         return out
 
+    def prefixes(self, index: int) -> list[tuple[IPAddress, IPNetwork]]:
+        """(own address, the network it is on) for each address of link ``index``, IPv4 and IPv6:
+        the network is IFA_ADDRESS/prefixlen, which for a point-to-point address is the peer's."""
+        out = []
+        for a in self._call("list addresses", lambda: self._ipr.get_addr(index=index)):
+            local = a.get_attr("IFA_LOCAL") or a.get_attr("IFA_ADDRESS")
+            peer = a.get_attr("IFA_ADDRESS") or local
+            if local:
+                out.append((ip_address(local.split("%")[0]),
+                            ip_network(f"{peer.split('%')[0]}/{a['prefixlen']}", strict=False)))
+        return out
+
     def route_to(self, dst: IPAddress) -> tuple[int | None, IPAddress | None]:
         """``ip route get DST``: (the outgoing link's index, the preferred source address; each None
         when the route has none). Raises NetlinkError (e.g. ENETUNREACH: no route)."""

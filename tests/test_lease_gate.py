@@ -170,6 +170,36 @@ def test_case1_lease_outside_network_never_touches_the_underlay(lab, etcd):
     no_crash(nodes)
 
 
+def test_case1_network_containing_the_underlay_never_leases_or_routes_it(lab, etcd):
+    """The flannel Network contains the hosts' own network (192.168.0.0/16 around 192.168.100.0/24,
+    like 10.0.0.0/8 around nodes in 10.0.1.0/24): no host leases the underlay's subnet (docker0
+    would take the underlay's addresses), and a lease for it or part of it, though inside Network,
+    is rejected on every host whose underlay it is — its route would replace the connected one."""
+    etcd.put(f"{PREFIX}/config", json.dumps({"Network": "192.168.0.0/16", "SubnetMin": "192.168.99.0",
+                                              "SubnetMax": "192.168.101.0", "Backend": {"Type": "vxlan"}}))
+    nodes = start_nodes(lab, [lab.add_host("h1"), lab.add_host("h2")], *HZ_ARGS, timeout=30)
+    assert sorted(str(n.subnet) for n in nodes) == ["192.168.101.0/24", "192.168.99.0/24"]
+    for n in nodes:
+        line = n.daemon.wait_log(r".*overlaps this host's underlay.*", timeout=10)[0]
+        assert "192.168.0.0/16" in line and "192.168.100.0/24" in line, line
+    assert_converged(nodes, etcd)
+    traffic = Traffic(*nodes)
+    for sn in ("192.168.100.0-24", "192.168.100.128-25"):
+        etcd.put(f"{PREFIX}/subnets/{sn}", vx_value("192.168.100.77"))
+        why = f"subnet {sn.replace('-', '/')} overlaps this host's underlay network 192.168.100.0/24"
+        wait_rejected(nodes, sn, {"h1": why, "h2": why})
+    assert_converged(nodes, etcd, timeout=0)  # the connected "192.168.100.0/24 dev eth0" route is intact
+    for n in nodes:
+        assert n.host.ping(etcd.ip), f"{n.host.name} lost its underlay"
+    traffic.wait_running()
+    for sn in ("192.168.100.0-24", "192.168.100.128-25"):
+        etcd.delete(f"{PREFIX}/subnets/{sn}")
+        wait_forgotten(nodes, sn)
+    traffic.assert_nothing_lost()
+    assert_converged(nodes, etcd, timeout=0)
+    no_crash(nodes)
+
+
 def test_case2_lease_overlapping_a_peer_or_the_own_subnet(lab, etcd):
     n1, n2 = nodes = healthy_pair(lab, etcd)
     traffic = Traffic(n1, n2)

@@ -1,16 +1,18 @@
-"""The subnet manager's lease keeper (keep_lease) against the in-memory store: what it does when
-the store misbehaves under it. The lab tests (test_lifecycle.py) run the same against etcd."""
+"""The subnet manager against the in-memory store: the lease keeper (keep_lease) when the store
+misbehaves under it, and the host's underlay networks, which it never leases nor accepts as a peer.
+The lab tests (test_lifecycle.py, test_lease_gate.py) run the same against etcd."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 from lab.memstore import MemStore
 from pyflanneld.config import parse_config
 from pyflanneld.subnet.lease import LeaseAttrs
 from pyflanneld.subnet.manager import SubnetManager
+from pyflanneld.subnet.store import Record
 
 CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
 ATTRS = LeaseAttrs(public_ip=IPv4Address("192.168.100.1"), backend_type="vxlan",
@@ -47,3 +49,34 @@ def test_own_lease_lost_while_a_renewal_hangs_is_acquired_again():
         await asyncio.gather(keeper, return_exceptions=True)
 
     asyncio.run(main())
+
+
+def test_underlay_networks_are_never_leased_nor_accepted():
+    """Network 192.168.0.0/16 around the underlay 192.168.100.0/24 (and IPv6Network fd99::/48 around
+    fd99::/64): the pool's only other subnet is chosen, and peer leases overlapping the underlay
+    are rejected, in either family, naming it."""
+    cfg = parse_config('{"Network":"192.168.0.0/16","SubnetMin":"192.168.100.0","SubnetMax":"192.168.101.0",'
+                       '"EnableIPv6":true,"IPv6Network":"fd99::/48","IPv6SubnetMin":"fd99::",'
+                       '"IPv6SubnetMax":"fd99:0:0:1::","Backend":{"Type":"vxlan"}}')
+    under = (IPv4Network("192.168.100.0/24"), IPv6Network("fd99::/64"))
+
+    async def main():
+        m = SubnetManager(MemStore(), cfg, ttl_s=60, renew_margin_s=10, rng=random.Random(1))
+        m.book.set_host_networks(under)
+        return await m.try_acquire(ATTRS)
+
+    lease = asyncio.run(main())
+    assert (str(lease.subnet), str(lease.subnet6)) == ("192.168.101.0/24", "fd99:0:0:1::/64")
+
+    book = SubnetManager(MemStore(), cfg, ttl_s=60, renew_margin_s=10).book
+    value = ('{"PublicIP":"192.168.100.7","PublicIPv6":"fd99::7","BackendType":"vxlan","BackendData":'
+             '{"VNI":1,"VtepMAC":"02:00:00:00:00:07"},"BackendV6Data":{"VNI":1,"VtepMAC":"02:00:00:00:06:07"}}')
+    recs = [Record(k, value.replace(":07", f":{i:02x}").encode(), True, None, i + 1, i + 1) for i, k in enumerate(
+        ["192.168.100.128-25&fd99:0:0:5::-64", "192.168.102.0-24&fd99::-64", "192.168.103.0-24&fd99:0:0:6::-64"])]
+    book.reset(recs)
+    assert set(book.accepted) == {r.key for r in recs}
+    book.set_host_networks(under)
+    assert set(book.accepted) == {"192.168.103.0-24&fd99:0:0:6::-64"}
+    assert "overlaps this host's underlay network 192.168.100.0/24" in book.rejected["192.168.100.128-25&fd99:0:0:5::-64"]
+    assert "IPv6 subnet fd99::/64 overlaps this host's underlay network fd99::/64" in book.rejected[
+        "192.168.102.0-24&fd99::-64"]

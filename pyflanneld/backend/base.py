@@ -69,6 +69,8 @@ class ExternalInterface:
     mtu: int
     ip6: IPv6Address | None = None  # the interface's global IPv6 address
     public_ipv6: IPv6Address | None = None  # what peers use over IPv6 (= ip6 unless --public-ipv6)
+    # the prefixes of the interface's addresses (iface.underlay_networks): never a flannel subnet here
+    networks: tuple = ()
 
 
 @dataclass

@@ -239,6 +239,7 @@ class LeaseBook:
         self._net6_span = _span(cfg.ipv6_network) if self._v6 else None
         self._own: Lease | None = None
         self._own_claims = _Claims()
+        self.host_networks: tuple[IPv4Network | IPv6Network, ...] = ()  # see set_host_networks
         self._records: dict[str, Record] = {}
         self._cands: dict[str, _Cand] = {}
         self._spans = _Spans(32)
@@ -271,6 +272,24 @@ class LeaseBook:
             dirty |= self._evaluate(key)
         self._settle(dirty)
         return self._finish()
+
+    def set_host_networks(self, networks: Iterable[IPv4Network | IPv6Network]) -> Changes:
+        """The networks this host reaches directly (its external interface's prefixes): a lease
+        overlapping one is rejected (its route would replace the host's route to its underlay,
+        cutting it off, when the flannel Network contains the hosts' networks)."""
+        networks = tuple(networks)
+        if networks == self.host_networks:
+            return Changes()
+        self.host_networks = networks
+        return self.reset(list(self._records.values()))
+
+    def _underlay_conflict(self, sn: IPv4Network | IPv6Network) -> str | None:
+        hit = next((n for n in self.host_networks if n.version == sn.version and n.overlaps(sn)), None)
+        if hit is None:
+            return None
+        family = "subnet" if sn.version == 4 else "IPv6 subnet"
+        return (f"{family} {sn} overlaps this host's underlay network {hit}: its route would replace the "
+                "host's own (the flannel network must not contain the hosts' networks)")
 
     def reset(self, records: Iterable[Record]) -> Changes:
         """Replace everything with a relist's records."""
@@ -337,6 +356,8 @@ class LeaseBook:
             return f"subnet {sn} is outside the flannel Network {net}"
         if sn.prefixlen <= self._net_span[2]:
             return f"subnet {sn} is the whole flannel Network, not one host's part of it"
+        if under := self._underlay_conflict(sn):
+            return under
         pub = lease.attrs.public_ip
         if pub.is_unspecified or pub.is_loopback or pub.is_multicast or int(pub) == 0xFFFFFFFF:
             return f"PublicIP: {pub} cannot be another host's address"
@@ -353,6 +374,8 @@ class LeaseBook:
             return f"IPv6 subnet {sn6} is outside the flannel IPv6Network {net6}"
         if sn6.prefixlen <= self._net6_span[2]:
             return f"IPv6 subnet {sn6} is the whole flannel IPv6Network, not one host's part of it"
+        if under := self._underlay_conflict(sn6):
+            return under
         pub6 = lease.attrs.public_ipv6
         if pub6 is None:
             return f"PublicIPv6: missing, but the lease has the IPv6 subnet {sn6}"

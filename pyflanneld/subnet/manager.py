@@ -236,8 +236,10 @@ class SubnetManager:
 
             # 2. The subnets we had before (subnet.env), if nobody holds them; each family on its own
             # (upstream uses neither unless both fit).
-            taken = Taken(cfg, _claimed_subnets(recs, cfg.network))
-            taken6 = Taken6(cfg, _claimed_subnets(recs, cfg.ipv6_network))
+            # the host's underlay networks are no subnet for it either (the gate rejects them as peers)
+            under = self.book.host_networks
+            taken = Taken(cfg, _claimed_subnets(recs, cfg.network) + _inside(under, cfg.network))
+            taken6 = Taken6(cfg, _claimed_subnets(recs, cfg.ipv6_network) + _inside(under, cfg.ipv6_network))
             prev, prev6 = self._previous(taken, taken6)
             # 3. Else a random one of the first 100 free subnets, per family.
             sn: IPv4Network | None = IPV4_OFF_SUBNET if not cfg.enable_ipv4 else prev or choose_subnet(
@@ -610,6 +612,11 @@ def _claimed_subnets(recs: list[Record], network: IPv4Network | IPv6Network | No
         if part is not None and part.overlaps(network):
             out.append(part)
     return out
+
+
+def _inside(nets, network: IPv4Network | IPv6Network | None) -> list:
+    """The networks of ``nets`` that overlap ``network`` (none for None: the family is off)."""
+    return [n for n in nets if network is not None and n.version == network.version and n.overlaps(network)]
 
 
 # -- config ------------------------------------------------------------------------------------
