@@ -140,11 +140,12 @@ class SubnetManager:
         self.problem = ""  # why there is no (new) lease yet: the last acquisition error
         self.lost_reason = ""  # non-empty while the own lease is lost and being acquired again
         # keys we are writing to acquire a lease: their watch events may come before the write
-        # returns, and must not make us our own peer
+        # returns, and must not make us our own peer; they are held until the write settled
         self.claiming: set[str] = set()
         # book keys whose peer may have changed since the listener last took them (take_touched):
         # a convergence after one event looks at those keys only, not at every peer
         self.touched: set[str] = set()
+        self._held: list[tuple[str, Record]] = []
         # subnet keys that another host with our PublicIP took from us: not reused (no flip-flop)
         self.foreign: dict[str, tuple[str, str]] = {}
         # own keys reserved with another backend identity, whose value we put back once: the same
@@ -181,13 +182,25 @@ class SubnetManager:
         return seen is not None and seen == backend_identity(le.attrs) != backend_identity(attrs)
 
     async def _claim(self, key: str, write) -> Record | None:
+        """Write ``key`` (``write()``); its watch events meanwhile are held. Written, they are
+        applied once the caller made it the own lease (_release_held); else at once."""
         self.claiming.add(key)
+        rec = None
         try:
-            return await write()
+            rec = await write()
+            return rec
         finally:
             self.claiming.discard(key)
+            if rec is None:
+                self._release_held()
             self.touched.add(key)
             self.notify(False)
+
+    def _release_held(self) -> None:
+        """Apply the watch events held while a key was being claimed (in order)."""
+        held, self._held = self._held, []
+        for kind, rec in held:
+            self._apply_event(kind, rec)
 
     def _host_address(self, attrs: LeaseAttrs) -> IPv4Address | IPv6Address | None:
         """The address that says "this lease is the host's with ``attrs``": its PublicIP, or with
@@ -329,6 +342,7 @@ class SubnetManager:
             self._lost.clear()
             self._rewrite = self._renew_now = False
             self.book.set_own(lease)
+            self._release_held()
             self.notify(True)
             return lease
 
@@ -513,6 +527,7 @@ class SubnetManager:
             lease.key, value, None if lease.reserved else self.ttl_s))
         self.attrs = attrs
         self.lease = lease_from_record(rec, attrs)
+        self._release_held()
         log.info("lease updated", subnet=str(lease), public_ip=str(self._host_address(attrs)))
         self._kick.set()
 
@@ -571,6 +586,12 @@ class SubnetManager:
 
     def _on_event(self, kind: str, rec: Record) -> None:
         self._seen_rev = max(self._seen_rev, rec.revision)
+        if rec.key in self.claiming:
+            self._held.append((kind, rec))  # our write's echo (or news of the key): after the write
+            return
+        self._apply_event(kind, rec)
+
+    def _apply_event(self, kind: str, rec: Record) -> None:
         if kind == "delete":
             ch = self.book.delete(rec.key)
         else:
