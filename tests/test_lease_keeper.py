@@ -8,10 +8,12 @@ import asyncio
 import random
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
+import pytest
+
 from lab.memstore import MemStore
 from pyflanneld.config import parse_config
 from pyflanneld.subnet.lease import LeaseAttrs
-from pyflanneld.subnet.manager import SubnetManager
+from pyflanneld.subnet.manager import PoolExhausted, SubnetManager
 from pyflanneld.subnet.store import Record
 
 CONFIG = '{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}'
@@ -80,3 +82,16 @@ def test_underlay_networks_are_never_leased_nor_accepted():
     assert "overlaps this host's underlay network 192.168.100.0/24" in book.rejected["192.168.100.128-25&fd99:0:0:5::-64"]
     assert "IPv6 subnet fd99::/64 overlaps this host's underlay network fd99::/64" in book.rejected[
         "192.168.102.0-24&fd99::-64"]
+
+
+def test_out_of_subnets_names_the_underlay_that_fills_the_pool():
+    """Network = the underlay itself: every subnet overlaps it; the error says so, not only "leased"."""
+    cfg = parse_config('{"Network":"192.168.100.0/24","SubnetLen":28,"Backend":{"Type":"vxlan"}}')
+
+    async def main():
+        m = SubnetManager(MemStore(), cfg, ttl_s=60, renew_margin_s=10)
+        m.book.set_host_networks((IPv4Network("192.168.100.0/24"),))
+        await m.try_acquire(ATTRS)
+
+    with pytest.raises(PoolExhausted, match=r"are leased or in this host's underlay 192\.168\.100\.0/24; free one"):
+        asyncio.run(main())

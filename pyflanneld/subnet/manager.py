@@ -303,11 +303,13 @@ class SubnetManager:
         """Upstream's "out of subnets", naming the family whose pool is full and how to free one."""
         cfg = self.cfg
         free = f"free one (delete a dead host's key under {self.book.subnets_path}) or enlarge "
+        under = ",".join(map(str, _inside(self.book.host_networks, cfg.ipv6_network if ipv6 else cfg.network)))
+        leased = f"are leased or in this host's underlay {under}" if under else "are leased"
         if not ipv6:
-            return (f"out of subnets: all {pool_size(cfg)} /{cfg.subnet_len} subnets of {cfg.network} are leased; "
+            return (f"out of subnets: all {pool_size(cfg)} /{cfg.subnet_len} subnets of {cfg.network} {leased}; "
                     f"{free}Network/SubnetMin/SubnetMax")
         return (f"out of subnets: all {pool_size6(cfg)} /{cfg.ipv6_subnet_len} IPv6 subnets of {cfg.ipv6_network} "
-                f"are leased; {free}IPv6Network/IPv6SubnetMin/IPv6SubnetMax")
+                f"{leased}; {free}IPv6Network/IPv6SubnetMin/IPv6SubnetMax")
 
     async def acquire(self, attrs: LeaseAttrs, on_error: Callable[[str], None] | None = None) -> Lease:
         """Acquire, retrying store errors and pool exhaustion with backoff; never gives up.
