@@ -190,9 +190,9 @@ class SubnetManager:
             rec = await write()
             return rec
         finally:
-            self.claiming.discard(key)
-            if rec is None:
+            if rec is None:  # applied while still claimed: the book hears of them, _own_record not
                 self._release_held()
+            self.claiming.discard(key)
             self.touched.add(key)
             self.notify(False)
 
