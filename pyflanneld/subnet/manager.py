@@ -155,6 +155,10 @@ class SubnetManager:
         self._lost = asyncio.Event()  # set while lost_reason is
         self._renew_now = False
         self._rewrite = False  # the own key must get our value again (put, keeping TTL or reservation)
+        # other keys holding a lease with our VtepMAC and a TTL (an older lease of ours, e.g. from a
+        # restored snapshot): every peer rejects the later of two leases with one VTEP, which may
+        # be ours, so they are deleted (keep_lease). key -> the value seen.
+        self._stale: dict[str, bytes] = {}
         self._seen_rev = 0  # the highest store revision seen (lists, watch events); see _relist
 
     # -- state for readiness -------------------------------------------------------------------
@@ -363,6 +367,38 @@ class SubnetManager:
         self._renew_now = True
         self._kick.set()
 
+    def _note_stale(self, rec: Record) -> None:
+        """Remember ``rec`` if it is an older lease of ours under another key (see ``_stale``)."""
+        lease, attrs = self.lease, self.attrs
+        if lease is None or attrs is None or rec.key == lease.key or rec.key in self.claiming or not rec.has_ttl:
+            return
+        try:
+            theirs = LeaseAttrs.from_json(rec.value)
+        except LeaseFormatError:
+            return
+        if same_vtep(theirs, attrs):
+            self._stale[rec.key] = rec.value
+            self._kick.set()
+
+    async def _delete_stale(self) -> None:
+        """Delete one remembered older lease of ours if it still holds what we saw (one line)."""
+        key, value = next(iter(self._stale.items()))
+        try:
+            recs, _rev = await self.store.list_subnets()
+            now = next((r for r in recs if r.key == key), None)
+            if now is not None and now.value == value and now.has_ttl and (
+                    self.lease is None or key != self.lease.key):
+                log.warning("another lease carries our VtepMAC (an older lease of ours: datastore restored?); "
+                            "deleting it so that peers accept ours", subnet=key, own=str(self.lease))
+                await self.store.delete_subnet(key)
+        except StoreError as e:
+            log.warning("could not delete an older lease of ours, trying again", subnet=key, error=str(e),
+                        retry_in=self.renew_retry_s)
+            await self._sleep(self.renew_retry_s)
+            return
+        if self._stale.get(key) == value:
+            del self._stale[key]
+
     def _own_record(self, rec: Record | None, revision: int) -> None:
         """What the store says about our key at ``revision`` (rec None: absent): follow it. News
         older than our own last write of the key is stale and ignored."""
@@ -438,6 +474,9 @@ class SubnetManager:
             lease = self.lease
             if self.lost_reason:
                 await self._reacquire(lease)
+                continue
+            if self._stale:
+                await self._delete_stale()
                 continue
             if self._rewrite:
                 self._rewrite = False  # cleared first: a rewrite asked for while we write is not lost
@@ -551,6 +590,9 @@ class SubnetManager:
         if self.lease is not None:
             key = self.lease.key
             self._own_record(next((r for r in recs if r.key == key), None), rev)
+        self._stale.clear()
+        for r in recs:
+            self._note_stale(r)
         self.notify(True)
         return rev
 
@@ -595,8 +637,10 @@ class SubnetManager:
 
     def _apply_event(self, kind: str, rec: Record) -> None:
         if kind == "delete":
+            self._stale.pop(rec.key, None)
             ch = self.book.delete(rec.key)
         else:
+            self._note_stale(rec)
             metrics.LEASE_EVENTS.arrived(rec.key)
             ch = self.book.put(rec)
         self.touched.add(rec.key)
