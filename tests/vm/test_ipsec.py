@@ -96,7 +96,8 @@ def test_pod_traffic_is_esp(mlab, cluster):  # noqa: F811
 
 def test_deleted_policy_comes_back(mlab, cluster):  # noqa: F811
     h1, h2, _ = cluster
+    # (the delete fails if the policy was not there; the repair may come at once, so the state
+    # between the two is not checked)
     h1.host.ip("xfrm", "policy", "delete", "src", str(h1.node.subnet), "dst", str(h2.node.subnet), "dir", "out")
-    assert xfrm_policies(h1) != expected_policies(cluster, h1)
     wait_for(lambda: xfrm_policies(h1) == expected_policies(cluster, h1), 60, "h1's policy back (10 s reconcile)")
     assert pings(h1.node.pod, h2.node.pod.address)
