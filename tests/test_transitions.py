@@ -245,7 +245,7 @@ def test_compaction_during_a_burst_of_joins(lab, etcd):
     etcd.compact(etcd.revision(), physical=False)
     want = {k.rsplit("/", 1)[1].replace("-", "/") for k, _ in kv[1:]}
     wait_for(lambda: peers_of(h1) == want, 60, "h1 programs every lease of the burst, and no other", 0.5)
-    assert flannel_routes(h1) == want
+    wait_for(lambda: flannel_routes(h1) == want, 30, "the routes of the burst (they follow /peers)")
     assert_like_fresh_start(h1, d1, etcd, timeout=120)
 
 
