@@ -372,6 +372,9 @@ class SubnetManager:
         lease, attrs = self.lease, self.attrs
         if lease is None or attrs is None or rec.key == lease.key or rec.key in self.claiming or not rec.has_ttl:
             return
+        mac = vtep_mac(attrs.backend_data) if attrs.backend_type == "vxlan" else None
+        if mac is None or mac.encode() not in rec.value.lower():  # the common case, without decoding
+            return
         try:
             theirs = LeaseAttrs.from_json(rec.value)
         except LeaseFormatError:
