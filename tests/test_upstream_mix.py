@@ -26,6 +26,7 @@ from e2e_helpers import (
 from helpers import upstream_or_skip
 
 from lab.cluster import start_daemon
+from lab.upstream import settle
 
 pytestmark = pytest.mark.lab
 
@@ -61,7 +62,10 @@ def test_mixed_cluster_with_upstream(lab, etcd, backend):
 
     for n in nodes:
         peers = [p for p in nodes if p is not n]
-        wait_for(lambda n=n, peers=peers: converged(n, peers), 30, f"{n.host.name} kernel state")
+        if n is n1:  # upstream v0.20.2 may miss a join that shares a watch response (see settle)
+            settle(up, lambda n=n, peers=peers: converged(n, peers), 30, f"{n.host.name} kernel state")
+        else:
+            wait_for(lambda n=n, peers=peers: converged(n, peers), 30, f"{n.host.name} kernel state")
     assert ping_all([n.pod for n in nodes]) == []
 
     # a pyflanneld host leaves: upstream and pyflanneld remove its entries alike
