@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
     from .flavours import Run, flavours
 
     found, missing = flavours()
-    run = Run(args.repeats, args.scale, found, missing)
+    run = Run(args.repeats, args.scale, found)
     load = os.getloadavg()
     print(f"# pyflanneld ({found[0].version}) side by side with upstream flanneld "
           f"({found[-1].version if run.has_upstream else 'absent'})")
