@@ -18,6 +18,7 @@ from e2e_helpers import NETWORK, PREFIX, attach_pod, ping_all, routes, start_nod
 from helpers import http_get, key_of, upstream_or_skip
 
 from lab import start_daemon
+from lab.upstream import settle
 
 pytestmark = pytest.mark.lab
 
@@ -62,7 +63,10 @@ def test_documented_hostgw_example_with_an_upstream_host(lab, etcd):
         return {f"{sn} via {o.address} dev eth0" for o, sn in hosts.items() if o is not h}
 
     for h in hosts:
-        wait_for(lambda h=h: route_lines(h) <= routes(h), 30, f"{h.name}: a route per peer")
+        if h is h1:  # upstream v0.20.2 may drop a join sharing a watch response (lab.upstream.settle)
+            settle(up, lambda h=h: route_lines(h) <= routes(h), 30, f"{h.name}: a route per peer")
+        else:
+            wait_for(lambda h=h: route_lines(h) <= routes(h), 30, f"{h.name}: a route per peer")
     assert ping_all([pod1, n2.pod, n3.pod]) == []
     # our leases look like upstream's: no Pre command, so no BackendData
     for h, sn in hosts.items():
