@@ -120,6 +120,14 @@ def readd_eth0(h, address: str | None = None) -> None:
     h.ip("route", "add", "default", "via", h.gateway)
 
 
+def move_address(h, new_ip: str) -> None:
+    """The external address changes while running (ip addr del/add on eth0, default route again)."""
+    h.ip("addr", "del", f"{h.address}/{h.prefixlen}", "dev", "eth0")
+    h.ip("addr", "add", f"{new_ip}/{h.prefixlen}", "dev", "eth0")
+    h.ip("route", "add", "default", "via", h.gateway)
+    h.address = new_ip
+
+
 def test_lease_lost_and_taken_while_the_nic_is_gone(lab, etcd):
     from test_faults import vxlan_value
     from test_lifecycle import take_over
@@ -172,10 +180,7 @@ def test_etcd_restored_from_a_snapshot_older_than_an_address_change(lab, etcd):
     snap = lab.tmp / "etcd.snapshot"
     etcd.etcdctl("snapshot", "save", str(snap))
     new_ip = "192.168.100.51"
-    h1.ip("addr", "del", f"{h1.address}/{h1.prefixlen}", "dev", "eth0")
-    h1.ip("addr", "add", f"{new_ip}/{h1.prefixlen}", "dev", "eth0")
-    h1.ip("route", "add", "default", "via", h1.gateway)
-    h1.address = new_ip
+    move_address(h1, new_ip)
     wait_for(lambda: json.loads(etcd.get(key_of(sn1)))["PublicIP"] == new_ip, 60, "lease PublicIP follows", 0.2)
     restore_snapshot(etcd, snap)
     wait_for(lambda: json.loads(etcd.get(key_of(sn1)) or "{}").get("PublicIP") == new_ip, 30, "h1's lease with its current address again", 0.2)
@@ -359,10 +364,7 @@ def test_address_change(lab, etcd, backend):
     dev = "flannel0" if backend == "udp" else "flannel.1"
     assert p1.wait_ping(p2.address, timeout=10)
     new_ip = "192.168.100.51"
-    h1.ip("addr", "del", f"{h1.address}/{h1.prefixlen}", "dev", "eth0")
-    h1.ip("addr", "add", f"{new_ip}/{h1.prefixlen}", "dev", "eth0")
-    h1.ip("route", "add", "default", "via", h1.gateway)
-    h1.address = new_ip
+    move_address(h1, new_ip)
     wait_for(lambda: json.loads(etcd.get(key_of(sn1)))["PublicIP"] == new_ip, 60, "lease PublicIP follows", 0.2)
     assert_like_fresh_start(h1, d1, etcd, dev=dev)
     assert p2.wait_ping(p1.address, timeout=15) and p1.wait_ping(p2.address, timeout=10)
@@ -428,10 +430,7 @@ def test_upstream_keeps_reaching_pyflanneld_hosts_through_transitions(lab, etcd,
 
     # 1. h2's address changes: its lease's PublicIP follows, upstream reprograms it
     new_ip = "192.168.100.51"
-    h2.ip("addr", "del", f"{h2.address}/{h2.prefixlen}", "dev", "eth0")
-    h2.ip("addr", "add", f"{new_ip}/{h2.prefixlen}", "dev", "eth0")
-    h2.ip("route", "add", "default", "via", h2.gateway)
-    h2.address = new_ip
+    move_address(h2, new_ip)
     wait_for(lambda: json.loads(etcd.get(key_of(n2.subnet)))["PublicIP"] == new_ip, 60, "h2's lease follows", 0.3)
     settle(up, upstream_sees_everyone, 30, "upstream reprograms h2")
     # 2. h3's NIC is deleted and comes back (a driver reload)
